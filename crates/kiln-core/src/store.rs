@@ -1,0 +1,158 @@
+//! The queue/record store and the key store. SQLite serves one machine; PostgreSQL serves many.
+//! Both implement these traits, so callers never change with the backend.
+//!
+//! Leases and fencing: [`JobStore::claim`] hands a worker a [`Lease`] carrying a fencing token
+//! that increases with every claim of the job. Every later write of that worker names the token;
+//! once the lease has expired and another worker has claimed the job, the old token no longer
+//! matches and the write is refused with [`StoreError::LeaseLost`]. A stale worker can therefore
+//! never overwrite a job another worker now owns.
+
+use crate::catalog::Route;
+use crate::ids::{BlobKey, KeyId, RequestId, WorkerId};
+use crate::job::{CancelOutcome, Job, JobError, JobOutput, JobState, JobView, NewJob, Progress};
+use async_trait::async_trait;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The queue holds as many jobs as it may.
+    #[error("the queue is full ({depth} jobs waiting)")]
+    QueueFull { depth: u64 },
+    /// This worker's lease was taken over (it expired) or the job has ended.
+    #[error("the lease on job {0} is no longer held by this worker")]
+    LeaseLost(RequestId),
+    /// The idempotency key was used before, by the same token, for a different request.
+    #[error("this Idempotency-Key was already used for a different request")]
+    IdempotencyConflict,
+    #[error("no API key named '{0}'")]
+    NoSuchKey(String),
+    #[error("an API key named '{0}' already exists")]
+    DuplicateKeyName(String),
+    /// The backend failed (I/O, connection, corrupt row). Not shown to clients.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// An idempotency key as the client sent it, scoped to its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    /// A digest of the request (route and parameters): a repeat with another body is a conflict.
+    pub fingerprint: String,
+    /// Keys older than this are forgotten.
+    pub window: Duration,
+}
+
+/// What a submit got: a new job, or the original one for a repeated idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enqueued {
+    pub view: JobView,
+    pub replayed: bool,
+}
+
+/// A worker's hold on a running job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub job: Job,
+    pub worker: WorkerId,
+    /// Increases with every claim of this job; writes must carry the current one.
+    pub fencing_token: i64,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Counts per state, for metrics and readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub counts: Vec<(JobState, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimPolicy {
+    pub lease: Duration,
+    /// A job claimed this many times whose lease runs out again is failed (`worker_lost`)
+    /// rather than taken once more, so one poisonous job cannot kill workers forever.
+    pub max_attempts: u32,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Commits a new job (or finds the original of a repeated idempotency key). Returns only
+    /// once the job is durable. Fails with `QueueFull` when `max_queued` jobs already wait.
+    async fn enqueue(
+        &self,
+        job: NewJob,
+        idempotency: Option<Idempotency>,
+        max_queued: u64,
+    ) -> Result<Enqueued, StoreError>;
+
+    /// The job if it exists, belongs to `owner` and has not expired.
+    async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError>;
+
+    /// Cancels a queued job of `owner`; `None` when there is no such (visible) job.
+    async fn cancel(&self, owner: KeyId, id: RequestId) -> Result<Option<CancelOutcome>, StoreError>;
+
+    /// Takes the oldest queued job of one of `routes` (or one whose lease ran out).
+    async fn claim(
+        &self,
+        worker: &WorkerId,
+        routes: &[Route],
+        policy: ClaimPolicy,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Extends the lease and records progress. `LeaseLost` tells the worker to stop.
+    async fn heartbeat(
+        &self,
+        lease: &Lease,
+        progress: Option<Progress>,
+        extend_by: Duration,
+    ) -> Result<OffsetDateTime, StoreError>;
+
+    /// Ends the job `succeeded` with its output.
+    async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError>;
+
+    /// Ends the job `failed`.
+    async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError>;
+
+    /// Puts a running job back at the head of the queue (graceful shutdown), keeping its attempt count.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Fails jobs whose lease ran out after their last allowed attempt; returns how many.
+    async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError>;
+
+    /// Deletes records that expired before `now` and returns the blobs they referenced.
+    async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError>;
+
+    /// Whether `key` is referenced by a live (unexpired) job: capability URLs stop working
+    /// when the record goes.
+    async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError>;
+
+    async fn state_counts(&self) -> Result<StateCounts, StoreError>;
+
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// An API key as listed (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+    /// The first characters of the token, to tell keys apart.
+    pub prefix: String,
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Stores a key under `name` with the token's hash.
+    async fn insert_key(&self, name: &str, token_hash: &str, prefix: &str) -> Result<ApiKey, StoreError>;
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes the key named `name`. Revoking twice is harmless.
+    async fn revoke_key(&self, name: &str) -> Result<ApiKey, StoreError>;
+    /// The live key whose token hashes to `token_hash`.
+    async fn key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// How many keys exist, revoked ones included (a first start has none).
+    async fn key_count(&self) -> Result<u64, StoreError>;
+}
