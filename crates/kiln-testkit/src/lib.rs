@@ -1,0 +1,85 @@
+//! Test-only helpers. Used as a dev-dependency only: the shipped binary never fakes an image.
+//!
+//! # Layout
+//! - [`ScriptedEngine`]: an [`Engine`] whose behaviour the prompt selects, for driving workers
+//!   through every path (success, failure, panic, slow runs) without model weights.
+
+use kiln_core::engine::{AppliedSettings, Engine, EngineError, GeneratedImage, RgbImage, StepEvent, StepObserver};
+use kiln_core::params::GenerationParams;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Behaviour by prompt word:
+/// - `panic`: panics at the first step;
+/// - `fail`: returns [`EngineError::Failed`];
+/// - `reject`: returns [`EngineError::InvalidInput`];
+/// - `slow`: takes `slow_step` per step;
+/// - anything else: `fast_step` per step.
+///
+/// The image is a solid colour derived from the seed, at the requested size, so tests can check
+/// that the stored file is the one this request produced.
+pub struct ScriptedEngine {
+    pub steps: u32,
+    pub fast_step: Duration,
+    pub slow_step: Duration,
+    runs: AtomicU64,
+}
+
+impl Default for ScriptedEngine {
+    fn default() -> Self {
+        Self { steps: 4, fast_step: Duration::from_millis(5), slow_step: Duration::from_millis(250), runs: AtomicU64::new(0) }
+    }
+}
+
+impl ScriptedEngine {
+    /// How many generations were started (each attempt counts).
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    /// The colour a seed paints.
+    pub fn color_of(seed: u32) -> [u8; 3] {
+        let b = seed.to_le_bytes();
+        [b[0], b[1], b[2] ^ b[3]]
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn describe(&self) -> String {
+        "scripted test engine".to_string()
+    }
+
+    fn generate(&self, params: &GenerationParams, observer: &mut dyn StepObserver) -> Result<GeneratedImage, EngineError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let prompt = params.prompt.as_str();
+        if prompt.contains("reject") {
+            return Err(EngineError::InvalidInput("this checkpoint cannot draw that".into()));
+        }
+        if prompt.contains("fail") {
+            return Err(EngineError::Failed("the scripted engine was told to fail".into()));
+        }
+        let step_time = if prompt.contains("slow") { self.slow_step } else { self.fast_step };
+        let total = params.num_inference_steps.unwrap_or(self.steps);
+        for step in 1..=total {
+            if prompt.contains("panic") {
+                panic!("the scripted engine was told to panic");
+            }
+            std::thread::sleep(step_time);
+            if observer.on_step(StepEvent { step, total, preview: None }) == ControlFlow::Break(()) {
+                return Err(EngineError::Interrupted);
+            }
+        }
+        let (width, height) = (params.size.width, params.size.height);
+        let pixels = Self::color_of(params.seed).repeat((width * height) as usize);
+        Ok(GeneratedImage {
+            image: RgbImage { width, height, pixels },
+            applied: AppliedSettings {
+                num_inference_steps: total,
+                guidance: params.guidance_scale,
+                prompt: prompt.to_string(),
+                notes: vec!["scripted test engine".to_string()],
+            },
+        })
+    }
+}

@@ -1,0 +1,32 @@
+//! The worker's Prometheus series, registered once in the default registry (which `/metrics`
+//! exports in the same process).
+
+use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec, IntCounterVec};
+use std::sync::LazyLock;
+
+pub(crate) static JOBS_FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("kiln_jobs_finished_total", "Jobs a worker ended, by model and outcome", &[
+        "model", "outcome"
+    ])
+    .expect("registered once")
+});
+
+pub(crate) static JOB_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "kiln_job_duration_seconds",
+        "Time from claim to the end of a job, by model",
+        &["model"],
+        vec![0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+    )
+    .expect("registered once")
+});
+
+pub(crate) static STEP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "kiln_step_duration_seconds",
+        "Time of one denoising step, by model",
+        &["model"],
+        vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+    )
+    .expect("registered once")
+});

@@ -1,0 +1,255 @@
+//! One job from lease to terminal state.
+//!
+//! The engine runs on a blocking thread while this task beats the lease and watches for
+//! shutdown. Whatever happens, the job ends in exactly one of: completed (image stored),
+//! failed (with a code and a message the user can act on), released (shutdown: back to the
+//! queue), or left to its lease (this worker was fenced off: another one owns the job now).
+
+use crate::encode::encode_image;
+use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
+use crate::pool::WorkerContext;
+use kiln_core::blob::Blob;
+use kiln_core::engine::{EngineError, GeneratedImage, StepEvent, StepObserver};
+use kiln_core::ids::BlobKey;
+use kiln_core::job::{JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
+use kiln_core::store::{Lease, StoreError};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Shared between the engine's thread and the job's task.
+#[derive(Default)]
+struct RunSignals {
+    progress: Mutex<Option<Progress>>,
+    /// Set to ask the engine to stop at its next step.
+    stop: AtomicBool,
+}
+
+struct ProgressObserver {
+    signals: Arc<RunSignals>,
+    model: &'static str,
+    last_step: Instant,
+}
+
+impl StepObserver for ProgressObserver {
+    fn on_step(&mut self, event: StepEvent<'_>) -> ControlFlow<()> {
+        STEP_SECONDS.with_label_values(&[self.model]).observe(self.last_step.elapsed().as_secs_f64());
+        self.last_step = Instant::now();
+        *self.signals.progress.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Progress { step: event.step, total: event.total });
+        if self.signals.stop.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Why the engine was asked to stop, if it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Another worker owns the job now; nothing more may be written for it.
+    LeaseLost,
+    /// The process is shutting down and the drain time ran out.
+    Shutdown,
+}
+
+pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
+    let span = tracing::info_span!(
+        "job",
+        request_id = %lease.job.id,
+        model = lease.job.route.id(),
+        attempt = lease.job.attempts,
+        worker = %lease.worker,
+    );
+    async {
+        let started = Instant::now();
+        let outcome = run_to_end(context, &lease).await;
+        let model = lease.job.route.id();
+        JOBS_FINISHED.with_label_values(&[model, outcome]).inc();
+        JOB_SECONDS.with_label_values(&[model]).observe(started.elapsed().as_secs_f64());
+        tracing::info!(outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job ended");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the job and returns the outcome's name (for metrics and logs).
+async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
+    let job = &lease.job;
+    let Some(engine) = context.engines.get(job.route).cloned() else {
+        let error = JobError {
+            code: JobErrorCode::EngineUnavailable,
+            message: format!("no engine for {} is loaded on the worker that took this job", job.route),
+        };
+        return finish_failed(context, lease, error).await;
+    };
+
+    let signals = Arc::new(RunSignals::default());
+    let inference_started = Instant::now();
+    let mut generation = {
+        let (engine, params, signals) = (engine.clone(), job.params.clone(), signals.clone());
+        let model = job.route.id();
+        tokio::task::spawn_blocking(move || {
+            let mut observer = ProgressObserver { signals, model, last_step: Instant::now() };
+            engine.generate(&params, &mut observer)
+        })
+    };
+
+    let mut heartbeat = tokio::time::interval(context.settings.heartbeat_interval());
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut stop_reason: Option<StopReason> = None;
+    let result = loop {
+        let drain_expired = async {
+            match drain_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut generation => break result,
+            _ = heartbeat.tick() => {
+                let progress = *signals.progress.lock().unwrap_or_else(|p| p.into_inner());
+                match context.jobs.heartbeat(lease, progress, context.settings.lease).await {
+                    Ok(_) => {}
+                    Err(StoreError::LeaseLost(_)) => {
+                        tracing::warn!("lease lost (another worker took the job); stopping the engine");
+                        stop_reason = Some(StopReason::LeaseLost);
+                        signals.stop.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
+                }
+            }
+            () = context.shutdown.cancelled(), if drain_deadline.is_none() => {
+                tracing::info!(drain_timeout_s = context.settings.drain_timeout.as_secs(), "shutdown: letting the running job finish");
+                drain_deadline = Some(tokio::time::Instant::now() + context.settings.drain_timeout);
+            }
+            () = drain_expired => {
+                tracing::info!("shutdown: drain time is up; interrupting the job to release it");
+                stop_reason.get_or_insert(StopReason::Shutdown);
+                signals.stop.store(true, Ordering::Relaxed);
+                drain_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+            }
+        }
+    };
+    let inference = inference_started.elapsed();
+
+    if stop_reason == Some(StopReason::LeaseLost) {
+        return "lease_lost";
+    }
+    match result {
+        Err(join_error) => {
+            tracing::error!(error = %join_error, "the engine panicked");
+            let error = JobError {
+                code: JobErrorCode::EngineFailed,
+                message: format!(
+                    "the engine crashed while generating this image (request id {}); \
+                     the server's logs have the details",
+                    job.id
+                ),
+            };
+            finish_failed(context, lease, error).await
+        }
+        Ok(Err(EngineError::Interrupted)) => match context.jobs.release(lease).await {
+            Ok(()) => "released",
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the job; its lease will expire");
+                "release_failed"
+            }
+        },
+        Ok(Err(EngineError::InvalidInput(message))) => {
+            finish_failed(context, lease, JobError { code: JobErrorCode::InvalidInput, message }).await
+        }
+        Ok(Err(EngineError::Failed(message))) => {
+            tracing::error!(error = %message, "the engine failed");
+            finish_failed(context, lease, JobError { code: JobErrorCode::EngineFailed, message }).await
+        }
+        Ok(Ok(generated)) => store_and_complete(context, lease, generated, engine.describe(), inference).await,
+    }
+}
+
+async fn store_and_complete(
+    context: &WorkerContext,
+    lease: &Lease,
+    generated: GeneratedImage,
+    engine: String,
+    inference: Duration,
+) -> &'static str {
+    let job = &lease.job;
+    let format = job.params.output_format;
+    let store_started = Instant::now();
+    let image = generated.image;
+    let encoded = match tokio::task::spawn_blocking(move || encode_image(&image, format).map(|b| (b, image))).await
+    {
+        Ok(Ok(encoded)) => encoded,
+        Ok(Err(e)) => return storage_failed(context, lease, &e.to_string()).await,
+        Err(e) => return storage_failed(context, lease, &e.to_string()).await,
+    };
+    let (bytes, image) = encoded;
+    let key = BlobKey::random(format.extension());
+    let blob = Blob { bytes, content_type: format.content_type().to_string() };
+    if let Err(e) = context.blobs.put(&key, blob).await {
+        return storage_failed(context, lease, &e.to_string()).await;
+    }
+    let queued = job.started_at.map_or(Duration::ZERO, |s| (s - job.created_at).unsigned_abs());
+    let applied = generated.applied;
+    let output = JobOutput {
+        images: vec![key.clone()],
+        metadata: OutputMetadata {
+            model: job.route,
+            seed: job.params.seed,
+            width: image.width,
+            height: image.height,
+            num_inference_steps: applied.num_inference_steps,
+            guidance: applied.guidance,
+            output_format: format,
+            prompt: applied.prompt,
+            timings_ms: Timings {
+                queued: queued.as_millis() as u64,
+                inference: inference.as_millis() as u64,
+                encode_and_store: store_started.elapsed().as_millis() as u64,
+            },
+            engine,
+            notes: applied.notes,
+        },
+    };
+    match context.jobs.complete(lease, output).await {
+        Ok(()) => "succeeded",
+        Err(e) => {
+            // Fenced off (or the store failed): the job is not ours to finish, so its file
+            // must not linger unreferenced.
+            tracing::warn!(error = %e, "could not complete the job; discarding its image");
+            if let Err(e) = context.blobs.delete(&key).await {
+                tracing::warn!(error = %e, blob = %key, "could not delete the discarded image");
+            }
+            "complete_failed"
+        }
+    }
+}
+
+async fn storage_failed(context: &WorkerContext, lease: &Lease, internal: &str) -> &'static str {
+    tracing::error!(error = %internal, "storing the image failed");
+    let error = JobError {
+        code: JobErrorCode::StorageFailed,
+        message: format!(
+            "the image was generated but could not be stored (request id {}); try again, \
+             and tell the operator if it persists",
+            lease.job.id
+        ),
+    };
+    finish_failed(context, lease, error).await
+}
+
+async fn finish_failed(context: &WorkerContext, lease: &Lease, error: JobError) -> &'static str {
+    match context.jobs.fail(lease, error).await {
+        Ok(()) => "failed",
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record the failure; the lease will expire and the job be retried");
+            "fail_failed"
+        }
+    }
+}

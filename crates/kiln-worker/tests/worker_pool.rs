@@ -1,0 +1,204 @@
+//! The worker pool against a real SQLite store and a real blob directory, driven by the scripted
+//! test engine.
+
+use kiln_blob::LocalBlobStore;
+use kiln_core::blob::BlobStore;
+use kiln_core::catalog::Route;
+use kiln_core::ids::{KeyId, RequestId, WorkerId};
+use kiln_core::job::{Job, JobErrorCode, JobState, NewJob};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::store::{ClaimPolicy, JobStore};
+use kiln_store::SqliteStore;
+use kiln_testkit::ScriptedEngine;
+use kiln_worker::{run_pool, EngineSet, WorkerSettings};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+const ROUTE: Route = Route::Flux2FlexTextToImage;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    jobs: Arc<SqliteStore>,
+    blobs: Arc<LocalBlobStore>,
+    engine: Arc<ScriptedEngine>,
+    owner: KeyId,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap());
+        let blobs = Arc::new(LocalBlobStore::new(dir.path().join("blobs")).unwrap());
+        Self { _dir: dir, jobs, blobs, engine: Arc::new(ScriptedEngine::default()), owner: KeyId::new() }
+    }
+
+    fn settings(&self) -> WorkerSettings {
+        WorkerSettings {
+            name: "test".into(),
+            slots: 1,
+            lease: Duration::from_millis(600),
+            max_attempts: 3,
+            poll_interval: Duration::from_millis(20),
+            drain_timeout: Duration::ZERO,
+        }
+    }
+
+    fn start(&self, settings: WorkerSettings) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let engines = EngineSet::new().with(ROUTE, self.engine.clone());
+        let pool = tokio::spawn(run_pool(self.jobs.clone(), self.blobs.clone(), engines, settings, shutdown.clone()));
+        (shutdown, pool)
+    }
+
+    async fn submit(&self, prompt: &str, seed: u32, format: OutputFormat) -> RequestId {
+        let now = OffsetDateTime::now_utc();
+        let params = GenerationParams {
+            prompt: Prompt::parse(prompt, 1000).unwrap(),
+            size: ImageSize { width: 64, height: 48 },
+            seed,
+            num_inference_steps: Some(3),
+            guidance_scale: Some(3.5),
+            output_format: format,
+            raw: false,
+            enable_prompt_expansion: false,
+        };
+        let job = NewJob {
+            id: RequestId::new(),
+            owner: self.owner,
+            route: ROUTE,
+            params,
+            created_at: now,
+            expires_at: now + Duration::from_secs(3600),
+        };
+        self.jobs.enqueue(job, None, 100).await.unwrap().view.job.id
+    }
+
+    async fn wait_terminal(&self, id: RequestId) -> Job {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let job = self.jobs.get(self.owner, id).await.unwrap().unwrap().job;
+            if job.state.is_terminal() {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} still {:?}", job.state);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_job_runs_to_a_stored_image_with_its_metadata() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let id = h.submit("a red circle", 0x00AA_5511, OutputFormat::Png).await;
+    let job = h.wait_terminal(id).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let output = job.output.unwrap();
+    let meta = &output.metadata;
+    assert_eq!((meta.width, meta.height, meta.num_inference_steps, meta.seed), (64, 48, 3, 0x00AA_5511));
+    assert_eq!((meta.prompt.as_str(), meta.engine.as_str()), ("a red circle", "scripted test engine"));
+    let blob = h.blobs.get(&output.images[0]).await.unwrap().unwrap();
+    assert_eq!(blob.content_type, "image/png");
+    let img = image::load_from_memory(&blob.bytes).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (64, 48));
+    assert_eq!(img.get_pixel(10, 10).0, ScriptedEngine::color_of(0x00AA_5511));
+}
+
+#[tokio::test]
+async fn progress_is_recorded_while_the_job_runs() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let id = h.submit("slow drawing", 5, OutputFormat::Jpeg).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let progress = loop {
+        let job = h.jobs.get(h.owner, id).await.unwrap().unwrap().job;
+        if let (JobState::Running, Some(p)) = (job.state, job.progress) {
+            break p;
+        }
+        assert!(Instant::now() < deadline && !job.state.is_terminal(), "no progress seen: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(progress.total, 3);
+    assert!((1..=3).contains(&progress.step));
+    assert_eq!(h.wait_terminal(id).await.state, JobState::Succeeded);
+    shutdown.cancel();
+    pool.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_engine_panic_fails_that_job_and_the_worker_goes_on() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let bad = h.submit("please panic", 1, OutputFormat::Jpeg).await;
+    let good = h.submit("a blue square", 2, OutputFormat::Jpeg).await;
+    let bad = h.wait_terminal(bad).await;
+    let good = h.wait_terminal(good).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+
+    assert_eq!(bad.state, JobState::Failed);
+    let error = bad.error.unwrap();
+    assert_eq!(error.code, JobErrorCode::EngineFailed);
+    assert!(error.message.contains(&bad.id.to_string()), "names the request: {}", error.message);
+    assert!(!error.message.contains("told to panic"), "the panic text stays in the logs");
+    assert_eq!(good.state, JobState::Succeeded);
+}
+
+#[tokio::test]
+async fn engine_errors_end_the_job_failed_with_an_actionable_code() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let rejected = h.submit("reject this", 1, OutputFormat::Jpeg).await;
+    let failed = h.submit("fail this", 1, OutputFormat::Jpeg).await;
+    let rejected = h.wait_terminal(rejected).await.error.unwrap();
+    let failed = h.wait_terminal(failed).await.error.unwrap();
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert_eq!((rejected.code, rejected.message.as_str()), (JobErrorCode::InvalidInput, "this checkpoint cannot draw that"));
+    assert_eq!(failed.code, JobErrorCode::EngineFailed);
+}
+
+#[tokio::test]
+async fn shutdown_releases_a_running_job_back_to_the_queue() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let id = h.submit("slow painting", 3, OutputFormat::Jpeg).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.jobs.get(h.owner, id).await.unwrap().unwrap().job.state != JobState::Running {
+        assert!(Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    pool.await.unwrap();
+    let view = h.jobs.get(h.owner, id).await.unwrap().unwrap();
+    assert_eq!((view.job.state, view.queue_position, view.job.attempts), (JobState::Queued, Some(0), 0));
+
+    let (shutdown, pool) = h.start(h.settings());
+    assert_eq!(h.wait_terminal(id).await.state, JobState::Succeeded, "the next worker finishes it");
+    shutdown.cancel();
+    pool.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_died_is_retaken_after_its_lease_and_completed_once() {
+    let h = Harness::new().await;
+    let id = h.submit("a green triangle", 4, OutputFormat::Jpeg).await;
+    // A worker that claims and then dies: it never beats its lease again.
+    let policy = ClaimPolicy { lease: Duration::from_millis(300), max_attempts: 3 };
+    let dead = h.jobs.claim(&WorkerId::new("dead"), &[ROUTE], policy).await.unwrap().unwrap();
+    assert_eq!(dead.job.id, id);
+
+    let (shutdown, pool) = h.start(h.settings());
+    let job = h.wait_terminal(id).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.attempts, 2);
+    assert_eq!(h.engine.runs(), 1, "the live worker ran it once");
+    assert!(h.jobs.complete(&dead, job.output.clone().unwrap()).await.is_err(), "the dead worker is fenced off");
+}
