@@ -1,1 +1,97 @@
-//! (being written)
+//! kiln's HTTP layer: the hosted Model API's endpoints over the store and blob traits of
+//! `kiln-core`.
+//!
+//! # Layout
+//! - [`state`]: [`ApiSettings`] (what the binary configures) and [`AppState`] (what handlers share).
+//! - [`auth`]: API tokens (minting, hashing) and the bearer-token extractor.
+//! - [`inputs`]: each model's input schema; [`inputs::parse_input`] validates a body into
+//!   generation parameters (the HTTP submit and `kiln generate` both use it).
+//! - `models`: `/v1/models` (catalog, schemas) and submitting a request.
+//! - `requests`: `/v1/requests/{id}/status|result|cancel`.
+//! - `files`: signed capability URLs for result images, and serving them.
+//! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, and the 404/405 answers.
+//! - `openapi`: the generated OpenAPI document.
+//! - `metrics`: Prometheus metrics and the HTTP metrics middleware.
+//! - `rate_limit`: per-key token buckets for submits.
+//! - `error`: [`ApiError`], the layer's one error type, and its table of statuses and codes.
+//! - `wire`: the JSON bodies of the API.
+//!
+//! [`router`] assembles the endpoints and layers; [`serve`] runs them until a shutdown signal.
+//! Catalog, schemas, health, metrics and the OpenAPI document are public metadata and need no
+//! token; files need none either (their signed URL is the permission); everything else does.
+
+pub mod auth;
+mod error;
+mod files;
+pub mod inputs;
+mod metrics;
+mod models;
+mod openapi;
+mod ops;
+mod rate_limit;
+mod requests;
+pub mod state;
+mod wire;
+
+pub use error::ApiError;
+pub use state::{ApiSettings, AppState};
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::routing::{get, post};
+use axum::Router;
+use std::future::Future;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// Every endpoint, with request ids, tracing, metrics and the body limit.
+pub fn router(state: AppState) -> Router {
+    let routes = Router::new()
+        .route("/v1/models", get(models::list))
+        // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
+        .route(
+            "/v1/models/{*model_id}",
+            post(models::submit).get(models::schema),
+        )
+        .route("/v1/requests/{id}/status", get(requests::status))
+        .route("/v1/requests/{id}/result", get(requests::result))
+        .route("/v1/requests/{id}/cancel", post(requests::cancel))
+        .route("/files/{key}", get(files::download))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi_json))
+        .fallback(ops::no_such_endpoint)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes));
+    routes.with_state(state).layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+            }))
+            .layer(PropagateRequestIdLayer::x_request_id()),
+    )
+}
+
+/// Serves `state`'s router on `listener` until `shutdown` completes, then drains: submits get
+/// 503001, and in-flight requests finish before this returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let draining = state.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.begin_draining();
+        })
+        .await
+}

@@ -1,0 +1,625 @@
+//! Every rule of both schemas, and the schemas' agreement with the parser.
+
+use super::*;
+use kiln_core::params::{ImageSize, OutputFormat};
+use serde_json::json;
+
+const MAX_PROMPT: usize = 10_000;
+const PRO: Route = Route::Flux11ProTextToImage;
+const FLEX: Route = Route::Flux2FlexTextToImage;
+
+fn ok(route: Route, body: Value) -> GenerationParams {
+    parse_input(route, &body, MAX_PROMPT).unwrap_or_else(|e| panic!("{body} should pass: {e}"))
+}
+
+fn violations(route: Route, body: Value) -> Vec<Violation> {
+    match parse_input(route, &body, MAX_PROMPT) {
+        Ok(params) => panic!("{body} should fail, got {params:?}"),
+        Err(InputErrors(v)) => v,
+    }
+}
+
+/// The single violation of `body`: its field and rule.
+fn violation(route: Route, body: Value) -> (String, String) {
+    let v = violations(route, body.clone());
+    assert_eq!(v.len(), 1, "{body}: {v:?}");
+    (v[0].field.clone(), v[0].rule.clone())
+}
+
+fn size(route: Route, body: Value) -> (u32, u32) {
+    let ImageSize { width, height } = ok(route, body).size;
+    (width, height)
+}
+
+mod flux11_pro {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let p = ok(PRO, json!({"prompt": "a cat"}));
+        assert_eq!(p.prompt.as_str(), "a cat");
+        assert_eq!(
+            p.size,
+            ImageSize {
+                width: 1344,
+                height: 768
+            }
+        );
+        assert_eq!(p.seed, 81_048_285);
+        assert!(!p.raw);
+        assert_eq!(p.output_format, OutputFormat::Jpeg);
+        assert_eq!(p.num_inference_steps, None);
+        assert_eq!(p.guidance_scale, None);
+        assert!(!p.enable_prompt_expansion);
+    }
+
+    #[test]
+    fn presets_map_to_their_pixel_sizes() {
+        for (name, expected) in [
+            ("16:9", (1344, 768)),
+            ("4:3", (1152, 864)),
+            ("1:1", (1024, 1024)),
+            ("1:1 (hd)", (1440, 1440)),
+            ("3:4", (864, 1152)),
+            ("9:16", (768, 1344)),
+            ("Custom", (1024, 1024)),
+        ] {
+            assert_eq!(
+                size(PRO, json!({"prompt": "x", "image_size": name})),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_aspect_ratios_are_refused_listing_the_choices() {
+        let (field, rule) = violation(PRO, json!({"prompt": "x", "image_size": "2:1"}));
+        assert_eq!(field, "image_size");
+        assert!(
+            rule.contains("\"1:1 (hd)\"") && rule.contains("\"Custom\""),
+            "{rule}"
+        );
+        let (_, rule) = violation(PRO, json!({"prompt": "x", "image_size": 169}));
+        assert_eq!(rule, "must be a string");
+    }
+
+    #[test]
+    fn custom_sides_round_to_the_nearest_multiple_of_32_ties_up() {
+        let custom = |w: i64, h: i64| {
+            size(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", "width": w, "height": h}),
+            )
+        };
+        assert_eq!(custom(1000, 1024), (992, 1024)); // 31.25 x 32
+        assert_eq!(custom(1008, 1024), (1024, 1024)); // 31.5: a tie goes up
+        assert_eq!(custom(1007, 1009), (992, 1024)); // either side of the tie
+        assert_eq!(custom(1006, 1024), (992, 1024));
+        assert_eq!(custom(256, 1440), (256, 1440)); // the bounds themselves
+        assert_eq!(custom(240, 1455), (256, 1440)); // round into range
+        assert_eq!(
+            size(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", "width": 512})
+            ),
+            (512, 1024)
+        );
+    }
+
+    #[test]
+    fn custom_sides_out_of_range_after_rounding_are_refused() {
+        for (width, rounds_to) in [
+            (239, 224),
+            (1456, 1472),
+            (0, 0),
+            (-64, -64),
+            (100_000, 100_000),
+        ] {
+            let (field, rule) = violation(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", "width": width}),
+            );
+            assert_eq!(field, "width");
+            assert_eq!(
+                rule,
+                format!("must be between 256 and 1440 after rounding to the nearest multiple of 32 (rounds to {rounds_to})")
+            );
+        }
+        let (field, _) = violation(
+            PRO,
+            json!({"prompt": "x", "image_size": "Custom", "height": 2000}),
+        );
+        assert_eq!(field, "height");
+    }
+
+    #[test]
+    fn sides_are_only_allowed_with_custom() {
+        let v = violations(PRO, json!({"prompt": "x", "width": 512, "height": 512}));
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].field.as_str(), v[1].field.as_str()),
+            ("width", "height")
+        );
+        assert!(
+            v[0].rule
+                .contains("only allowed when image_size is \"Custom\""),
+            "{}",
+            v[0].rule
+        );
+        let (field, _) = violation(
+            PRO,
+            json!({"prompt": "x", "image_size": "1:1", "width": 512}),
+        );
+        assert_eq!(field, "width");
+        // With a bad image_size, that is the one violation to report.
+        let (field, _) = violation(
+            PRO,
+            json!({"prompt": "x", "image_size": "big", "width": 512}),
+        );
+        assert_eq!(field, "image_size");
+    }
+
+    #[test]
+    fn raw_is_a_boolean() {
+        assert!(ok(PRO, json!({"prompt": "x", "raw": true})).raw);
+        for bad in [json!("true"), json!(1), json!(null)] {
+            assert_eq!(
+                violation(PRO, json!({"prompt": "x", "raw": bad})),
+                ("raw".into(), "must be true or false".into())
+            );
+        }
+    }
+
+    #[test]
+    fn seed_spans_u32() {
+        assert_eq!(ok(PRO, json!({"prompt": "x", "seed": 0})).seed, 0);
+        assert_eq!(
+            ok(PRO, json!({"prompt": "x", "seed": 4_294_967_295_u64})).seed,
+            u32::MAX
+        );
+        for bad in [json!(-1), json!(4_294_967_296_u64), json!(u64::MAX)] {
+            let (field, rule) = violation(PRO, json!({"prompt": "x", "seed": bad}));
+            assert_eq!(
+                (field.as_str(), rule.as_str()),
+                ("seed", "must be an integer between 0 and 4294967295")
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_the_allowed_ones() {
+        let (field, rule) = violation(PRO, json!({"prompt": "x", "num_inference_steps": 20}));
+        assert_eq!(field, "num_inference_steps");
+        assert_eq!(
+            rule,
+            "unknown field; allowed fields: prompt, image_size, width, height, seed, raw"
+        );
+    }
+}
+
+mod flux2_flex {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let p = ok(FLEX, json!({"prompt": "a cat"}));
+        assert_eq!(
+            p.size,
+            ImageSize {
+                width: 1024,
+                height: 768
+            }
+        );
+        assert!(p.enable_prompt_expansion);
+        assert_eq!(p.seed, 0);
+        assert_eq!(p.output_format, OutputFormat::Jpeg);
+        assert_eq!(p.guidance_scale, Some(3.5));
+        assert_eq!(p.num_inference_steps, Some(28));
+        assert!(!p.raw);
+    }
+
+    #[test]
+    fn every_field_can_be_set() {
+        let p = ok(
+            FLEX,
+            json!({"prompt": "a cat", "image_size": "square", "enable_prompt_expansion": false, "seed": 7,
+                   "output_format": "png", "guidance_scale": 5, "num_inference_steps": 4}),
+        );
+        assert_eq!(
+            p.size,
+            ImageSize {
+                width: 512,
+                height: 512
+            }
+        );
+        assert!(!p.enable_prompt_expansion);
+        assert_eq!(p.seed, 7);
+        assert_eq!(p.output_format, OutputFormat::Png);
+        assert_eq!(p.guidance_scale, Some(5.0));
+        assert_eq!(p.num_inference_steps, Some(4));
+    }
+
+    #[test]
+    fn presets_map_to_their_pixel_sizes() {
+        for (name, expected) in [
+            ("square_hd", (1024, 1024)),
+            ("square", (512, 512)),
+            ("portrait_4_3", (768, 1024)),
+            ("portrait_16_9", (576, 1024)),
+            ("landscape_4_3", (1024, 768)),
+            ("landscape_16_9", (1024, 576)),
+        ] {
+            assert_eq!(
+                size(FLEX, json!({"prompt": "x", "image_size": name})),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_listing_the_presets() {
+        for bad in [json!("huge"), json!(5), json!(["square"]), json!(null)] {
+            let (field, rule) = violation(FLEX, json!({"prompt": "x", "image_size": bad}));
+            assert_eq!(field, "image_size");
+            assert!(
+                rule.contains("\"landscape_16_9\"") && rule.contains("{\"width\", \"height\"}"),
+                "{rule}"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_sides_round_to_the_nearest_multiple_of_16_ties_up() {
+        let custom = |w: i64, h: i64| {
+            size(
+                FLEX,
+                json!({"prompt": "x", "image_size": {"width": w, "height": h}}),
+            )
+        };
+        assert_eq!(custom(1000, 1000), (1008, 1008)); // 62.5 x 16: a tie goes up
+        assert_eq!(custom(999, 1001), (992, 1008)); // either side of the tie
+        assert_eq!(custom(1010, 1016), (1008, 1024)); // 63.125, 63.5
+        assert_eq!(custom(64, 2048), (64, 2048)); // the bounds themselves
+        assert_eq!(custom(56, 2055), (64, 2048)); // round into range
+    }
+
+    #[test]
+    fn custom_sides_out_of_range_after_rounding_are_refused() {
+        for (width, rounds_to) in [(55, 48), (2056, 2064), (-16, -16)] {
+            let (field, rule) = violation(
+                FLEX,
+                json!({"prompt": "x", "image_size": {"width": width, "height": 512}}),
+            );
+            assert_eq!(field, "image_size.width");
+            assert_eq!(
+                rule,
+                format!("must be between 64 and 2048 after rounding to the nearest multiple of 16 (rounds to {rounds_to})")
+            );
+        }
+    }
+
+    #[test]
+    fn custom_sizes_are_at_most_4_megapixels() {
+        assert_eq!(
+            size(
+                FLEX,
+                json!({"prompt": "x", "image_size": {"width": 2048, "height": 1952}})
+            ),
+            (2048, 1952)
+        );
+        let (field, rule) = violation(
+            FLEX,
+            json!({"prompt": "x", "image_size": {"width": 2048, "height": 2048}}),
+        );
+        assert_eq!(field, "image_size");
+        assert!(
+            rule.starts_with("must be at most 4 MP (4000000 pixels) after rounding"),
+            "{rule}"
+        );
+        // 1992 rounds to 2000: the limit applies to the rounded sides.
+        let (field, _) = violation(
+            FLEX,
+            json!({"prompt": "x", "image_size": {"width": 2048, "height": 1960}}),
+        );
+        assert_eq!(field, "image_size");
+    }
+
+    #[test]
+    fn custom_sizes_need_both_sides_and_nothing_else() {
+        let v = violations(
+            FLEX,
+            json!({"prompt": "x", "image_size": {"width": "512", "depth": 3}}),
+        );
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["image_size.width", "image_size.height", "image_size.depth"]
+        );
+        assert_eq!(v[0].rule, "must be an integer");
+        assert_eq!(v[1].rule, "required: an integer");
+        assert_eq!(v[2].rule, "unknown field; allowed fields: width, height");
+    }
+
+    #[test]
+    fn guidance_scale_is_a_number_from_1_5_to_10() {
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "guidance_scale": 1.5})).guidance_scale,
+            Some(1.5)
+        );
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "guidance_scale": 10})).guidance_scale,
+            Some(10.0)
+        );
+        for bad in [1.49, 10.01, -3.0] {
+            let (field, rule) = violation(FLEX, json!({"prompt": "x", "guidance_scale": bad}));
+            assert_eq!(
+                (field.as_str(), rule.as_str()),
+                ("guidance_scale", "must be a number between 1.5 and 10")
+            );
+        }
+        for bad in [json!(true), json!("3.5"), json!(null)] {
+            assert_eq!(
+                violation(FLEX, json!({"prompt": "x", "guidance_scale": bad})).1,
+                "must be a number"
+            );
+        }
+    }
+
+    #[test]
+    fn steps_are_an_integer_from_2_to_50() {
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "num_inference_steps": 2})).num_inference_steps,
+            Some(2)
+        );
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "num_inference_steps": 50})).num_inference_steps,
+            Some(50)
+        );
+        for bad in [1, 51, 0, -5] {
+            let (_, rule) = violation(FLEX, json!({"prompt": "x", "num_inference_steps": bad}));
+            assert_eq!(rule, "must be an integer between 2 and 50");
+        }
+        for bad in [json!(28.0), json!(5.5), json!("28"), json!(true)] {
+            assert_eq!(
+                violation(FLEX, json!({"prompt": "x", "num_inference_steps": bad})).1,
+                "must be an integer"
+            );
+        }
+    }
+
+    #[test]
+    fn seed_spans_u32() {
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "seed": 4_294_967_295_u64})).seed,
+            u32::MAX
+        );
+        assert_eq!(
+            violation(FLEX, json!({"prompt": "x", "seed": 4_294_967_296_u64})).0,
+            "seed"
+        );
+        assert_eq!(
+            violation(FLEX, json!({"prompt": "x", "seed": "5"})).1,
+            "must be an integer"
+        );
+    }
+
+    #[test]
+    fn output_format_and_expansion() {
+        let (field, rule) = violation(FLEX, json!({"prompt": "x", "output_format": "webp"}));
+        assert_eq!(
+            (field.as_str(), rule.as_str()),
+            ("output_format", "must be one of: \"jpeg\", \"png\"")
+        );
+        assert_eq!(
+            violation(FLEX, json!({"prompt": "x", "output_format": "PNG"})).0,
+            "output_format"
+        );
+        assert_eq!(
+            violation(
+                FLEX,
+                json!({"prompt": "x", "enable_prompt_expansion": "no"})
+            )
+            .0,
+            "enable_prompt_expansion"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_the_allowed_ones() {
+        let (field, rule) = violation(FLEX, json!({"prompt": "x", "raw": true}));
+        assert_eq!(field, "raw");
+        assert_eq!(
+            rule,
+            "unknown field; allowed fields: prompt, image_size, enable_prompt_expansion, seed, output_format, guidance_scale, num_inference_steps"
+        );
+    }
+}
+
+mod shared_rules {
+    use super::*;
+
+    #[test]
+    fn the_prompt_is_required_trimmed_and_bounded() {
+        for route in Route::ALL {
+            assert_eq!(
+                violation(route, json!({})),
+                ("prompt".into(), "required: a non-empty string".into())
+            );
+            assert_eq!(
+                ok(route, json!({"prompt": "  a cat\n"})).prompt.as_str(),
+                "a cat"
+            );
+            assert_eq!(
+                violation(route, json!({"prompt": " \t "})).1,
+                "must not be empty or only white space"
+            );
+            assert_eq!(
+                violation(route, json!({"prompt": 42})).1,
+                "must be a string"
+            );
+            assert_eq!(
+                violation(route, json!({"prompt": null})).1,
+                "must be a string"
+            );
+        }
+        let limit = |max| parse_input(PRO, &json!({"prompt": "ééééé"}), max);
+        assert!(limit(5).is_ok());
+        let InputErrors(v) = limit(4).unwrap_err();
+        assert_eq!(
+            v[0].rule,
+            "must be at most 4 characters after trimming (got 5)"
+        );
+    }
+
+    #[test]
+    fn long_values_are_echoed_cut_short() {
+        let long = "x".repeat(20_000);
+        let InputErrors(v) = parse_input(PRO, &json!({"prompt": long}), 10_000).unwrap_err();
+        let Some(Value::String(echo)) = &v[0].value else {
+            panic!("{v:?}")
+        };
+        assert_eq!(echo.chars().count(), 101);
+        assert!(echo.ends_with('…'));
+    }
+
+    #[test]
+    fn the_body_must_be_an_object() {
+        for route in Route::ALL {
+            for body in [json!([]), json!("a cat"), json!(null), json!(3)] {
+                assert_eq!(
+                    violation(route, body),
+                    ("body".into(), "must be a JSON object".into())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_violation_is_reported_at_once() {
+        let v = violations(
+            PRO,
+            json!({"prompt": "", "image_size": "wide", "seed": 1.5, "raw": "yes", "steps": 4}),
+        );
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["prompt", "image_size", "seed", "raw", "steps"]);
+        assert_eq!(v[2].value, Some(json!(1.5)));
+
+        let v = violations(
+            FLEX,
+            json!({"image_size": {"width": 9000, "height": 9000}, "seed": -1, "output_format": "gif",
+                   "guidance_scale": 11, "num_inference_steps": 100, "extra": 1, "other": 2}),
+        );
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "prompt",
+                "image_size.width",
+                "image_size.height",
+                "seed",
+                "output_format",
+                "guidance_scale",
+                "num_inference_steps",
+                "extra",
+                "other"
+            ]
+        );
+        let message = InputErrors(v).to_string();
+        assert!(
+            message.contains("num_inference_steps: must be an integer between 2 and 50"),
+            "{message}"
+        );
+    }
+}
+
+mod schemas {
+    use super::*;
+    use reader::Choice;
+
+    fn property(route: Route, field: &str) -> Value {
+        input_schema(route)["properties"][field].clone()
+    }
+
+    fn names<C: Choice>() -> Vec<Value> {
+        C::ALL.iter().map(|c| json!(c.name())).collect()
+    }
+
+    #[test]
+    fn schemas_are_strict_objects_requiring_only_the_prompt() {
+        for route in Route::ALL {
+            let schema = input_schema(route);
+            assert_eq!(schema["type"], "object");
+            assert_eq!(schema["title"], "Input");
+            assert_eq!(schema["required"], json!(["prompt"]));
+            assert_eq!(schema["additionalProperties"], json!(false));
+            assert_eq!(property(route, "prompt")["type"], "string");
+        }
+    }
+
+    #[test]
+    fn field_titles_follow_the_seeds() {
+        assert_eq!(property(PRO, "image_size")["title"], "Aspect Ratio (W:H)");
+        assert_eq!(property(PRO, "raw")["title"], "Raw Mode");
+        assert_eq!(
+            property(FLEX, "enable_prompt_expansion")["title"],
+            "Magic Prompt"
+        );
+        assert_eq!(
+            property(FLEX, "num_inference_steps")["title"],
+            "Number of Inference Steps"
+        );
+        assert!(property(FLEX, "prompt")["default"]
+            .as_str()
+            .unwrap()
+            .starts_with("High-resolution iPhone photograph"));
+        assert!(property(PRO, "prompt")["default"]
+            .as_str()
+            .unwrap()
+            .starts_with("A cocktail menu book"));
+    }
+
+    #[test]
+    fn choices_and_defaults_agree_with_the_parser() {
+        let pro = property(PRO, "image_size");
+        assert_eq!(pro["type"], "string");
+        assert_eq!(pro["enum"], json!(names::<AspectRatio>()));
+        assert_eq!(pro["default"], "16:9");
+        assert_eq!(
+            property(PRO, "seed")["default"],
+            json!(ok(PRO, json!({"prompt": "x"})).seed)
+        );
+        assert_eq!(property(PRO, "seed")["maximum"], json!(u32::MAX));
+        assert_eq!(property(PRO, "raw")["default"], json!(false));
+        assert_eq!(property(PRO, "width")["default"], json!(1024));
+
+        let flex = ok(FLEX, json!({"prompt": "x"}));
+        let size = property(FLEX, "image_size");
+        assert_eq!(size["default"], "landscape_4_3");
+        assert_eq!(size["oneOf"][0]["enum"], json!(names::<SizePreset>()));
+        assert_eq!(size["oneOf"][1]["required"], json!(["width", "height"]));
+        assert_eq!(
+            property(FLEX, "output_format")["enum"],
+            json!(names::<ImageFormat>())
+        );
+        assert_eq!(property(FLEX, "output_format")["default"], "jpeg");
+        assert_eq!(property(FLEX, "seed")["default"], json!(flex.seed));
+        assert_eq!(
+            property(FLEX, "guidance_scale")["default"],
+            json!(flex.guidance_scale.unwrap())
+        );
+        assert_eq!(property(FLEX, "guidance_scale")["minimum"], json!(1.5));
+        assert_eq!(property(FLEX, "guidance_scale")["maximum"], json!(10));
+        assert_eq!(
+            property(FLEX, "num_inference_steps")["default"],
+            json!(flex.num_inference_steps.unwrap())
+        );
+        assert_eq!(property(FLEX, "num_inference_steps")["minimum"], json!(2));
+        assert_eq!(property(FLEX, "num_inference_steps")["maximum"], json!(50));
+        assert_eq!(
+            property(FLEX, "enable_prompt_expansion")["default"],
+            json!(flex.enable_prompt_expansion)
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! What every handler shares: the stores, the settings, and the server's own bookkeeping
+//! (draining flag, rate-limit buckets, metrics).
+
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use kiln_core::blob::BlobStore;
+use kiln_core::catalog::Route;
+use kiln_core::ids::RequestId;
+use kiln_core::store::{JobStore, KeyStore};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the HTTP layer behaves; the binary fills it from its configuration.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// The server's public base URL without a trailing slash, e.g. `https://kiln.example.com`;
+    /// every URL in an answer (status, result, cancel, files) is built from it.
+    pub public_url: String,
+    /// The HMAC-SHA256 key that signs file URLs. Changing it invalidates every URL handed out.
+    pub signing_key: Vec<u8>,
+    /// How long a request's record and images are kept after submit.
+    pub retention: Duration,
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// The longest prompt accepted, in characters after trimming.
+    pub max_prompt_chars: usize,
+    /// How many jobs may wait in the queue before submits are refused (503001).
+    pub max_queued: u64,
+    /// Submits per minute per API key, refilled continuously; 0 turns rate limiting off.
+    /// Polling is not limited: it is cheap, and clients poll in loops.
+    pub rate_limit_per_minute: u32,
+    /// How many submits a key may make at once before the per-minute rate applies.
+    pub rate_limit_burst: u32,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_window: Duration,
+    /// The routes an engine is configured for; submits to the others are refused (400001).
+    pub served_routes: Vec<Route>,
+}
+
+impl ApiSettings {
+    /// Settings with the documented defaults, serving every route.
+    pub fn with_defaults(public_url: impl Into<String>, signing_key: Vec<u8>) -> Self {
+        const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+        Self {
+            public_url: public_url.into(),
+            signing_key,
+            retention: DAY,
+            max_body_bytes: 256 * 1024,
+            max_prompt_chars: 10_000,
+            max_queued: 1_000,
+            rate_limit_per_minute: 60,
+            rate_limit_burst: 10,
+            idempotency_window: DAY,
+            served_routes: Route::ALL.to_vec(),
+        }
+    }
+
+    /// A request's status, result or cancel URL.
+    pub(crate) fn request_url(&self, id: RequestId, action: &str) -> String {
+        self.absolute_url(&format!("/v1/requests/{id}/{action}"))
+    }
+
+    /// `path` (starting with `/`) under the public URL.
+    pub(crate) fn absolute_url(&self, path: &str) -> String {
+        format!("{}{path}", self.public_url.trim_end_matches('/'))
+    }
+}
+
+/// The state behind the router. Cheap to clone (all shared).
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) jobs: Arc<dyn JobStore>,
+    pub(crate) keys: Arc<dyn KeyStore>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) settings: Arc<ApiSettings>,
+    pub(crate) rate_limiter: Arc<RateLimiter>,
+    pub(crate) metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(
+        jobs: Arc<dyn JobStore>,
+        keys: Arc<dyn KeyStore>,
+        blobs: Arc<dyn BlobStore>,
+        settings: ApiSettings,
+    ) -> Self {
+        let rate_limiter =
+            RateLimiter::new(settings.rate_limit_per_minute, settings.rate_limit_burst);
+        Self {
+            jobs,
+            keys,
+            blobs,
+            settings: Arc::new(settings),
+            rate_limiter: Arc::new(rate_limiter),
+            metrics: Arc::new(Metrics::new()),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// From now on submits answer 503001 and `/readyz` 503, so that load balancers and clients
+    /// go elsewhere while accepted work finishes. [`crate::serve`] calls it when its shutdown
+    /// signal fires; the binary may call it earlier (clones share the flag).
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
