@@ -1,1 +1,49 @@
-//! (being written)
+//! kiln's FLUX.1 inference engine (dev, schnell and their fine-tunes) on candle.
+//!
+//! Two ways in: [`Flux1Engine`], kiln-core's [`kiln_core::engine::Engine`] for the worker, built
+//! from an operator's [`Flux1Config`]; and [`Flux1Pipeline`], the direct API `kiln generate`
+//! uses (explicit sizes, steps, seeds, initial latents, final latents).
+//!
+//! # Layout
+//! - [`checkpoint`]: which layout a directory holds (diffusers folder, BFL single files, GGUF
+//!   transformer) and where each part is; a clear error for anything else.
+//! - `weights`: memory-mapped safetensors/GGUF tensors, the BFL -> diffusers name mapping,
+//!   quantized tensors kept quantized.
+//! - `nn`: linear layers (dense or quantized), attention, norms.
+//! - `tokenizer`: CLIP's BPE from `vocab.json` + `merges.txt`, T5's `tokenizer.json`.
+//! - `clip`, `t5`: the text encoders (pooled CLIP vector, T5 hidden states).
+//! - `transformer`: the FLUX.1 transformer, RoPE in f32.
+//! - `vae`: the autoencoder's decoder.
+//! - [`sampling`]: noise, packing, the shifted schedule, Euler steps.
+//! - `image_io`: RGB from the decoder, JPEG/PNG encoding, latent previews.
+//! - [`pipeline`]: [`Flux1Pipeline`], loading and running a whole generation.
+//! - `engine`: [`Flux1Engine`] and its configuration (defaults, raw mode).
+//! - `error`: the crate's [`Error`].
+
+pub mod checkpoint;
+mod clip;
+mod engine;
+mod error;
+mod image_io;
+mod nn;
+pub mod pipeline;
+pub mod sampling;
+mod t5;
+mod tokenizer;
+mod transformer;
+mod vae;
+mod weights;
+
+pub use candle_core::Tensor;
+pub use checkpoint::{CheckpointFiles, Layout, WeightFormat};
+pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
+pub use error::{Error, Result};
+pub use image_io::encode_image;
+pub use pipeline::{
+    read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineOutput,
+    PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,
+};
+pub use t5::T5Config;
+pub use clip::ClipTextConfig;
+pub use transformer::TransformerConfig;
+pub use vae::VaeConfig;

@@ -1,0 +1,201 @@
+//! What is on disk: which checkpoint layout a directory holds and where each part is.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// How a FLUX.1 checkpoint directory is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A diffusers folder: `model_index.json`, `transformer/`, `vae/`, ...
+    Diffusers,
+    /// BFL's single files (`flux1-*.safetensors` or a `.gguf`, `ae.safetensors`) beside the
+    /// text encoders' and tokenizers' folders.
+    BflSingleFile,
+}
+
+/// How the transformer's weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    /// A GGUF file, block-quantized (Q8_0, Q4_0, Q4_K, ...) with BFL's tensor names.
+    Gguf,
+}
+
+/// The files of a checkpoint, found by [`CheckpointFiles::detect`].
+#[derive(Debug, Clone)]
+pub struct CheckpointFiles {
+    pub root: PathBuf,
+    pub layout: Layout,
+    pub transformer_format: WeightFormat,
+    /// One file, or a sharded checkpoint's shards.
+    pub transformer: Vec<PathBuf>,
+    /// diffusers' `transformer/config.json`; BFL files carry none.
+    pub transformer_config: Option<PathBuf>,
+    pub vae: Vec<PathBuf>,
+    pub vae_config: Option<PathBuf>,
+    pub scheduler_config: Option<PathBuf>,
+    /// CLIP-L (transformers' folder with `config.json`).
+    pub text_encoder: PathBuf,
+    /// T5 (transformers' folder with `config.json`).
+    pub text_encoder_2: PathBuf,
+    pub tokenizer: PathBuf,
+    pub tokenizer_2: PathBuf,
+}
+
+impl CheckpointFiles {
+    /// Looks at `dir` and says which layout it holds, or why it is none this engine loads.
+    pub fn detect(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "not a directory"));
+        }
+        if dir.join("model_index.json").is_file() {
+            Self::diffusers(dir)
+        } else {
+            Self::bfl(dir)
+        }
+    }
+
+    fn diffusers(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        let index: Value = read_json(&index_path)?;
+        let class = index["_class_name"].as_str().unwrap_or("");
+        if class.starts_with("Flux2") || class.contains("Kontext") || class.contains("Fill") {
+            return Err(Error::checkpoint(dir, format!("{class} is not a FLUX.1 text-to-image pipeline")));
+        }
+        for part in ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+            if index[part].is_null() || !dir.join(part).is_dir() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("diffusers folder without the `{part}` component a FLUX.1 pipeline needs"),
+                ));
+            }
+        }
+        let tdir = dir.join("transformer");
+        let (transformer_format, transformer) = match gguf_files(&tdir)? {
+            Some(g) => (WeightFormat::Gguf, vec![g]),
+            None => (WeightFormat::Safetensors, safetensors_files(&tdir, "diffusion_pytorch_model")?),
+        };
+        let vdir = dir.join("vae");
+        let scheduler = dir.join("scheduler/scheduler_config.json");
+        Ok(Self {
+            root: dir.to_path_buf(),
+            layout: Layout::Diffusers,
+            transformer_format,
+            transformer,
+            transformer_config: Some(tdir.join("config.json")),
+            vae: safetensors_files(&vdir, "diffusion_pytorch_model")?,
+            vae_config: Some(vdir.join("config.json")),
+            scheduler_config: scheduler.is_file().then_some(scheduler),
+            text_encoder: dir.join("text_encoder"),
+            text_encoder_2: dir.join("text_encoder_2"),
+            tokenizer: dir.join("tokenizer"),
+            tokenizer_2: dir.join("tokenizer_2"),
+        })
+    }
+
+    fn bfl(dir: &Path) -> Result<Self> {
+        let ae = dir.join("ae.safetensors");
+        let gguf = gguf_files(dir)?;
+        let singles: Vec<PathBuf> = list(dir)?
+            .into_iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "safetensors")
+                    && p.file_name().is_some_and(|n| n != "ae.safetensors")
+            })
+            .collect();
+        let (transformer_format, transformer) = match (gguf, singles.as_slice()) {
+            (Some(g), []) => (WeightFormat::Gguf, g),
+            (None, [one]) => (WeightFormat::Safetensors, one.clone()),
+            (None, []) => {
+                return Err(Error::checkpoint(
+                    dir,
+                    "no checkpoint found: expected a diffusers folder (model_index.json) or BFL single \
+                     files (flux1-*.safetensors or a .gguf transformer, ae.safetensors, and the \
+                     text_encoder, text_encoder_2, tokenizer, tokenizer_2 folders)",
+                ))
+            }
+            _ => {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "more than one transformer file; keep one of: {}",
+                        singles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        };
+        if !ae.is_file() {
+            return Err(Error::checkpoint(dir, "BFL layout without ae.safetensors (the autoencoder)"));
+        }
+        for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+            if !dir.join(part).is_dir() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("BFL layout without the `{part}` folder (transformers' format) beside the single files"),
+                ));
+            }
+        }
+        Ok(Self {
+            root: dir.to_path_buf(),
+            layout: Layout::BflSingleFile,
+            transformer_format,
+            transformer: vec![transformer],
+            transformer_config: None,
+            vae: vec![ae],
+            vae_config: None,
+            scheduler_config: None,
+            text_encoder: dir.join("text_encoder"),
+            text_encoder_2: dir.join("text_encoder_2"),
+            tokenizer: dir.join("tokenizer"),
+            tokenizer_2: dir.join("tokenizer_2"),
+        })
+    }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("invalid JSON: {e}")))
+}
+
+fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The one `.gguf` file of a folder, if any.
+fn gguf_files(dir: &Path) -> Result<Option<PathBuf>> {
+    let g: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+    match g.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        _ => Err(Error::checkpoint(dir, "more than one .gguf file; keep one")),
+    }
+}
+
+/// `{stem}.safetensors`, or the shards its `.index.json` lists.
+pub(crate) fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::checkpoint(&index, "no weight_map"))?;
+        let mut files: Vec<PathBuf> =
+            map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        Ok(vec![single])
+    } else {
+        Err(Error::checkpoint(dir, format!("no {stem}.safetensors (nor a sharded index)")))
+    }
+}

@@ -1,0 +1,85 @@
+//! Layers shared by the models: linear layers that may be quantized, attention, norms.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Result, Tensor, D};
+
+/// A linear layer `x W^T + b`, dense or block-quantized.
+#[derive(Debug, Clone)]
+pub(crate) enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub(crate) fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear::Dense(candle_nn::Linear::new(weight, bias))
+    }
+
+    pub(crate) fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Linear::Quantized { weight, bias }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(l) => l.forward(x),
+            Linear::Quantized { weight, bias } => {
+                // candle's quantized kernels take f32 activations on every backend; the
+                // product is cast back to the compute dtype.
+                let dtype = x.dtype();
+                let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dtype)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// Softmax attention over `(batch, heads, seq, head_dim)` tensors, with an optional additive
+/// bias broadcast onto the scores. The softmax runs in f32, as PyTorch's kernels do for bf16.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Root-mean-square norm over the last dimension, statistics in f32 (T5LayerNorm, diffusers'
+/// RMSNorm).
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    normed.broadcast_mul(weight)
+}
+
+/// Layer norm over the last dimension, statistics in f32; `affine` is (weight, bias).
+pub(crate) fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let centred = xf.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    match affine {
+        Some((w, b)) => normed.broadcast_mul(w)?.broadcast_add(b),
+        None => Ok(normed),
+    }
+}
+
+/// Splits the last dimension into `n` equal chunks (adaLN modulation vectors).
+pub(crate) fn chunks(x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let size = x.dim(D::Minus1)? / n;
+    (0..n).map(|i| x.narrow(D::Minus1, i * size, size)).collect()
+}

@@ -1,0 +1,231 @@
+//! The decoder half of FLUX.1's VAE (diffusers' `AutoencoderKL`, 16 latent channels).
+
+use crate::error::{Error, Result};
+use crate::nn::{attention, Linear};
+use crate::transformer::count_indexed;
+use crate::weights::Weights;
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm};
+use serde::Deserialize;
+
+const EPS: f64 = 1e-6;
+
+/// The decoder's shape and latent normalisation. Read from diffusers' `vae/config.json`, or
+/// inferred from BFL's `ae.safetensors` with FLUX.1's normalisation constants, which that
+/// file does not store.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VaeConfig {
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    #[serde(default = "groups")]
+    pub norm_num_groups: usize,
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default)]
+    pub use_post_quant_conv: Option<bool>,
+}
+
+fn groups() -> usize {
+    32
+}
+
+impl VaeConfig {
+    /// Pixels per latent pixel.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    pub(crate) fn infer_bfl(w: &Weights) -> Result<Self> {
+        let names = w.stored_names();
+        let levels = count_indexed(&names, "decoder.up.");
+        let conv_in = w
+            .stored_shape("decoder.conv_in.weight")
+            .ok_or_else(|| Error::checkpoint(w.path(), "not a FLUX.1 autoencoder: no decoder.conv_in.weight"))?;
+        let block_out_channels = (0..levels)
+            .map(|i| {
+                w.stored_shape(&format!("decoder.up.{i}.block.0.conv2.weight"))
+                    .map(|s| s[0])
+                    .ok_or_else(|| Error::checkpoint(w.path(), format!("no decoder.up.{i}.block.0")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            latent_channels: conv_in[1],
+            block_out_channels,
+            layers_per_block: count_indexed(&names, "decoder.up.0.block.") - 1,
+            norm_num_groups: groups(),
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            use_post_quant_conv: Some(false),
+        })
+    }
+}
+
+fn conv(w: &Weights, p: &str, padding: usize) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, ..Default::default() };
+    Ok(Conv2d::new(w.tensor(&format!("{p}.weight"))?, Some(w.tensor(&format!("{p}.bias"))?), cfg))
+}
+
+fn group_norm(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
+    Ok(GroupNorm::new(
+        w.tensor(&format!("{p}.weight"))?,
+        w.tensor(&format!("{p}.bias"))?,
+        channels,
+        groups,
+        EPS,
+    )?)
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn load(w: &Weights, p: &str, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(w, &format!("{p}.norm1"), cin, groups)?,
+            conv1: conv(w, &format!("{p}.conv1"), 1)?,
+            norm2: group_norm(w, &format!("{p}.norm2"), cout, groups)?,
+            conv2: conv(w, &format!("{p}.conv2"), 1)?,
+            shortcut: if cin != cout { Some(conv(w, &format!("{p}.conv_shortcut"), 0)?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        match &self.shortcut {
+            Some(s) => s.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// The mid block's single-head self-attention over all pixels.
+struct PixelAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl PixelAttention {
+    fn load(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<Self> {
+        // BFL stores these projections as 1x1 convolutions: flatten them to matrices.
+        let lin = |n: &str| -> Result<Linear> {
+            let weight = w.tensor(&format!("{p}.{n}.weight"))?.reshape((channels, channels))?;
+            Ok(Linear::dense(weight, Some(w.tensor(&format!("{p}.{n}.bias"))?)))
+        };
+        Ok(Self {
+            norm: group_norm(w, &format!("{p}.group_norm"), channels, groups)?,
+            q: lin("to_q")?,
+            k: lin("to_k")?,
+            v: lin("to_v")?,
+            out: lin("to_out.0")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.unsqueeze(1)?;
+        let a = attention(
+            &self.q.forward(&n)?,
+            &self.k.forward(&n)?,
+            &self.v.forward(&n)?,
+            1.0 / (c as f64).sqrt(),
+            None,
+        )?;
+        let a = self.out.forward(&a)?.squeeze(1)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        x + a
+    }
+}
+
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsample: Option<Conv2d>,
+}
+
+pub(crate) struct VaeDecoder {
+    cfg: VaeConfig,
+    conv_in: Conv2d,
+    mid: (Resnet, PixelAttention, Resnet),
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    pub(crate) fn load(cfg: VaeConfig, w: &Weights) -> Result<Self> {
+        if cfg.use_post_quant_conv == Some(true) {
+            return Err(Error::checkpoint(w.path(), "a VAE with post_quant_conv is not FLUX.1's"));
+        }
+        let g = cfg.norm_num_groups;
+        let chans: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let top = chans[0];
+        let p = "decoder.mid_block";
+        let mid = (
+            Resnet::load(w, &format!("{p}.resnets.0"), top, top, g)?,
+            PixelAttention::load(w, &format!("{p}.attentions.0"), top, g)?,
+            Resnet::load(w, &format!("{p}.resnets.1"), top, top, g)?,
+        );
+        let mut up = Vec::with_capacity(chans.len());
+        let mut cin = top;
+        for (i, &cout) in chans.iter().enumerate() {
+            let p = format!("decoder.up_blocks.{i}");
+            let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
+            for j in 0..=cfg.layers_per_block {
+                resnets.push(Resnet::load(w, &format!("{p}.resnets.{j}"), cin, cout, g)?);
+                cin = cout;
+            }
+            let upsample = if i + 1 < chans.len() {
+                Some(conv(w, &format!("{p}.upsamplers.0.conv"), 1)?)
+            } else {
+                None
+            };
+            up.push(UpBlock { resnets, upsample });
+        }
+        Ok(Self {
+            conv_in: conv(w, "decoder.conv_in", 1)?,
+            mid,
+            up,
+            norm_out: group_norm(w, "decoder.conv_norm_out", cin, g)?,
+            conv_out: conv(w, "decoder.conv_out", 1)?,
+            cfg,
+        })
+    }
+
+    pub(crate) fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Images in [-1, 1], `(batch, 3, H, W)`, from diffusion-space latents `(batch, C, h, w)`
+    /// (un-normalised here: `z / scale + shift`).
+    pub(crate) fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = (z / self.cfg.scaling_factor)?;
+        let z = match self.cfg.shift_factor {
+            Some(s) => (z + s)?,
+            None => z,
+        };
+        let mut x = self.conv_in.forward(&z)?;
+        x = self.mid.0.forward(&x)?;
+        x = self.mid.1.forward(&x)?;
+        x = self.mid.2.forward(&x)?;
+        for block in &self.up {
+            for r in &block.resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = &block.upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        let x = self.norm_out.forward(&x)?.silu()?;
+        Ok(self.conv_out.forward(&x)?)
+    }
+}

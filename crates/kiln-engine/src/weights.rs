@@ -1,0 +1,389 @@
+//! Tensors read from checkpoint files, memory-mapped: safetensors (one file or shards) and GGUF.
+//!
+//! The model code asks for tensors by their diffusers names. A [`NameMap`] says where each one
+//! is stored: under the same name, or, for BFL single files and GGUF files (which keep BFL's
+//! names), under a fused BFL tensor of which it is a set of rows (`qkv` split in three, the
+//! final layer's modulation with its halves swapped). Rows are cut from the mapped bytes, so a
+//! quantized tensor stays quantized: a row of a GGUF block-quantized matrix is whole blocks.
+//! Every tensor is converted straight from the mapped pages into its device storage.
+
+use crate::error::{Error, Result};
+use crate::nn::Linear;
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+enum Storage {
+    Safetensors(MmapedSafetensors),
+    Gguf { mmap: memmap2::Mmap, content: gguf_file::Content },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Encoding {
+    Dense(DType),
+    Quantized(GgmlDType),
+}
+
+struct Raw<'a> {
+    encoding: Encoding,
+    shape: Vec<usize>,
+    bytes: Cow<'a, [u8]>,
+}
+
+/// Where a diffusers-named tensor is stored: a stored name and, when it is part of a fused
+/// tensor, the row ranges (first dimension) to take, in order.
+struct Source {
+    name: String,
+    rows: Option<Vec<Range<usize>>>,
+}
+
+/// How diffusers names map to stored names.
+#[derive(Debug, Clone)]
+pub(crate) enum NameMap {
+    Identity,
+    /// BFL's FLUX.1 transformer names, optionally under a prefix (ComfyUI's full checkpoints keep
+    /// `model.diffusion_model.`). `hidden` and `mlp` size the fused tensors' parts.
+    BflTransformer { prefix: String, hidden: usize, mlp: usize },
+    /// BFL's `ae.safetensors` (the original latent-diffusion names); `up_blocks` is the number
+    /// of decoder levels, whose order BFL reverses.
+    BflVae { up_blocks: usize },
+}
+
+pub(crate) struct Weights {
+    storage: Storage,
+    map: NameMap,
+    path: PathBuf,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Maps safetensors files (several for a sharded checkpoint) for tensors in `dtype` on `device`.
+    pub(crate) fn open_safetensors(paths: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        let first = paths.first().cloned().unwrap_or_default();
+        // SAFETY: the files are mapped read-only; like every program that maps model files we
+        // rely on nobody truncating them while the model is loaded.
+        let st = unsafe { MmapedSafetensors::multi(paths) }
+            .map_err(|e| Error::checkpoint(&first, format!("cannot map safetensors: {e}")))?;
+        Ok(Self {
+            storage: Storage::Safetensors(st),
+            map: NameMap::Identity,
+            path: first,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub(crate) fn open_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as for safetensors, a read-only mapping of a file nobody rewrites meanwhile.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+            .map_err(|e| Error::checkpoint(path, format!("not a readable GGUF file: {e}")))?;
+        Ok(Self {
+            storage: Storage::Gguf { mmap, content },
+            map: NameMap::Identity,
+            path: path.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub(crate) fn with_map(mut self, map: NameMap) -> Self {
+        self.map = map;
+        self
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The names as stored, for inferring a configuration from what the file holds.
+    pub(crate) fn stored_names(&self) -> BTreeSet<String> {
+        match &self.storage {
+            Storage::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Storage::Gguf { content, .. } => content.tensor_infos.keys().cloned().collect(),
+        }
+    }
+
+    /// The shape of a tensor as stored (torch order), if present.
+    pub(crate) fn stored_shape(&self, stored: &str) -> Option<Vec<usize>> {
+        match &self.storage {
+            Storage::Safetensors(st) => st.get(stored).ok().map(|v| v.shape().to_vec()),
+            Storage::Gguf { content, .. } => {
+                content.tensor_infos.get(stored).map(|i| i.shape.dims().to_vec())
+            }
+        }
+    }
+
+    /// Whether the checkpoint holds the (diffusers-named) tensor.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.source(name).is_some_and(|s| self.stored_shape(&s.name).is_some())
+    }
+
+    /// The shape of the (diffusers-named) tensor, after any row selection.
+    pub(crate) fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.raw(name)?.shape)
+    }
+
+    /// A dense tensor in the compute dtype on the compute device (quantized ones dequantized).
+    pub(crate) fn tensor(&self, name: &str) -> Result<Tensor> {
+        let raw = self.raw(name)?;
+        let t = match raw.encoding {
+            Encoding::Dense(dtype) => dense_from_bytes(dtype, &raw.bytes, &raw.shape)?,
+            Encoding::Quantized(q) => quantized(q, &raw.bytes, &raw.shape, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?,
+        };
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// `{prefix}.weight` and, if stored, `{prefix}.bias` as a linear layer. Block-quantized
+    /// weights stay quantized and are multiplied by candle's quantized kernels.
+    pub(crate) fn linear(&self, prefix: &str) -> Result<Linear> {
+        let w_name = format!("{prefix}.weight");
+        let b_name = format!("{prefix}.bias");
+        let bias = if self.contains(&b_name) { Some(self.tensor(&b_name)?) } else { None };
+        let raw = self.raw(&w_name)?;
+        match raw.encoding {
+            Encoding::Quantized(q) => {
+                let qt = quantized(q, &raw.bytes, &raw.shape, &self.device)?;
+                Ok(Linear::quantized(QMatMul::from_qtensor(qt)?, bias))
+            }
+            Encoding::Dense(_) => Ok(Linear::dense(self.tensor(&w_name)?, bias)),
+        }
+    }
+
+    fn source(&self, name: &str) -> Option<Source> {
+        match &self.map {
+            NameMap::Identity => Some(Source { name: name.to_string(), rows: None }),
+            NameMap::BflTransformer { prefix, hidden, mlp } => {
+                bfl_transformer_source(name, *hidden, *mlp).map(|mut s| {
+                    s.name = format!("{prefix}{}", s.name);
+                    s
+                })
+            }
+            NameMap::BflVae { up_blocks } => bfl_vae_source(name, *up_blocks),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Result<Raw<'_>> {
+        let missing = || Error::checkpoint(&self.path, format!("missing tensor {name}"));
+        let source = self.source(name).ok_or_else(missing)?;
+        let whole = match &self.storage {
+            Storage::Safetensors(st) => {
+                let view = st.get(&source.name).map_err(|_| missing())?;
+                let dtype = DType::try_from(view.dtype()).map_err(|e| {
+                    Error::checkpoint(&self.path, format!("tensor {}: {e}", source.name))
+                })?;
+                Raw {
+                    encoding: Encoding::Dense(dtype),
+                    shape: view.shape().to_vec(),
+                    bytes: Cow::Borrowed(view.data()),
+                }
+            }
+            Storage::Gguf { mmap, content } => {
+                let info = content.tensor_infos.get(&source.name).ok_or_else(missing)?;
+                let elems = info.shape.elem_count();
+                let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+                let start = (content.tensor_data_offset + info.offset) as usize;
+                let bytes = mmap.get(start..start + size).ok_or_else(|| {
+                    Error::checkpoint(&self.path, format!("tensor {} is truncated", source.name))
+                })?;
+                let encoding = match info.ggml_dtype {
+                    GgmlDType::F32 => Encoding::Dense(DType::F32),
+                    GgmlDType::F16 => Encoding::Dense(DType::F16),
+                    GgmlDType::BF16 => Encoding::Dense(DType::BF16),
+                    q => Encoding::Quantized(q),
+                };
+                Raw { encoding, shape: info.shape.dims().to_vec(), bytes: Cow::Borrowed(bytes) }
+            }
+        };
+        match source.rows {
+            None => Ok(whole),
+            Some(rows) => self.select_rows(whole, &rows, &source.name),
+        }
+    }
+
+    fn select_rows<'a>(&self, raw: Raw<'a>, rows: &[Range<usize>], stored: &str) -> Result<Raw<'a>> {
+        let n = raw.shape.first().copied().unwrap_or(0);
+        if n == 0 || raw.bytes.len() % n != 0 || rows.iter().any(|r| r.end > n) {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!("tensor {stored} of shape {:?} cannot be split into rows {rows:?}", raw.shape),
+            ));
+        }
+        let row_bytes = raw.bytes.len() / n;
+        let total: usize = rows.iter().map(|r| r.len()).sum();
+        let bytes = if let [r] = rows {
+            match raw.bytes {
+                Cow::Borrowed(b) => Cow::Borrowed(&b[r.start * row_bytes..r.end * row_bytes]),
+                Cow::Owned(b) => Cow::Owned(b[r.start * row_bytes..r.end * row_bytes].to_vec()),
+            }
+        } else {
+            let mut out = Vec::with_capacity(total * row_bytes);
+            for r in rows {
+                out.extend_from_slice(&raw.bytes[r.start * row_bytes..r.end * row_bytes]);
+            }
+            Cow::Owned(out)
+        };
+        let mut shape = raw.shape;
+        shape[0] = total;
+        Ok(Raw { encoding: raw.encoding, shape, bytes })
+    }
+}
+
+/// A dense tensor on the CPU from little-endian bytes of any alignment.
+fn dense_from_bytes(dtype: DType, bytes: &[u8], shape: &[usize]) -> candle_core::Result<Tensor> {
+    fn collect<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
+    }
+    let cpu = &Device::Cpu;
+    let t = match dtype {
+        DType::F32 => Tensor::from_vec(collect(bytes, f32::from_le_bytes), shape, cpu)?,
+        DType::F16 => Tensor::from_vec(collect(bytes, half::f16::from_le_bytes), shape, cpu)?,
+        DType::BF16 => Tensor::from_vec(collect(bytes, half::bf16::from_le_bytes), shape, cpu)?,
+        DType::F64 => Tensor::from_vec(collect(bytes, f64::from_le_bytes), shape, cpu)?,
+        other => candle_core::bail!("unsupported weight dtype {other:?}"),
+    };
+    Ok(t)
+}
+
+fn quantized(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &Device) -> Result<QTensor> {
+    // candle reads blocks in place and needs them aligned; the mapped file keeps GGUF's
+    // alignment, rows cut and glued together are copied into an aligned buffer first.
+    let align = 4;
+    let storage = if (bytes.as_ptr() as usize).is_multiple_of(align) {
+        QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?
+    } else {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        for (w, c) in words.iter_mut().zip(bytes.chunks(4)) {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            *w = u32::from_ne_bytes(b);
+        }
+        // SAFETY: `words` holds at least `bytes.len()` initialised bytes, read as u8.
+        let aligned = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) };
+        QStorage::from_data(Cow::Borrowed(aligned), device, dtype)?
+    };
+    Ok(QTensor::new(storage, shape)?)
+}
+
+/// The BFL tensor (and rows) holding a diffusers transformer tensor; the inverse of diffusers'
+/// `convert_flux_transformer_checkpoint_to_diffusers`.
+fn bfl_transformer_source(name: &str, hidden: usize, mlp: usize) -> Option<Source> {
+    let whole = |n: String| Some(Source { name: n, rows: None });
+    let part = |n: String, i: usize| {
+        Some(Source { name: n, rows: Some(vec![i * hidden..(i + 1) * hidden]) })
+    };
+    let (stem, suffix) = name.rsplit_once('.')?; // suffix: weight | bias
+    let fixed = match stem {
+        "time_text_embed.timestep_embedder.linear_1" => Some("time_in.in_layer"),
+        "time_text_embed.timestep_embedder.linear_2" => Some("time_in.out_layer"),
+        "time_text_embed.guidance_embedder.linear_1" => Some("guidance_in.in_layer"),
+        "time_text_embed.guidance_embedder.linear_2" => Some("guidance_in.out_layer"),
+        "time_text_embed.text_embedder.linear_1" => Some("vector_in.in_layer"),
+        "time_text_embed.text_embedder.linear_2" => Some("vector_in.out_layer"),
+        "context_embedder" => Some("txt_in"),
+        "x_embedder" => Some("img_in"),
+        "proj_out" => Some("final_layer.linear"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return whole(format!("{f}.{suffix}"));
+    }
+    if stem == "norm_out.linear" {
+        // diffusers' AdaLayerNormContinuous chunks (scale, shift), BFL's final layer (shift, scale).
+        return Some(Source {
+            name: format!("final_layer.adaLN_modulation.1.{suffix}"),
+            rows: Some(vec![hidden..2 * hidden, 0..hidden]),
+        });
+    }
+    if let Some(rest) = stem.strip_prefix("transformer_blocks.") {
+        let (i, inner) = rest.split_once('.')?;
+        let b = format!("double_blocks.{i}");
+        let norm = |n: &str| whole(format!("{b}.{n}.scale"));
+        return match inner {
+            "norm1.linear" => whole(format!("{b}.img_mod.lin.{suffix}")),
+            "norm1_context.linear" => whole(format!("{b}.txt_mod.lin.{suffix}")),
+            "attn.to_q" => part(format!("{b}.img_attn.qkv.{suffix}"), 0),
+            "attn.to_k" => part(format!("{b}.img_attn.qkv.{suffix}"), 1),
+            "attn.to_v" => part(format!("{b}.img_attn.qkv.{suffix}"), 2),
+            "attn.add_q_proj" => part(format!("{b}.txt_attn.qkv.{suffix}"), 0),
+            "attn.add_k_proj" => part(format!("{b}.txt_attn.qkv.{suffix}"), 1),
+            "attn.add_v_proj" => part(format!("{b}.txt_attn.qkv.{suffix}"), 2),
+            "attn.norm_q" => norm("img_attn.norm.query_norm"),
+            "attn.norm_k" => norm("img_attn.norm.key_norm"),
+            "attn.norm_added_q" => norm("txt_attn.norm.query_norm"),
+            "attn.norm_added_k" => norm("txt_attn.norm.key_norm"),
+            "attn.to_out.0" => whole(format!("{b}.img_attn.proj.{suffix}")),
+            "attn.to_add_out" => whole(format!("{b}.txt_attn.proj.{suffix}")),
+            "ff.net.0.proj" => whole(format!("{b}.img_mlp.0.{suffix}")),
+            "ff.net.2" => whole(format!("{b}.img_mlp.2.{suffix}")),
+            "ff_context.net.0.proj" => whole(format!("{b}.txt_mlp.0.{suffix}")),
+            "ff_context.net.2" => whole(format!("{b}.txt_mlp.2.{suffix}")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = stem.strip_prefix("single_transformer_blocks.") {
+        let (i, inner) = rest.split_once('.')?;
+        let b = format!("single_blocks.{i}");
+        return match inner {
+            "norm.linear" => whole(format!("{b}.modulation.lin.{suffix}")),
+            "attn.to_q" => part(format!("{b}.linear1.{suffix}"), 0),
+            "attn.to_k" => part(format!("{b}.linear1.{suffix}"), 1),
+            "attn.to_v" => part(format!("{b}.linear1.{suffix}"), 2),
+            "proj_mlp" => Some(Source {
+                name: format!("{b}.linear1.{suffix}"),
+                rows: Some(vec![3 * hidden..3 * hidden + mlp]),
+            }),
+            "attn.norm_q" => whole(format!("{b}.norm.query_norm.scale")),
+            "attn.norm_k" => whole(format!("{b}.norm.key_norm.scale")),
+            "proj_out" => whole(format!("{b}.linear2.{suffix}")),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The latent-diffusion name of a diffusers VAE decoder tensor (diffusers'
+/// `convert_ldm_vae_checkpoint`, inverted).
+fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
+    let resnet = |s: &str| s.replace("conv_shortcut", "nin_shortcut");
+    let mapped = if let Some(rest) = name.strip_prefix("decoder.mid_block.") {
+        if let Some(r) = rest.strip_prefix("resnets.") {
+            let (i, inner) = r.split_once('.')?;
+            let block = if i == "0" { "block_1" } else { "block_2" };
+            format!("decoder.mid.{block}.{}", resnet(inner))
+        } else {
+            let inner = rest.strip_prefix("attentions.0.")?;
+            let (stem, suffix) = inner.rsplit_once('.')?;
+            let to = match stem {
+                "group_norm" => "norm",
+                "to_q" => "q",
+                "to_k" => "k",
+                "to_v" => "v",
+                "to_out.0" => "proj_out",
+                _ => return None,
+            };
+            format!("decoder.mid.attn_1.{to}.{suffix}")
+        }
+    } else if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
+        let (i, inner) = rest.split_once('.')?;
+        let level = up_blocks.checked_sub(1)?.checked_sub(i.parse::<usize>().ok()?)?;
+        if let Some(r) = inner.strip_prefix("resnets.") {
+            format!("decoder.up.{level}.block.{}", resnet(r))
+        } else {
+            let r = inner.strip_prefix("upsamplers.0.")?;
+            format!("decoder.up.{level}.upsample.{r}")
+        }
+    } else if let Some(rest) = name.strip_prefix("decoder.conv_norm_out.") {
+        format!("decoder.norm_out.{rest}")
+    } else {
+        name.to_string()
+    };
+    Some(Source { name: mapped, rows: None })
+}

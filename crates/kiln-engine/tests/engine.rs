@@ -1,0 +1,168 @@
+//! The engine as the worker drives it, on the tiny fixtures: defaults, raw mode, seeds,
+//! previews, interruption, errors.
+
+use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_engine::{encode_image, CheckpointFiles, Error, Flux1Config, Flux1Engine, RawModeConfig};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn config(checkpoint: &str) -> Flux1Config {
+    serde_json::from_value(serde_json::json!({ "checkpoint": fixture(checkpoint) })).unwrap()
+}
+
+fn params(seed: u32) -> GenerationParams {
+    GenerationParams {
+        prompt: Prompt::parse("a lighthouse in a storm", 1000).unwrap(),
+        size: ImageSize { width: 32, height: 16 },
+        seed,
+        num_inference_steps: None,
+        guidance_scale: None,
+        output_format: OutputFormat::Png,
+        raw: false,
+        enable_prompt_expansion: false,
+    }
+}
+
+/// Records steps and previews; stops after `stop_after` steps if set.
+#[derive(Default)]
+struct Recorder {
+    steps: Vec<(u32, u32)>,
+    previews: Vec<(u32, u32, u32)>,
+    stop_after: Option<u32>,
+}
+
+impl StepObserver for Recorder {
+    fn on_step(&mut self, e: StepEvent<'_>) -> ControlFlow<()> {
+        self.steps.push((e.step, e.total));
+        if let Some(p) = e.preview {
+            assert_eq!(p.pixels.len(), (p.width * p.height * 3) as usize);
+            self.previews.push((e.step, p.width, p.height));
+        }
+        match self.stop_after {
+            Some(n) if e.step >= n => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+#[test]
+fn defaults_steps_previews_and_reproducible_seeds() {
+    let mut cfg = config("schnell-diffusers");
+    cfg.preview_interval = 1;
+    let mut loaded = Vec::new();
+    let engine = Flux1Engine::load(cfg, &mut |p| loaded.push(p.component)).unwrap();
+    for c in ["tokenizers", "text_encoder", "text_encoder_2", "transformer", "vae"] {
+        assert!(loaded.contains(&c), "no progress for {c}: {loaded:?}");
+    }
+    assert!(engine.describe().contains("FLUX.1 schnell, diffusers layout"), "{}", engine.describe());
+
+    let mut rec = Recorder::default();
+    let a = engine.generate(&params(7), &mut rec).unwrap();
+    assert_eq!(a.applied.num_inference_steps, 4, "schnell's default");
+    assert_eq!(a.applied.guidance, None);
+    assert_eq!(rec.steps, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    // Latent-resolution previews (VAE scale 4) on every step but the last.
+    assert_eq!(rec.previews, vec![(1, 8, 4), (2, 8, 4), (3, 8, 4)]);
+    assert_eq!((a.image.width, a.image.height), (32, 16));
+
+    let b = engine.generate(&params(7), &mut Recorder::default()).unwrap();
+    assert_eq!(a.image, b.image, "same seed, same device: same pixels");
+    assert_eq!(encode_image(&a.image, OutputFormat::Png).unwrap(), encode_image(&b.image, OutputFormat::Png).unwrap());
+    let c = engine.generate(&params(8), &mut Recorder::default()).unwrap();
+    assert_ne!(a.image, c.image, "another seed, another image");
+}
+
+#[test]
+fn observer_break_interrupts() {
+    let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
+    let mut rec = Recorder { stop_after: Some(2), ..Default::default() };
+    let err = engine.generate(&params(1), &mut rec).unwrap_err();
+    assert!(matches!(err, EngineError::Interrupted), "{err:?}");
+    assert_eq!(rec.steps.len(), 2);
+}
+
+#[test]
+fn sizes_must_fit_the_vae() {
+    let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
+    let mut p = params(1);
+    p.size = ImageSize { width: 36, height: 16 };
+    let err = engine.generate(&p, &mut Recorder::default()).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidInput(m) if m.contains("multiples of 8")), "{err:?}");
+}
+
+#[test]
+fn configured_defaults_and_raw_mode_are_applied_and_reported() {
+    let mut cfg = config("schnell-diffusers");
+    cfg.steps = Some(3);
+    cfg.raw = Some(RawModeConfig {
+        checkpoint: Some(fixture("dev-diffusers")),
+        steps: Some(2),
+        guidance: Some(2.5),
+        description: Some("documented in the model card".into()),
+    });
+    let engine = Flux1Engine::load(cfg, &mut |_| {}).unwrap();
+    assert!(engine.describe().contains("raw mode: FLUX.1 dev"), "{}", engine.describe());
+
+    let normal = engine.generate(&params(3), &mut Recorder::default()).unwrap();
+    assert_eq!(normal.applied.num_inference_steps, 3, "configured default steps");
+
+    let mut raw = params(3);
+    raw.raw = true;
+    raw.size = ImageSize { width: 16, height: 16 };
+    let out = engine.generate(&raw, &mut Recorder::default()).unwrap();
+    assert_eq!(out.applied.num_inference_steps, 2);
+    assert_eq!(out.applied.guidance, Some(2.5), "the raw checkpoint is dev and takes guidance");
+    let notes = out.applied.notes.join("; ");
+    assert!(notes.contains("raw mode: checkpoint") && notes.contains("steps 2") && notes.contains("guidance 2.5"), "{notes}");
+    assert!(notes.contains("documented in the model card"), "{notes}");
+
+    // A request's own values win over raw mode's.
+    raw.num_inference_steps = Some(1);
+    let out = engine.generate(&raw, &mut Recorder::default()).unwrap();
+    assert_eq!(out.applied.num_inference_steps, 1);
+}
+
+#[test]
+fn raw_without_configuration_is_noted() {
+    let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
+    let mut p = params(2);
+    p.raw = true;
+    p.num_inference_steps = Some(1);
+    p.guidance_scale = Some(5.0);
+    let out = engine.generate(&p, &mut Recorder::default()).unwrap();
+    let notes = out.applied.notes.join("; ");
+    assert!(notes.contains("raw mode requested"), "{notes}");
+    assert!(notes.contains("guidance ignored"), "{notes}");
+}
+
+#[test]
+fn unsupported_directories_are_refused_clearly() {
+    let empty = tempfile::tempdir().unwrap();
+    let err = CheckpointFiles::detect(empty.path()).unwrap_err();
+    assert!(matches!(&err, Error::Checkpoint { message, .. } if message.contains("no checkpoint found")), "{err}");
+
+    let flux2 = tempfile::tempdir().unwrap();
+    std::fs::write(flux2.path().join("model_index.json"), r#"{"_class_name": "Flux2Pipeline"}"#).unwrap();
+    let err = CheckpointFiles::detect(flux2.path()).unwrap_err();
+    assert!(err.to_string().contains("not a FLUX.1"), "{err}");
+
+    let half = tempfile::tempdir().unwrap();
+    std::fs::write(half.path().join("flux1-dev.safetensors"), b"").unwrap();
+    let err = CheckpointFiles::detect(half.path()).unwrap_err();
+    assert!(err.to_string().contains("ae.safetensors"), "{err}");
+}
+
+#[test]
+fn latents_round_trip_through_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("l.safetensors");
+    let t = kiln_engine::sampling::pack(&kiln_engine::sampling::noise(5, 16, 4, 6).unwrap()).unwrap();
+    kiln_engine::write_latents(&path, &t).unwrap();
+    let back = kiln_engine::read_latents(&path).unwrap();
+    assert_eq!(back.to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());
+}
