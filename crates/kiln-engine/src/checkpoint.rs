@@ -61,20 +61,35 @@ impl CheckpointFiles {
         let index: Value = read_json(&index_path)?;
         let class = index["_class_name"].as_str().unwrap_or("");
         if class.starts_with("Flux2") || class.contains("Kontext") || class.contains("Fill") {
-            return Err(Error::checkpoint(dir, format!("{class} is not a FLUX.1 text-to-image pipeline")));
+            return Err(Error::checkpoint(
+                dir,
+                format!("{class} is not a FLUX.1 text-to-image pipeline"),
+            ));
         }
-        for part in ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+        for part in [
+            "transformer",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+        ] {
             if index[part].is_null() || !dir.join(part).is_dir() {
                 return Err(Error::checkpoint(
                     dir,
-                    format!("diffusers folder without the `{part}` component a FLUX.1 pipeline needs"),
+                    format!(
+                        "diffusers folder without the `{part}` component a FLUX.1 pipeline needs"
+                    ),
                 ));
             }
         }
         let tdir = dir.join("transformer");
         let (transformer_format, transformer) = match gguf_files(&tdir)? {
             Some(g) => (WeightFormat::Gguf, vec![g]),
-            None => (WeightFormat::Safetensors, safetensors_files(&tdir, "diffusion_pytorch_model")?),
+            None => (
+                WeightFormat::Safetensors,
+                safetensors_files(&tdir, "diffusion_pytorch_model")?,
+            ),
         };
         let vdir = dir.join("vae");
         let scheduler = dir.join("scheduler/scheduler_config.json");
@@ -126,7 +141,10 @@ impl CheckpointFiles {
             }
         };
         if !ae.is_file() {
-            return Err(Error::checkpoint(dir, "BFL layout without ae.safetensors (the autoencoder)"));
+            return Err(Error::checkpoint(
+                dir,
+                "BFL layout without ae.safetensors (the autoencoder)",
+            ));
         }
         for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
             if !dir.join(part).is_dir() {
@@ -170,7 +188,10 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The one `.gguf` file of a folder, if any.
 fn gguf_files(dir: &Path) -> Result<Option<PathBuf>> {
-    let g: Vec<PathBuf> = list(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+    let g: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
     match g.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(one.clone())),
@@ -186,8 +207,11 @@ pub(crate) fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> 
         let map = json["weight_map"]
             .as_object()
             .ok_or_else(|| Error::checkpoint(&index, "no weight_map"))?;
-        let mut files: Vec<PathBuf> =
-            map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -196,6 +220,9 @@ pub(crate) fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> 
     if single.is_file() {
         Ok(vec![single])
     } else {
-        Err(Error::checkpoint(dir, format!("no {stem}.safetensors (nor a sharded index)")))
+        Err(Error::checkpoint(
+            dir,
+            format!("no {stem}.safetensors (nor a sharded index)"),
+        ))
     }
 }

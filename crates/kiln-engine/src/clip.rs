@@ -39,7 +39,10 @@ struct Norm {
 
 impl Norm {
     fn load(w: &Weights, p: &str) -> Result<Self> {
-        Ok(Self { weight: w.tensor(&format!("{p}.weight"))?, bias: w.tensor(&format!("{p}.bias"))? })
+        Ok(Self {
+            weight: w.tensor(&format!("{p}.weight"))?,
+            bias: w.tensor(&format!("{p}.bias"))?,
+        })
     }
     fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
         Ok(layer_norm(x, Some((&self.weight, &self.bias)), eps)?)
@@ -68,7 +71,11 @@ pub(crate) struct ClipTextModel {
 impl ClipTextModel {
     pub(crate) fn load(cfg: ClipTextConfig, w: &Weights) -> Result<Self> {
         // Saved under `text_model.` by transformers 4 (FLUX.1's repositories), bare by 5.
-        let p = if w.contains("text_model.embeddings.token_embedding.weight") { "text_model." } else { "" };
+        let p = if w.contains("text_model.embeddings.token_embedding.weight") {
+            "text_model."
+        } else {
+            ""
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = format!("{p}encoder.layers.{i}");

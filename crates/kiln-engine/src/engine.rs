@@ -2,7 +2,9 @@
 //! [`Engine`] trait (the `blackforestlabs/flux-1-1-pro/text-to-image` route).
 
 use crate::error::Result;
-use crate::pipeline::{DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest, Precision};
+use crate::pipeline::{
+    DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest, Precision,
+};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepObserver};
 use kiln_core::params::GenerationParams;
 use serde::Deserialize;
@@ -67,7 +69,10 @@ pub struct Flux1Engine {
 impl Flux1Engine {
     /// Loads the configured checkpoint(s); they stay resident for every later generation.
     pub fn load(config: Flux1Config, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
-        let options = EngineOptions { device: config.device, precision: config.precision };
+        let options = EngineOptions {
+            device: config.device,
+            precision: config.precision,
+        };
         let main = Flux1Pipeline::load(&config.checkpoint, &options, progress)?;
         let raw = match config.raw.as_ref().and_then(|r| r.checkpoint.as_ref()) {
             Some(dir) => Some(Flux1Pipeline::load(dir, &options, progress)?),
@@ -84,7 +89,11 @@ impl Flux1Engine {
         &self.config
     }
 
-    fn generate_inner(&self, params: &GenerationParams, observer: &mut dyn StepObserver) -> Result<GeneratedImage> {
+    fn generate_inner(
+        &self,
+        params: &GenerationParams,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GeneratedImage> {
         let mut notes = Vec::new();
         let raw = match (&self.config.raw, params.raw) {
             (Some(r), true) => Some(r),
@@ -109,16 +118,31 @@ impl Flux1Engine {
             if let Some(g) = r.guidance {
                 what.push(format!("guidance {g}"));
             }
-            notes.push(format!("raw mode: {}", if what.is_empty() { "no changes configured".into() } else { what.join(", ") }));
+            notes.push(format!(
+                "raw mode: {}",
+                if what.is_empty() {
+                    "no changes configured".into()
+                } else {
+                    what.join(", ")
+                }
+            ));
             if let Some(d) = &r.description {
                 notes.push(format!("raw mode: {d}"));
             }
         }
         if params.enable_prompt_expansion {
-            notes.push("prompt expansion is not available for FLUX.1; the prompt was used as given".into());
+            notes.push(
+                "prompt expansion is not available for FLUX.1; the prompt was used as given".into(),
+            );
         }
-        let steps = params.num_inference_steps.or(raw.and_then(|r| r.steps)).or(self.config.steps);
-        let guidance = params.guidance_scale.or(raw.and_then(|r| r.guidance)).or(self.config.guidance);
+        let steps = params
+            .num_inference_steps
+            .or(raw.and_then(|r| r.steps))
+            .or(self.config.steps);
+        let guidance = params
+            .guidance_scale
+            .or(raw.and_then(|r| r.guidance))
+            .or(self.config.guidance);
         let request = PipelineRequest {
             prompt: params.prompt.as_str().to_string(),
             width: params.size.width,
@@ -133,7 +157,10 @@ impl Flux1Engine {
         let out = pipeline.run(&request, observer)?;
         let mut applied = out.applied;
         applied.notes.extend(notes);
-        Ok(GeneratedImage { image: out.image, applied })
+        Ok(GeneratedImage {
+            image: out.image,
+            applied,
+        })
     }
 }
 
@@ -145,7 +172,11 @@ impl Engine for Flux1Engine {
         }
     }
 
-    fn generate(&self, params: &GenerationParams, observer: &mut dyn StepObserver) -> std::result::Result<GeneratedImage, EngineError> {
+    fn generate(
+        &self,
+        params: &GenerationParams,
+        observer: &mut dyn StepObserver,
+    ) -> std::result::Result<GeneratedImage, EngineError> {
         Ok(self.generate_inner(params, observer)?)
     }
 }

@@ -21,9 +21,12 @@ pub fn encode_image(image: &RgbImage, format: OutputFormat) -> Result<Vec<u8>> {
             image.height,
             ExtendedColorType::Rgb8,
         )?,
-        OutputFormat::Png => {
-            PngEncoder::new(&mut out).write_image(&image.pixels, image.width, image.height, ExtendedColorType::Rgb8)?
-        }
+        OutputFormat::Png => PngEncoder::new(&mut out).write_image(
+            &image.pixels,
+            image.width,
+            image.height,
+            ExtendedColorType::Rgb8,
+        )?,
     }
     Ok(out)
 }
@@ -34,9 +37,20 @@ pub(crate) fn to_rgb(x: &Tensor) -> Result<RgbImage> {
     let (_, c, h, w) = x.dims4()?;
     debug_assert_eq!(c, 3);
     let x = ((x / 2.0)? + 0.5)?.clamp(0.0, 1.0)?.to_dtype(DType::F32)?;
-    let hwc = (x.squeeze(0)?.permute((1, 2, 0))? * 255.0)?.round()?.to_device(&Device::Cpu)?;
-    let pixels = hwc.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect();
-    Ok(RgbImage { width: w as u32, height: h as u32, pixels })
+    let hwc = (x.squeeze(0)?.permute((1, 2, 0))? * 255.0)?
+        .round()?
+        .to_device(&Device::Cpu)?;
+    let pixels = hwc
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    Ok(RgbImage {
+        width: w as u32,
+        height: h as u32,
+        pixels,
+    })
 }
 
 /// FLUX.1 latent channels to RGB, per latent pixel (ComfyUI's `latent_formats.Flux`).
@@ -70,10 +84,26 @@ pub(crate) fn preview(latents: &Tensor) -> Result<Option<RgbImage>> {
     let dev = latents.device();
     let factors = Tensor::new(&PREVIEW_FACTORS, dev)?;
     let bias = Tensor::new(&PREVIEW_BIAS, dev)?;
-    let pixels = latents.to_dtype(DType::F32)?.reshape((c, h * w))?.t()?.matmul(&factors)?.broadcast_add(&bias)?;
-    let rgb = (((pixels + 1.0)? / 2.0)?.clamp(0.0, 1.0)? * 255.0)?.round()?.to_device(&Device::Cpu)?;
-    let pixels = rgb.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect();
-    Ok(Some(RgbImage { width: w as u32, height: h as u32, pixels }))
+    let pixels = latents
+        .to_dtype(DType::F32)?
+        .reshape((c, h * w))?
+        .t()?
+        .matmul(&factors)?
+        .broadcast_add(&bias)?;
+    let rgb = (((pixels + 1.0)? / 2.0)?.clamp(0.0, 1.0)? * 255.0)?
+        .round()?
+        .to_device(&Device::Cpu)?;
+    let pixels = rgb
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    Ok(Some(RgbImage {
+        width: w as u32,
+        height: h as u32,
+        pixels,
+    }))
 }
 
 #[cfg(test)]
@@ -82,7 +112,11 @@ mod tests {
 
     #[test]
     fn encodes_both_formats() {
-        let img = RgbImage { width: 4, height: 2, pixels: (0..24).map(|i| (i * 10) as u8).collect() };
+        let img = RgbImage {
+            width: 4,
+            height: 2,
+            pixels: (0..24).map(|i| (i * 10) as u8).collect(),
+        };
         let png = encode_image(&img, OutputFormat::Png).unwrap();
         assert_eq!(&png[..4], b"\x89PNG");
         let decoded = image::load_from_memory(&png).unwrap().to_rgb8();
@@ -97,7 +131,10 @@ mod tests {
         let z = Tensor::zeros((1, 16, 2, 3), DType::F32, &Device::Cpu).unwrap();
         let p = preview(&z).unwrap().unwrap();
         assert_eq!((p.width, p.height), (3, 2));
-        let want: Vec<u8> = PREVIEW_BIAS.iter().map(|b| (((b + 1.0) / 2.0) * 255.0).round() as u8).collect();
+        let want: Vec<u8> = PREVIEW_BIAS
+            .iter()
+            .map(|b| (((b + 1.0) / 2.0) * 255.0).round() as u8)
+            .collect();
         assert_eq!(&p.pixels[..3], want.as_slice());
     }
 }

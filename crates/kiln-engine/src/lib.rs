@@ -36,14 +36,14 @@ mod weights;
 
 pub use candle_core::Tensor;
 pub use checkpoint::{CheckpointFiles, Layout, WeightFormat};
+pub use clip::ClipTextConfig;
 pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
 pub use error::{Error, Result};
 pub use image_io::encode_image;
 pub use pipeline::{
-    read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineOutput,
-    PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,
+    read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress,
+    PipelineOutput, PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,
 };
 pub use t5::T5Config;
-pub use clip::ClipTextConfig;
 pub use transformer::TransformerConfig;
 pub use vae::VaeConfig;

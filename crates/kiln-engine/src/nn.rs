@@ -7,7 +7,10 @@ use candle_core::{DType, Module, Result, Tensor, D};
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(candle_nn::Linear),
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -26,7 +29,9 @@ impl Linear {
                 // candle's quantized kernels take f32 activations on every backend; the
                 // product is cast back to the compute dtype.
                 let dtype = x.dtype();
-                let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dtype)?;
+                let y = weight
+                    .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dtype)?;
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -46,7 +51,8 @@ pub(crate) fn attention(
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
-    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+    let mut scores =
+        (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
     if let Some(b) = bias {
         scores = scores.broadcast_add(&b.to_dtype(DType::F32)?)?;
     }
@@ -65,13 +71,19 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
 }
 
 /// Layer norm over the last dimension, statistics in f32; `affine` is (weight, bias).
-pub(crate) fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
     let centred = xf.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
     match affine {
         Some((w, b)) => normed.broadcast_mul(w)?.broadcast_add(b),
         None => Ok(normed),
@@ -81,5 +93,7 @@ pub(crate) fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f6
 /// Splits the last dimension into `n` equal chunks (adaLN modulation vectors).
 pub(crate) fn chunks(x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     let size = x.dim(D::Minus1)? / n;
-    (0..n).map(|i| x.narrow(D::Minus1, i * size, size)).collect()
+    (0..n)
+        .map(|i| x.narrow(D::Minus1, i * size, size))
+        .collect()
 }

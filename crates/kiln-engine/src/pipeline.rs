@@ -104,8 +104,16 @@ pub struct SamplingDefaults {
 impl Variant {
     pub fn defaults(self) -> SamplingDefaults {
         match self {
-            Variant::Dev => SamplingDefaults { steps: 28, guidance: Some(3.5), max_sequence_length: 512 },
-            Variant::Schnell => SamplingDefaults { steps: 4, guidance: None, max_sequence_length: 256 },
+            Variant::Dev => SamplingDefaults {
+                steps: 28,
+                guidance: Some(3.5),
+                max_sequence_length: 512,
+            },
+            Variant::Schnell => SamplingDefaults {
+                steps: 4,
+                guidance: None,
+                max_sequence_length: 256,
+            },
         }
     }
 }
@@ -164,32 +172,52 @@ fn config<T: DeserializeOwned>(path: &Path) -> Result<T> {
 
 impl Flux1Pipeline {
     /// Loads the checkpoint in `dir` (any supported layout), reporting progress as it goes.
-    pub fn load(dir: &Path, options: &EngineOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        options: &EngineOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let files = CheckpointFiles::detect(dir)?;
         let device = options.device()?;
         let dtype = options.dtype();
-        let mut report = |component, done, total| progress(LoadProgress { component, done, total });
+        let mut report = |component, done, total| {
+            progress(LoadProgress {
+                component,
+                done,
+                total,
+            })
+        };
 
         let clip_tokenizer = PromptTokenizer::clip(&files.tokenizer)?;
         let t5_tokenizer = PromptTokenizer::t5(&files.tokenizer_2)?;
         report("tokenizers", 1, 1);
 
         let text_weights = |d: &Path| -> Result<Weights> {
-            Weights::open_safetensors(&crate::checkpoint::safetensors_files(d, "model")?, &device, dtype)
+            Weights::open_safetensors(
+                &crate::checkpoint::safetensors_files(d, "model")?,
+                &device,
+                dtype,
+            )
         };
-        let clip = ClipTextModel::load(config(&files.text_encoder.join("config.json"))?, &text_weights(&files.text_encoder)?)?;
+        let clip = ClipTextModel::load(
+            config(&files.text_encoder.join("config.json"))?,
+            &text_weights(&files.text_encoder)?,
+        )?;
         report("text_encoder", 1, 1);
         let t5_cfg: T5Config = config(&files.text_encoder_2.join("config.json"))?;
         let t5 = T5Encoder::load(t5_cfg, &text_weights(&files.text_encoder_2)?)?;
         report("text_encoder_2", 1, 1);
 
         let tw = match files.transformer_format {
-            WeightFormat::Safetensors => Weights::open_safetensors(&files.transformer, &device, dtype)?,
+            WeightFormat::Safetensors => {
+                Weights::open_safetensors(&files.transformer, &device, dtype)?
+            }
             WeightFormat::Gguf => Weights::open_gguf(&files.transformer[0], &device, dtype)?,
         };
         let (tcfg, tw) = transformer_config(&files, tw)?;
         let quantization = quantization_summary(&files);
-        let transformer = FluxTransformer::load(tcfg, &tw, &mut |d, t| report("transformer", d, t))?;
+        let transformer =
+            FluxTransformer::load(tcfg, &tw, &mut |d, t| report("transformer", d, t))?;
 
         let vw = Weights::open_safetensors(&files.vae, &device, dtype)?;
         let (vcfg, vw) = match &files.vae_config {
@@ -261,23 +289,38 @@ impl Flux1Pipeline {
             Device::Cpu => "cpu".to_string(),
             d => format!("{:?}", d.location()),
         };
-        format!("FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?})", self.files.root.display(), self.dtype)
+        format!(
+            "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?})",
+            self.files.root.display(),
+            self.dtype
+        )
     }
 
     /// CLIP's pooled vector and T5's hidden states for a prompt, T5 padded to
     /// `max_sequence_length` with no attention mask, as FLUX.1 was trained.
-    pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<PromptEmbeddings> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+    ) -> Result<PromptEmbeddings> {
         if max_sequence_length == 0 || max_sequence_length > self.t5_tokenizer.max_length {
             return Err(Error::InvalidRequest(format!(
                 "max_sequence_length must be between 1 and {} (got {max_sequence_length})",
                 self.t5_tokenizer.max_length
             )));
         }
-        let clip_ids = self.clip_tokenizer.encode(prompt, self.clip_tokenizer.max_length)?;
+        let clip_ids = self
+            .clip_tokenizer
+            .encode(prompt, self.clip_tokenizer.max_length)?;
         let t5_ids = self.t5_tokenizer.encode(prompt, max_sequence_length)?;
         let pooled = self.clip.pooled(&clip_ids)?;
         let t5 = self.t5.forward(&t5_ids)?;
-        Ok(PromptEmbeddings { clip_ids, t5_ids, pooled, t5 })
+        Ok(PromptEmbeddings {
+            clip_ids,
+            t5_ids,
+            pooled,
+            t5,
+        })
     }
 
     /// The transformer's velocity for packed latents at noise level `sigma`.
@@ -291,7 +334,9 @@ impl Flux1Pipeline {
         height: u32,
     ) -> Result<Tensor> {
         let (h, w) = self.latent_grid(width, height)?;
-        let rope = self.transformer.rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
+        let rope = self
+            .transformer
+            .rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
         self.velocity_with(latents, sigma, guidance, text, &rope)
     }
 
@@ -306,7 +351,8 @@ impl Flux1Pipeline {
         let g = guidance.map(|g| sampling::model_guidance(g, self.dtype));
         let t = sampling::model_timestep(sigma, self.dtype);
         let x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        self.transformer.forward(&x, &text.t5, &text.pooled, t, g, rope)
+        self.transformer
+            .forward(&x, &text.t5, &text.pooled, t, g, rope)
     }
 
     /// Decodes packed latents to an image of `width x height`.
@@ -319,31 +365,45 @@ impl Flux1Pipeline {
     /// The latent grid for an image, or why the size is unusable.
     fn latent_grid(&self, width: u32, height: u32) -> Result<(usize, usize)> {
         let m = self.size_multiple();
-        if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
             return Err(Error::InvalidRequest(format!(
                 "width and height must be positive multiples of {m} for this checkpoint (got {width}x{height})"
             )));
         }
-        Ok(sampling::latent_grid(width as usize, height as usize, self.vae.config().scale_factor()))
+        Ok(sampling::latent_grid(
+            width as usize,
+            height as usize,
+            self.vae.config().scale_factor(),
+        ))
     }
 
     /// Runs a whole generation.
-    pub fn run(&self, req: &PipelineRequest, observer: &mut dyn StepObserver) -> Result<PipelineOutput> {
+    pub fn run(
+        &self,
+        req: &PipelineRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<PipelineOutput> {
         let defaults = self.variant().defaults();
         let steps = req.steps.unwrap_or(defaults.steps);
         if steps == 0 {
-            return Err(Error::InvalidRequest("num_inference_steps must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "num_inference_steps must be at least 1".into(),
+            ));
         }
         let mut notes = vec![format!("seed {}", req.seed)];
         let guidance = match (self.variant(), req.guidance) {
             (Variant::Dev, g) => g.or(defaults.guidance),
             (Variant::Schnell, Some(_)) => {
-                notes.push("guidance ignored: this checkpoint has no guidance embedding (schnell)".into());
+                notes.push(
+                    "guidance ignored: this checkpoint has no guidance embedding (schnell)".into(),
+                );
                 None
             }
             (Variant::Schnell, None) => None,
         };
-        let max_len = req.max_sequence_length.unwrap_or(defaults.max_sequence_length);
+        let max_len = req
+            .max_sequence_length
+            .unwrap_or(defaults.max_sequence_length);
         notes.push(format!("max_sequence_length {max_len}"));
         let (h, w) = self.latent_grid(req.width, req.height)?;
         let channels = self.transformer.config().in_channels / 4;
@@ -372,7 +432,9 @@ impl Flux1Pipeline {
         if self.schedule.use_dynamic_shifting {
             notes.push(format!("schedule shifted for {tokens} image tokens"));
         }
-        let rope = self.transformer.rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
+        let rope = self
+            .transformer
+            .rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
         for i in 0..steps as usize {
             let v = self.velocity_with(&latents, sigmas[i], guidance, &text, &rope)?;
             let want_preview = req.preview_interval > 0
@@ -380,13 +442,18 @@ impl Flux1Pipeline {
                 && i + 1 < steps as usize;
             let shown = if want_preview {
                 // The current estimate of the clean image, x0 = x_t - sigma * v.
-                let x0 = (latents.to_dtype(DType::F32)? - (v.to_dtype(DType::F32)? * sigmas[i] as f64)?)?;
+                let x0 = (latents.to_dtype(DType::F32)?
+                    - (v.to_dtype(DType::F32)? * sigmas[i] as f64)?)?;
                 preview(&sampling::unpack(&x0, h, w)?)?
             } else {
                 None
             };
             latents = sampling::euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
-            let event = StepEvent { step: i as u32 + 1, total: steps, preview: shown.as_ref() };
+            let event = StepEvent {
+                step: i as u32 + 1,
+                total: steps,
+                preview: shown.as_ref(),
+            };
             if let ControlFlow::Break(()) = observer.on_step(event) {
                 return Err(Error::Interrupted);
             }
@@ -395,7 +462,12 @@ impl Flux1Pipeline {
         Ok(PipelineOutput {
             image,
             final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-            applied: AppliedSettings { num_inference_steps: steps, guidance, prompt: req.prompt.clone(), notes },
+            applied: AppliedSettings {
+                num_inference_steps: steps,
+                guidance,
+                prompt: req.prompt.clone(),
+                notes,
+            },
         })
     }
 }
@@ -404,7 +476,9 @@ impl Flux1Pipeline {
 fn transformer_config(files: &CheckpointFiles, w: Weights) -> Result<(TransformerConfig, Weights)> {
     if let Some(p) = &files.transformer_config {
         // A diffusers folder may hold a GGUF transformer, which keeps BFL's names.
-        if files.transformer_format == WeightFormat::Safetensors || w.stored_shape("x_embedder.weight").is_some() {
+        if files.transformer_format == WeightFormat::Safetensors
+            || w.stored_shape("x_embedder.weight").is_some()
+        {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             return Ok((TransformerConfig::from_diffusers_json(&text, &w)?, w));
         }
@@ -413,10 +487,17 @@ fn transformer_config(files: &CheckpointFiles, w: Weights) -> Result<(Transforme
         .into_iter()
         .find(|p| w.stored_shape(&format!("{p}img_in.weight")).is_some())
         .ok_or_else(|| {
-            Error::checkpoint(w.path(), "not a FLUX.1 transformer: neither diffusers' nor BFL's tensor names")
+            Error::checkpoint(
+                w.path(),
+                "not a FLUX.1 transformer: neither diffusers' nor BFL's tensor names",
+            )
         })?;
     let cfg = TransformerConfig::infer_bfl(&w, prefix)?;
-    let map = NameMap::BflTransformer { prefix: prefix.to_string(), hidden: cfg.hidden(), mlp: cfg.mlp_hidden };
+    let map = NameMap::BflTransformer {
+        prefix: prefix.to_string(),
+        hidden: cfg.hidden(),
+        mlp: cfg.mlp_hidden,
+    };
     Ok((cfg, w.with_map(map)))
 }
 
@@ -435,7 +516,11 @@ fn quantization_summary(files: &CheckpointFiles) -> Option<String> {
         .collect();
     kinds.sort();
     kinds.dedup();
-    Some(if kinds.is_empty() { "unquantized".into() } else { kinds.join("+") })
+    Some(if kinds.is_empty() {
+        "unquantized".into()
+    } else {
+        kinds.join("+")
+    })
 }
 
 /// Reads packed latents saved as the safetensors tensor `latents` (f32, on the CPU).

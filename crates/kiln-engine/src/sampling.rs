@@ -58,19 +58,26 @@ impl ScheduleConfig {
     pub fn sigmas(&self, steps: usize, image_seq_len: usize) -> Vec<f32> {
         // numpy's linspace(1, 1/n, n): `i * step + start`, the end point exact.
         let n = steps as f64;
-        let step = if steps > 1 { (1.0 / n - 1.0) / (n - 1.0) } else { 0.0 };
+        let step = if steps > 1 {
+            (1.0 / n - 1.0) / (n - 1.0)
+        } else {
+            0.0
+        };
         let base: Vec<f32> = (0..steps)
             .map(|i| if i + 1 == steps { 1.0 / n } else { i as f64 * step + 1.0 } as f32)
             .collect();
         let mut sigmas: Vec<f32> = if self.use_dynamic_shifting {
             let m = (self.max_shift - self.base_shift)
                 / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
-            let mu = image_seq_len as f64 * m + (self.base_shift - m * self.base_image_seq_len as f64);
+            let mu =
+                image_seq_len as f64 * m + (self.base_shift - m * self.base_image_seq_len as f64);
             let e = mu.exp() as f32;
             base.iter().map(|&t| e / (e + (1.0 / t - 1.0))).collect()
         } else {
             let s = self.shift as f32;
-            base.iter().map(|&t| s * t / (1.0 + (s - 1.0) * t)).collect()
+            base.iter()
+                .map(|&t| s * t / (1.0 + (s - 1.0) * t))
+                .collect()
         };
         sigmas.push(0.0);
         sigmas
@@ -103,7 +110,10 @@ pub(crate) fn model_guidance(g: f32, dtype: DType) -> f32 {
 
 /// Latent grid (height, width) for an image: `2 * (pixels / (vae_scale * 2))`.
 pub fn latent_grid(width: usize, height: usize, vae_scale: usize) -> (usize, usize) {
-    (2 * (height / (vae_scale * 2)), 2 * (width / (vae_scale * 2)))
+    (
+        2 * (height / (vae_scale * 2)),
+        2 * (width / (vae_scale * 2)),
+    )
 }
 
 /// Standard-normal noise `(1, channels, h, w)` in f32 from a seed: ChaCha8 and Box-Muller, the
@@ -137,7 +147,9 @@ pub fn pack(x: &Tensor) -> Result<Tensor> {
 pub fn unpack(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (b, _, cp) = x.dims3()?;
     let c = cp / 4;
-    Ok(x.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?)
+    Ok(x.reshape((b, h / 2, w / 2, c, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, c, h, w))?)
 }
 
 /// One Euler step `x + (sigma_next - sigma) * v`, in f32 and cast back (diffusers'
@@ -156,11 +168,21 @@ mod tests {
 
     #[test]
     fn pack_round_trips() {
-        let x = Tensor::arange(0f32, 16.0 * 4.0 * 6.0, &Device::Cpu).unwrap().reshape((1, 16, 4, 6)).unwrap();
+        let x = Tensor::arange(0f32, 16.0 * 4.0 * 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 16, 4, 6))
+            .unwrap();
         let p = pack(&x).unwrap();
         assert_eq!(p.dims(), &[1, 6, 64]);
         let back = unpack(&p, 4, 6).unwrap();
-        let diff = (back - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (back - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 
@@ -182,13 +204,31 @@ mod tests {
 
     #[test]
     fn noise_is_seeded_and_standard() {
-        let a = noise(7, 16, 8, 8).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = noise(7, 16, 8, 8).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let c = noise(8, 16, 8, 8).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = noise(7, 16, 8, 8)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = noise(7, 16, 8, 8)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let c = noise(8, 16, 8, 8)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let var = a.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / a.len() as f32;
-        assert!(mean.abs() < 0.15 && (var - 1.0).abs() < 0.2, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.15 && (var - 1.0).abs() < 0.2,
+            "mean {mean} var {var}"
+        );
     }
 }

@@ -31,7 +31,12 @@ fn default_ff() -> String {
 
 enum FeedForward {
     /// `wo(act(wi_0 x) * wi_1 x)`; T5 v1.1's "gated-gelu" (tanh approximation) or "gated-silu".
-    Gated { wi_0: Linear, wi_1: Linear, wo: Linear, silu: bool },
+    Gated {
+        wi_0: Linear,
+        wi_1: Linear,
+        wo: Linear,
+        silu: bool,
+    },
     /// The original T5's `wo(relu(wi x))`.
     Relu { wi: Linear, wo: Linear },
 }
@@ -68,7 +73,10 @@ impl T5Encoder {
             "gated-silu" => (true, true),
             "relu" => (false, false),
             other => {
-                return Err(Error::checkpoint(w.path(), format!("T5: unsupported feed_forward_proj {other}")))
+                return Err(Error::checkpoint(
+                    w.path(),
+                    format!("T5: unsupported feed_forward_proj {other}"),
+                ))
             }
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -98,7 +106,13 @@ impl T5Encoder {
             });
         }
         let final_norm = w.tensor("encoder.final_layer_norm.weight")?;
-        Ok(Self { cfg, embed, relative_bias, blocks, final_norm })
+        Ok(Self {
+            cfg,
+            embed,
+            relative_bias,
+            blocks,
+            final_norm,
+        })
     }
 
     /// Hidden states `(1, len, d_model)` for token ids, every position attending to every other
@@ -109,7 +123,11 @@ impl T5Encoder {
         let ids_t = Tensor::new(ids, dev)?;
         let mut x = self.embed.embedding(&ids_t)?.unsqueeze(0)?;
         let bias = self.position_bias(len)?;
-        let (h, dk, eps) = (self.cfg.num_heads, self.cfg.d_kv, self.cfg.layer_norm_epsilon);
+        let (h, dk, eps) = (
+            self.cfg.num_heads,
+            self.cfg.d_kv,
+            self.cfg.layer_norm_epsilon,
+        );
         let heads = |t: Tensor| t.reshape((1, len, h, dk))?.transpose(1, 2);
         for b in &self.blocks {
             let n = rms_norm(&x, &b.attn_norm, eps)?;
@@ -122,7 +140,12 @@ impl T5Encoder {
             x = (x + b.o.forward(&a)?)?;
             let n = rms_norm(&x, &b.ff_norm, eps)?;
             let y = match &b.ff {
-                FeedForward::Gated { wi_0, wi_1, wo, silu } => {
+                FeedForward::Gated {
+                    wi_0,
+                    wi_1,
+                    wo,
+                    silu,
+                } => {
                     let g = wi_0.forward(&n)?;
                     let g = if *silu { g.silu()? } else { g.gelu()? };
                     wo.forward(&(g * wi_1.forward(&n)?)?)?
@@ -148,7 +171,10 @@ impl T5Encoder {
             .collect();
         let idx = Tensor::new(buckets.as_slice(), self.relative_bias.device())?;
         let bias = self.relative_bias.embedding(&idx)?; // (len*len, heads)
-        Ok(bias.reshape((len, len, self.cfg.num_heads))?.permute((2, 0, 1))?.unsqueeze(0)?)
+        Ok(bias
+            .reshape((len, len, self.cfg.num_heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?)
     }
 }
 
@@ -176,9 +202,23 @@ mod tests {
     #[test]
     fn buckets_match_transformers() {
         // Values from transformers' T5Attention._relative_position_bucket(32 buckets, 128).
-        let cases = [(0, 0), (1, 17), (-1, 1), (7, 23), (8, 24), (-8, 8), (20, 26), (-200, 15), (500, 31)];
+        let cases = [
+            (0, 0),
+            (1, 17),
+            (-1, 1),
+            (7, 23),
+            (8, 24),
+            (-8, 8),
+            (20, 26),
+            (-200, 15),
+            (500, 31),
+        ];
         for (rel, want) in cases {
-            assert_eq!(relative_bucket(rel, 32, 128), want, "relative position {rel}");
+            assert_eq!(
+                relative_bucket(rel, 32, 128),
+                want,
+                "relative position {rel}"
+            );
         }
     }
 }

@@ -36,9 +36,21 @@ impl PromptTokenizer {
         let inner = if dir.join("tokenizer.json").exists() {
             load_json(dir)?
         } else {
-            build_clip_bpe(dir, &cfg.token("unk_token").unwrap_or_else(|| "<|endoftext|>".into()))?
+            build_clip_bpe(
+                dir,
+                &cfg.token("unk_token")
+                    .unwrap_or_else(|| "<|endoftext|>".into()),
+            )?
         };
-        let mut t = Self::from_parts(dir, inner, &cfg, "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", 77)?;
+        let mut t = Self::from_parts(
+            dir,
+            inner,
+            &cfg,
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|endoftext|>",
+            77,
+        )?;
         t.add_specials()?;
         Ok(t)
     }
@@ -69,7 +81,11 @@ impl PromptTokenizer {
             })
         };
         Ok(Self {
-            bos: if bos.is_empty() { None } else { Some(id("bos_token", bos)?) },
+            bos: if bos.is_empty() {
+                None
+            } else {
+                Some(id("bos_token", bos)?)
+            },
             eos: id("eos_token", eos)?,
             pad: id("pad_token", pad)?,
             max_length: cfg.max_length.unwrap_or(default_max),
@@ -92,10 +108,13 @@ impl PromptTokenizer {
 
     /// Exactly `length` ids: framed, truncated (keeping the special tokens), padded.
     pub(crate) fn encode(&self, text: &str, length: usize) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
-            path: self.dir.clone(),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.dir.clone(),
+                message: e.to_string(),
+            })?;
         let specials = usize::from(self.bos.is_some()) + 1;
         let room = length.saturating_sub(specials);
         let mut ids = Vec::with_capacity(length);
@@ -109,16 +128,24 @@ impl PromptTokenizer {
 
 fn load_json(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
-    Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path, message: e.to_string() })
+    Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+        path,
+        message: e.to_string(),
+    })
 }
 
 /// The BPE tokenizer transformers' `CLIPTokenizer` builds from `vocab.json` and `merges.txt`.
 fn build_clip_bpe(dir: &Path, unk: &str) -> Result<Tokenizer> {
-    let err = |message: String| Error::Tokenizer { path: dir.to_path_buf(), message };
+    let err = |message: String| Error::Tokenizer {
+        path: dir.to_path_buf(),
+        message,
+    };
     let vocab = dir.join("vocab.json");
     let merges = dir.join("merges.txt");
     if !vocab.exists() || !merges.exists() {
-        return Err(err("neither tokenizer.json nor vocab.json + merges.txt".into()));
+        return Err(err(
+            "neither tokenizer.json nor vocab.json + merges.txt".into()
+        ));
     }
     let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
         .unk_token(unk.to_string())
@@ -127,10 +154,21 @@ fn build_clip_bpe(dir: &Path, unk: &str) -> Result<Tokenizer> {
         .map_err(|e| err(e.to_string()))?;
     let mut tok = Tokenizer::new(bpe);
     let whitespace = Replace::new(r"\s+", " ").map_err(|e| err(e.to_string()))?;
-    tok.with_normalizer(Some(NormSequence::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])));
-    let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-        .map_err(|e| err(e.to_string()))?;
-    tok.with_pre_tokenizer(Some(PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
+    tok.with_normalizer(Some(NormSequence::new(vec![
+        NFC.into(),
+        whitespace.into(),
+        Lowercase.into(),
+    ])));
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_PATTERN.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    tok.with_pre_tokenizer(Some(PreSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])));
     Ok(tok)
 }
 
@@ -146,8 +184,10 @@ impl TokenizerConfig {
         let read = |name: &str| -> Result<Value> {
             let path = dir.join(name);
             match std::fs::read_to_string(&path) {
-                Ok(text) => serde_json::from_str(&text)
-                    .map_err(|e| Error::Tokenizer { path, message: e.to_string() }),
+                Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
+                    path,
+                    message: e.to_string(),
+                }),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
                 Err(e) => Err(Error::io(path, e)),
             }
@@ -155,14 +195,25 @@ impl TokenizerConfig {
         let json = read("tokenizer_config.json")?;
         let specials = read("special_tokens_map.json")?;
         // transformers writes a huge sentinel when the length is unbounded.
-        let max_length = json["model_max_length"].as_f64().filter(|&m| m < 1e9).map(|m| m as usize);
-        Ok(Self { json, specials, max_length })
+        let max_length = json["model_max_length"]
+            .as_f64()
+            .filter(|&m| m < 1e9)
+            .map(|m| m as usize);
+        Ok(Self {
+            json,
+            specials,
+            max_length,
+        })
     }
 
     /// A special token, written either as a string or as `{"content": ...}`.
     fn token(&self, key: &str) -> Option<String> {
-        [&self.json[key], &self.specials[key]].into_iter().find_map(|v| {
-            v.as_str().map(str::to_string).or_else(|| v["content"].as_str().map(str::to_string))
-        })
+        [&self.json[key], &self.specials[key]]
+            .into_iter()
+            .find_map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .or_else(|| v["content"].as_str().map(str::to_string))
+            })
     }
 }

@@ -59,10 +59,16 @@ impl TransformerConfig {
         let c: DiffusersConfig = serde_json::from_str(text)
             .map_err(|e| Error::checkpoint(w.path(), format!("transformer config.json: {e}")))?;
         if c.patch_size != 1 {
-            return Err(Error::checkpoint(w.path(), "only patch_size 1 (FLUX.1) is supported"));
+            return Err(Error::checkpoint(
+                w.path(),
+                "only patch_size 1 (FLUX.1) is supported",
+            ));
         }
         let hidden = c.num_attention_heads * c.attention_head_dim;
-        let mlp_hidden = w.shape("single_transformer_blocks.0.proj_mlp.weight").map(|s| s[0]).unwrap_or(4 * hidden);
+        let mlp_hidden = w
+            .shape("single_transformer_blocks.0.proj_mlp.weight")
+            .map(|s| s[0])
+            .unwrap_or(4 * hidden);
         Ok(Self {
             in_channels: c.in_channels,
             out_channels: c.out_channels.unwrap_or(c.in_channels),
@@ -85,8 +91,12 @@ impl TransformerConfig {
     pub(crate) fn infer_bfl(w: &Weights, prefix: &str) -> Result<Self> {
         let names = w.stored_names();
         let shape = |n: &str| {
-            w.stored_shape(&format!("{prefix}{n}"))
-                .ok_or_else(|| Error::checkpoint(w.path(), format!("not a FLUX.1 transformer: no {prefix}{n}")))
+            w.stored_shape(&format!("{prefix}{n}")).ok_or_else(|| {
+                Error::checkpoint(
+                    w.path(),
+                    format!("not a FLUX.1 transformer: no {prefix}{n}"),
+                )
+            })
         };
         let img_in = shape("img_in.weight")?;
         let hidden = img_in[0];
@@ -118,7 +128,13 @@ impl TransformerConfig {
 pub(crate) fn count_indexed(names: &BTreeSet<String>, stem: &str) -> usize {
     names
         .iter()
-        .filter_map(|n| n.strip_prefix(stem)?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|n| {
+            n.strip_prefix(stem)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |m| m + 1)
 }
@@ -130,7 +146,10 @@ struct Mlp2 {
 
 impl Mlp2 {
     fn load(w: &Weights, p: &str, l1: &str, l2: &str) -> Result<Self> {
-        Ok(Self { l1: w.linear(&format!("{p}.{l1}"))?, l2: w.linear(&format!("{p}.{l2}"))? })
+        Ok(Self {
+            l1: w.linear(&format!("{p}.{l1}"))?,
+            l2: w.linear(&format!("{p}.{l2}"))?,
+        })
     }
     fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.l2.forward(&self.l1.forward(x)?.silu()?)
@@ -210,7 +229,11 @@ pub(crate) struct FluxTransformer {
 }
 
 impl FluxTransformer {
-    pub(crate) fn load(cfg: TransformerConfig, w: &Weights, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    pub(crate) fn load(
+        cfg: TransformerConfig,
+        w: &Weights,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let total = cfg.depth + cfg.depth_single;
         let mut double = Vec::with_capacity(cfg.depth);
         for i in 0..cfg.depth {
@@ -218,11 +241,27 @@ impl FluxTransformer {
             double.push(DoubleBlock {
                 img_mod: w.linear(&format!("{p}.norm1.linear"))?,
                 txt_mod: w.linear(&format!("{p}.norm1_context.linear"))?,
-                img_qkv: Qkv::load(w, &p, ["attn.to_q", "attn.to_k", "attn.to_v", "attn.norm_q", "attn.norm_k"])?,
+                img_qkv: Qkv::load(
+                    w,
+                    &p,
+                    [
+                        "attn.to_q",
+                        "attn.to_k",
+                        "attn.to_v",
+                        "attn.norm_q",
+                        "attn.norm_k",
+                    ],
+                )?,
                 txt_qkv: Qkv::load(
                     w,
                     &p,
-                    ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_q", "attn.norm_added_k"],
+                    [
+                        "attn.add_q_proj",
+                        "attn.add_k_proj",
+                        "attn.add_v_proj",
+                        "attn.norm_added_q",
+                        "attn.norm_added_k",
+                    ],
                 )?,
                 img_out: w.linear(&format!("{p}.attn.to_out.0"))?,
                 txt_out: w.linear(&format!("{p}.attn.to_add_out"))?,
@@ -236,7 +275,17 @@ impl FluxTransformer {
             let p = format!("single_transformer_blocks.{i}");
             single.push(SingleBlock {
                 modulation: w.linear(&format!("{p}.norm.linear"))?,
-                qkv: Qkv::load(w, &p, ["attn.to_q", "attn.to_k", "attn.to_v", "attn.norm_q", "attn.norm_k"])?,
+                qkv: Qkv::load(
+                    w,
+                    &p,
+                    [
+                        "attn.to_q",
+                        "attn.to_k",
+                        "attn.to_v",
+                        "attn.norm_q",
+                        "attn.norm_k",
+                    ],
+                )?,
                 proj_mlp: w.linear(&format!("{p}.proj_mlp"))?,
                 proj_out: w.linear(&format!("{p}.proj_out"))?,
             });
@@ -246,9 +295,19 @@ impl FluxTransformer {
         Ok(Self {
             x_embedder: w.linear("x_embedder")?,
             context_embedder: w.linear("context_embedder")?,
-            time: Mlp2::load(w, &format!("{tte}.timestep_embedder"), "linear_1", "linear_2")?,
+            time: Mlp2::load(
+                w,
+                &format!("{tte}.timestep_embedder"),
+                "linear_1",
+                "linear_2",
+            )?,
             guidance: if cfg.guidance_embeds {
-                Some(Mlp2::load(w, &format!("{tte}.guidance_embedder"), "linear_1", "linear_2")?)
+                Some(Mlp2::load(
+                    w,
+                    &format!("{tte}.guidance_embedder"),
+                    "linear_1",
+                    "linear_2",
+                )?)
             } else {
                 None
             },
@@ -269,9 +328,9 @@ impl FluxTransformer {
     /// tokens (ids `[0, row, col]`). diffusers computes the frequencies in f64 and applies them
     /// in f32 whatever the model's dtype; so does this.
     pub(crate) fn rope(&self, txt_len: usize, h: usize, w: usize, dev: &Device) -> Result<Rope> {
-        let positions = (0..txt_len).map(|_| [0.0; 3]).chain(
-            (0..h).flat_map(|r| (0..w).map(move |c| [0.0, r as f64, c as f64])),
-        );
+        let positions = (0..txt_len)
+            .map(|_| [0.0; 3])
+            .chain((0..h).flat_map(|r| (0..w).map(move |c| [0.0, r as f64, c as f64])));
         let d = self.cfg.head_dim;
         let seq = txt_len + h * w;
         let mut cos = Vec::with_capacity(seq * d);
@@ -309,9 +368,13 @@ impl FluxTransformer {
     ) -> Result<Tensor> {
         let dtype = img.dtype();
         let dev = img.device();
-        let mut temb = self.time.forward_silu(&timestep_embedding(timestep, dev, dtype)?)?;
+        let mut temb = self
+            .time
+            .forward_silu(&timestep_embedding(timestep, dev, dtype)?)?;
         if let Some(g_mlp) = &self.guidance {
-            let g = guidance.ok_or_else(|| Error::InvalidRequest("this checkpoint needs a guidance value".into()))?;
+            let g = guidance.ok_or_else(|| {
+                Error::InvalidRequest("this checkpoint needs a guidance value".into())
+            })?;
             temb = (temb + g_mlp.forward_silu(&timestep_embedding(g, dev, dtype)?)?)?;
         }
         let temb = (temb + self.text.forward_silu(pooled)?)?;
@@ -352,8 +415,16 @@ impl FluxTransformer {
             let n = modulate(&layer_norm(&x, None, NORM_EPS)?, &m[0], &m[1])?;
             let mlp = b.proj_mlp.forward(&n)?.gelu()?;
             let (q, k, v) = b.qkv.forward(&n, heads)?;
-            let a = attention(&apply_rope(&q, rope)?, &apply_rope(&k, rope)?, &v, scale, None)?;
-            let y = b.proj_out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
+            let a = attention(
+                &apply_rope(&q, rope)?,
+                &apply_rope(&k, rope)?,
+                &v,
+                scale,
+                None,
+            )?;
+            let y = b
+                .proj_out
+                .forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
             x = (&x + m[2].broadcast_mul(&y)?)?;
         }
         let img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
@@ -393,8 +464,13 @@ fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
 fn timestep_embedding(t: f32, dev: &Device, dtype: DType) -> Result<Tensor> {
     let half = TIME_PROJ_DIM / 2;
     let log_period = -(10_000f64.ln() as f32);
-    let args: Vec<f32> =
-        (0..half).map(|i| t * (log_period * i as f32 / half as f32).exp()).collect();
-    let emb: Vec<f32> = args.iter().map(|a| a.cos()).chain(args.iter().map(|a| a.sin())).collect();
+    let args: Vec<f32> = (0..half)
+        .map(|i| t * (log_period * i as f32 / half as f32).exp())
+        .collect();
+    let emb: Vec<f32> = args
+        .iter()
+        .map(|a| a.cos())
+        .chain(args.iter().map(|a| a.sin()))
+        .collect();
     Ok(Tensor::from_vec(emb, (1, TIME_PROJ_DIM), dev)?.to_dtype(dtype)?)
 }

@@ -40,14 +40,19 @@ impl VaeConfig {
     pub(crate) fn infer_bfl(w: &Weights) -> Result<Self> {
         let names = w.stored_names();
         let levels = count_indexed(&names, "decoder.up.");
-        let conv_in = w
-            .stored_shape("decoder.conv_in.weight")
-            .ok_or_else(|| Error::checkpoint(w.path(), "not a FLUX.1 autoencoder: no decoder.conv_in.weight"))?;
+        let conv_in = w.stored_shape("decoder.conv_in.weight").ok_or_else(|| {
+            Error::checkpoint(
+                w.path(),
+                "not a FLUX.1 autoencoder: no decoder.conv_in.weight",
+            )
+        })?;
         let block_out_channels = (0..levels)
             .map(|i| {
                 w.stored_shape(&format!("decoder.up.{i}.block.0.conv2.weight"))
                     .map(|s| s[0])
-                    .ok_or_else(|| Error::checkpoint(w.path(), format!("no decoder.up.{i}.block.0")))
+                    .ok_or_else(|| {
+                        Error::checkpoint(w.path(), format!("no decoder.up.{i}.block.0"))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -63,8 +68,15 @@ impl VaeConfig {
 }
 
 fn conv(w: &Weights, p: &str, padding: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, ..Default::default() };
-    Ok(Conv2d::new(w.tensor(&format!("{p}.weight"))?, Some(w.tensor(&format!("{p}.bias"))?), cfg))
+    let cfg = Conv2dConfig {
+        padding,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(
+        w.tensor(&format!("{p}.weight"))?,
+        Some(w.tensor(&format!("{p}.bias"))?),
+        cfg,
+    ))
 }
 
 fn group_norm(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
@@ -92,7 +104,11 @@ impl Resnet {
             conv1: conv(w, &format!("{p}.conv1"), 1)?,
             norm2: group_norm(w, &format!("{p}.norm2"), cout, groups)?,
             conv2: conv(w, &format!("{p}.conv2"), 1)?,
-            shortcut: if cin != cout { Some(conv(w, &format!("{p}.conv_shortcut"), 0)?) } else { None },
+            shortcut: if cin != cout {
+                Some(conv(w, &format!("{p}.conv_shortcut"), 0)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -119,8 +135,13 @@ impl PixelAttention {
     fn load(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<Self> {
         // BFL stores these projections as 1x1 convolutions: flatten them to matrices.
         let lin = |n: &str| -> Result<Linear> {
-            let weight = w.tensor(&format!("{p}.{n}.weight"))?.reshape((channels, channels))?;
-            Ok(Linear::dense(weight, Some(w.tensor(&format!("{p}.{n}.bias"))?)))
+            let weight = w
+                .tensor(&format!("{p}.{n}.weight"))?
+                .reshape((channels, channels))?;
+            Ok(Linear::dense(
+                weight,
+                Some(w.tensor(&format!("{p}.{n}.bias"))?),
+            ))
         };
         Ok(Self {
             norm: group_norm(w, &format!("{p}.group_norm"), channels, groups)?,
@@ -133,7 +154,12 @@ impl PixelAttention {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.unsqueeze(1)?;
+        let n = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .unsqueeze(1)?;
         let a = attention(
             &self.q.forward(&n)?,
             &self.k.forward(&n)?,
@@ -141,7 +167,12 @@ impl PixelAttention {
             1.0 / (c as f64).sqrt(),
             None,
         )?;
-        let a = self.out.forward(&a)?.squeeze(1)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let a = self
+            .out
+            .forward(&a)?
+            .squeeze(1)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
         x + a
     }
 }
@@ -163,7 +194,10 @@ pub(crate) struct VaeDecoder {
 impl VaeDecoder {
     pub(crate) fn load(cfg: VaeConfig, w: &Weights) -> Result<Self> {
         if cfg.use_post_quant_conv == Some(true) {
-            return Err(Error::checkpoint(w.path(), "a VAE with post_quant_conv is not FLUX.1's"));
+            return Err(Error::checkpoint(
+                w.path(),
+                "a VAE with post_quant_conv is not FLUX.1's",
+            ));
         }
         let g = cfg.norm_num_groups;
         let chans: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();

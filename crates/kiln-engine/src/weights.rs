@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 
 enum Storage {
     Safetensors(MmapedSafetensors),
-    Gguf { mmap: memmap2::Mmap, content: gguf_file::Content },
+    Gguf {
+        mmap: memmap2::Mmap,
+        content: gguf_file::Content,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -47,10 +50,16 @@ pub(crate) enum NameMap {
     Identity,
     /// BFL's FLUX.1 transformer names, optionally under a prefix (ComfyUI's full checkpoints keep
     /// `model.diffusion_model.`). `hidden` and `mlp` size the fused tensors' parts.
-    BflTransformer { prefix: String, hidden: usize, mlp: usize },
+    BflTransformer {
+        prefix: String,
+        hidden: usize,
+        mlp: usize,
+    },
     /// BFL's `ae.safetensors` (the original latent-diffusion names); `up_blocks` is the number
     /// of decoder levels, whose order BFL reverses.
-    BflVae { up_blocks: usize },
+    BflVae {
+        up_blocks: usize,
+    },
 }
 
 pub(crate) struct Weights {
@@ -63,7 +72,11 @@ pub(crate) struct Weights {
 
 impl Weights {
     /// Maps safetensors files (several for a sharded checkpoint) for tensors in `dtype` on `device`.
-    pub(crate) fn open_safetensors(paths: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn open_safetensors(
+        paths: &[PathBuf],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let first = paths.first().cloned().unwrap_or_default();
         // SAFETY: the files are mapped read-only; like every program that maps model files we
         // rely on nobody truncating them while the model is loaded.
@@ -114,15 +127,17 @@ impl Weights {
     pub(crate) fn stored_shape(&self, stored: &str) -> Option<Vec<usize>> {
         match &self.storage {
             Storage::Safetensors(st) => st.get(stored).ok().map(|v| v.shape().to_vec()),
-            Storage::Gguf { content, .. } => {
-                content.tensor_infos.get(stored).map(|i| i.shape.dims().to_vec())
-            }
+            Storage::Gguf { content, .. } => content
+                .tensor_infos
+                .get(stored)
+                .map(|i| i.shape.dims().to_vec()),
         }
     }
 
     /// Whether the checkpoint holds the (diffusers-named) tensor.
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.source(name).is_some_and(|s| self.stored_shape(&s.name).is_some())
+        self.source(name)
+            .is_some_and(|s| self.stored_shape(&s.name).is_some())
     }
 
     /// The shape of the (diffusers-named) tensor, after any row selection.
@@ -135,8 +150,9 @@ impl Weights {
         let raw = self.raw(name)?;
         let t = match raw.encoding {
             Encoding::Dense(dtype) => dense_from_bytes(dtype, &raw.bytes, &raw.shape)?,
-            Encoding::Quantized(q) => quantized(q, &raw.bytes, &raw.shape, &Device::Cpu)?
-                .dequantize(&Device::Cpu)?,
+            Encoding::Quantized(q) => {
+                quantized(q, &raw.bytes, &raw.shape, &Device::Cpu)?.dequantize(&Device::Cpu)?
+            }
         };
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
@@ -146,7 +162,11 @@ impl Weights {
     pub(crate) fn linear(&self, prefix: &str) -> Result<Linear> {
         let w_name = format!("{prefix}.weight");
         let b_name = format!("{prefix}.bias");
-        let bias = if self.contains(&b_name) { Some(self.tensor(&b_name)?) } else { None };
+        let bias = if self.contains(&b_name) {
+            Some(self.tensor(&b_name)?)
+        } else {
+            None
+        };
         let raw = self.raw(&w_name)?;
         match raw.encoding {
             Encoding::Quantized(q) => {
@@ -159,13 +179,18 @@ impl Weights {
 
     fn source(&self, name: &str) -> Option<Source> {
         match &self.map {
-            NameMap::Identity => Some(Source { name: name.to_string(), rows: None }),
-            NameMap::BflTransformer { prefix, hidden, mlp } => {
-                bfl_transformer_source(name, *hidden, *mlp).map(|mut s| {
-                    s.name = format!("{prefix}{}", s.name);
-                    s
-                })
-            }
+            NameMap::Identity => Some(Source {
+                name: name.to_string(),
+                rows: None,
+            }),
+            NameMap::BflTransformer {
+                prefix,
+                hidden,
+                mlp,
+            } => bfl_transformer_source(name, *hidden, *mlp).map(|mut s| {
+                s.name = format!("{prefix}{}", s.name);
+                s
+            }),
             NameMap::BflVae { up_blocks } => bfl_vae_source(name, *up_blocks),
         }
     }
@@ -199,7 +224,11 @@ impl Weights {
                     GgmlDType::BF16 => Encoding::Dense(DType::BF16),
                     q => Encoding::Quantized(q),
                 };
-                Raw { encoding, shape: info.shape.dims().to_vec(), bytes: Cow::Borrowed(bytes) }
+                Raw {
+                    encoding,
+                    shape: info.shape.dims().to_vec(),
+                    bytes: Cow::Borrowed(bytes),
+                }
             }
         };
         match source.rows {
@@ -208,12 +237,20 @@ impl Weights {
         }
     }
 
-    fn select_rows<'a>(&self, raw: Raw<'a>, rows: &[Range<usize>], stored: &str) -> Result<Raw<'a>> {
+    fn select_rows<'a>(
+        &self,
+        raw: Raw<'a>,
+        rows: &[Range<usize>],
+        stored: &str,
+    ) -> Result<Raw<'a>> {
         let n = raw.shape.first().copied().unwrap_or(0);
-        if n == 0 || raw.bytes.len() % n != 0 || rows.iter().any(|r| r.end > n) {
+        if n == 0 || !raw.bytes.len().is_multiple_of(n) || rows.iter().any(|r| r.end > n) {
             return Err(Error::checkpoint(
                 &self.path,
-                format!("tensor {stored} of shape {:?} cannot be split into rows {rows:?}", raw.shape),
+                format!(
+                    "tensor {stored} of shape {:?} cannot be split into rows {rows:?}",
+                    raw.shape
+                ),
             ));
         }
         let row_bytes = raw.bytes.len() / n;
@@ -232,14 +269,21 @@ impl Weights {
         };
         let mut shape = raw.shape;
         shape[0] = total;
-        Ok(Raw { encoding: raw.encoding, shape, bytes })
+        Ok(Raw {
+            encoding: raw.encoding,
+            shape,
+            bytes,
+        })
     }
 }
 
 /// A dense tensor on the CPU from little-endian bytes of any alignment.
 fn dense_from_bytes(dtype: DType, bytes: &[u8], shape: &[usize]) -> candle_core::Result<Tensor> {
     fn collect<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-        bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N bytes"))).collect()
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk of N bytes")))
+            .collect()
     }
     let cpu = &Device::Cpu;
     let t = match dtype {
@@ -266,7 +310,8 @@ fn quantized(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &Device) -
             *w = u32::from_ne_bytes(b);
         }
         // SAFETY: `words` holds at least `bytes.len()` initialised bytes, read as u8.
-        let aligned = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) };
+        let aligned =
+            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) };
         QStorage::from_data(Cow::Borrowed(aligned), device, dtype)?
     };
     Ok(QTensor::new(storage, shape)?)
@@ -275,9 +320,18 @@ fn quantized(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &Device) -
 /// The BFL tensor (and rows) holding a diffusers transformer tensor; the inverse of diffusers'
 /// `convert_flux_transformer_checkpoint_to_diffusers`.
 fn bfl_transformer_source(name: &str, hidden: usize, mlp: usize) -> Option<Source> {
-    let whole = |n: String| Some(Source { name: n, rows: None });
+    let whole = |n: String| {
+        Some(Source {
+            name: n,
+            rows: None,
+        })
+    };
+    let rows = |r: Range<usize>| Some(vec![r]);
     let part = |n: String, i: usize| {
-        Some(Source { name: n, rows: Some(vec![i * hidden..(i + 1) * hidden]) })
+        Some(Source {
+            name: n,
+            rows: rows(i * hidden..(i + 1) * hidden),
+        })
     };
     let (stem, suffix) = name.rsplit_once('.')?; // suffix: weight | bias
     let fixed = match stem {
@@ -338,7 +392,7 @@ fn bfl_transformer_source(name: &str, hidden: usize, mlp: usize) -> Option<Sourc
             "attn.to_v" => part(format!("{b}.linear1.{suffix}"), 2),
             "proj_mlp" => Some(Source {
                 name: format!("{b}.linear1.{suffix}"),
-                rows: Some(vec![3 * hidden..3 * hidden + mlp]),
+                rows: rows(3 * hidden..3 * hidden + mlp),
             }),
             "attn.norm_q" => whole(format!("{b}.norm.query_norm.scale")),
             "attn.norm_k" => whole(format!("{b}.norm.key_norm.scale")),
@@ -373,7 +427,9 @@ fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
         }
     } else if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
         let (i, inner) = rest.split_once('.')?;
-        let level = up_blocks.checked_sub(1)?.checked_sub(i.parse::<usize>().ok()?)?;
+        let level = up_blocks
+            .checked_sub(1)?
+            .checked_sub(i.parse::<usize>().ok()?)?;
         if let Some(r) = inner.strip_prefix("resnets.") {
             format!("decoder.up.{level}.block.{}", resnet(r))
         } else {
@@ -385,5 +441,8 @@ fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
     } else {
         name.to_string()
     };
-    Some(Source { name: mapped, rows: None })
+    Some(Source {
+        name: mapped,
+        rows: None,
+    })
 }

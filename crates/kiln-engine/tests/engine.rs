@@ -8,7 +8,9 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn config(checkpoint: &str) -> Flux1Config {
@@ -18,7 +20,10 @@ fn config(checkpoint: &str) -> Flux1Config {
 fn params(seed: u32) -> GenerationParams {
     GenerationParams {
         prompt: Prompt::parse("a lighthouse in a storm", 1000).unwrap(),
-        size: ImageSize { width: 32, height: 16 },
+        size: ImageSize {
+            width: 32,
+            height: 16,
+        },
         seed,
         num_inference_steps: None,
         guidance_scale: None,
@@ -56,10 +61,22 @@ fn defaults_steps_previews_and_reproducible_seeds() {
     cfg.preview_interval = 1;
     let mut loaded = Vec::new();
     let engine = Flux1Engine::load(cfg, &mut |p| loaded.push(p.component)).unwrap();
-    for c in ["tokenizers", "text_encoder", "text_encoder_2", "transformer", "vae"] {
+    for c in [
+        "tokenizers",
+        "text_encoder",
+        "text_encoder_2",
+        "transformer",
+        "vae",
+    ] {
         assert!(loaded.contains(&c), "no progress for {c}: {loaded:?}");
     }
-    assert!(engine.describe().contains("FLUX.1 schnell, diffusers layout"), "{}", engine.describe());
+    assert!(
+        engine
+            .describe()
+            .contains("FLUX.1 schnell, diffusers layout"),
+        "{}",
+        engine.describe()
+    );
 
     let mut rec = Recorder::default();
     let a = engine.generate(&params(7), &mut rec).unwrap();
@@ -70,17 +87,27 @@ fn defaults_steps_previews_and_reproducible_seeds() {
     assert_eq!(rec.previews, vec![(1, 8, 4), (2, 8, 4), (3, 8, 4)]);
     assert_eq!((a.image.width, a.image.height), (32, 16));
 
-    let b = engine.generate(&params(7), &mut Recorder::default()).unwrap();
+    let b = engine
+        .generate(&params(7), &mut Recorder::default())
+        .unwrap();
     assert_eq!(a.image, b.image, "same seed, same device: same pixels");
-    assert_eq!(encode_image(&a.image, OutputFormat::Png).unwrap(), encode_image(&b.image, OutputFormat::Png).unwrap());
-    let c = engine.generate(&params(8), &mut Recorder::default()).unwrap();
+    assert_eq!(
+        encode_image(&a.image, OutputFormat::Png).unwrap(),
+        encode_image(&b.image, OutputFormat::Png).unwrap()
+    );
+    let c = engine
+        .generate(&params(8), &mut Recorder::default())
+        .unwrap();
     assert_ne!(a.image, c.image, "another seed, another image");
 }
 
 #[test]
 fn observer_break_interrupts() {
     let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
-    let mut rec = Recorder { stop_after: Some(2), ..Default::default() };
+    let mut rec = Recorder {
+        stop_after: Some(2),
+        ..Default::default()
+    };
     let err = engine.generate(&params(1), &mut rec).unwrap_err();
     assert!(matches!(err, EngineError::Interrupted), "{err:?}");
     assert_eq!(rec.steps.len(), 2);
@@ -90,9 +117,15 @@ fn observer_break_interrupts() {
 fn sizes_must_fit_the_vae() {
     let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
     let mut p = params(1);
-    p.size = ImageSize { width: 36, height: 16 };
+    p.size = ImageSize {
+        width: 36,
+        height: 16,
+    };
     let err = engine.generate(&p, &mut Recorder::default()).unwrap_err();
-    assert!(matches!(&err, EngineError::InvalidInput(m) if m.contains("multiples of 8")), "{err:?}");
+    assert!(
+        matches!(&err, EngineError::InvalidInput(m) if m.contains("multiples of 8")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -106,19 +139,40 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
         description: Some("documented in the model card".into()),
     });
     let engine = Flux1Engine::load(cfg, &mut |_| {}).unwrap();
-    assert!(engine.describe().contains("raw mode: FLUX.1 dev"), "{}", engine.describe());
+    assert!(
+        engine.describe().contains("raw mode: FLUX.1 dev"),
+        "{}",
+        engine.describe()
+    );
 
-    let normal = engine.generate(&params(3), &mut Recorder::default()).unwrap();
-    assert_eq!(normal.applied.num_inference_steps, 3, "configured default steps");
+    let normal = engine
+        .generate(&params(3), &mut Recorder::default())
+        .unwrap();
+    assert_eq!(
+        normal.applied.num_inference_steps, 3,
+        "configured default steps"
+    );
 
     let mut raw = params(3);
     raw.raw = true;
-    raw.size = ImageSize { width: 16, height: 16 };
+    raw.size = ImageSize {
+        width: 16,
+        height: 16,
+    };
     let out = engine.generate(&raw, &mut Recorder::default()).unwrap();
     assert_eq!(out.applied.num_inference_steps, 2);
-    assert_eq!(out.applied.guidance, Some(2.5), "the raw checkpoint is dev and takes guidance");
+    assert_eq!(
+        out.applied.guidance,
+        Some(2.5),
+        "the raw checkpoint is dev and takes guidance"
+    );
     let notes = out.applied.notes.join("; ");
-    assert!(notes.contains("raw mode: checkpoint") && notes.contains("steps 2") && notes.contains("guidance 2.5"), "{notes}");
+    assert!(
+        notes.contains("raw mode: checkpoint")
+            && notes.contains("steps 2")
+            && notes.contains("guidance 2.5"),
+        "{notes}"
+    );
     assert!(notes.contains("documented in the model card"), "{notes}");
 
     // A request's own values win over raw mode's.
@@ -144,10 +198,17 @@ fn raw_without_configuration_is_noted() {
 fn unsupported_directories_are_refused_clearly() {
     let empty = tempfile::tempdir().unwrap();
     let err = CheckpointFiles::detect(empty.path()).unwrap_err();
-    assert!(matches!(&err, Error::Checkpoint { message, .. } if message.contains("no checkpoint found")), "{err}");
+    assert!(
+        matches!(&err, Error::Checkpoint { message, .. } if message.contains("no checkpoint found")),
+        "{err}"
+    );
 
     let flux2 = tempfile::tempdir().unwrap();
-    std::fs::write(flux2.path().join("model_index.json"), r#"{"_class_name": "Flux2Pipeline"}"#).unwrap();
+    std::fs::write(
+        flux2.path().join("model_index.json"),
+        r#"{"_class_name": "Flux2Pipeline"}"#,
+    )
+    .unwrap();
     let err = CheckpointFiles::detect(flux2.path()).unwrap_err();
     assert!(err.to_string().contains("not a FLUX.1"), "{err}");
 
@@ -161,7 +222,8 @@ fn unsupported_directories_are_refused_clearly() {
 fn latents_round_trip_through_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("l.safetensors");
-    let t = kiln_engine::sampling::pack(&kiln_engine::sampling::noise(5, 16, 4, 6).unwrap()).unwrap();
+    let t =
+        kiln_engine::sampling::pack(&kiln_engine::sampling::noise(5, 16, 4, 6).unwrap()).unwrap();
     kiln_engine::write_latents(&path, &t).unwrap();
     let back = kiln_engine::read_latents(&path).unwrap();
     assert_eq!(back.to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());

@@ -4,8 +4,8 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
 use kiln_core::engine::{StepEvent, StepObserver};
+use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -25,15 +25,27 @@ struct Reference {
 impl Reference {
     fn load(config: &str) -> Self {
         let dir = fixtures();
-        let tensors = candle_core::safetensors::load(dir.join(format!("{config}-reference.safetensors")), &Device::Cpu).unwrap();
-        let json = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{config}-reference.json"))).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.join(format!("{config}-reference.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{config}-reference.json"))).unwrap(),
+        )
+        .unwrap();
         Self { tensors, json }
     }
     fn t(&self, name: &str) -> &Tensor {
         &self.tensors[name]
     }
     fn ids(&self, name: &str) -> Vec<u32> {
-        self.t(name).to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect()
+        self.t(name)
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect()
     }
     fn u32(&self, key: &str) -> u32 {
         self.json[key].as_u64().unwrap() as u32
@@ -44,23 +56,50 @@ impl Reference {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn max_abs_of(a: &Tensor) -> f32 {
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A BFL-layout directory: the given transformer file, `ae.safetensors`, and the text
 /// encoders' and tokenizers' folders of the diffusers fixture (linked, not copied).
 fn bfl_dir(config: &str, transformer: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let link = |from: &Path, name: &str| std::os::unix::fs::symlink(from, dir.path().join(name)).unwrap();
-    link(transformer, transformer.file_name().unwrap().to_str().unwrap());
-    link(&fixtures().join(format!("{config}-bfl/ae.safetensors")), "ae.safetensors");
+    let link =
+        |from: &Path, name: &str| std::os::unix::fs::symlink(from, dir.path().join(name)).unwrap();
+    link(
+        transformer,
+        transformer.file_name().unwrap().to_str().unwrap(),
+    );
+    link(
+        &fixtures().join(format!("{config}-bfl/ae.safetensors")),
+        "ae.safetensors",
+    );
     for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
         link(&fixtures().join(format!("{config}-diffusers/{part}")), part);
     }
@@ -93,14 +132,22 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
     let p = load(dir);
     let (w, h) = (r.u32("width"), r.u32("height"));
     let max_len = r.u32("max_sequence_length") as usize;
-    assert_eq!(p.variant().defaults().max_sequence_length, max_len, "variant default T5 length");
+    assert_eq!(
+        p.variant().defaults().max_sequence_length,
+        max_len,
+        "variant default T5 length"
+    );
 
-    let text = p.encode_prompt(r.json["prompt"].as_str().unwrap(), max_len).unwrap();
+    let text = p
+        .encode_prompt(r.json["prompt"].as_str().unwrap(), max_len)
+        .unwrap();
     assert_eq!(text.clip_ids, r.ids("clip_ids"), "CLIP token ids");
     assert_eq!(text.t5_ids, r.ids("t5_ids"), "T5 token ids");
 
     let sigma0 = r.json["sigmas"][0].as_f64().unwrap() as f32;
-    let v = p.velocity(r.t("latents_in"), sigma0, r.guidance(), &text, w, h).unwrap();
+    let v = p
+        .velocity(r.t("latents_in"), sigma0, r.guidance(), &text, w, h)
+        .unwrap();
 
     // The defaults (steps, guidance, T5 length) are the variant's, as the reference used.
     let req = PipelineRequest {
@@ -111,7 +158,10 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
         guidance: None,
         seed: 0,
         max_sequence_length: None,
-        initial_latents: Some(kiln_engine::read_latents(&fixtures().join(format!("{config}-latents-in.safetensors"))).unwrap()),
+        initial_latents: Some(
+            kiln_engine::read_latents(&fixtures().join(format!("{config}-latents-in.safetensors")))
+                .unwrap(),
+        ),
         preview_interval: 0,
     };
     let out = p.run(&req, &mut Quiet).unwrap();
@@ -119,7 +169,14 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
     assert_eq!(out.applied.guidance, r.guidance());
     let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_eq!((out.image.width, out.image.height), (w, h));
-    let image = out.image.pixels.iter().zip(&want_px).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let image = out
+        .image
+        .pixels
+        .iter()
+        .zip(&want_px)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
     let e = Errors {
         pooled: max_abs(&text.pooled, r.t("pooled")),
         t5: max_abs(&text.t5, r.t("t5")),
@@ -127,7 +184,11 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
         final_latents: max_abs(&out.final_latents, r.t("final_latents")),
         image,
     };
-    eprintln!("{config} {}: {e:?} (|velocity| max {})", dir.display(), max_abs_of(r.t("noise_pred_0")));
+    eprintln!(
+        "{config} {}: {e:?} (|velocity| max {})",
+        dir.display(),
+        max_abs_of(r.t("noise_pred_0"))
+    );
     e
 }
 
@@ -135,7 +196,10 @@ fn assert_exact_layout(config: &str, dir: &Path) {
     let e = run_against_reference(config, dir);
     assert!(e.pooled <= TOL && e.t5 <= TOL, "text encoders: {e:?}");
     assert!(e.velocity <= TOL, "transformer: {e:?}");
-    assert!(e.final_latents <= TOL, "final latents after every step: {e:?}");
+    assert!(
+        e.final_latents <= TOL,
+        "final latents after every step: {e:?}"
+    );
     assert!(e.image <= 2, "image: {e:?}");
 }
 
@@ -151,13 +215,19 @@ fn schnell_diffusers_layout_matches_diffusers() {
 
 #[test]
 fn dev_bfl_single_files_match_diffusers() {
-    let dir = bfl_dir("dev", &fixtures().join("dev-bfl/flux1-tiny-dev.safetensors"));
+    let dir = bfl_dir(
+        "dev",
+        &fixtures().join("dev-bfl/flux1-tiny-dev.safetensors"),
+    );
     assert_exact_layout("dev", dir.path());
 }
 
 #[test]
 fn schnell_bfl_single_files_match_diffusers() {
-    let dir = bfl_dir("schnell", &fixtures().join("schnell-bfl/flux1-tiny-schnell.safetensors"));
+    let dir = bfl_dir(
+        "schnell",
+        &fixtures().join("schnell-bfl/flux1-tiny-schnell.safetensors"),
+    );
     assert_exact_layout("schnell", dir.path());
 }
 
@@ -173,11 +243,14 @@ fn quantize_bfl(config: &str, dtype: GgmlDType, out: &Path) -> Vec<String> {
         .into_iter()
         .map(|n| {
             let t = tensors[n].to_dtype(DType::F32).unwrap();
-            let whole_blocks = t.rank() == 2 && t.dims()[1] % dtype.block_size() == 0;
+            let whole_blocks = t.rank() == 2 && t.dims()[1].is_multiple_of(dtype.block_size());
             if whole_blocks {
                 quantized.push(n.clone());
             }
-            (n.clone(), QTensor::quantize(&t, if whole_blocks { dtype } else { GgmlDType::F32 }).unwrap())
+            (
+                n.clone(),
+                QTensor::quantize(&t, if whole_blocks { dtype } else { GgmlDType::F32 }).unwrap(),
+            )
         })
         .collect();
     let refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -196,8 +269,14 @@ fn gguf_q8_0_transformers_stay_close() {
         let dir = bfl_dir(config, &file);
         let e = run_against_reference(config, dir.path());
         let scale = max_abs_of(Reference::load(config).t("noise_pred_0"));
-        assert!(e.pooled <= TOL && e.t5 <= TOL, "text encoders are not quantized: {e:?}");
-        assert!(e.velocity <= 0.015 * scale, "{config} Q8_0 transformer: {e:?}");
+        assert!(
+            e.pooled <= TOL && e.t5 <= TOL,
+            "text encoders are not quantized: {e:?}"
+        );
+        assert!(
+            e.velocity <= 0.015 * scale,
+            "{config} Q8_0 transformer: {e:?}"
+        );
         assert!(e.image <= 2, "{config} Q8_0 image: {e:?}");
     }
 }
@@ -211,10 +290,17 @@ fn gguf_q4_0_and_q4_k_transformers_load_and_run() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join(format!("flux1-tiny-dev-{dtype:?}.gguf"));
         let quantized = quantize_bfl("dev", dtype, &file);
-        assert!(!quantized.is_empty(), "no tensor of the tiny model fits {dtype:?} blocks");
+        assert!(
+            !quantized.is_empty(),
+            "no tensor of the tiny model fits {dtype:?} blocks"
+        );
         let dir = bfl_dir("dev", &file);
         let p = load(dir.path());
-        assert!(p.describe().contains(&format!("{dtype:?}")), "{}", p.describe());
+        assert!(
+            p.describe().contains(&format!("{dtype:?}")),
+            "{}",
+            p.describe()
+        );
         let e = run_against_reference("dev", dir.path());
         let scale = max_abs_of(Reference::load("dev").t("noise_pred_0"));
         eprintln!("{dtype:?}: {} tensors quantized", quantized.len());
