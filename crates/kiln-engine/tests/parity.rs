@@ -307,3 +307,70 @@ fn gguf_q4_0_and_q4_k_transformers_load_and_run() {
         assert!(e.velocity <= 0.15 * scale, "{dtype:?} transformer: {e:?}");
     }
 }
+
+/// A diffusers folder like the fixture's but whose `transformer/` holds `files` (written by
+/// `fill`) beside the original config.json.
+fn diffusers_dir_with_transformer(config: &str, fill: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let src = fixtures().join(format!("{config}-diffusers"));
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "transformer" {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let t = dir.path().join("transformer");
+    std::fs::create_dir(&t).unwrap();
+    std::os::unix::fs::symlink(src.join("transformer/config.json"), t.join("config.json")).unwrap();
+    fill(&t);
+    dir
+}
+
+#[test]
+fn sharded_diffusers_transformer_matches_diffusers() {
+    let dir = diffusers_dir_with_transformer("dev", |t| {
+        let src = fixtures().join("dev-diffusers/transformer/diffusion_pytorch_model.safetensors");
+        let tensors = candle_core::safetensors::load(src, &Device::Cpu).unwrap();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        for (i, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+            let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+            let part: HashMap<&str, Tensor> = chunk
+                .iter()
+                .map(|n| (n.as_str(), tensors[*n].clone()))
+                .collect();
+            candle_core::safetensors::save(&part, t.join(&file)).unwrap();
+            for n in chunk {
+                weight_map.insert((*n).clone(), file.clone().into());
+            }
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(
+            t.join("diffusion_pytorch_model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+    });
+    assert_exact_layout("dev", dir.path());
+}
+
+#[test]
+fn gguf_transformer_in_a_diffusers_folder_runs() {
+    let dir = diffusers_dir_with_transformer("dev", |t| {
+        let q8 = fixtures().join("dev-gguf/flux1-tiny-dev-Q8_0.gguf");
+        std::os::unix::fs::symlink(q8, t.join("flux1-tiny-dev-Q8_0.gguf")).unwrap();
+    });
+    let p = load(dir.path());
+    assert!(
+        p.describe()
+            .contains("diffusers layout, GGUF Q8_0 transformer"),
+        "{}",
+        p.describe()
+    );
+    let e = run_against_reference("dev", dir.path());
+    assert!(
+        e.velocity <= 0.015 * max_abs_of(Reference::load("dev").t("noise_pred_0")),
+        "{e:?}"
+    );
+}
