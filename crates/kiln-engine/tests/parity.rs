@@ -374,3 +374,26 @@ fn gguf_transformer_in_a_diffusers_folder_runs() {
         "{e:?}"
     );
 }
+
+/// The bf16 path CUDA runs (timesteps rounded as diffusers rounds them, RoPE and softmax in
+/// f32), exercised on the CPU: bf16 keeps ~3 significant digits, so only closeness is checked.
+#[test]
+fn bf16_precision_stays_close_to_f32_reference() {
+    let r = Reference::load("dev");
+    let options = EngineOptions {
+        precision: Some(kiln_engine::Precision::Bf16),
+        ..Default::default()
+    };
+    let p = Flux1Pipeline::load(&fixtures().join("dev-diffusers"), &options, &mut |_| {}).unwrap();
+    assert!(p.describe().contains("BF16"), "{}", p.describe());
+    let text = p
+        .encode_prompt(r.json["prompt"].as_str().unwrap(), 512)
+        .unwrap();
+    let v = p
+        .velocity(r.t("latents_in"), 1.0, r.guidance(), &text, 40, 24)
+        .unwrap();
+    let err = max_abs(&v, r.t("noise_pred_0"));
+    let scale = max_abs_of(r.t("noise_pred_0"));
+    eprintln!("bf16 velocity error {err} (|velocity| max {scale})");
+    assert!(err <= 0.05 * scale, "bf16 velocity error {err}");
+}
