@@ -43,6 +43,22 @@ fn default_preview_interval() -> u32 {
     4
 }
 
+impl Flux1Config {
+    /// A checkpoint with every setting at its default.
+    pub fn new(checkpoint: impl Into<PathBuf>) -> Self {
+        Self {
+            checkpoint: checkpoint.into(),
+            device: DeviceSpec::default(),
+            precision: None,
+            steps: None,
+            guidance: None,
+            max_sequence_length: None,
+            preview_interval: default_preview_interval(),
+            raw: None,
+        }
+    }
+}
+
 /// Raw mode ("less processed, more natural images" on the hosted API) as this deployment
 /// defines it: another checkpoint (a fine-tune) and/or other sampling settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

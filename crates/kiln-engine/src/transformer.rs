@@ -9,6 +9,14 @@ use std::collections::BTreeSet;
 
 const QK_NORM_EPS: f64 = 1e-6;
 const NORM_EPS: f64 = 1e-6;
+/// The image stream's (and single blocks') projections and norms.
+const IMAGE_QKV: [&str; 5] = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.norm_q",
+    "attn.norm_k",
+];
 /// Width of the sinusoidal timestep (and guidance) embedding.
 const TIME_PROJ_DIM: usize = 256;
 
@@ -241,17 +249,7 @@ impl FluxTransformer {
             double.push(DoubleBlock {
                 img_mod: w.linear(&format!("{p}.norm1.linear"))?,
                 txt_mod: w.linear(&format!("{p}.norm1_context.linear"))?,
-                img_qkv: Qkv::load(
-                    w,
-                    &p,
-                    [
-                        "attn.to_q",
-                        "attn.to_k",
-                        "attn.to_v",
-                        "attn.norm_q",
-                        "attn.norm_k",
-                    ],
-                )?,
+                img_qkv: Qkv::load(w, &p, IMAGE_QKV)?,
                 txt_qkv: Qkv::load(
                     w,
                     &p,
@@ -275,17 +273,7 @@ impl FluxTransformer {
             let p = format!("single_transformer_blocks.{i}");
             single.push(SingleBlock {
                 modulation: w.linear(&format!("{p}.norm.linear"))?,
-                qkv: Qkv::load(
-                    w,
-                    &p,
-                    [
-                        "attn.to_q",
-                        "attn.to_k",
-                        "attn.to_v",
-                        "attn.norm_q",
-                        "attn.norm_k",
-                    ],
-                )?,
+                qkv: Qkv::load(w, &p, IMAGE_QKV)?,
                 proj_mlp: w.linear(&format!("{p}.proj_mlp"))?,
                 proj_out: w.linear(&format!("{p}.proj_out"))?,
             });

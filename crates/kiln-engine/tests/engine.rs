@@ -14,7 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn config(checkpoint: &str) -> Flux1Config {
-    serde_json::from_value(serde_json::json!({ "checkpoint": fixture(checkpoint) })).unwrap()
+    Flux1Config::new(fixture(checkpoint))
 }
 
 fn params(seed: u32) -> GenerationParams {
@@ -99,6 +99,26 @@ fn defaults_steps_previews_and_reproducible_seeds() {
         .generate(&params(8), &mut Recorder::default())
         .unwrap();
     assert_ne!(a.image, c.image, "another seed, another image");
+}
+
+#[test]
+fn configuration_deserializes_with_defaults() {
+    let cfg: Flux1Config = serde_json::from_value(serde_json::json!({
+        "checkpoint": "/models/flux1-dev",
+        "device": "cuda:1",
+        "raw": { "guidance": 2.0 },
+    }))
+    .unwrap();
+    assert_eq!(cfg.device, kiln_engine::DeviceSpec::Cuda(1));
+    assert_eq!(cfg.preview_interval, 4);
+    assert_eq!(cfg.raw.unwrap().guidance, Some(2.0));
+    let bad = serde_json::from_value::<Flux1Config>(
+        serde_json::json!({ "checkpoint": "x", "device": "tpu" }),
+    );
+    assert!(bad
+        .unwrap_err()
+        .to_string()
+        .contains("expected cpu, cuda or cuda:N"));
 }
 
 #[test]

@@ -63,16 +63,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs_of(&(a - b).unwrap())
 }
 
 fn max_abs_of(a: &Tensor) -> f32 {
