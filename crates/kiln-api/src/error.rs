@@ -17,7 +17,7 @@ const QUEUE_FULL_RETRY_AFTER_S: u64 = 10;
 const DRAINING_RETRY_AFTER_S: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error(transparent)]
     UnknownModel(#[from] UnknownRoute),
     #[error("no engine is configured for model '{route}' on this server (it serves: {served}); ask the operator to configure one, or use a served model")]
@@ -66,7 +66,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// The table: every error's HTTP status and six-digit code.
-    pub fn status_and_code(&self) -> (StatusCode, u32) {
+    pub(crate) fn status_and_code(&self) -> (StatusCode, u32) {
         use ApiError::*;
         match self {
             UnknownModel(_) | ModelNotServed { .. } | MalformedRequestId(_) => {

@@ -2,7 +2,7 @@
 //! `kiln-core`.
 //!
 //! # Layout
-//! - [`state`]: [`ApiSettings`] (what the binary configures) and [`AppState`] (what handlers share).
+//! - `state`: [`ApiSettings`] (what the binary configures) and [`AppState`] (what handlers share).
 //! - [`auth`]: API tokens (minting, hashing) and the bearer-token extractor.
 //! - [`inputs`]: each model's input schema; [`inputs::parse_input`] validates a body into
 //!   generation parameters (the HTTP submit and `kiln generate` both use it).
@@ -13,7 +13,7 @@
 //! - `openapi`: the generated OpenAPI document.
 //! - `metrics`: Prometheus metrics and the HTTP metrics middleware.
 //! - `rate_limit`: per-key token buckets for submits.
-//! - `error`: [`ApiError`], the layer's one error type, and its table of statuses and codes.
+//! - `error`: `ApiError`, the layer's one error type, and its table of statuses and codes.
 //! - `wire`: the JSON bodies of the API.
 //!
 //! [`router`] assembles the endpoints and layers; [`serve`] runs them until a shutdown signal.
@@ -30,10 +30,9 @@ mod openapi;
 mod ops;
 mod rate_limit;
 mod requests;
-pub mod state;
+mod state;
 mod wire;
 
-pub use error::ApiError;
 pub use state::{ApiSettings, AppState};
 
 use axum::extract::{DefaultBodyLimit, Request};

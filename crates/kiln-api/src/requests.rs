@@ -13,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use kiln_core::ids::{MalformedRequestId, RequestId};
-use kiln_core::job::{JobState, JobView};
+use kiln_core::job::{CancelOutcome, JobState, JobView};
 
 /// The request id in the path. Not a UUID: 400001. A UUID that names no visible request:
 /// 404001, whether it is unknown, expired or another token's.
@@ -148,9 +148,11 @@ pub(crate) async fn cancel(
         .cancel(caller.0, id)
         .await?
         .ok_or(ApiError::RequestNotFound)?;
-    // The state after the call: a job that was not cancellable may have moved on since.
-    let view = visible_job(&state, caller, id).await?;
-    let status: RequestStatus = view.job.state.into();
+    let status = match outcome {
+        CancelOutcome::Cancelled => RequestStatus::Cancelled,
+        // Running or finished: read the state now, it may have moved on since.
+        CancelOutcome::NotCancellable => visible_job(&state, caller, id).await?.job.state.into(),
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(CancelResponse {

@@ -1,0 +1,196 @@
+//! The catalog, schemas, OpenAPI document, health, metrics, and answers for unknown routes.
+
+use crate::harness::{TestServer, FLEX, PRO};
+use kiln_core::catalog::Route;
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn health_and_readiness_need_no_token() {
+    let server = TestServer::start().await;
+    let health = server.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(health.ok()["status"], "ok");
+    let ready = server.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.ok()["status"], "ready");
+}
+
+#[tokio::test]
+async fn the_catalog_lists_both_models_and_which_are_served() {
+    let server =
+        TestServer::start_with(|s| s.served_routes = vec![Route::Flux2FlexTextToImage]).await;
+    let answer = server.call(Method::GET, "/v1/models", None, None).await;
+    let models = answer.ok()["models"].as_array().unwrap().clone();
+    assert_eq!(models.len(), 2);
+    let pro = models.iter().find(|m| m["id"] == PRO).unwrap();
+    let flex = models.iter().find(|m| m["id"] == FLEX).unwrap();
+    assert_eq!(
+        (pro["served"].clone(), flex["served"].clone()),
+        (json!(false), json!(true))
+    );
+    assert_eq!(pro["family"], "flux1");
+    assert_eq!(flex["title"], "FLUX.2 [flex] text-to-image");
+    // The schema URL works as given.
+    let schema = server
+        .call(
+            Method::GET,
+            flex["schema_url"].as_str().unwrap(),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(schema.ok()["model_id"], FLEX);
+}
+
+#[tokio::test]
+async fn each_model_serves_its_input_and_output_schema() {
+    let server = TestServer::start().await;
+    let answer = server
+        .call(Method::GET, &format!("/v1/models/{PRO}/schema"), None, None)
+        .await;
+    let body = answer.ok();
+    let input = &body["input"];
+    assert_eq!(input["required"], json!(["prompt"]));
+    assert_eq!(input["properties"]["image_size"]["default"], "16:9");
+    assert_eq!(input["properties"]["seed"]["default"], 81_048_285);
+    let order: Vec<&String> = input["properties"].as_object().unwrap().keys().collect();
+    assert_eq!(order.len(), 6);
+    assert!(
+        body["output"]["properties"]["images"].is_object(),
+        "{}",
+        body["output"]
+    );
+
+    let flex = server
+        .call(
+            Method::GET,
+            &format!("/v1/models/{FLEX}/schema"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        flex.ok()["input"]["properties"]["num_inference_steps"]["maximum"],
+        50
+    );
+
+    let unknown = server
+        .call(Method::GET, "/v1/models/acme/nope/schema", None, None)
+        .await;
+    unknown.error(400, 400001);
+    let not_an_endpoint = server
+        .call(Method::GET, &format!("/v1/models/{FLEX}"), None, None)
+        .await;
+    not_an_endpoint.error(404, 404001);
+}
+
+#[tokio::test]
+async fn the_openapi_document_has_every_endpoint_and_both_input_schemas() {
+    let server = TestServer::start().await;
+    let answer = server.call(Method::GET, "/openapi.json", None, None).await;
+    let doc = answer.ok();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let schemas = &doc["components"]["schemas"];
+    for name in [
+        "Flux11ProInput",
+        "Flux2FlexInput",
+        "ErrorBody",
+        "SubmitResponse",
+        "StatusResponse",
+        "ResultResponse",
+    ] {
+        assert!(schemas[name].is_object(), "{name} missing");
+    }
+    assert_eq!(
+        schemas["Flux11ProInput"]["properties"]["raw"]["title"],
+        "Raw Mode"
+    );
+    let paths = &doc["paths"];
+    for (model, schema) in [(PRO, "Flux11ProInput"), (FLEX, "Flux2FlexInput")] {
+        let submit = &paths[format!("/v1/models/{model}")]["post"];
+        assert_eq!(
+            submit["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            format!("#/components/schemas/{schema}")
+        );
+        assert!(paths[format!("/v1/models/{model}/schema")]["get"].is_object());
+    }
+    assert!(paths.get("/v1/models/{model_id}").is_none());
+    for path in [
+        "/v1/requests/{request_id}/status",
+        "/v1/requests/{request_id}/result",
+        "/files/{key}",
+        "/metrics",
+    ] {
+        assert!(paths[path].is_object(), "{path} missing");
+    }
+    assert!(paths["/v1/requests/{request_id}/cancel"]["post"]["responses"]["202"].is_object());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
+
+#[tokio::test]
+async fn metrics_report_jobs_by_state_and_http_requests() {
+    let server = TestServer::start().await;
+    server.submit_ok().await;
+    server.submit_ok().await;
+    server.claim().await;
+    let response = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for line in [
+        "kiln_jobs{state=\"queued\"} 1",
+        "kiln_jobs{state=\"running\"} 1",
+        "kiln_jobs{state=\"succeeded\"} 0",
+        "kiln_queue_depth 1",
+        "kiln_http_requests_total{method=\"POST\",route=\"/v1/models/{*model_id}\",status=\"200\"} 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("kiln_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_in_the_error_format() {
+    let server = TestServer::start().await;
+    server
+        .call(Method::GET, "/v2/anything", None, None)
+        .await
+        .error(404, 404001);
+    let id = server.submit_ok().await;
+    let wrong_method = server.get(&format!("/v1/requests/{id}/cancel")).await;
+    wrong_method.error(405, 405001);
+}
+
+#[tokio::test]
+async fn request_ids_are_generated_or_echoed() {
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let generated = response.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(generated.len(), 36, "{generated}");
+    let response = server
+        .client
+        .get(server.url("/healthz"))
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-me-1");
+}

@@ -1,0 +1,354 @@
+//! POST /v1/models/{model_id}: submitting, validation, limits, idempotency.
+
+use crate::harness::{TestServer, FLEX, PRO};
+use kiln_core::catalog::Route;
+use kiln_core::ids::RequestId;
+use kiln_core::job::JobState;
+use kiln_core::params::ImageSize;
+use kiln_core::store::JobStore;
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_submit_is_queued_durably_and_answers_absolute_urls() {
+    let server = TestServer::start().await;
+    let answer = server
+        .submit(
+            PRO,
+            json!({"prompt": "a lighthouse", "image_size": "1:1", "seed": 7}),
+        )
+        .await;
+    let body = answer.ok();
+    let id: RequestId = body["request_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        body["status_url"],
+        server.url(&format!("/v1/requests/{id}/status"))
+    );
+    assert_eq!(
+        body["result_url"],
+        server.url(&format!("/v1/requests/{id}/result"))
+    );
+    assert_eq!(
+        body["cancel_url"],
+        server.url(&format!("/v1/requests/{id}/cancel"))
+    );
+
+    let job = server
+        .store
+        .get(server.owner, id)
+        .await
+        .unwrap()
+        .expect("stored")
+        .job;
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.route, Route::Flux11ProTextToImage);
+    assert_eq!(
+        job.params.size,
+        ImageSize {
+            width: 1024,
+            height: 1024
+        }
+    );
+    assert_eq!(job.params.seed, 7);
+    assert_eq!(job.params.prompt.as_str(), "a lighthouse");
+}
+
+#[tokio::test]
+async fn unknown_models_are_400001_naming_the_known_ones() {
+    let server = TestServer::start().await;
+    let answer = server
+        .submit(
+            "blackforestlabs/flux-9/text-to-image",
+            json!({"prompt": "x"}),
+        )
+        .await;
+    let message = answer.error(400, 400001)["error_message"].as_str().unwrap();
+    assert!(message.contains(PRO) && message.contains(FLEX), "{message}");
+}
+
+#[tokio::test]
+async fn models_without_an_engine_here_are_400001_saying_so() {
+    let server =
+        TestServer::start_with(|s| s.served_routes = vec![Route::Flux11ProTextToImage]).await;
+    let answer = server.submit(FLEX, json!({"prompt": "x"})).await;
+    let message = answer.error(400, 400001)["error_message"].as_str().unwrap();
+    assert!(
+        message.contains("no engine is configured for model"),
+        "{message}"
+    );
+    assert!(message.contains(FLEX) && message.contains(PRO), "{message}");
+    server.submit(PRO, json!({"prompt": "x"})).await.ok();
+}
+
+#[tokio::test]
+async fn schema_violations_are_422001_listing_every_field() {
+    let server = TestServer::start().await;
+    let input = json!({"prompt": "x", "image_size": {"width": 5000, "height": 512}, "num_inference_steps": "many", "colour": 1});
+    let answer = server.submit(FLEX, input).await;
+    let detail = answer.error(422, 422001)["detail"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let fields: Vec<&str> = detail
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["image_size.width", "num_inference_steps", "colour"]
+    );
+    assert_eq!(detail[0]["value"], json!(5000));
+    assert!(
+        detail[0]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("between 64 and 2048"),
+        "{}",
+        detail[0]
+    );
+    assert!(
+        detail[2]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("allowed fields: prompt, image_size"),
+        "{}",
+        detail[2]
+    );
+
+    let answer = server.submit(PRO, json!({})).await;
+    assert_eq!(answer.error(422, 422001)["detail"][0]["field"], "prompt");
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_json_objects_are_422001() {
+    let server = TestServer::start().await;
+    for body in ["{\"prompt\": ", "prompt=a cat", ""] {
+        let response = server
+            .client
+            .post(server.url(&format!("/v1/models/{FLEX}")))
+            .bearer_auth(&server.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{body:?}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error_code"], 422001);
+        assert_eq!(error["detail"][0]["field"], "body");
+    }
+    let answer = server
+        .post(&format!("/v1/models/{FLEX}"), Some(&json!(["a cat"])))
+        .await;
+    assert_eq!(
+        answer.error(422, 422001)["detail"][0]["rule"],
+        "must be a JSON object"
+    );
+}
+
+#[tokio::test]
+async fn a_json_body_is_read_whatever_its_content_type_says() {
+    // `curl -d` sends form encoding by default; the body is what counts.
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .post(server.url(&format!("/v1/models/{FLEX}")))
+        .bearer_auth(&server.token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"prompt": "a cat"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413001() {
+    let server = TestServer::start_with(|s| s.max_body_bytes = 1024).await;
+    let answer = server
+        .submit(FLEX, json!({"prompt": "x".repeat(2000)}))
+        .await;
+    let message = answer.error(413, 413001)["error_message"].as_str().unwrap();
+    assert!(message.contains("1024"), "{message}");
+    server
+        .submit(FLEX, json!({"prompt": "x".repeat(900)}))
+        .await
+        .ok();
+}
+
+#[tokio::test]
+async fn prompts_over_the_configured_length_are_422001() {
+    let server = TestServer::start_with(|s| s.max_prompt_chars = 10).await;
+    let answer = server
+        .submit(PRO, json!({"prompt": "a very long prompt"}))
+        .await;
+    let rule = answer.error(422, 422001)["detail"][0]["rule"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        rule,
+        "must be at most 10 characters after trimming (got 18)"
+    );
+}
+
+#[tokio::test]
+async fn submits_beyond_the_rate_are_429001_with_retry_after() {
+    let server = TestServer::start_with(|s| {
+        s.rate_limit_per_minute = 1;
+        s.rate_limit_burst = 2;
+    })
+    .await;
+    server.submit_ok().await;
+    server.submit_ok().await;
+    let answer = server.submit(FLEX, json!({"prompt": "x"})).await;
+    answer.error(429, 429001);
+    assert!(answer.retry_after() >= 1);
+    // Another key has its own bucket.
+    let (bob, _) = server.add_key("bob").await;
+    let other = server
+        .call(
+            Method::POST,
+            &format!("/v1/models/{FLEX}"),
+            Some(&bob),
+            Some(&json!({"prompt": "x"})),
+        )
+        .await;
+    other.ok();
+}
+
+#[tokio::test]
+async fn a_full_queue_is_503001_with_retry_after() {
+    let server = TestServer::start_with(|s| s.max_queued = 2).await;
+    server.submit_ok().await;
+    server.submit_ok().await;
+    let answer = server.submit(FLEX, json!({"prompt": "x"})).await;
+    answer.error(503, 503001);
+    assert!(answer.retry_after() >= 1);
+    // A claimed job no longer waits: there is room again.
+    server.claim().await;
+    server.submit_ok().await;
+}
+
+#[tokio::test]
+async fn a_draining_server_refuses_submits_with_503001_and_is_not_ready() {
+    let server = TestServer::start().await;
+    let id = server.submit_ok().await;
+    server.state.begin_draining();
+    let answer = server.submit(FLEX, json!({"prompt": "x"})).await;
+    answer.error(503, 503001);
+    assert!(answer.retry_after() >= 1);
+    let ready = server.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.body["status"], "draining");
+    // Accepted work can still be polled.
+    server.status_of(id).await.ok();
+}
+
+mod idempotency {
+    use super::*;
+    use crate::harness::Answer;
+
+    async fn submit_with_key(
+        server: &TestServer,
+        token: &str,
+        key: &str,
+        input: serde_json::Value,
+    ) -> Answer {
+        let response = server
+            .client
+            .post(server.url(&format!("/v1/models/{FLEX}")))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(&input)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        Answer {
+            status,
+            headers,
+            body: response.json().await.unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_answers_the_original_request() {
+        let server = TestServer::start().await;
+        let first = submit_with_key(
+            &server,
+            &server.token,
+            "order-42",
+            json!({"prompt": "a cat"}),
+        )
+        .await;
+        // Spelling out a default is the same request.
+        let again = submit_with_key(
+            &server,
+            &server.token,
+            "order-42",
+            json!({"prompt": "a cat", "seed": 0}),
+        )
+        .await;
+        assert_eq!(first.ok(), again.ok());
+        let counts = server.store.state_counts().await.unwrap();
+        assert_eq!(
+            counts
+                .counts
+                .iter()
+                .find(|(s, _)| *s == JobState::Queued)
+                .map(|(_, n)| *n),
+            Some(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_for_another_input_is_422001() {
+        let server = TestServer::start().await;
+        submit_with_key(
+            &server,
+            &server.token,
+            "order-42",
+            json!({"prompt": "a cat"}),
+        )
+        .await
+        .ok();
+        let answer = submit_with_key(
+            &server,
+            &server.token,
+            "order-42",
+            json!({"prompt": "a dog"}),
+        )
+        .await;
+        assert_eq!(
+            answer.error(422, 422001)["detail"][0]["field"],
+            "Idempotency-Key"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_are_scoped_to_their_token() {
+        let server = TestServer::start().await;
+        let (bob, _) = server.add_key("bob").await;
+        let alice = submit_with_key(&server, &server.token, "k", json!({"prompt": "a cat"})).await;
+        let bob = submit_with_key(&server, &bob, "k", json!({"prompt": "a cat"})).await;
+        assert_ne!(alice.ok()["request_id"], bob.ok()["request_id"]);
+    }
+
+    #[tokio::test]
+    async fn malformed_keys_are_422001() {
+        let server = TestServer::start().await;
+        let answer = submit_with_key(
+            &server,
+            &server.token,
+            &"k".repeat(256),
+            json!({"prompt": "a cat"}),
+        )
+        .await;
+        assert_eq!(
+            answer.error(422, 422001)["detail"][0]["field"],
+            "Idempotency-Key"
+        );
+    }
+}
