@@ -1,10 +1,11 @@
-//! Encoding a generated image in the requested format.
+//! Encoding a generated image as the requested file format. Every layer that writes an image
+//! file (the worker, `kiln generate`, the engine's own CLI) uses this one function.
 
+use crate::engine::RgbImage;
+use crate::params::OutputFormat;
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder};
-use kiln_core::engine::RgbImage;
-use kiln_core::params::OutputFormat;
 
 /// JPEG quality: visually lossless for generated images at about a tenth of PNG's size.
 const JPEG_QUALITY: u8 = 92;

@@ -5,6 +5,7 @@
 //! - [`catalog`]: the routes kiln serves (the hosted API's model ids) and what each takes.
 //! - [`params`]: validated generation parameters, the only form in which a request reaches a worker.
 //! - [`job`]: a job's record and life cycle (queued, running, succeeded, failed, cancelled).
+//! - [`image_file`]: encoding an [`engine::RgbImage`] as JPEG or PNG.
 //! - [`engine`]: the [`engine::Engine`] trait the FLUX engines implement and the worker drives.
 //! - [`store`]: the [`store::JobStore`] and [`store::KeyStore`] traits (SQLite, PostgreSQL).
 //! - [`blob`]: the [`blob::BlobStore`] trait (local directory, S3-compatible).
@@ -16,6 +17,7 @@ pub mod blob;
 pub mod catalog;
 pub mod engine;
 pub mod ids;
+pub mod image_file;
 pub mod job;
 pub mod params;
 pub mod store;

@@ -21,8 +21,6 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("image encoding: {0}")]
-    Image(#[from] image::ImageError),
     /// The step observer asked to stop.
     #[error("generation interrupted")]
     Interrupted,

@@ -1,35 +1,8 @@
-//! Pixels in and out: decoder output to 8-bit RGB, RGB to JPEG/PNG, latents to a preview.
+//! Pixels out: decoder output to 8-bit RGB, latents to a preview.
 
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
-use image::codecs::jpeg::JpegEncoder;
-use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, ImageEncoder};
 use kiln_core::engine::RgbImage;
-use kiln_core::params::OutputFormat;
-
-/// JPEG quality of results: visually lossless at a third of PNG's size.
-const JPEG_QUALITY: u8 = 90;
-
-/// Encodes an image as the response's file format.
-pub fn encode_image(image: &RgbImage, format: OutputFormat) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    match format {
-        OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY).write_image(
-            &image.pixels,
-            image.width,
-            image.height,
-            ExtendedColorType::Rgb8,
-        )?,
-        OutputFormat::Png => PngEncoder::new(&mut out).write_image(
-            &image.pixels,
-            image.width,
-            image.height,
-            ExtendedColorType::Rgb8,
-        )?,
-    }
-    Ok(out)
-}
 
 /// `(1, 3, H, W)` in [-1, 1] to 8-bit RGB as diffusers' image processor does it: `x / 2 + 0.5`
 /// clamped in the tensor's dtype, then `round(255 x)` in f32.
@@ -109,22 +82,6 @@ pub(crate) fn preview(latents: &Tensor) -> Result<Option<RgbImage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn encodes_both_formats() {
-        let img = RgbImage {
-            width: 4,
-            height: 2,
-            pixels: (0..24).map(|i| (i * 10) as u8).collect(),
-        };
-        let png = encode_image(&img, OutputFormat::Png).unwrap();
-        assert_eq!(&png[..4], b"\x89PNG");
-        let decoded = image::load_from_memory(&png).unwrap().to_rgb8();
-        assert_eq!(decoded.as_raw(), &img.pixels);
-        let jpeg = encode_image(&img, OutputFormat::Jpeg).unwrap();
-        assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
-        assert_eq!(image::load_from_memory(&jpeg).unwrap().width(), 4);
-    }
 
     #[test]
     fn preview_of_zero_latents_is_the_bias_colour() {

@@ -15,7 +15,7 @@
 //! - `transformer`: the FLUX.1 transformer, RoPE in f32.
 //! - `vae`: the autoencoder's decoder.
 //! - [`sampling`]: noise, packing, the shifted schedule, Euler steps.
-//! - `image_io`: RGB from the decoder, JPEG/PNG encoding, latent previews.
+//! - `image_io`: RGB from the decoder, latent previews (encoding is `kiln_core::image_file`).
 //! - [`pipeline`]: [`Flux1Pipeline`], loading and running a whole generation.
 //! - `engine`: [`Flux1Engine`] and its configuration (defaults, raw mode).
 //! - `error`: the crate's [`Error`].
@@ -39,7 +39,6 @@ pub use checkpoint::{CheckpointFiles, Layout, WeightFormat};
 pub use clip::ClipTextConfig;
 pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
 pub use error::{Error, Result};
-pub use image_io::encode_image;
 pub use pipeline::{
     read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress,
     PipelineOutput, PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,

@@ -3,7 +3,8 @@
 
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
-use kiln_engine::{encode_image, CheckpointFiles, Error, Flux1Config, Flux1Engine, RawModeConfig};
+use kiln_core::image_file::encode_image;
+use kiln_engine::{CheckpointFiles, Error, Flux1Config, Flux1Engine, RawModeConfig};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 

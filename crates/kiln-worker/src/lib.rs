@@ -4,14 +4,12 @@
 //! - [`pool`]: [`run_pool`], N worker slots claiming jobs until the shutdown token fires.
 //! - `run`: one job from lease to terminal state (engine on a blocking thread, heartbeats,
 //!   panics caught, image encoded and stored, job finished under its fencing token).
-//! - [`encode`]: RGB to JPEG/PNG bytes.
 //! - [`maintenance`]: the periodic sweep (jobs abandoned by dead workers, expired records and files).
 //! - `metrics`: Prometheus series the worker records (in the default registry).
 //!
 //! The worker knows the engine only as [`kiln_core::engine::Engine`], the store only as
 //! [`kiln_core::store::JobStore`] and the files only as [`kiln_core::blob::BlobStore`].
 
-pub mod encode;
 pub mod maintenance;
 mod metrics;
 pub mod pool;

@@ -5,12 +5,12 @@
 //! failed (with a code and a message the user can act on), released (shutdown: back to the
 //! queue), or left to its lease (this worker was fenced off: another one owns the job now).
 
-use crate::encode::encode_image;
 use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
 use crate::pool::WorkerContext;
 use kiln_core::blob::Blob;
 use kiln_core::engine::{EngineError, GeneratedImage, StepEvent, StepObserver};
 use kiln_core::ids::BlobKey;
+use kiln_core::image_file::encode_image;
 use kiln_core::job::{JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
 use kiln_core::store::{Lease, StoreError};
 use std::ops::ControlFlow;

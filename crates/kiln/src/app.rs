@@ -1,0 +1,156 @@
+//! The running service: stores, HTTP API, worker pool and sweeper, started and stopped together.
+
+use crate::config::Settings;
+use anyhow::Context;
+use kiln_api::{ApiSettings, AppState};
+use kiln_blob::LocalBlobStore;
+use kiln_core::blob::BlobStore;
+use kiln_core::store::{JobStore, KeyStore};
+use kiln_store::SqliteStore;
+use kiln_worker::maintenance::run_sweeper;
+use kiln_worker::{run_pool, EngineSet, WorkerSettings};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The three stores every command works with.
+#[derive(Clone)]
+pub struct Stores {
+    pub jobs: Arc<dyn JobStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub blobs: Arc<dyn BlobStore>,
+}
+
+/// Opens the configured stores (creating the data directory on a first start).
+pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
+    let sqlite = Arc::new(SqliteStore::open(&settings.database_path()).await?);
+    let blobs = Arc::new(LocalBlobStore::new(settings.blob_dir())?);
+    Ok(Stores { jobs: sqlite.clone(), keys: sqlite, blobs })
+}
+
+/// The key that signs file URLs: configured, or created once in the data directory.
+fn signing_key(settings: &Settings) -> anyhow::Result<Vec<u8>> {
+    if let Some(hex_key) = &settings.signing_key {
+        let key = hex::decode(hex_key).context("signing_key must be hex")?;
+        anyhow::ensure!(key.len() >= 32, "signing_key must be at least 32 bytes (64 hex digits)");
+        return Ok(key);
+    }
+    let path = settings.data_dir.join("signing.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            write_private(&path, &hex::encode(key))?;
+            Ok(key.to_vec())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes a secret readable by the owner only.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+pub fn worker_settings(settings: &Settings) -> WorkerSettings {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "kiln".to_string());
+    WorkerSettings {
+        name: format!("{host}-{}", std::process::id()),
+        slots: settings.workers.slots,
+        lease: Duration::from_secs(settings.workers.lease_secs),
+        max_attempts: settings.workers.max_attempts,
+        poll_interval: Duration::from_millis(settings.workers.poll_interval_ms),
+        drain_timeout: Duration::from_secs(settings.workers.drain_timeout_secs),
+    }
+}
+
+/// A bound, ready service. Build it, read its address, then [`Application::run`] it.
+pub struct Application {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: AppState,
+    stores: Stores,
+    engines: EngineSet,
+    settings: Settings,
+}
+
+impl Application {
+    /// Opens the stores and binds the listener (`bind` port 0 picks a free port).
+    pub async fn build(settings: Settings, engines: EngineSet) -> anyhow::Result<Self> {
+        let stores = open_stores(&settings).await?;
+        let listener =
+            TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
+        let address = listener.local_addr()?;
+        let public_url = settings.public_url.clone().unwrap_or_else(|| format!("http://{address}"));
+        let mut served_routes = settings.configured_routes();
+        served_routes.extend(engines.routes());
+        served_routes.sort();
+        served_routes.dedup();
+        let limits = &settings.limits;
+        let api = ApiSettings {
+            public_url,
+            signing_key: signing_key(&settings)?,
+            retention: settings.retention(),
+            max_body_bytes: limits.max_body_bytes,
+            max_prompt_chars: limits.max_prompt_chars,
+            max_queued: limits.max_queued,
+            rate_limit_per_minute: limits.rate_limit_per_minute,
+            rate_limit_burst: limits.rate_limit_burst,
+            idempotency_window: Duration::from_secs(settings.idempotency_hours * 3600),
+            served_routes,
+        };
+        let state = AppState::new(stores.jobs.clone(), stores.keys.clone(), stores.blobs.clone(), api);
+        Ok(Self { listener, address, state, stores, engines, settings })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// Serves until `shutdown` fires, then drains: submits answer 503001, open HTTP requests
+    /// finish, running jobs finish within the drain timeout or go back to the queue.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Stores { jobs, blobs, .. } = self.stores.clone();
+        let sweeper = tokio::spawn(run_sweeper(
+            jobs.clone(),
+            blobs.clone(),
+            self.settings.workers.max_attempts,
+            Duration::from_secs(self.settings.sweep_interval_secs),
+            shutdown.clone(),
+        ));
+        let workers = (self.settings.workers.slots > 0).then(|| {
+            tokio::spawn(run_pool(
+                jobs,
+                blobs,
+                self.engines.clone(),
+                worker_settings(&self.settings),
+                shutdown.clone(),
+            ))
+        });
+        tracing::info!(address = %self.address, "kiln is listening");
+        let served = kiln_api::serve(self.listener, self.state, shutdown.clone().cancelled_owned()).await;
+        shutdown.cancel();
+        if let Some(workers) = workers {
+            workers.await.context("worker pool")?;
+        }
+        sweeper.await.context("sweeper")?;
+        served.context("HTTP server")
+    }
+}

@@ -1,0 +1,184 @@
+//! The commands of the `kiln` binary. Each reads the same [`Settings`].
+
+use crate::app::{open_stores, worker_settings, Application, Stores};
+use crate::config::Settings;
+use crate::engines::load_engines;
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_api::auth::{hash_token, new_token, token_prefix};
+use kiln_api::inputs::parse_input;
+use kiln_core::catalog::Route;
+use kiln_core::engine::{StepEvent, StepObserver};
+use kiln_core::params::OutputFormat;
+use kiln_worker::maintenance::run_sweeper;
+use kiln_worker::run_pool;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// `kiln serve`: the HTTP API with an in-process worker pool.
+pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let engines = load_engines_blocking(&settings).await?;
+    if engines.routes().is_empty() && settings.workers.slots > 0 {
+        tracing::warn!(
+            "no model has a checkpoint configured: submits will be refused until one is \
+             (see README, \"Configuring models\")"
+        );
+    }
+    let app = Application::build(settings, engines).await?;
+    bootstrap_first_key(app.stores()).await?;
+    app.run(shutdown).await
+}
+
+/// Loads the engines on a blocking thread: the async threads keep serving signals meanwhile.
+async fn load_engines_blocking(settings: &Settings) -> anyhow::Result<kiln_worker::EngineSet> {
+    let settings = settings.clone();
+    Ok(tokio::task::spawn_blocking(move || load_engines(&settings)).await??)
+}
+
+/// On a first start (no key at all), creates one and shows it once.
+async fn bootstrap_first_key(stores: &Stores) -> anyhow::Result<()> {
+    if stores.keys.key_count().await? > 0 {
+        return Ok(());
+    }
+    let token = create_key(stores, "default").await?;
+    println!(
+        "\nkiln: first start, so an API key named 'default' was created. It is shown only this once:\n\n    \
+         {token}\n\nUse it as `Authorization: Bearer <key>`. Manage keys with `kiln keys create|list|revoke`.\n"
+    );
+    Ok(())
+}
+
+async fn create_key(stores: &Stores, name: &str) -> anyhow::Result<String> {
+    let token = new_token();
+    stores.keys.insert_key(name, &hash_token(&token), &token_prefix(&token)).await?;
+    Ok(token)
+}
+
+/// `kiln worker`: workers only, no HTTP listener.
+pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(settings.workers.slots > 0, "workers.slots is 0: a worker with no slots would do nothing");
+    let engines = load_engines_blocking(&settings).await?;
+    anyhow::ensure!(
+        !engines.routes().is_empty(),
+        "no model has a checkpoint configured, so this worker could take no job (see README, \"Configuring models\")"
+    );
+    let Stores { jobs, blobs, .. } = open_stores(&settings).await?;
+    let sweeper = tokio::spawn(run_sweeper(
+        jobs.clone(),
+        blobs.clone(),
+        settings.workers.max_attempts,
+        Duration::from_secs(settings.sweep_interval_secs),
+        shutdown.clone(),
+    ));
+    run_pool(jobs, blobs, engines, worker_settings(&settings), shutdown).await;
+    sweeper.await?;
+    Ok(())
+}
+
+pub enum KeysAction {
+    Create { name: String },
+    List,
+    Revoke { name: String },
+}
+
+/// `kiln keys create|list|revoke`.
+pub async fn keys(settings: Settings, action: KeysAction) -> anyhow::Result<()> {
+    let stores = open_stores(&settings).await?;
+    match action {
+        KeysAction::Create { name } => {
+            anyhow::ensure!(
+                !name.trim().is_empty() && name.len() <= 64,
+                "--name must be 1 to 64 characters"
+            );
+            let token = create_key(&stores, &name).await?;
+            println!("{token}");
+            eprintln!("Created key '{name}'. This is the only time the token is shown: store it now.");
+        }
+        KeysAction::List => {
+            println!("{:<24} {:<14} {:<22} {}", "NAME", "PREFIX", "CREATED", "REVOKED");
+            for key in stores.keys.list_keys().await? {
+                let fmt = |t: time::OffsetDateTime| {
+                    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+                };
+                println!(
+                    "{:<24} {:<14} {:<22} {}",
+                    key.name,
+                    format!("{}…", key.prefix),
+                    fmt(key.created_at),
+                    key.revoked_at.map(fmt).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        KeysAction::Revoke { name } => {
+            let key = stores.keys.revoke_key(&name).await?;
+            println!("Revoked key '{}'; requests with it now answer 401.", key.name);
+        }
+    }
+    Ok(())
+}
+
+/// What `kiln generate --model ID` is asked to make.
+pub struct GenerateRequest {
+    pub route: String,
+    /// The route's input as JSON (exactly what the API takes).
+    pub input: serde_json::Value,
+    pub output: PathBuf,
+}
+
+/// `kiln generate --model ID --input JSON -o FILE`: one generation, locally, no server.
+pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<()> {
+    let route: Route = request.route.parse()?;
+    let mut params = parse_input(route, &request.input, settings.limits.max_prompt_chars)?;
+    if let Some(format) = format_of_path(&request.output) {
+        params.output_format = format;
+    }
+    let engines = load_engines(&settings)?;
+    let engine = engines.get(route).with_context(|| {
+        format!("no checkpoint is configured for {route}: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
+    })?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} ({eta} left)")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let generated = engine.generate(&params, &mut BarObserver(bar.clone()))?;
+    bar.finish_and_clear();
+    let bytes = kiln_core::image_file::encode_image(&generated.image, params.output_format)?;
+    std::fs::write(&request.output, bytes).with_context(|| format!("writing {}", request.output.display()))?;
+    eprintln!(
+        "wrote {} ({}x{}, {} steps, seed {}) in {:.1}s",
+        request.output.display(),
+        generated.image.width,
+        generated.image.height,
+        generated.applied.num_inference_steps,
+        params.seed,
+        started.elapsed().as_secs_f64()
+    );
+    for note in &generated.applied.notes {
+        eprintln!("note: {note}");
+    }
+    Ok(())
+}
+
+/// The format a file name asks for, when its extension names one.
+fn format_of_path(path: &Path) -> Option<OutputFormat> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "png" => Some(OutputFormat::Png),
+        "jpg" | "jpeg" => Some(OutputFormat::Jpeg),
+        _ => None,
+    }
+}
+
+struct BarObserver(ProgressBar);
+
+impl StepObserver for BarObserver {
+    fn on_step(&mut self, event: StepEvent<'_>) -> ControlFlow<()> {
+        self.0.set_length(u64::from(event.total));
+        self.0.set_position(u64::from(event.step));
+        ControlFlow::Continue(())
+    }
+}

@@ -1,0 +1,274 @@
+//! kiln's one typed configuration, read the same way by every command.
+//!
+//! Layers, later ones winning: built-in defaults → a TOML file (`--config FILE`, `KILN_CONFIG`,
+//! or `./kiln.toml` when present) → `KILN_…` environment variables (nested keys with `__`, e.g.
+//! `KILN_WORKERS__SLOTS=2`) → command-line flags. Unknown keys are refused, so a typo never
+//! silently does nothing.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use kiln_engine::Flux1Config;
+use figment::Figment;
+use kiln_core::catalog::Route;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the HTTP server listens. Loopback unless told otherwise.
+    pub bind: SocketAddr,
+    /// The base of every URL in answers; `http://{bind}` when unset.
+    pub public_url: Option<String>,
+    /// The SQLite database, the images, and the URL-signing key live here.
+    pub data_dir: PathBuf,
+    /// Hex HMAC key for file URLs. Unset: generated once into `{data_dir}/signing.key`.
+    /// Several API nodes behind one balancer must share it.
+    pub signing_key: Option<String>,
+    /// `text` for people, `json` for log collectors.
+    pub log_format: LogFormat,
+    /// How long records and images are kept after a job ends, in hours.
+    pub retention_hours: u64,
+    /// How long an `Idempotency-Key` is remembered, in hours.
+    pub idempotency_hours: u64,
+    /// How often expired records are purged and abandoned jobs failed, in seconds.
+    pub sweep_interval_secs: u64,
+    pub limits: Limits,
+    pub workers: WorkerConfig,
+    /// Per route: the checkpoint that serves it and how to run it.
+    pub models: ModelsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_chars: usize,
+    /// Submits beyond this many waiting jobs answer 503001 with `Retry-After`.
+    pub max_queued: u64,
+    /// Submits per minute per token; 0 turns the limit off.
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// In-process worker slots of `kiln serve` (0: API only, for separate `kiln worker`s);
+    /// also the slots of `kiln worker`.
+    pub slots: usize,
+    pub lease_secs: u64,
+    pub max_attempts: u32,
+    pub poll_interval_ms: u64,
+    /// On shutdown, how long a running job may finish before it is released to the queue.
+    pub drain_timeout_secs: u64,
+}
+
+/// The `[models."ROUTE"]` tables: each names the checkpoint that serves a route, in the
+/// configuration type of that route's engine (its fields are documented in README.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    #[serde(rename = "blackforestlabs/flux-1-1-pro/text-to-image")]
+    pub flux11_pro: Option<Flux1Config>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            data_dir: PathBuf::from("kiln-data"),
+            signing_key: None,
+            log_format: LogFormat::Text,
+            retention_hours: 7 * 24,
+            idempotency_hours: 24,
+            sweep_interval_secs: 60,
+            limits: Limits {
+                max_body_bytes: 256 * 1024,
+                max_prompt_chars: 10_000,
+                max_queued: 1_000,
+                rate_limit_per_minute: 60,
+                rate_limit_burst: 10,
+            },
+            workers: WorkerConfig {
+                slots: 1,
+                lease_secs: 60,
+                max_attempts: 3,
+                poll_interval_ms: 250,
+                drain_timeout_secs: 30,
+            },
+            models: ModelsConfig::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Settings::default().limits
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Settings::default().workers
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Invalid(e.to_string())
+    }
+}
+
+/// Flags that override the file and the environment. `None` leaves a setting alone.
+#[derive(Debug, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--workers N`: the in-process worker slots.
+    #[serde(skip)]
+    pub worker_slots: Option<usize>,
+}
+
+impl Settings {
+    /// Reads the layers. `file` is the `--config` flag.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Self, ConfigError> {
+        let env_file = std::env::var_os("KILN_CONFIG").map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file).or_else(|| {
+            let local = PathBuf::from("kiln.toml");
+            local.exists().then_some(local)
+        });
+        let mut figment = Figment::new();
+        if let Some(file) = &file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("no configuration file at {}", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("KILN_").ignore(&["CONFIG"]).split("__"));
+        figment = figment.merge(Serialized::defaults(flags));
+        let mut settings: Settings = figment.extract()?;
+        if let Some(slots) = flags.worker_slots {
+            settings.workers.slots = slots;
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "public_url must start with http:// or https:// (got '{url}')"
+                )));
+            }
+        }
+        if self.workers.lease_secs < 3 {
+            return Err(ConfigError::Invalid("workers.lease_secs must be at least 3".into()));
+        }
+        Ok(())
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("kiln.db")
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        self.data_dir.join("files")
+    }
+
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours * 3600)
+    }
+
+    /// The routes a checkpoint is configured for.
+    pub fn configured_routes(&self) -> Vec<Route> {
+        let ModelsConfig { flux11_pro } = &self.models;
+        flux11_pro.iter().map(|_| Route::Flux11ProTextToImage).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_bind_loopback_and_keep_a_week() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            assert!(s.bind.ip().is_loopback());
+            assert_eq!(s.retention(), Duration::from_secs(7 * 24 * 3600));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "kiln.toml",
+                r#"
+                bind = "127.0.0.1:9000"
+                data_dir = "/from/file"
+                [workers]
+                slots = 4
+                [models."blackforestlabs/flux-1-1-pro/text-to-image"]
+                checkpoint = "/models/flux1-dev"
+                steps = 20
+                "#,
+            )?;
+            jail.set_env("KILN_DATA_DIR", "/from/env");
+            jail.set_env("KILN_WORKERS__MAX_ATTEMPTS", "5");
+            jail.set_env("KILN_PUBLIC_URL", "https://kiln.example.com");
+            let flags = FlagOverrides { bind: Some("0.0.0.0:7000".parse().unwrap()), worker_slots: Some(2), ..Default::default() };
+            let s = Settings::load(None, &flags).unwrap();
+            assert_eq!(s.bind.to_string(), "0.0.0.0:7000");
+            assert_eq!(s.data_dir, PathBuf::from("/from/env"));
+            assert_eq!((s.workers.slots, s.workers.max_attempts), (2, 5));
+            assert_eq!(s.public_url.as_deref(), Some("https://kiln.example.com"));
+            let model = s.models.flux11_pro.as_ref().unwrap();
+            assert_eq!((model.checkpoint.as_path(), model.steps), (Path::new("/models/flux1-dev"), Some(20)));
+            assert_eq!(s.configured_routes(), vec![Route::Flux11ProTextToImage]);
+            assert_eq!(s.limits.max_queued, 1_000, "a partial file keeps the other defaults");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "bnd = \"127.0.0.1:1\"")?;
+            let err = Settings::load(Some(Path::new("typo.toml")), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("bnd"), "{err}");
+            jail.create_file("model.toml", "[models.\"flux/none\"]\ncheckpoint = \"/x\"")?;
+            let err = Settings::load(Some(Path::new("model.toml")), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("flux/none"), "{err}");
+            let err = Settings::load(Some(Path::new("missing.toml")), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            jail.set_env("KILN_WORKERS__SLOTS", "many");
+            let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().to_lowercase().contains("workers.slots"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,17 @@
+//! The `kiln` binary's library: configuration, wiring, and the commands.
+//!
+//! # Layout
+//! - [`config`]: [`config::Settings`], the one typed configuration (defaults, TOML, `KILN_…`, flags).
+//! - [`app`]: [`app::Application`]: opens the stores, binds the listener, runs the HTTP API, the
+//!   in-process worker pool and the maintenance sweeper until its shutdown token fires.
+//! - [`engines`]: loads the engines the configuration names into a [`kiln_worker::EngineSet`].
+//! - [`commands`]: `serve`, `worker`, `keys`, `generate`.
+//! - [`telemetry`]: structured logs.
+//!
+//! `main.rs` only parses the command line, hands in the shutdown signal, and calls a command.
+
+pub mod app;
+pub mod commands;
+pub mod config;
+pub mod engines;
+pub mod telemetry;
