@@ -26,7 +26,7 @@ pub(super) const FIELD_TITLES: &[(&str, &str)] = &[
     ("raw", "Raw Mode"),
 ];
 
-/// The input of FLUX 1.1 [pro] text-to-image (`blackforestlabs/flux-1-1-pro/text-to-image`).
+/// The input of FLUX 1.1 Pro text-to-image (`blackforestlabs/flux-1-1-pro/text-to-image`).
 // `serde(...)` attributes here are read by `ToSchema` (it speaks serde's vocabulary); these
 // types are never deserialized by serde: `read` below collects every violation instead.
 #[derive(Debug, Clone, PartialEq, ToSchema)]

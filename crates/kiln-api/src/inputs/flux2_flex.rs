@@ -32,7 +32,7 @@ pub(super) const FIELD_TITLES: &[(&str, &str)] = &[
     ("num_inference_steps", "Number of Inference Steps"),
 ];
 
-/// The input of FLUX.2 [flex] text-to-image (`blackforestlabs/flux-2/flex/text-to-image`).
+/// The input of FLUX.2 Flex text-to-image (`blackforestlabs/flux-2/flex/text-to-image`).
 // `serde(...)` attributes here are read by `ToSchema` (it speaks serde's vocabulary); these
 // types are never deserialized by serde: `read` below collects every violation instead.
 #[derive(Debug, Clone, PartialEq, ToSchema)]
