@@ -8,7 +8,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api::auth::{hash_token, new_token, token_prefix};
 use kiln_api::inputs::parse_input;
 use kiln_core::catalog::Route;
-use kiln_core::engine::{StepEvent, StepObserver};
+use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
+use kiln_core::image_file::encode_image;
+use kiln_engine::{
+    read_latents, write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest,
+};
 use kiln_core::params::OutputFormat;
 use kiln_worker::maintenance::run_sweeper;
 use kiln_worker::run_pool;
@@ -138,30 +142,94 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
     let engine = engines.get(route).with_context(|| {
         format!("no checkpoint is configured for {route}: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
     })?;
+    let bar = step_bar();
+    let started = Instant::now();
+    let generated = engine.generate(&params, &mut BarObserver(bar.clone()))?;
+    bar.finish_and_clear();
+    write_image(&request.output, &generated.image, params.output_format)?;
+    report(&request.output, &generated.image, &generated.applied, u64::from(params.seed), started);
+    Ok(())
+}
+
+/// What `kiln generate --model-dir DIR` runs: a checkpoint directly, below the routes' schemas.
+pub struct DirectRequest {
+    pub model_dir: PathBuf,
+    pub options: EngineOptions,
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: Option<u32>,
+    pub guidance: Option<f32>,
+    pub seed: u64,
+    pub max_sequence_length: Option<usize>,
+    /// Initial packed noise (safetensors tensor `latents`), as diffusers' `latents=` takes it.
+    pub latents: Option<PathBuf>,
+    /// Where to write the final packed latents before the VAE (tensor `latents`).
+    pub dump_latents: Option<PathBuf>,
+    pub output: PathBuf,
+}
+
+/// `kiln generate --model-dir DIR ...`: for comparing kiln with other implementations.
+pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
+    let format = format_of_path(&request.output).unwrap_or_default();
+    let loading = ProgressBar::new_spinner();
+    let pipeline = Flux1Pipeline::load(&request.model_dir, &request.options, &mut |p: LoadProgress| {
+        loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
+        loading.tick();
+    })?;
+    loading.finish_and_clear();
+    eprintln!("loaded {}", pipeline.describe());
+    let initial_latents = request.latents.as_deref().map(read_latents).transpose()?;
+    let pipeline_request = PipelineRequest {
+        prompt: request.prompt,
+        width: request.width,
+        height: request.height,
+        steps: request.steps,
+        guidance: request.guidance,
+        seed: request.seed,
+        max_sequence_length: request.max_sequence_length,
+        initial_latents,
+        preview_interval: 0,
+    };
+    let bar = step_bar();
+    let started = Instant::now();
+    let output = pipeline.run(&pipeline_request, &mut BarObserver(bar.clone()))?;
+    bar.finish_and_clear();
+    if let Some(path) = &request.dump_latents {
+        write_latents(path, &output.final_latents)?;
+    }
+    write_image(&request.output, &output.image, format)?;
+    report(&request.output, &output.image, &output.applied, request.seed, started);
+    Ok(())
+}
+
+fn step_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} ({eta} left)")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let started = Instant::now();
-    let generated = engine.generate(&params, &mut BarObserver(bar.clone()))?;
-    bar.finish_and_clear();
-    let bytes = kiln_core::image_file::encode_image(&generated.image, params.output_format)?;
-    std::fs::write(&request.output, bytes).with_context(|| format!("writing {}", request.output.display()))?;
+    bar
+}
+
+fn write_image(path: &Path, image: &RgbImage, format: OutputFormat) -> anyhow::Result<()> {
+    let bytes = encode_image(image, format)?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn report(path: &Path, image: &RgbImage, applied: &AppliedSettings, seed: u64, started: Instant) {
     eprintln!(
-        "wrote {} ({}x{}, {} steps, seed {}) in {:.1}s",
-        request.output.display(),
-        generated.image.width,
-        generated.image.height,
-        generated.applied.num_inference_steps,
-        params.seed,
+        "wrote {} ({}x{}, {} steps, seed {seed}) in {:.1}s",
+        path.display(),
+        image.width,
+        image.height,
+        applied.num_inference_steps,
         started.elapsed().as_secs_f64()
     );
-    for note in &generated.applied.notes {
+    for note in &applied.notes {
         eprintln!("note: {note}");
     }
-    Ok(())
 }
 
 /// The format a file name asks for, when its extension names one.

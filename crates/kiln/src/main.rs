@@ -2,11 +2,13 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln::commands::{self, GenerateRequest, KeysAction};
+use kiln::commands::{self, DirectRequest, GenerateRequest, KeysAction};
+use kiln_engine::EngineOptions;
 use kiln::config::{FlagOverrides, Settings};
 use kiln::telemetry;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -47,21 +49,57 @@ enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
-    /// Generate one image locally, without a server, validating the input like the API does.
-    Generate {
-        /// The model id, e.g. blackforestlabs/flux-1-1-pro/text-to-image.
-        #[arg(long)]
-        model: String,
-        /// The input as JSON, exactly as POSTed to the API.
-        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
-        input: Option<String>,
-        /// Shorthand for --input '{"prompt": TEXT}'.
-        #[arg(long)]
-        prompt: Option<String>,
-        /// The image file to write (.jpeg/.jpg or .png decides the format).
-        #[arg(short, long, default_value = "out.jpeg")]
-        output: PathBuf,
-    },
+    /// Generate one image locally, without a server: through a route (`--model ID`, the input
+    /// validated like the API does) or straight from a checkpoint (`--model-dir DIR`).
+    #[command(group = clap::ArgGroup::new("target").required(true).args(["model", "model_dir"]))]
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A route id, e.g. blackforestlabs/flux-1-1-pro/text-to-image, run by its configured checkpoint.
+    #[arg(long)]
+    model: Option<String>,
+    /// The route's input as JSON, exactly as POSTed to the API (with --model).
+    #[arg(long, requires = "model", conflicts_with = "prompt")]
+    input: Option<String>,
+    /// The prompt (with --model: shorthand for --input '{"prompt": TEXT}').
+    #[arg(long)]
+    prompt: Option<String>,
+    /// The image file to write (.jpeg/.jpg or .png decides the format).
+    #[arg(short, long, default_value = "out.jpeg")]
+    output: PathBuf,
+    /// A FLUX.1 checkpoint directory (diffusers folder, BFL files, or GGUF transformer).
+    #[arg(long, value_name = "DIR")]
+    model_dir: Option<PathBuf>,
+    /// Pixels; a multiple of the checkpoint's VAE scale factor times 2 (with --model-dir).
+    #[arg(long, default_value_t = 1024, requires = "model_dir")]
+    width: u32,
+    #[arg(long, default_value_t = 1024, requires = "model_dir")]
+    height: u32,
+    /// Default: the checkpoint's (dev 28, schnell 4).
+    #[arg(long, requires = "model_dir")]
+    steps: Option<u32>,
+    /// Default: the checkpoint's (dev 3.5; schnell has none).
+    #[arg(long, requires = "model_dir")]
+    guidance: Option<f32>,
+    #[arg(long, default_value_t = 0, requires = "model_dir")]
+    seed: u64,
+    /// T5 tokens (default dev 512, schnell 256).
+    #[arg(long, requires = "model_dir")]
+    max_sequence_length: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu", requires = "model_dir")]
+    device: String,
+    /// `f32`, `bf16` or `f16` (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, requires = "model_dir")]
+    precision: Option<String>,
+    /// Initial packed latents (safetensors, tensor `latents`), as diffusers' `latents=` takes them.
+    #[arg(long, value_name = "FILE", requires = "model_dir")]
+    latents: Option<PathBuf>,
+    /// Write the final packed latents before the VAE (safetensors, tensor `latents`).
+    #[arg(long, value_name = "FILE", requires = "model_dir")]
+    dump_latents: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -77,8 +115,18 @@ enum KeysCommand {
     Revoke { name: String },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the whole cause chain; a backtrace helps developers, not operators.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let mut flags = FlagOverrides { data_dir: cli.data_dir.clone(), ..Default::default() };
     match &cli.command {
         Command::Serve { bind, public_url, workers } => {
@@ -87,7 +135,7 @@ fn main() -> anyhow::Result<()> {
             flags.worker_slots = *workers;
         }
         Command::Worker { slots } => flags.worker_slots = *slots,
-        Command::Keys { .. } | Command::Generate { .. } => {}
+        Command::Keys { .. } | Command::Generate(_) => {}
     }
     let settings = Settings::load(cli.config.as_deref(), &flags)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -109,16 +157,44 @@ fn main() -> anyhow::Result<()> {
             };
             runtime.block_on(commands::keys(settings, action))
         }
-        Command::Generate { model, input, prompt, output } => {
+        Command::Generate(args) => {
             telemetry::init(settings.log_format, "warn");
-            let input = match (input, prompt) {
-                (Some(json), _) => serde_json::from_str(&json).context("--input is not valid JSON")?,
-                (None, Some(prompt)) => serde_json::json!({ "prompt": prompt }),
-                (None, None) => unreachable!("clap requires --input or --prompt"),
-            };
-            commands::generate(settings, GenerateRequest { route: model, input, output })
+            generate(settings, args)
         }
     }
+}
+
+fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(model_dir) = args.model_dir {
+        let prompt = args.prompt.context("--model-dir needs --prompt")?;
+        let device = serde_json::from_value(serde_json::Value::String(args.device)).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        let precision = args
+            .precision
+            .map(|p| serde_json::from_value(serde_json::Value::String(p)))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--precision: {e} (expected f32, bf16 or f16)"))?;
+        return commands::generate_direct(DirectRequest {
+            model_dir,
+            options: EngineOptions { device, precision },
+            prompt,
+            width: args.width,
+            height: args.height,
+            steps: args.steps,
+            guidance: args.guidance,
+            seed: args.seed,
+            max_sequence_length: args.max_sequence_length,
+            latents: args.latents,
+            dump_latents: args.dump_latents,
+            output: args.output,
+        });
+    }
+    let route = args.model.context("--model or --model-dir is required")?;
+    let input = match (args.input, args.prompt) {
+        (Some(json), _) => serde_json::from_str(&json).context("--input is not valid JSON")?,
+        (None, Some(prompt)) => serde_json::json!({ "prompt": prompt }),
+        (None, None) => anyhow::bail!("--model needs --input JSON or --prompt TEXT"),
+    };
+    commands::generate(settings, GenerateRequest { route, input, output: args.output })
 }
 
 /// A token cancelled on SIGINT or SIGTERM (must be called inside the runtime's context... it
