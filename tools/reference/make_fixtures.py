@@ -12,6 +12,7 @@ saved files (the engine decodes only) to keep the fixtures small.
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,11 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from flux_parts import (CLIP_BOS, CLIP_EOS, save_bf16, save_t5_tokenizer, train_clip_bpe, train_t5_unigram,  # noqa: E402
+                        write_clip_tokenizer_config, write_model_index)
 
 PROMPT = "A red fox sleeping in the snow, soft watercolor painting"
 
@@ -91,14 +95,7 @@ def bytes_to_unicode():
 def make_clip_tokenizer(out: Path):
     """A CLIP-style BPE tokenizer trained on the corpus, saved as vocab.json + merges.txt (no
     tokenizer.json), laid out as CLIP's: bytes, bytes + </w>, merges, then the two specials."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=700, end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    tok = train_clip_bpe(CORPUS, 700)
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, list) else m.split(" ") for m in merges]
     base = bytes_to_unicode()
@@ -110,36 +107,19 @@ def make_clip_tokenizer(out: Path):
         if a in vocab and b in vocab and a + b not in vocab:
             vocab[a + b] = len(vocab)
             kept.append((a, b))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-    }, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-    }, indent=1))
+    write_clip_tokenizer_config(out)
     return len(vocab), vocab["<|endoftext|>"]
 
 
 def make_t5_tokenizer(out: Path):
     """A T5-style unigram tokenizer.json (Metaspace, "$A </s>"), as T5TokenizerFast saves."""
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "extra_ids": 0,
-    }, indent=1))
+    tok = train_t5_unigram(CORPUS, 150)
+    save_t5_tokenizer(tok, out)
     return tok.get_vocab_size()
 
 
@@ -151,11 +131,6 @@ def round_bf16_(module: torch.nn.Module, seed: int):
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
-
-
-def save_bf16(sd: dict, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(path))
 
 
 # --- diffusers -> BFL names (the inverse of diffusers' single-file conversion) ---------------
@@ -333,13 +308,7 @@ def build(name: str, cfg: dict, out_root: Path):
     vae_sd = vae.state_dict()
     save_bf16({k: v for k, v in vae_sd.items() if k.startswith("decoder.")}, root / "vae" / "diffusion_pytorch_model.safetensors")
     scheduler.save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=1))
+    write_model_index(root)
 
     # BFL single files, checked against diffusers' own conversion back.
     bfl = transformer_to_bfl(transformer.state_dict(), tcfg)

@@ -1,6 +1,7 @@
 //! What is on disk: which checkpoint layout a directory holds and where each part is.
 
 use crate::error::{Error, Result};
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,23 @@ pub struct CheckpointFiles {
     pub text_encoder_2: PathBuf,
     pub tokenizer: PathBuf,
     pub tokenizer_2: PathBuf,
+    /// What a diffusers folder's `model_index.json` says under `_kiln`.
+    pub settings: CheckpointSettings,
+}
+
+/// Generation settings a checkpoint made for kiln carries in its `model_index.json`, under the
+/// key `_kiln` (diffusers ignores keys starting with `_`): its own defaults, for a model
+/// trained far from FLUX.1's resolution or step count. Other checkpoints have none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSettings {
+    /// Default steps, instead of the variant's (28 for dev, 4 for schnell).
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// The most pixels the model generates at: a larger request is generated at this area
+    /// (its aspect ratio kept as closely as the size multiple allows) and upscaled.
+    #[serde(default)]
+    pub max_pixels: Option<u32>,
 }
 
 impl CheckpointFiles {
@@ -83,6 +101,11 @@ impl CheckpointFiles {
                 ));
             }
         }
+        let settings = match index.get("_kiln") {
+            Some(v) => CheckpointSettings::deserialize(v)
+                .map_err(|e| Error::checkpoint(&index_path, format!("`_kiln`: {e}")))?,
+            None => CheckpointSettings::default(),
+        };
         let tdir = dir.join("transformer");
         let (transformer_format, transformer) = match gguf_files(&tdir)? {
             Some(g) => (WeightFormat::Gguf, vec![g]),
@@ -106,6 +129,7 @@ impl CheckpointFiles {
             text_encoder_2: dir.join("text_encoder_2"),
             tokenizer: dir.join("tokenizer"),
             tokenizer_2: dir.join("tokenizer_2"),
+            settings,
         })
     }
 
@@ -167,6 +191,7 @@ impl CheckpointFiles {
             text_encoder_2: dir.join("text_encoder_2"),
             tokenizer: dir.join("tokenizer"),
             tokenizer_2: dir.join("tokenizer_2"),
+            settings: CheckpointSettings::default(),
         })
     }
 }

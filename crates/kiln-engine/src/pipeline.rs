@@ -258,6 +258,31 @@ impl Flux1Pipeline {
         }
     }
 
+    /// The defaults a request falls back on: the variant's, except where the checkpoint's own
+    /// settings say otherwise, and T5 never padded past its tokenizer's `model_max_length`.
+    pub fn defaults(&self) -> SamplingDefaults {
+        let variant = self.variant().defaults();
+        SamplingDefaults {
+            steps: self.files.settings.steps.unwrap_or(variant.steps),
+            max_sequence_length: variant
+                .max_sequence_length
+                .min(self.t5_tokenizer.max_length),
+            ..variant
+        }
+    }
+
+    /// The size a `width x height` request is generated at: itself, or for a checkpoint with
+    /// a `max_pixels` setting and a larger request, the size of at most `max_pixels` (and at
+    /// least half that, where possible) whose aspect ratio is closest to the request's.
+    pub fn generation_size(&self, width: u32, height: u32) -> (u32, u32) {
+        match self.files.settings.max_pixels {
+            Some(max) if width as u64 * height as u64 > max as u64 => {
+                fit_area(width, height, max, self.size_multiple())
+            }
+            _ => (width, height),
+        }
+    }
+
     pub fn transformer_config(&self) -> &TransformerConfig {
         self.transformer.config()
     }
@@ -357,9 +382,14 @@ impl Flux1Pipeline {
 
     /// Decodes packed latents to an image of `width x height`.
     pub fn decode(&self, packed: &Tensor, width: u32, height: u32) -> Result<RgbImage> {
+        to_rgb(&self.decode_tensor(packed, width, height)?)
+    }
+
+    /// The decoder's output `(1, 3, height, width)` in [-1, 1].
+    fn decode_tensor(&self, packed: &Tensor, width: u32, height: u32) -> Result<Tensor> {
         let (h, w) = self.latent_grid(width, height)?;
         let z = sampling::unpack(&packed.to_device(&self.device)?.to_dtype(self.dtype)?, h, w)?;
-        to_rgb(&self.vae.decode(&z)?)
+        self.vae.decode(&z)
     }
 
     /// The latent grid for an image, or why the size is unusable.
@@ -383,7 +413,7 @@ impl Flux1Pipeline {
         req: &PipelineRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<PipelineOutput> {
-        let defaults = self.variant().defaults();
+        let defaults = self.defaults();
         let steps = req.steps.unwrap_or(defaults.steps);
         if steps == 0 {
             return Err(Error::InvalidRequest(
@@ -405,7 +435,18 @@ impl Flux1Pipeline {
             .max_sequence_length
             .unwrap_or(defaults.max_sequence_length);
         notes.push(format!("max_sequence_length {max_len}"));
-        let (h, w) = self.latent_grid(req.width, req.height)?;
+        // The requested size is checked even when another is generated.
+        self.latent_grid(req.width, req.height)?;
+        let (gen_w, gen_h) = self.generation_size(req.width, req.height);
+        if (gen_w, gen_h) != (req.width, req.height) {
+            notes.push(format!(
+                "generated at {gen_w}x{gen_h} (this checkpoint's maximum is {} pixels), upscaled to {}x{}",
+                self.files.settings.max_pixels.unwrap_or_default(),
+                req.width,
+                req.height
+            ));
+        }
+        let (h, w) = self.latent_grid(gen_w, gen_h)?;
         let channels = self.transformer.config().in_channels / 4;
         let tokens = (h / 2) * (w / 2);
 
@@ -414,10 +455,8 @@ impl Flux1Pipeline {
             Some(l) => {
                 if l.dims() != [1, tokens, channels * 4] {
                     return Err(Error::InvalidRequest(format!(
-                        "initial latents have shape {:?}; {}x{} needs [1, {tokens}, {}]",
+                        "initial latents have shape {:?}; {gen_w}x{gen_h} needs [1, {tokens}, {}]",
                         l.dims(),
-                        req.width,
-                        req.height,
                         channels * 4
                     )));
                 }
@@ -458,7 +497,11 @@ impl Flux1Pipeline {
                 return Err(Error::Interrupted);
             }
         }
-        let image = self.decode(&latents, req.width, req.height)?;
+        let mut image = self.decode_tensor(&latents, gen_w, gen_h)?;
+        if (gen_w, gen_h) != (req.width, req.height) {
+            image = image.upsample_bilinear2d(req.height as usize, req.width as usize, false)?;
+        }
+        let image = to_rgb(&image)?;
         Ok(PipelineOutput {
             image,
             final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
@@ -470,6 +513,33 @@ impl Flux1Pipeline {
             },
         })
     }
+}
+
+/// The multiple-of-`m` size of at most `max` pixels (and at least half, where one exists)
+/// whose aspect ratio is closest to `width / height`; the larger of equally close ones.
+fn fit_area(width: u32, height: u32, max: u32, m: u32) -> (u32, u32) {
+    let aspect = (width as f64 / height as f64).ln();
+    let mut all = Vec::new();
+    for h in (m..=max / m).step_by(m as usize) {
+        for w in (m..=max / h).step_by(m as usize) {
+            all.push((w, h));
+        }
+    }
+    let large: Vec<(u32, u32)> = all
+        .iter()
+        .copied()
+        .filter(|&(w, h)| 2 * w * h >= max)
+        .collect();
+    let pool = if large.is_empty() { &all } else { &large };
+    let error = |&(w, h): &(u32, u32)| ((w as f64 / h as f64).ln() - aspect).abs();
+    pool.iter()
+        .copied()
+        .min_by(|a, b| {
+            error(a)
+                .total_cmp(&error(b))
+                .then((b.0 * b.1).cmp(&(a.0 * a.1)))
+        })
+        .unwrap_or((m, m))
 }
 
 /// The transformer's configuration and the weights with the name map its layout needs.
@@ -538,4 +608,23 @@ pub fn write_latents(path: &Path, latents: &Tensor) -> Result<()> {
     let t = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     candle_core::safetensors::save(&HashMap::from([("latents", t)]), path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_area;
+
+    #[test]
+    fn fit_area_keeps_the_aspect_ratio_within_the_area() {
+        // The demo checkpoint's 64x64 pixels, for each preset's aspect ratio.
+        assert_eq!(fit_area(1024, 1024, 4096, 16), (64, 64));
+        assert_eq!(fit_area(1024, 768, 4096, 16), (64, 48));
+        assert_eq!(fit_area(768, 1024, 4096, 16), (48, 64));
+        assert_eq!(fit_area(1024, 576, 4096, 16), (80, 48));
+        assert_eq!(fit_area(576, 1024, 4096, 16), (48, 80));
+        // Not a tiny exact ratio (48x32) when a size of at least half the area comes close.
+        assert_eq!(fit_area(1440, 960, 4096, 16), (80, 48));
+        // An area too small for the half-area rule still gives a size.
+        assert_eq!(fit_area(1440, 256, 256, 16), (16, 16));
+    }
 }

@@ -249,3 +249,75 @@ fn latents_round_trip_through_safetensors() {
     let back = kiln_engine::read_latents(&path).unwrap();
     assert_eq!(back.to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+#[test]
+fn checkpoint_settings_give_defaults_and_a_maximum_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    copy_dir(&fixture("schnell-diffusers"), &dir);
+    edit_json(&dir.join("model_index.json"), |v| {
+        v["_kiln"] = serde_json::json!({ "steps": 2, "max_pixels": 256 });
+    });
+    edit_json(&dir.join("tokenizer_2/tokenizer_config.json"), |v| {
+        v["model_max_length"] = 32.into();
+    });
+    let engine = Flux1Engine::load(Flux1Config::new(&dir), &mut |_| {}).unwrap();
+    assert_eq!(engine.pipeline().defaults().steps, 2);
+    assert_eq!(engine.pipeline().defaults().max_sequence_length, 32);
+
+    // 32x16 is over 256 pixels: generated at 16x8 (VAE scale 4, multiples of 8), upscaled.
+    let mut rec = Recorder::default();
+    let big = engine.generate(&params(3), &mut rec).unwrap();
+    assert_eq!(big.applied.num_inference_steps, 2);
+    assert_eq!(rec.steps, vec![(1, 2), (2, 2)]);
+    assert_eq!((big.image.width, big.image.height), (32, 16));
+    let notes = big.applied.notes.join("; ");
+    assert!(notes.contains("generated at 16x8"), "{notes}");
+    assert!(notes.contains("upscaled to 32x16"), "{notes}");
+    assert!(notes.contains("max_sequence_length 32"), "{notes}");
+
+    // The same seed at 16x8 itself: no upscaling, and the same picture at a quarter the pixels
+    // (the mean colour within a few levels).
+    let mut p = params(3);
+    p.size = ImageSize {
+        width: 16,
+        height: 8,
+    };
+    let small = engine.generate(&p, &mut Recorder::default()).unwrap();
+    assert!(!small.applied.notes.join("; ").contains("upscaled"));
+    assert_eq!((small.image.width, small.image.height), (16, 8));
+    let mean = |px: &[u8]| px.iter().map(|&v| v as f64).sum::<f64>() / px.len() as f64;
+    assert!((mean(&small.image.pixels) - mean(&big.image.pixels)).abs() < 4.0);
+}
+
+#[test]
+fn malformed_checkpoint_settings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    copy_dir(&fixture("schnell-diffusers"), &dir);
+    edit_json(&dir.join("model_index.json"), |v| {
+        v["_kiln"] = serde_json::json!({ "max_pixel": 256 });
+    });
+    let err = CheckpointFiles::detect(&dir).unwrap_err();
+    assert!(err.to_string().contains("_kiln"), "{err}");
+}
