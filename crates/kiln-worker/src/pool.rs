@@ -57,9 +57,10 @@ impl WorkerSettings {
         ClaimPolicy { lease: self.lease, max_attempts: self.max_attempts }
     }
 
-    /// Heartbeats come three times a lease, so one late beat never loses the job.
+    /// Heartbeats come at least three times a lease, so one late beat never loses the job, and
+    /// at least once a second, because they also carry the progress clients poll for.
     pub(crate) fn heartbeat_interval(&self) -> Duration {
-        self.lease / 3
+        (self.lease / 3).min(Duration::from_secs(1))
     }
 }
 

@@ -142,11 +142,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { .. } => {
             telemetry::init(settings.log_format, "info,sqlx=warn");
-            runtime.block_on(commands::serve(settings, shutdown_on_signal()))
+            runtime.block_on(async { commands::serve(settings, shutdown_on_signal()).await })
         }
         Command::Worker { .. } => {
             telemetry::init(settings.log_format, "info,sqlx=warn");
-            runtime.block_on(commands::worker(settings, shutdown_on_signal()))
+            runtime.block_on(async { commands::worker(settings, shutdown_on_signal()).await })
         }
         Command::Keys { action } => {
             telemetry::init(settings.log_format, "warn");
@@ -197,8 +197,7 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
     commands::generate(settings, GenerateRequest { route, input, output: args.output })
 }
 
-/// A token cancelled on SIGINT or SIGTERM (must be called inside the runtime's context... it
-/// spawns its watcher lazily on first poll).
+/// A token cancelled on SIGINT or SIGTERM. Call it inside the runtime: it spawns the watcher.
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();

@@ -1,0 +1,289 @@
+//! Starting kiln (as a process or in-process) and talking to it.
+
+use kiln::app::Application;
+use kiln::config::Settings;
+use kiln_api::auth::{hash_token, new_token, token_prefix};
+use kiln_core::catalog::Route;
+use kiln_testkit::ScriptedEngine;
+use kiln_worker::EngineSet;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const PRO: &str = "blackforestlabs/flux-1-1-pro/text-to-image";
+pub const FLEX: &str = "blackforestlabs/flux-2/flex/text-to-image";
+
+/// The FLUX.1 engine's tiny schnell-like checkpoint (diffusers layout), made by
+/// `tools/reference` with random weights: real loading and inference, in about a second.
+pub fn tiny_checkpoint() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiln-engine/tests/fixtures/schnell-diffusers")
+}
+
+/// A configuration file serving the FLUX 1.1 route from the tiny checkpoint.
+pub fn write_config(dir: &Path, steps: u32, extra: &str) -> PathBuf {
+    let path = dir.join("kiln.toml");
+    let config = format!(
+        "[models.\"{PRO}\"]\ncheckpoint = {:?}\nsteps = {steps}\n{extra}",
+        tiny_checkpoint().display().to_string()
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// A `kiln` process. Killed (SIGKILL) when dropped.
+pub struct KilnProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT` once a `serve` process listens.
+    pub base: String,
+    /// The key a first start printed, if it did.
+    pub first_key: Option<String>,
+}
+
+fn kiln_command(config: &Path, data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("KILN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdin(Stdio::null());
+    command
+}
+
+impl KilnProcess {
+    /// `kiln serve` on a free loopback port, waiting until it listens.
+    pub fn serve(config: &Path, data_dir: &Path, extra: &[&str]) -> Self {
+        let mut command = kiln_command(config, data_dir);
+        command.args(["serve", "--bind", "127.0.0.1:0"]).args(extra);
+        let (mut child, listening, stdout) = spawn_watched(command);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let address = loop {
+            if let Some(address) = listening.lock().unwrap().clone() {
+                break address;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("kiln serve exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "kiln serve did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let first_key = stdout.lock().unwrap().iter().find(|l| l.trim().starts_with("kiln_")).map(|l| l.trim().to_string());
+        KilnProcess { child, base: format!("http://{address}"), first_key }
+    }
+
+    /// `kiln worker` (no listener).
+    pub fn worker(config: &Path, data_dir: &Path) -> Self {
+        let mut command = kiln_command(config, data_dir);
+        command.arg("worker");
+        let (child, _, _) = spawn_watched(command);
+        KilnProcess { child, base: String::new(), first_key: None }
+    }
+
+    pub fn sigkill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status (within `timeout`).
+    pub fn sigterm(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kiln did not stop within {timeout:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for KilnProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// Spawns `command`, echoing its output to the test's (shown on failure), noting the address a
+/// "kiln is listening" log line names, and keeping stdout's lines.
+fn spawn_watched(mut command: Command) -> (Child, Shared<Option<String>>, Shared<Vec<String>>) {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let listening: Shared<Option<String>> = Arc::default();
+    let stdout_lines: Shared<Vec<String>> = Arc::default();
+    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    {
+        let listening = listening.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[kiln] {line}");
+                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                if event["message"] == "kiln is listening" {
+                    *listening.lock().unwrap() = event["address"].as_str().map(str::to_string);
+                }
+            }
+        });
+    }
+    {
+        let lines = stdout_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("[kiln stdout] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    (child, listening, stdout_lines)
+}
+
+/// Runs `kiln ARGS` to completion: (success, stdout, stderr).
+pub fn kiln_run(config: &Path, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = kiln_command(config, data_dir).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A client of one kiln, with one token.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { base: base.to_string(), token: token.to_string(), http }
+    }
+
+    /// (status, JSON body) of a request with this client's token.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        self.try_call(method, path, body).await.unwrap()
+    }
+
+    /// As [`Client::call`], or the transport error (a server that died mid-request).
+    pub async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let url = if path.starts_with("http") { path.to_string() } else { format!("{}{path}", self.base) };
+        let mut request = self.http.request(method, url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn submit(&self, model: &str, input: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, &format!("/v1/models/{model}"), Some(&input)).await
+    }
+
+    pub async fn status(&self, id: &str) -> Value {
+        let (code, body) = self.call(reqwest::Method::GET, &format!("/v1/requests/{id}/status"), None).await;
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    pub async fn result(&self, id: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, &format!("/v1/requests/{id}/result"), None).await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Value {
+        let (code, body) = self.call(reqwest::Method::POST, &format!("/v1/requests/{id}/cancel"), None).await;
+        assert_eq!(code, 202, "{body}");
+        body
+    }
+
+    /// Polls the result until the job has ended.
+    pub async fn wait_result(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_status(id, &["succeeded", "failed", "cancelled"], timeout).await
+    }
+
+    /// Polls the result until its status is one of `statuses`.
+    pub async fn wait_status(&self, id: &str, statuses: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (code, body) = self.result(id).await;
+            assert_eq!(code, 200, "{body}");
+            if statuses.iter().any(|s| body["status"] == *s) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "request {id} still {} after {timeout:?}", body["status"]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Downloads a result URL with no token, as real clients do.
+    pub async fn download(&self, url: &str) -> (u16, Option<String>, Vec<u8>) {
+        let response = reqwest::get(url).await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        (status, content_type, response.bytes().await.unwrap().to_vec())
+    }
+}
+
+pub fn input(prompt: &str) -> Value {
+    json!({ "prompt": prompt, "image_size": "Custom", "width": 256, "height": 256 })
+}
+
+/// An in-process kiln whose workers run the scripted test engine (for tests that must control
+/// how long a job takes); stopped when dropped.
+pub struct InProcess {
+    pub client: Client,
+    pub other: Client,
+    pub engine: Arc<ScriptedEngine>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    pub async fn start(configure: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.bind = "127.0.0.1:0".parse().unwrap();
+        settings.data_dir = dir.path().to_path_buf();
+        settings.workers.poll_interval_ms = 20;
+        configure(&mut settings);
+        let engine = Arc::new(ScriptedEngine::default());
+        let engines = EngineSet::new()
+            .with(Route::Flux11ProTextToImage, engine.clone())
+            .with(Route::Flux2FlexTextToImage, engine.clone());
+        let app = Application::build(settings, engines).await.unwrap();
+        let base = format!("http://{}", app.address());
+        let mut tokens = vec![];
+        for name in ["alice", "bob"] {
+            let token = new_token();
+            app.stores().keys.insert_key(name, &hash_token(&token), &token_prefix(&token)).await.unwrap();
+            tokens.push(token);
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        InProcess {
+            client: Client::new(&base, &tokens[0]),
+            other: Client::new(&base, &tokens[1]),
+            engine,
+            shutdown,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,180 @@
+//! The shipped `kiln` binary as users run it: first start, keys, SIGTERM, SIGKILL under load,
+//! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
+
+use crate::harness::{input, kiln_run, write_config, Client, KilnProcess, PRO};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn decoded_size(bytes: &[u8]) -> (u32, u32) {
+    let img = image::load_from_memory(bytes).expect("a decodable image");
+    (img.width(), img.height())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_start_makes_a_key_serves_an_image_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2, "");
+    let data = dir.path().join("data");
+    let mut kiln = KilnProcess::serve(&config, &data, &[]);
+    let token = kiln.first_key.clone().expect("a first start prints a key");
+    let client = Client::new(&kiln.base, &token);
+
+    let (code, health) = client.call(reqwest::Method::GET, "/healthz", None).await;
+    assert_eq!(code, 200, "{health}");
+    let (code, submitted) = client.submit(PRO, input("a red circle on a blue background")).await;
+    assert_eq!(code, 200, "{submitted}");
+    let id = submitted["request_id"].as_str().unwrap();
+    assert_eq!(submitted["result_url"], format!("{}/v1/requests/{id}/result", kiln.base));
+    let result = client.wait_result(id, Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let meta = &result["metadata"];
+    assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(256), Some(256)));
+    assert_eq!(meta["num_inference_steps"], 2, "the model configuration's steps");
+    assert!(meta["engine"].as_str().unwrap().contains("FLUX.1"), "{meta}");
+    let url = result["output"]["image"].as_str().unwrap();
+    assert_eq!(result["output"]["images"][0], url);
+    let (code, content_type, bytes) = client.download(url).await;
+    assert_eq!((code, content_type.as_deref()), (200, Some("image/jpeg")));
+    assert_eq!(decoded_size(&bytes), (256, 256));
+
+    let status = kiln.sigterm(Duration::from_secs(30));
+    assert!(status.success(), "a graceful stop exits 0: {status:?}");
+
+    let again = KilnProcess::serve(&config, &data, &[]);
+    assert_eq!(again.first_key, None, "the key is shown only on the first start");
+    let (code, _) = Client::new(&again.base, &token).result(id).await;
+    assert_eq!(code, 200, "the record outlives the restart");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_created_listed_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2, "");
+    let data = dir.path().join("data");
+    let (ok, token, _) = kiln_run(&config, &data, &["keys", "create", "--name", "ci"]);
+    assert!(ok);
+    let token = token.trim().to_string();
+    assert!(token.starts_with("kiln_"), "{token}");
+    let (ok, _, err) = kiln_run(&config, &data, &["keys", "create", "--name", "ci"]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, list, _) = kiln_run(&config, &data, &["keys", "list"]);
+    assert!(ok && list.contains("ci") && !list.contains(&token), "the list never shows tokens: {list}");
+
+    let kiln = KilnProcess::serve(&config, &data, &[]);
+    assert_eq!(kiln.first_key, None, "keys exist, so none is made");
+    let client = Client::new(&kiln.base, &token);
+    let (code, _) = client.submit(PRO, input("a green square")).await;
+    assert_eq!(code, 200);
+
+    let (ok, out, _) = kiln_run(&config, &data, &["keys", "revoke", "ci"]);
+    assert!(ok, "{out}");
+    let (code, body) = client.submit(PRO, input("a green square")).await;
+    assert_eq!((code, &body["error_code"]), (401, &Value::from(401001)), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_under_load_loses_no_accepted_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2, "[limits]\nrate_limit_per_minute = 0\n");
+    let data = dir.path().join("data");
+    let mut kiln = KilnProcess::serve(&config, &data, &[]);
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+
+    // Four clients submit as fast as they can, 30 requests in all; the server is killed once 12
+    // are accepted, while the others are in flight.
+    let budget = Arc::new(AtomicUsize::new(30));
+    let accepted_so_far = Arc::new(AtomicUsize::new(0));
+    let mut submitters = vec![];
+    for c in 0..4 {
+        let (client, budget, accepted_so_far) = (client.clone(), budget.clone(), accepted_so_far.clone());
+        submitters.push(tokio::spawn(async move {
+            let mut accepted = vec![];
+            while budget.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                let path = format!("/v1/models/{PRO}");
+                match client.try_call(reqwest::Method::POST, &path, Some(&input(&format!("shape {c}")))).await {
+                    Ok((200, body)) => {
+                        accepted.push(body["request_id"].as_str().unwrap().to_string());
+                        accepted_so_far.fetch_add(1, SeqCst);
+                    }
+                    Ok((code, body)) => panic!("a live server refused a valid submit: {code} {body}"),
+                    Err(_) => break, // the connection died with the server
+                }
+            }
+            accepted
+        }));
+    }
+    while accepted_so_far.load(SeqCst) < 12 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    kiln.sigkill();
+    let mut accepted = vec![];
+    for s in submitters {
+        accepted.extend(s.await.unwrap_or_default());
+    }
+    assert!((12..30).contains(&accepted.len()), "the kill landed mid-load: {} accepted", accepted.len());
+
+    let kiln = KilnProcess::serve(&config, &data, &[]);
+    let client = Client::new(&kiln.base, &client.token);
+    let mut images = HashSet::new();
+    for id in &accepted {
+        let result = client.wait_result(id, Duration::from_secs(300)).await;
+        assert_eq!(result["status"], "succeeded", "{id}: {result}");
+        images.insert(result["output"]["image"].as_str().unwrap().to_string());
+    }
+    assert_eq!(images.len(), accepted.len(), "one image per request");
+    let some = images.iter().next().unwrap();
+    let (code, _, bytes) = client.download(some).await;
+    assert_eq!((code, decoded_size(&bytes)), (200, (256, 256)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_process_killed_mid_job_leaves_the_job_to_another_which_completes_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slow jobs (many steps) and a short lease, so the kill lands mid-job and the retake is quick.
+    let config = write_config(dir.path(), 60, "[workers]\nlease_secs = 3\npoll_interval_ms = 100\n");
+    let data = dir.path().join("data");
+    let api = KilnProcess::serve(&config, &data, &["--workers", "0"]);
+    let client = Client::new(&api.base, api.first_key.as_deref().unwrap());
+    let (code, submitted) = client.submit(PRO, input("a yellow triangle")).await;
+    assert_eq!(code, 200, "{submitted}");
+    let id = submitted["request_id"].as_str().unwrap();
+    assert_eq!(client.status(id).await["queue_position"], 0, "no worker yet: first in line");
+
+    let mut doomed = KilnProcess::worker(&config, &data);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = client.status(id).await;
+        if status["status"] == "in_progress" && status["progress"]["step"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(status["progress"]["total"], 60, "{status}");
+            assert!(status.get("queue_position").is_none(), "{status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker never got going: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    doomed.sigkill();
+    assert_eq!(client.status(id).await["status"], "in_progress", "still leased to the dead worker");
+    assert_eq!(client.cancel(id).await["outcome"], "not_cancellable");
+
+    let _survivor = KilnProcess::worker(&config, &data);
+    let result = client.wait_result(id, Duration::from_secs(180)).await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let files: Vec<_> = walk(&data.join("files"));
+    assert_eq!(files.len(), 1, "exactly one image was stored: {files:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = vec![];
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
