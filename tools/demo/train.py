@@ -42,6 +42,8 @@ VAE = dict(block_out_channels=[16, 32, 64, 64], layers_per_block=1, latent_chann
 TRANSFORMER = dict(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
                    axes_dims_rope=[8, 12, 12])
 KL_WEIGHT = 1e-4
+DESCRIPTION = ("kiln's demo checkpoint, a small model trained only on simple coloured shapes at 64x64 pixels "
+               "(assets/demo-checkpoint/MODEL_CARD.md)")
 
 
 def log(msg):
@@ -169,7 +171,7 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, every: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        state["losses"].append((step, float(loss)))
+        state["losses"].append((step, loss.item()))
         if (step + 1) % 25 == 0:
             progress("vae", step + 1, steps, np.mean([l for _, l in state["losses"][-25:]]), t0, first)
         if (step + 1) % every == 0 or step + 1 == steps:
@@ -244,7 +246,7 @@ def train_flow(work: Path, root: Path, vae, seed: int, steps: int, batch: int, e
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         update_ema(ema, modules, min(0.999, (1 + step) / (10 + step)))
-        state["losses"].append((step, float(loss)))
+        state["losses"].append((step, loss.item()))
         if (step + 1) % 25 == 0:
             progress("flow", step + 1, steps, np.mean([l for _, l in state["losses"][-25:]]), t0, first)
         if (step + 1) % every == 0 or step + 1 == steps:
@@ -278,7 +280,8 @@ def export(root: Path, out: Path, vae, ema, info: dict):
     ema["transformer"].save_pretrained(out / "transformer")
     vae.save_pretrained(out / "vae")
     FlowMatchEulerDiscreteScheduler(shift=info["shift"], use_dynamic_shifting=False).save_pretrained(out / "scheduler")
-    write_model_index(out, _kiln=dict(max_pixels=64 * 64, steps=info["steps"]))
+    write_model_index(out, _kiln=dict(max_pixels=64 * 64, steps=info["steps"], description=DESCRIPTION))
+    scenes.write_test_set(out / "heldout_prompts.json")
 
 
 def plot(vae_losses, flow_losses, path: Path):

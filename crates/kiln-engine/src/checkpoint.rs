@@ -59,6 +59,10 @@ pub struct CheckpointSettings {
     /// (its aspect ratio kept as closely as the size multiple allows) and upscaled.
     #[serde(default)]
     pub max_pixels: Option<u32>,
+    /// What the model is, in a sentence: shown in the engine's description and in every
+    /// result's notes.
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 impl CheckpointFiles {

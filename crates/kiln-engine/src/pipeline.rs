@@ -314,8 +314,12 @@ impl Flux1Pipeline {
             Device::Cpu => "cpu".to_string(),
             d => format!("{:?}", d.location()),
         };
+        let about = match &self.files.settings.description {
+            Some(d) => format!(": {d}"),
+            None => String::new(),
+        };
         format!(
-            "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?})",
+            "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?}){about}",
             self.files.root.display(),
             self.dtype
         )
@@ -420,7 +424,8 @@ impl Flux1Pipeline {
                 "num_inference_steps must be at least 1".into(),
             ));
         }
-        let mut notes = vec![format!("seed {}", req.seed)];
+        let mut notes: Vec<String> = self.files.settings.description.iter().cloned().collect();
+        notes.push(format!("seed {}", req.seed));
         let guidance = match (self.variant(), req.guidance) {
             (Variant::Dev, g) => g.or(defaults.guidance),
             (Variant::Schnell, Some(_)) => {

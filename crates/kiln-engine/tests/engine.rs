@@ -2,8 +2,8 @@
 //! previews, interruption, errors.
 
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
 use kiln_core::image_file::encode_image;
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
 use kiln_engine::{CheckpointFiles, Error, Flux1Config, Flux1Engine, RawModeConfig};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -276,7 +276,11 @@ fn checkpoint_settings_give_defaults_and_a_maximum_size() {
     let dir = tmp.path().join("ckpt");
     copy_dir(&fixture("schnell-diffusers"), &dir);
     edit_json(&dir.join("model_index.json"), |v| {
-        v["_kiln"] = serde_json::json!({ "steps": 2, "max_pixels": 256 });
+        v["_kiln"] = serde_json::json!({
+            "steps": 2,
+            "max_pixels": 256,
+            "description": "a test model",
+        });
     });
     edit_json(&dir.join("tokenizer_2/tokenizer_config.json"), |v| {
         v["model_max_length"] = 32.into();
@@ -295,6 +299,12 @@ fn checkpoint_settings_give_defaults_and_a_maximum_size() {
     assert!(notes.contains("generated at 16x8"), "{notes}");
     assert!(notes.contains("upscaled to 32x16"), "{notes}");
     assert!(notes.contains("max_sequence_length 32"), "{notes}");
+    assert_eq!(big.applied.notes[0], "a test model");
+    assert!(
+        engine.describe().ends_with(": a test model"),
+        "{}",
+        engine.describe()
+    );
 
     // The same seed at 16x8 itself: no upscaling, and the same picture at a quarter the pixels
     // (the mean colour within a few levels).
