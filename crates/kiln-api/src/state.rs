@@ -19,7 +19,8 @@ pub struct ApiSettings {
     pub public_url: String,
     /// The HMAC-SHA256 key that signs file URLs. Changing it invalidates every URL handed out.
     pub signing_key: Vec<u8>,
-    /// How long a request's record and images are kept after submit.
+    /// How long a request's record and images are kept after its job ends (the store moves the
+    /// expiry to the end on every terminal transition).
     pub retention: Duration,
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,

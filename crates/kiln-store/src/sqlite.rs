@@ -16,7 +16,9 @@ use kiln_core::job::{
 use kiln_core::store::{
     ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, StateCounts, StoreError,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteSynchronous,
+};
 use sqlx::{SqliteConnection, SqlitePool};
 use std::path::Path;
 use std::time::Duration;
@@ -36,6 +38,15 @@ pub struct SqliteStore {
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// A write that names a lease changed nothing: the lease is no longer this worker's.
+fn fenced(done: SqliteQueryResult, lease: &Lease) -> Result<(), StoreError> {
+    if done.rows_affected() == 0 {
+        Err(StoreError::LeaseLost(lease.job.id))
+    } else {
+        Ok(())
+    }
 }
 
 fn now_millis() -> i64 {
@@ -151,9 +162,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost(lease.job.id));
-        }
+        fenced(done, lease)?;
         for key in output.map(|o| o.images.as_slice()).unwrap_or_default() {
             sqlx::query("INSERT INTO job_blobs (blob_key, job_id) VALUES (?, ?)")
                 .bind(key.as_str())
@@ -354,9 +363,7 @@ impl JobStore for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(backend)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost(lease.job.id));
-        }
+        fenced(done, lease)?;
         from_millis(until)
     }
 
@@ -381,10 +388,7 @@ impl JobStore for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(backend)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost(lease.job.id));
-        }
-        Ok(())
+        fenced(done, lease)
     }
 
     async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError> {

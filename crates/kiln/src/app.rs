@@ -77,6 +77,21 @@ pub fn worker_settings(settings: &Settings) -> WorkerSettings {
     }
 }
 
+/// The maintenance sweeper every long-running command runs beside its work.
+pub fn spawn_sweeper(
+    settings: &Settings,
+    stores: &Stores,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run_sweeper(
+        stores.jobs.clone(),
+        stores.blobs.clone(),
+        settings.workers.max_attempts,
+        Duration::from_secs(settings.sweep_interval_secs),
+        shutdown.clone(),
+    ))
+}
+
 /// A bound, ready service. Build it, read its address, then [`Application::run`] it.
 pub struct Application {
     listener: TcpListener,
@@ -128,13 +143,7 @@ impl Application {
     /// finish, running jobs finish within the drain timeout or go back to the queue.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Stores { jobs, blobs, .. } = self.stores.clone();
-        let sweeper = tokio::spawn(run_sweeper(
-            jobs.clone(),
-            blobs.clone(),
-            self.settings.workers.max_attempts,
-            Duration::from_secs(self.settings.sweep_interval_secs),
-            shutdown.clone(),
-        ));
+        let sweeper = spawn_sweeper(&self.settings, &self.stores, &shutdown);
         let workers = (self.settings.workers.slots > 0).then(|| {
             tokio::spawn(run_pool(
                 jobs,

@@ -1,6 +1,6 @@
 //! The commands of the `kiln` binary. Each reads the same [`Settings`].
 
-use crate::app::{open_stores, worker_settings, Application, Stores};
+use crate::app::{open_stores, spawn_sweeper, worker_settings, Application, Stores};
 use crate::config::Settings;
 use crate::engines::load_engines;
 use anyhow::Context;
@@ -10,15 +10,12 @@ use kiln_api::inputs::parse_input;
 use kiln_core::catalog::Route;
 use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
-use kiln_engine::{
-    read_latents, write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest,
-};
+use kiln_engine::{write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest};
 use kiln_core::params::OutputFormat;
-use kiln_worker::maintenance::run_sweeper;
 use kiln_worker::run_pool;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// `kiln serve`: the HTTP API with an in-process worker pool.
@@ -68,15 +65,9 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
         !engines.routes().is_empty(),
         "no model has a checkpoint configured, so this worker could take no job (see README, \"Configuring models\")"
     );
-    let Stores { jobs, blobs, .. } = open_stores(&settings).await?;
-    let sweeper = tokio::spawn(run_sweeper(
-        jobs.clone(),
-        blobs.clone(),
-        settings.workers.max_attempts,
-        Duration::from_secs(settings.sweep_interval_secs),
-        shutdown.clone(),
-    ));
-    run_pool(jobs, blobs, engines, worker_settings(&settings), shutdown).await;
+    let stores = open_stores(&settings).await?;
+    let sweeper = spawn_sweeper(&settings, &stores, &shutdown);
+    run_pool(stores.jobs, stores.blobs, engines, worker_settings(&settings), shutdown).await;
     sweeper.await?;
     Ok(())
 }
@@ -155,15 +146,8 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
 pub struct DirectRequest {
     pub model_dir: PathBuf,
     pub options: EngineOptions,
-    pub prompt: String,
-    pub width: u32,
-    pub height: u32,
-    pub steps: Option<u32>,
-    pub guidance: Option<f32>,
-    pub seed: u64,
-    pub max_sequence_length: Option<usize>,
-    /// Initial packed noise (safetensors tensor `latents`), as diffusers' `latents=` takes it.
-    pub latents: Option<PathBuf>,
+    /// What to run; its `initial_latents` come from `--latents`.
+    pub pipeline: PipelineRequest,
     /// Where to write the final packed latents before the VAE (tensor `latents`).
     pub dump_latents: Option<PathBuf>,
     pub output: PathBuf,
@@ -179,27 +163,15 @@ pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
     })?;
     loading.finish_and_clear();
     eprintln!("loaded {}", pipeline.describe());
-    let initial_latents = request.latents.as_deref().map(read_latents).transpose()?;
-    let pipeline_request = PipelineRequest {
-        prompt: request.prompt,
-        width: request.width,
-        height: request.height,
-        steps: request.steps,
-        guidance: request.guidance,
-        seed: request.seed,
-        max_sequence_length: request.max_sequence_length,
-        initial_latents,
-        preview_interval: 0,
-    };
     let bar = step_bar();
     let started = Instant::now();
-    let output = pipeline.run(&pipeline_request, &mut BarObserver(bar.clone()))?;
+    let output = pipeline.run(&request.pipeline, &mut BarObserver(bar.clone()))?;
     bar.finish_and_clear();
     if let Some(path) = &request.dump_latents {
         write_latents(path, &output.final_latents)?;
     }
     write_image(&request.output, &output.image, format)?;
-    report(&request.output, &output.image, &output.applied, request.seed, started);
+    report(&request.output, &output.image, &output.applied, request.pipeline.seed, started);
     Ok(())
 }
 

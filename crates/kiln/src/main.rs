@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln::commands::{self, DirectRequest, GenerateRequest, KeysAction};
-use kiln_engine::EngineOptions;
+use kiln_engine::{read_latents, EngineOptions, PipelineRequest};
 use kiln::config::{FlagOverrides, Settings};
 use kiln::telemetry;
 use std::net::SocketAddr;
@@ -173,9 +173,7 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
             .map(|p| serde_json::from_value(serde_json::Value::String(p)))
             .transpose()
             .map_err(|e| anyhow::anyhow!("--precision: {e} (expected f32, bf16 or f16)"))?;
-        return commands::generate_direct(DirectRequest {
-            model_dir,
-            options: EngineOptions { device, precision },
+        let pipeline = PipelineRequest {
             prompt,
             width: args.width,
             height: args.height,
@@ -183,7 +181,13 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
             guidance: args.guidance,
             seed: args.seed,
             max_sequence_length: args.max_sequence_length,
-            latents: args.latents,
+            initial_latents: args.latents.as_deref().map(read_latents).transpose()?,
+            preview_interval: 0,
+        };
+        return commands::generate_direct(DirectRequest {
+            model_dir,
+            options: EngineOptions { device, precision },
+            pipeline,
             dump_latents: args.dump_latents,
             output: args.output,
         });
