@@ -30,3 +30,10 @@ pub(crate) static STEP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .expect("registered once")
 });
+
+/// Registers every series now, so that `/metrics` lists them (at zero) before the first job.
+pub(crate) fn register() {
+    LazyLock::force(&JOBS_FINISHED);
+    LazyLock::force(&JOB_SECONDS);
+    LazyLock::force(&STEP_SECONDS);
+}

@@ -82,6 +82,7 @@ pub async fn run_pool(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) {
+    crate::metrics::register();
     let routes = engines.routes();
     if routes.is_empty() {
         tracing::warn!("no engine is loaded: this worker pool takes no jobs");

@@ -202,3 +202,40 @@ async fn a_job_whose_worker_died_is_retaken_after_its_lease_and_completed_once()
     assert_eq!(h.engine.runs(), 1, "the live worker ran it once");
     assert!(h.jobs.complete(&dead, job.output.clone().unwrap()).await.is_err(), "the dead worker is fenced off");
 }
+
+#[tokio::test]
+async fn the_sweep_purges_expired_records_with_their_files() {
+    let h = Harness::new().await;
+    let now = OffsetDateTime::now_utc();
+    let params = GenerationParams {
+        prompt: Prompt::parse("short-lived", 1000).unwrap(),
+        size: ImageSize { width: 16, height: 16 },
+        seed: 1,
+        num_inference_steps: Some(1),
+        guidance_scale: None,
+        output_format: OutputFormat::Png,
+        raw: false,
+        enable_prompt_expansion: false,
+    };
+    let job = NewJob {
+        id: RequestId::new(),
+        owner: h.owner,
+        route: ROUTE,
+        params,
+        created_at: now,
+        // Retention of 100 ms, counted from the end of the job.
+        expires_at: now + Duration::from_millis(100),
+    };
+    let id = h.jobs.enqueue(job, None, 100).await.unwrap().view.job.id;
+    let (shutdown, pool) = h.start(h.settings());
+    let key = h.wait_terminal(id).await.output.unwrap().images[0].clone();
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert!(h.blobs.get(&key).await.unwrap().is_some());
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = kiln_worker::maintenance::sweep(h.jobs.as_ref(), h.blobs.as_ref(), 3).await;
+    assert_eq!(report.records_purged_files, 1);
+    assert!(h.blobs.get(&key).await.unwrap().is_none(), "the file is gone with its record");
+    assert!(h.jobs.get(h.owner, id).await.unwrap().is_none());
+}
