@@ -25,13 +25,32 @@ pub fn tiny_checkpoint() -> PathBuf {
 
 /// A configuration file serving the FLUX 1.1 route from the tiny checkpoint.
 pub fn write_config(dir: &Path, steps: u32, extra: &str) -> PathBuf {
+    write_config_for(dir, &tiny_checkpoint(), steps, extra)
+}
+
+/// A configuration file serving the FLUX 1.1 route from `checkpoint`.
+pub fn write_config_for(dir: &Path, checkpoint: &Path, steps: u32, extra: &str) -> PathBuf {
     let path = dir.join("kiln.toml");
-    let config = format!(
-        "[models.\"{PRO}\"]\ncheckpoint = {:?}\nsteps = {steps}\n{extra}",
-        tiny_checkpoint().display().to_string()
-    );
+    let config =
+        format!("[models.\"{PRO}\"]\ncheckpoint = {:?}\nsteps = {steps}\n{extra}", checkpoint.display().to_string());
     std::fs::write(&path, config).unwrap();
     path
+}
+
+/// The tiny checkpoint as users keep BFL single files: `transformer` (a `flux1-*.safetensors` or
+/// `*.gguf` file of the fixtures) and `ae.safetensors` beside the text encoders' folders.
+pub fn bfl_checkpoint(dir: &Path, transformer: &str) -> PathBuf {
+    let fixtures = tiny_checkpoint().join("..");
+    let root = dir.join("bfl");
+    std::fs::create_dir(&root).unwrap();
+    let link = |from: PathBuf, name: &str| std::os::unix::fs::symlink(from, root.join(name)).unwrap();
+    let transformer = fixtures.join(transformer);
+    link(transformer.clone(), transformer.file_name().unwrap().to_str().unwrap());
+    link(fixtures.join("schnell-bfl/ae.safetensors"), "ae.safetensors");
+    for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+        link(fixtures.join("schnell-diffusers").join(part), part);
+    }
+    root
 }
 
 /// A `kiln` process. Killed (SIGKILL) when dropped.

@@ -1,7 +1,7 @@
 //! The shipped `kiln` binary as users run it: first start, keys, SIGTERM, SIGKILL under load,
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
-use crate::harness::{input, kiln_run, write_config, Client, KilnProcess, PRO};
+use crate::harness::{bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, PRO};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -177,4 +177,25 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_runs_bfl_single_files_and_gguf_transformers() {
+    for (transformer, layout) in
+        [("schnell-bfl/flux1-tiny-schnell.safetensors", "BFL"), ("schnell-gguf/flux1-tiny-schnell-Q8_0.gguf", "GGUF")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = bfl_checkpoint(dir.path(), transformer);
+        let config = write_config_for(dir.path(), &checkpoint, 2, "");
+        let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+        let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+        let (code, submitted) = client.submit(PRO, input("a blue star")).await;
+        assert_eq!(code, 200, "{submitted}");
+        let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+        assert_eq!(result["status"], "succeeded", "{layout}: {result}");
+        let engine = result["metadata"]["engine"].as_str().unwrap();
+        assert!(engine.contains(layout), "{layout} named in {engine}");
+        let (code, _, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+        assert_eq!((code, decoded_size(&bytes)), (200, (256, 256)), "{layout}");
+    }
 }
