@@ -1,0 +1,185 @@
+"""Builds a tiny random klein-like FLUX.2 pipeline with diffusers (Flux2Transformer2DModel,
+AutoencoderKLFlux2, a Qwen3 text model with a byte-level BPE tokenizer trained on the caption
+corpus and a Qwen3-style chat template), saves it in the diffusers layout and runs diffusers'
+Flux2KleinPipeline on it with fixed initial latents to record reference outputs. See README.md
+in this folder for how to run it.
+
+The shapes follow FLUX.2 klein at a tiny width: 32 latent channels patchified to 128, a
+distilled transformer (no guidance embedding), Qwen3 hidden states of three layers stacked. The
+reference layers are (1, 2, 3) of a 4-layer Qwen3 so that, as with klein's (9, 18, 27) of 36,
+none of them is the final-norm output. Weights are rounded to bf16 and stored as bf16. The VAE's
+encoder is dropped from the saved files (the engine decodes only so far).
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from make_fixtures import CORPUS, PROMPT, round_bf16_, save_bf16
+
+# Qwen3's chat template, reduced to what a prompt encoder and a prompt rewriter use: system,
+# user and assistant turns, the generation prompt and the `enable_thinking=False` empty think
+# block. For one user turn it renders exactly what Qwen3's full template renders.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+# Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation, newlines).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+TEXT_LAYERS = 4
+OUT_LAYERS = (1, 2, 3)
+TEXT_DIM = 32
+MAX_SEQUENCE_LENGTH = 512
+WIDTH, HEIGHT, STEPS = 32, 48, 4
+
+
+def make_qwen_tokenizer(out: Path) -> Qwen2TokenizerFast:
+    """A Qwen2-style byte-level BPE (no BOS, `<|endoftext|>` pads) with the chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS + ["user\nassistant\n"], trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "padding_side": "right",
+        "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+    }, indent=1))
+    return Qwen2TokenizerFast.from_pretrained(out)
+
+
+def build(out_root: Path):
+    torch.manual_seed(3)
+    root = out_root / "klein-diffusers"
+    if root.exists():
+        shutil.rmtree(root)
+    tokenizer = make_qwen_tokenizer(root / "tokenizer")
+
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )).eval()
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=len(OUT_LAYERS) * TEXT_DIM, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ).eval()
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 32], layers_per_block=1,
+        latent_channels=32, norm_num_groups=32, sample_size=64, use_quant_conv=True, use_post_quant_conv=True,
+    ).eval()
+    for i, m in enumerate([qwen, transformer, vae]):
+        round_bf16_(m, 200 + i)
+    # The batch norm's running statistics are what denormalises the latents: make them matter.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        n = vae.bn.running_mean.shape[0]
+        vae.bn.running_mean.copy_((0.5 * torch.randn(n, generator=g)).to(torch.bfloat16).float())
+        vae.bn.running_var.copy_((0.5 + torch.rand(n, generator=g)).to(torch.bfloat16).float())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                time_shift_type="exponential")
+
+    qwen.save_pretrained(root / "text_encoder")
+    save_bf16(qwen.state_dict(), root / "text_encoder" / "model.safetensors")
+    transformer.save_pretrained(root / "transformer")
+    save_bf16(transformer.state_dict(), root / "transformer" / "diffusion_pytorch_model.safetensors")
+    vae.save_pretrained(root / "vae")
+    vae_sd = {k: v for k, v in vae.state_dict().items()
+              if k.startswith(("decoder.", "post_quant_conv.")) or k in ("bn.running_mean", "bn.running_var")}
+    save_bf16(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")
+    scheduler.save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.1", "is_distilled": True,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+        "tokenizer": ["transformers", "Qwen2TokenizerFast"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLFlux2"],
+    }, indent=1))
+
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)
+    lat_h, lat_w = 2 * (HEIGHT // (pipe.vae_scale_factor * 2)), 2 * (WIDTH // (pipe.vae_scale_factor * 2))
+    g = torch.Generator().manual_seed(1234)
+    latents = torch.randn((1, 128, lat_h // 2, lat_w // 2), generator=g)
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_SEQUENCE_LENGTH)
+    with torch.no_grad():
+        hidden = qwen(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
+                      use_cache=False).hidden_states
+    assert len(hidden) == TEXT_LAYERS + 1, "hidden_states is (embeddings, layer 1, ..., layer N)"
+
+    calls = []
+    hook = transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((kwargs, out[0].detach().clone())), with_kwargs=True)
+    common = dict(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS, latents=latents.clone(),
+                  max_sequence_length=MAX_SEQUENCE_LENGTH, text_encoder_out_layers=OUT_LAYERS)
+    with torch.no_grad():
+        final = pipe(**common, output_type="latent").images
+        first_kwargs, noise_pred_0 = calls[0]
+        hook.remove()
+        sigmas = pipe.scheduler.sigmas.tolist()
+        image = pipe(**common, output_type="np").images[0]
+        prompt_embeds, _ = pipe.encode_prompt(PROMPT, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                              text_encoder_out_layers=OUT_LAYERS)
+    image_u8 = torch.from_numpy((image * 255).round().astype(np.uint8))
+    valid = int(enc.attention_mask.sum())
+    save_file({
+        "latents_in": latents.contiguous(),
+        "input_ids": enc.input_ids[0].to(torch.int64).contiguous(),
+        # Only the prompt's own rows: the padded rows are 500 more of the same kind of numbers.
+        "prompt_embeds_valid": prompt_embeds[:, :valid].contiguous(),
+        "prompt_embeds_pad_rows": prompt_embeds[:, valid:valid + 4].contiguous(),
+        "noise_pred_0": noise_pred_0.contiguous(),
+        "final_latents": final.contiguous(),
+        "image": image_u8.contiguous(),
+    }, str(out_root / "klein-reference.safetensors"))
+    (out_root / "klein-reference.json").write_text(json.dumps({
+        "prompt": PROMPT, "chat_text": text, "width": WIDTH, "height": HEIGHT, "steps": STEPS,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH, "text_encoder_out_layers": list(OUT_LAYERS),
+        "valid_tokens": valid, "first_timestep": float(first_kwargs["timestep"][0]), "sigmas": sigmas,
+    }, indent=1))
+    print(f"klein: image {WIDTH}x{HEIGHT}, {STEPS} steps, {valid} prompt tokens, "
+          f"|noise_pred_0| max {noise_pred_0.abs().max():.3f}, |final| max {final.abs().max():.3f}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "crates/kiln-engine/tests/fixtures"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    build(out)
+
+
+if __name__ == "__main__":
+    main()
