@@ -110,7 +110,7 @@ impl Application {
             TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
         let address = listener.local_addr()?;
         let public_url = settings.public_url.clone().unwrap_or_else(|| format!("http://{address}"));
-        let mut served_routes = settings.configured_routes();
+        let mut served_routes = settings.served_routes();
         served_routes.extend(engines.routes());
         served_routes.sort();
         served_routes.dedup();

@@ -23,8 +23,8 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let engines = load_engines_blocking(&settings).await?;
     if engines.routes().is_empty() && settings.workers.slots > 0 {
         tracing::warn!(
-            "no model has a checkpoint configured: submits will be refused until one is \
-             (see README, \"Configuring models\")"
+            "no model has a checkpoint configured and serve_demo is off: submits will be refused \
+             until one is (see README, \"Models\")"
         );
     }
     let app = Application::build(settings, engines).await?;
@@ -63,12 +63,24 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
     let engines = load_engines_blocking(&settings).await?;
     anyhow::ensure!(
         !engines.routes().is_empty(),
-        "no model has a checkpoint configured, so this worker could take no job (see README, \"Configuring models\")"
+        "no model has a checkpoint configured and serve_demo is off, so this worker could take no job (see README, \"Models\")"
     );
     let stores = open_stores(&settings).await?;
+    let metrics = match settings.workers.metrics_bind {
+        Some(bind) => {
+            let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding {bind}"))?;
+            tracing::info!(address = %listener.local_addr()?, what = "worker metrics", "kiln is listening");
+            Some(tokio::spawn(crate::worker_metrics::serve(listener, shutdown.clone())))
+        }
+        None => None,
+    };
     let sweeper = spawn_sweeper(&settings, &stores, &shutdown);
-    run_pool(stores.jobs, stores.blobs, engines, worker_settings(&settings), shutdown).await;
+    run_pool(stores.jobs, stores.blobs, engines, worker_settings(&settings), shutdown.clone()).await;
+    shutdown.cancel();
     sweeper.await?;
+    if let Some(metrics) = metrics {
+        metrics.await?.context("metrics listener")?;
+    }
     Ok(())
 }
 
@@ -92,7 +104,7 @@ pub async fn keys(settings: Settings, action: KeysAction) -> anyhow::Result<()> 
             eprintln!("Created key '{name}'. This is the only time the token is shown: store it now.");
         }
         KeysAction::List => {
-            println!("{:<24} {:<14} {:<22} {}", "NAME", "PREFIX", "CREATED", "REVOKED");
+            println!("{:<24} {:<14} {:<22} REVOKED", "NAME", "PREFIX", "CREATED");
             for key in stores.keys.list_keys().await? {
                 let fmt = |t: time::OffsetDateTime| {
                     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
@@ -131,7 +143,7 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
     }
     let engines = load_engines(&settings)?;
     let engine = engines.get(route).with_context(|| {
-        format!("no checkpoint is configured for {route}: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
+        format!("no checkpoint is configured for {route} and serve_demo is off: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
     })?;
     let bar = step_bar();
     let started = Instant::now();

@@ -38,7 +38,15 @@ pub struct Settings {
     pub workers: WorkerConfig,
     /// Per route: the checkpoint that serves it and how to run it.
     pub models: ModelsConfig,
+    /// Serve every route that has no checkpoint configured with kiln's own demo checkpoint, so
+    /// that a fresh install makes real images with no download. `false`: refuse such routes.
+    pub serve_demo: bool,
+    /// Where the demo checkpoint is (by default the one in this source tree).
+    pub demo_checkpoint: PathBuf,
 }
+
+/// The demo checkpoint shipped in the repository, trained by `tools/demo` (see its MODEL_CARD.md).
+pub const BUNDLED_DEMO_CHECKPOINT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/demo-checkpoint");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +78,10 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     /// On shutdown, how long a running job may finish before it is released to the queue.
     pub drain_timeout_secs: u64,
+    /// `kiln worker` only: serve its own metrics (step and job durations) at
+    /// `http://{metrics_bind}/metrics`. Unset: no listener at all. (`kiln serve` exports the
+    /// same series on its API port.)
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 /// The `[models."ROUTE"]` tables: each names the checkpoint that serves a route, in the
@@ -105,8 +117,11 @@ impl Default for Settings {
                 max_attempts: 3,
                 poll_interval_ms: 250,
                 drain_timeout_secs: 30,
+                metrics_bind: None,
             },
             models: ModelsConfig::default(),
+            serve_demo: false,
+            demo_checkpoint: PathBuf::from(BUNDLED_DEMO_CHECKPOINT),
         }
     }
 }
@@ -200,14 +215,24 @@ impl Settings {
         Duration::from_secs(self.retention_hours * 3600)
     }
 
-    /// The routes a checkpoint is configured for.
-    pub fn configured_routes(&self) -> Vec<Route> {
-        let ModelsConfig { flux11_pro } = &self.models;
-        flux11_pro.iter().map(|_| Route::Flux11ProTextToImage).collect()
+    /// The routes this configuration serves: those with a checkpoint, and with the demo all.
+    pub fn served_routes(&self) -> Vec<Route> {
+        Route::ALL.into_iter().filter(|r| self.serve_demo || self.configured_checkpoint(*r).is_some()).collect()
+    }
+
+    /// The checkpoint configured for `route`, if any (the FLUX.2 route has no engine of its
+    /// own yet, so only the demo can serve it).
+    pub fn configured_checkpoint(&self, route: Route) -> Option<&Flux1Config> {
+        match route {
+            Route::Flux11ProTextToImage => self.models.flux11_pro.as_ref(),
+            Route::Flux2FlexTextToImage => None,
+        }
     }
 }
 
 #[cfg(test)]
+// figment's Jail returns its large error type by design.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -218,6 +243,7 @@ mod tests {
             let s = Settings::load(None, &FlagOverrides::default()).unwrap();
             assert!(s.bind.ip().is_loopback());
             assert_eq!(s.retention(), Duration::from_secs(7 * 24 * 3600));
+            assert!(!s.serve_demo, "off until the demo checkpoint is committed");
             Ok(())
         });
     }
@@ -248,7 +274,8 @@ mod tests {
             assert_eq!(s.public_url.as_deref(), Some("https://kiln.example.com"));
             let model = s.models.flux11_pro.as_ref().unwrap();
             assert_eq!((model.checkpoint.as_path(), model.steps), (Path::new("/models/flux1-dev"), Some(20)));
-            assert_eq!(s.configured_routes(), vec![Route::Flux11ProTextToImage]);
+            assert_eq!(s.configured_checkpoint(Route::Flux11ProTextToImage), Some(model));
+            assert_eq!(s.served_routes(), vec![Route::Flux11ProTextToImage]);
             assert_eq!(s.limits.max_queued, 1_000, "a partial file keeps the other defaults");
             Ok(())
         });

@@ -1,10 +1,10 @@
 //! Loads the engines the configuration names, once, to keep them resident. A route with no
-//! checkpoint configured has no engine: the API refuses its submits with a clear error, and
-//! workers do not claim it.
+//! checkpoint configured is served by the demo checkpoint, or (with `serve_demo = false`) has no
+//! engine: the API then refuses its submits with a clear error, and workers do not claim it.
 
 use crate::config::Settings;
 use kiln_core::catalog::Route;
-use kiln_engine::{Flux1Engine, LoadProgress};
+use kiln_engine::{Flux1Config, Flux1Engine, LoadProgress};
 use kiln_worker::EngineSet;
 use std::sync::Arc;
 
@@ -15,23 +15,47 @@ pub struct EngineLoadError {
     source: kiln_engine::Error,
 }
 
-/// Loads every configured engine. Blocking (reads and maps gigabytes): call it off the async
-/// threads. Progress goes to the log, a line per component.
+/// Loads the engine of every served route: its configured checkpoint, or the demo checkpoint
+/// (loaded once, shared by the routes it serves). Blocking (reads and maps gigabytes): call it
+/// off the async threads. Progress goes to the log, a line per component.
 pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
     let mut engines = EngineSet::new();
-    if let Some(config) = &settings.models.flux11_pro {
-        let route = Route::Flux11ProTextToImage;
-        tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
-        let engine = Flux1Engine::load(config.clone(), &mut log_progress(route))
-            .map_err(|source| EngineLoadError { route, source })?;
-        tracing::info!(%route, engine = %kiln_core::engine::Engine::describe(&engine), "checkpoint loaded");
-        engines = engines.with(route, Arc::new(engine));
+    let mut demo: Option<Arc<Flux1Engine>> = None;
+    for route in settings.served_routes() {
+        let engine = match settings.configured_checkpoint(route) {
+            Some(config) => Arc::new(load(route, config.clone())?),
+            None => {
+                tracing::warn!(
+                    %route,
+                    checkpoint = %settings.demo_checkpoint.display(),
+                    "no checkpoint is configured for this route: it is served by kiln's small demo \
+                     checkpoint, trained on simple shapes (see its MODEL_CARD.md); configure \
+                     [models.\"{route}\"] to serve a real model"
+                );
+                match &demo {
+                    Some(engine) => engine.clone(),
+                    None => {
+                        // Canonical, so logs and metadata show a plain path, not `crates/kiln/../..`.
+                        let dir = settings.demo_checkpoint.canonicalize().unwrap_or_else(|_| settings.demo_checkpoint.clone());
+                        demo.insert(Arc::new(load(route, Flux1Config::new(dir))?)).clone()
+                    }
+                }
+            }
+        };
+        engines = engines.with(route, engine);
     }
     Ok(engines)
 }
 
+fn load(route: Route, config: Flux1Config) -> Result<Flux1Engine, EngineLoadError> {
+    tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
+    let engine = Flux1Engine::load(config, &mut log_progress(route)).map_err(|source| EngineLoadError { route, source })?;
+    tracing::info!(%route, engine = %kiln_core::engine::Engine::describe(&engine), "checkpoint loaded");
+    Ok(engine)
+}
+
 /// Logs each component once it is fully loaded.
-pub fn log_progress(route: Route) -> impl FnMut(LoadProgress) {
+fn log_progress(route: Route) -> impl FnMut(LoadProgress) {
     move |p: LoadProgress| {
         if p.done == p.total {
             tracing::info!(%route, component = p.component, "loaded");

@@ -7,6 +7,7 @@
 //! - [`engines`]: loads the engines the configuration names into a [`kiln_worker::EngineSet`].
 //! - [`commands`]: `serve`, `worker`, `keys`, `generate`.
 //! - [`telemetry`]: structured logs.
+//! - [`worker_metrics`]: the optional `/metrics` listener of `kiln worker`.
 //!
 //! `main.rs` only parses the command line, hands in the shutdown signal, and calls a command.
 
@@ -15,3 +16,4 @@ pub mod commands;
 pub mod config;
 pub mod engines;
 pub mod telemetry;
+pub mod worker_metrics;

@@ -81,19 +81,9 @@ impl KilnProcess {
         let mut command = kiln_command(config, data_dir);
         command.args(["serve", "--bind", "127.0.0.1:0"]).args(extra);
         let (mut child, listening, stdout) = spawn_watched(command);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let address = loop {
-            if let Some(address) = listening.lock().unwrap().clone() {
-                break address;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("kiln serve exited before listening: {status}");
-            }
-            assert!(Instant::now() < deadline, "kiln serve did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let base = wait_listening(&mut child, &listening);
         let first_key = stdout.lock().unwrap().iter().find(|l| l.trim().starts_with("kiln_")).map(|l| l.trim().to_string());
-        KilnProcess { child, base: format!("http://{address}"), first_key }
+        KilnProcess { child, base, first_key }
     }
 
     /// `kiln worker` (no listener).
@@ -102,6 +92,15 @@ impl KilnProcess {
         command.arg("worker");
         let (child, _, _) = spawn_watched(command);
         KilnProcess { child, base: String::new(), first_key: None }
+    }
+
+    /// `kiln worker` with its metrics listener on a free loopback port (`base` is its URL).
+    pub fn worker_with_metrics(config: &Path, data_dir: &Path) -> Self {
+        let mut command = kiln_command(config, data_dir);
+        command.env("KILN_WORKERS__METRICS_BIND", "127.0.0.1:0").arg("worker");
+        let (mut child, listening, _) = spawn_watched(command);
+        let base = wait_listening(&mut child, &listening);
+        KilnProcess { child, base, first_key: None }
     }
 
     pub fn sigkill(&mut self) {
@@ -132,6 +131,21 @@ impl Drop for KilnProcess {
 }
 
 type Shared<T> = Arc<Mutex<T>>;
+
+/// Waits for the "kiln is listening" log line and returns `http://ADDRESS`.
+fn wait_listening(child: &mut Child, listening: &Shared<Option<String>>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(address) = listening.lock().unwrap().clone() {
+            return format!("http://{address}");
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("kiln exited before listening: {status}");
+        }
+        assert!(Instant::now() < deadline, "kiln did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Spawns `command`, echoing its output to the test's (shown on failure), noting the address a
 /// "kiln is listening" log line names, and keeping stdout's lines.
@@ -272,9 +286,11 @@ pub struct InProcess {
 impl InProcess {
     pub async fn start(configure: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = Settings::default();
-        settings.bind = "127.0.0.1:0".parse().unwrap();
-        settings.data_dir = dir.path().to_path_buf();
+        let mut settings = Settings {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
         settings.workers.poll_interval_ms = 20;
         configure(&mut settings);
         let engine = Arc::new(ScriptedEngine::default());

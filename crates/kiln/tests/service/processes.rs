@@ -199,3 +199,28 @@ async fn the_service_runs_bfl_single_files_and_gguf_transformers() {
         assert_eq!((code, decoded_size(&bytes)), (200, (256, 256)), "{layout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_separate_worker_exports_its_step_and_job_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 3, "");
+    let data = dir.path().join("data");
+    let api = KilnProcess::serve(&config, &data, &["--workers", "0"]);
+    let worker = KilnProcess::worker_with_metrics(&config, &data);
+    let client = Client::new(&api.base, api.first_key.as_deref().unwrap());
+    let (_, submitted) = client.submit(PRO, input("a purple circle")).await;
+    let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+
+    let text = reqwest::get(format!("{}/metrics", worker.base)).await.unwrap().text().await.unwrap();
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(PRO))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} for {PRO} in:\n{text}"))
+    };
+    assert_eq!(sample("kiln_step_duration_seconds_count"), 3.0, "one observation per step");
+    assert_eq!(sample("kiln_job_duration_seconds_count"), 1.0);
+    assert_eq!(sample("kiln_jobs_finished_total{model=\"blackforestlabs/flux-1-1-pro/text-to-image\",outcome=\"succeeded\"}"), 1.0);
+}
