@@ -177,7 +177,8 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, every: int):
         if (step + 1) % every == 0 or step + 1 == steps:
             state.update(step=step + 1, model=vae.state_dict(), opt=opt.state_dict())
             save_state(path, state)
-    if "stats" not in state:
+    # The latent statistics of the VAE as trained so far (again when it was trained further).
+    if state.get("stats", {}).get("step") != state["step"]:
         vae.eval()
         zs = []
         with torch.no_grad():
@@ -185,12 +186,12 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, every: int):
                 x, _ = scene_batch(seed, 20_000_000 + i, 64)
                 zs.append(vae.encode(x).latent_dist.mean)
         z = torch.cat([t.flatten() for t in zs])
-        state["stats"] = dict(shift=float(z.mean()), scale=float(1.0 / z.std()))
+        state["stats"] = dict(shift=float(z.mean()), scale=float(1.0 / z.std()), step=state["step"])
         state.update(model=vae.state_dict(), opt=opt.state_dict())
         save_state(path, state)
         log(f"[vae] latent shift {state['stats']['shift']:.4f} scale {state['stats']['scale']:.4f}")
     vae.register_to_config(scaling_factor=state["stats"]["scale"], shift_factor=state["stats"]["shift"])
-    return vae.eval().requires_grad_(False), state["losses"]
+    return vae.eval().requires_grad_(False), state["losses"], state["step"]
 
 
 def encode_text(clip, t5, clip_ids, t5_ids):
@@ -206,7 +207,8 @@ def velocity(transformer, xt, t, pooled, t5_states, h, w):
                        img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
 
 
-def train_flow(work: Path, root: Path, vae, seed: int, steps: int, batch: int, every: int, lr_max: float):
+def train_flow(work: Path, root: Path, vae, vae_step: int, seed: int, steps: int, batch: int, every: int,
+               lr_max: float):
     path = work / "flow.pt"
     torch.manual_seed(seed + 1)
     clip, t5 = make_text_encoders(root)
@@ -214,9 +216,12 @@ def train_flow(work: Path, root: Path, vae, seed: int, steps: int, batch: int, e
     modules = torch.nn.ModuleDict(dict(clip=clip, t5=t5, transformer=transformer))
     ema = make_ema(modules)
     opt = torch.optim.AdamW(modules.parameters(), lr=lr_max, weight_decay=0.01)
-    state = dict(step=0, losses=[])
+    state = dict(step=0, losses=[], vae_step=vae_step)
     if path.exists():
         state = torch.load(path, weights_only=False)
+        if state["vae_step"] != vae_step:
+            sys.exit(f"{path} was trained on the VAE at step {state['vae_step']}, not {vae_step}: "
+                     "remove it to train the transformer again")
         modules.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -329,9 +334,9 @@ def main():
     if args.export_only:
         args.vae_steps = torch.load(work / "vae.pt", weights_only=False)["step"]
         args.steps = torch.load(work / "flow.pt", weights_only=False)["step"]
-    t0 = time.time()
-    vae, vae_losses = train_vae(work, args.seed, args.vae_steps, 32, args.checkpoint_every)
-    ema, flow_losses = train_flow(work, root, vae, args.seed, args.steps, args.batch, args.checkpoint_every, args.lr)
+    vae, vae_losses, vae_step = train_vae(work, args.seed, args.vae_steps, 32, args.checkpoint_every)
+    ema, flow_losses = train_flow(work, root, vae, vae_step, args.seed, args.steps, args.batch, args.checkpoint_every,
+                                  args.lr)
     out = Path(args.out)
     export(root, out, vae, ema, dict(shift=args.shift, steps=args.sample_steps))
     plot(vae_losses, flow_losses, out / "loss.png")
@@ -339,7 +344,6 @@ def main():
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, lr=args.lr,
         final_vae_loss=float(np.mean([l for _, l in vae_losses[-100:]])),
         final_flow_loss=float(np.mean([l for _, l in flow_losses[-100:]])),
-        this_run_minutes=round((time.time() - t0) / 60, 1),
     ), indent=1) + "\n")
     log(f"exported to {out}")
 
