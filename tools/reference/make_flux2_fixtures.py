@@ -121,6 +121,8 @@ def build(out_root: Path):
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
         "tokenizer": ["transformers", "Qwen2TokenizerFast"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLFlux2"],
+        # kiln reads the reference layers from here: a 4-layer Qwen3 has no layer 27.
+        "_kiln": {"text_encoder_out_layers": list(OUT_LAYERS)},
     }, indent=1))
 
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,

@@ -63,6 +63,33 @@ pub struct CheckpointSettings {
     /// result's notes.
     #[serde(default)]
     pub description: Option<String>,
+    /// FLUX.2 only: the text encoder layers whose hidden states are stacked (1-based, as
+    /// transformers counts `hidden_states`), for a checkpoint whose text encoder is not one
+    /// of the reference sizes (klein's Qwen3 uses 9, 18, 27; dev's Mistral 10, 20, 30).
+    #[serde(default)]
+    pub text_encoder_out_layers: Option<Vec<usize>>,
+}
+
+impl CheckpointSettings {
+    /// The `_kiln` entry of a `model_index.json`, or the defaults where there is none.
+    pub(crate) fn from_index(index: &Value, index_path: &Path) -> Result<Self> {
+        match index.get("_kiln") {
+            Some(v) => Self::deserialize(v)
+                .map_err(|e| Error::checkpoint(index_path, format!("`_kiln`: {e}"))),
+            None => Ok(Self::default()),
+        }
+    }
+}
+
+/// A diffusers `transformer/` folder's weights: its one GGUF file, or its safetensors.
+pub(crate) fn diffusers_transformer(tdir: &Path) -> Result<(WeightFormat, Vec<PathBuf>)> {
+    Ok(match gguf_files(tdir)? {
+        Some(g) => (WeightFormat::Gguf, vec![g]),
+        None => (
+            WeightFormat::Safetensors,
+            safetensors_files(tdir, "diffusion_pytorch_model")?,
+        ),
+    })
 }
 
 impl CheckpointFiles {
@@ -105,19 +132,9 @@ impl CheckpointFiles {
                 ));
             }
         }
-        let settings = match index.get("_kiln") {
-            Some(v) => CheckpointSettings::deserialize(v)
-                .map_err(|e| Error::checkpoint(&index_path, format!("`_kiln`: {e}")))?,
-            None => CheckpointSettings::default(),
-        };
+        let settings = CheckpointSettings::from_index(&index, &index_path)?;
         let tdir = dir.join("transformer");
-        let (transformer_format, transformer) = match gguf_files(&tdir)? {
-            Some(g) => (WeightFormat::Gguf, vec![g]),
-            None => (
-                WeightFormat::Safetensors,
-                safetensors_files(&tdir, "diffusion_pytorch_model")?,
-            ),
-        };
+        let (transformer_format, transformer) = diffusers_transformer(&tdir)?;
         let vdir = dir.join("vae");
         let scheduler = dir.join("scheduler/scheduler_config.json");
         Ok(Self {

@@ -18,12 +18,14 @@
 //! - `image_io`: RGB from the decoder, latent previews (encoding is `kiln_core::image_file`).
 //! - [`pipeline`]: [`Flux1Pipeline`], loading and running a whole generation.
 //! - `engine`: [`Flux1Engine`] and its configuration (defaults, raw mode).
+//! - [`flux2`]: FLUX.2 klein ([`flux2::Flux2Pipeline`]), its own module tree on the pieces above.
 //! - `error`: the crate's [`Error`].
 
 pub mod checkpoint;
 mod clip;
 mod engine;
 mod error;
+pub mod flux2;
 mod image_io;
 mod nn;
 pub mod pipeline;

@@ -12,11 +12,10 @@ use crate::transformer::{FluxTransformer, TransformerConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
-use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
+use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::Path;
 
 /// Where the model runs.
@@ -62,13 +61,13 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    fn device(&self) -> Result<Device> {
+    pub(crate) fn device(&self) -> Result<Device> {
         match self.device {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
         }
     }
-    fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         match (self.precision, self.device) {
             (Some(Precision::F32), _) | (None, DeviceSpec::Cpu) => DType::F32,
             (Some(Precision::Bf16), _) | (None, DeviceSpec::Cuda(_)) => DType::BF16,
@@ -128,7 +127,8 @@ pub struct PipelineRequest {
     pub guidance: Option<f32>,
     pub seed: u64,
     pub max_sequence_length: Option<usize>,
-    /// Packed initial latents `(1, tokens, 64)` instead of seeded noise (diffusers' `latents=`).
+    /// Packed initial latents `(1, tokens, in_channels)` instead of seeded noise (diffusers'
+    /// `latents=`).
     pub initial_latents: Option<Tensor>,
     /// A preview every this many steps; 0 for none.
     pub preview_interval: u32,
@@ -398,17 +398,7 @@ impl Flux1Pipeline {
 
     /// The latent grid for an image, or why the size is unusable.
     fn latent_grid(&self, width: u32, height: u32) -> Result<(usize, usize)> {
-        let m = self.size_multiple();
-        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
-            return Err(Error::InvalidRequest(format!(
-                "width and height must be positive multiples of {m} for this checkpoint (got {width}x{height})"
-            )));
-        }
-        Ok(sampling::latent_grid(
-            width as usize,
-            height as usize,
-            self.vae.config().scale_factor(),
-        ))
+        sampling::checked_latent_grid(width, height, self.vae.config().scale_factor())
     }
 
     /// Runs a whole generation.
@@ -418,12 +408,7 @@ impl Flux1Pipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<PipelineOutput> {
         let defaults = self.defaults();
-        let steps = req.steps.unwrap_or(defaults.steps);
-        if steps == 0 {
-            return Err(Error::InvalidRequest(
-                "num_inference_steps must be at least 1".into(),
-            ));
-        }
+        let steps = sampling::checked_steps(req.steps, defaults.steps)?;
         let mut notes: Vec<String> = self.files.settings.description.iter().cloned().collect();
         notes.push(format!("seed {}", req.seed));
         let guidance = match (self.variant(), req.guidance) {
@@ -456,7 +441,7 @@ impl Flux1Pipeline {
         let tokens = (h / 2) * (w / 2);
 
         let text = self.encode_prompt(&req.prompt, max_len)?;
-        let mut latents = match &req.initial_latents {
+        let latents = match &req.initial_latents {
             Some(l) => {
                 if l.dims() != [1, tokens, channels * 4] {
                     return Err(Error::InvalidRequest(format!(
@@ -479,29 +464,14 @@ impl Flux1Pipeline {
         let rope = self
             .transformer
             .rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
-        for i in 0..steps as usize {
-            let v = self.velocity_with(&latents, sigmas[i], guidance, &text, &rope)?;
-            let want_preview = req.preview_interval > 0
-                && (i + 1) % req.preview_interval as usize == 0
-                && i + 1 < steps as usize;
-            let shown = if want_preview {
-                // The current estimate of the clean image, x0 = x_t - sigma * v.
-                let x0 = (latents.to_dtype(DType::F32)?
-                    - (v.to_dtype(DType::F32)? * sigmas[i] as f64)?)?;
-                preview(&sampling::unpack(&x0, h, w)?)?
-            } else {
-                None
-            };
-            latents = sampling::euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
-            let event = StepEvent {
-                step: i as u32 + 1,
-                total: steps,
-                preview: shown.as_ref(),
-            };
-            if let ControlFlow::Break(()) = observer.on_step(event) {
-                return Err(Error::Interrupted);
-            }
-        }
+        let latents = sampling::denoise(
+            latents,
+            &sigmas,
+            req.preview_interval,
+            observer,
+            &mut |x, sigma| self.velocity_with(x, sigma, guidance, &text, &rope),
+            &|x0| preview(&sampling::unpack(x0, h, w)?),
+        )?;
         let mut image = self.decode_tensor(&latents, gen_w, gen_h)?;
         if (gen_w, gen_h) != (req.width, req.height) {
             image = image.upsample_bilinear2d(req.height as usize, req.width as usize, false)?;

@@ -1,9 +1,11 @@
 //! The flow-matching sampler: noise, latent packing, the (shifted) schedule, Euler steps.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use kiln_core::engine::{RgbImage, StepEvent, StepObserver};
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
+use std::ops::ControlFlow;
 
 /// The schedule's time shift, as diffusers' `scheduler/scheduler_config.json` describes it
 /// (`FlowMatchEulerDiscreteScheduler`).
@@ -53,9 +55,19 @@ impl ScheduleConfig {
         }
     }
 
-    /// The `steps + 1` noise levels from 1 down to 0, computed as diffusers does: a float64
-    /// linspace cast to f32, then the shift in f32 (`mu` itself in float64).
+    /// The `steps + 1` noise levels from 1 down to 0 for FLUX.1, whose `mu` grows linearly
+    /// with the image's token count between the configured bounds.
     pub fn sigmas(&self, steps: usize, image_seq_len: usize) -> Vec<f32> {
+        let m = (self.max_shift - self.base_shift)
+            / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
+        let mu = image_seq_len as f64 * m + (self.base_shift - m * self.base_image_seq_len as f64);
+        self.sigmas_with_mu(steps, mu)
+    }
+
+    /// The `steps + 1` noise levels from 1 down to 0, computed as diffusers does: a float64
+    /// linspace cast to f32, then the shift in f32 (`mu` itself in float64). `mu` is used only
+    /// with dynamic shifting; otherwise the static `shift` applies.
+    pub fn sigmas_with_mu(&self, steps: usize, mu: f64) -> Vec<f32> {
         // numpy's linspace(1, 1/n, n): `i * step + start`, the end point exact.
         let n = steps as f64;
         let step = if steps > 1 {
@@ -67,10 +79,6 @@ impl ScheduleConfig {
             .map(|i| if i + 1 == steps { 1.0 / n } else { i as f64 * step + 1.0 } as f32)
             .collect();
         let mut sigmas: Vec<f32> = if self.use_dynamic_shifting {
-            let m = (self.max_shift - self.base_shift)
-                / (self.max_image_seq_len as f64 - self.base_image_seq_len as f64);
-            let mu =
-                image_seq_len as f64 * m + (self.base_shift - m * self.base_image_seq_len as f64);
             let e = mu.exp() as f32;
             base.iter().map(|&t| e / (e + (1.0 / t - 1.0))).collect()
         } else {
@@ -114,6 +122,32 @@ pub fn latent_grid(width: usize, height: usize, vae_scale: usize) -> (usize, usi
         2 * (height / (vae_scale * 2)),
         2 * (width / (vae_scale * 2)),
     )
+}
+
+/// [`latent_grid`] for a request, or why its size is unusable: sides must be positive
+/// multiples of `2 * vae_scale` (a latent pixel per `vae_scale` pixels, 2x2 latent patches).
+pub(crate) fn checked_latent_grid(
+    width: u32,
+    height: u32,
+    vae_scale: usize,
+) -> Result<(usize, usize)> {
+    let m = (vae_scale * 2) as u32;
+    if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+        return Err(Error::InvalidRequest(format!(
+            "width and height must be positive multiples of {m} for this checkpoint (got {width}x{height})"
+        )));
+    }
+    Ok(latent_grid(width as usize, height as usize, vae_scale))
+}
+
+/// A request's step count, or the default; at least one.
+pub(crate) fn checked_steps(requested: Option<u32>, default: u32) -> Result<u32> {
+    match requested.unwrap_or(default) {
+        0 => Err(Error::InvalidRequest(
+            "num_inference_steps must be at least 1".into(),
+        )),
+        n => Ok(n),
+    }
 }
 
 /// Standard-normal noise `(1, channels, h, w)` in f32 from a seed: ChaCha8 and Box-Muller, the
@@ -160,6 +194,42 @@ pub(crate) fn euler_step(x: &Tensor, v: &Tensor, sigma: f32, sigma_next: f32) ->
     let xf = x.to_dtype(DType::F32)?;
     let vf = v.to_dtype(DType::F32)?;
     Ok((xf + (vf * dt)?)?.to_dtype(dtype)?)
+}
+
+/// The Euler loop over `sigmas`: `velocity(x, sigma)` at each level but the last; after each
+/// step the observer is told (and may stop the run), with a preview every `preview_interval`
+/// steps but the last, made by `preview_of` from the clean estimate `x0 = x - sigma v` in f32.
+pub(crate) fn denoise(
+    mut latents: Tensor,
+    sigmas: &[f32],
+    preview_interval: u32,
+    observer: &mut dyn StepObserver,
+    velocity: &mut dyn FnMut(&Tensor, f32) -> Result<Tensor>,
+    preview_of: &dyn Fn(&Tensor) -> Result<Option<RgbImage>>,
+) -> Result<Tensor> {
+    let steps = sigmas.len() - 1;
+    for i in 0..steps {
+        let v = velocity(&latents, sigmas[i])?;
+        let want_preview =
+            preview_interval > 0 && (i + 1) % preview_interval as usize == 0 && i + 1 < steps;
+        let shown = if want_preview {
+            let x0 =
+                (latents.to_dtype(DType::F32)? - (v.to_dtype(DType::F32)? * sigmas[i] as f64)?)?;
+            preview_of(&x0)?
+        } else {
+            None
+        };
+        latents = euler_step(&latents, &v, sigmas[i], sigmas[i + 1])?;
+        let event = StepEvent {
+            step: i as u32 + 1,
+            total: steps as u32,
+            preview: shown.as_ref(),
+        };
+        if let ControlFlow::Break(()) = observer.on_step(event) {
+            return Err(Error::Interrupted);
+        }
+    }
+    Ok(latents)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ const CLIP_PATTERN: &str =
 pub(crate) struct PromptTokenizer {
     inner: Tokenizer,
     bos: Option<u32>,
-    eos: u32,
+    eos: Option<u32>,
     pad: u32,
     /// `model_max_length` from tokenizer_config.json.
     pub(crate) max_length: usize,
@@ -64,6 +64,16 @@ impl PromptTokenizer {
         Ok(t)
     }
 
+    /// Qwen's tokenizer for text already framed by its chat template: no BOS or EOS added,
+    /// padded on the right with the configured pad token (`<|endoftext|>`).
+    pub(crate) fn qwen(dir: &Path) -> Result<Self> {
+        let cfg = TokenizerConfig::read(dir)?;
+        let inner = load_json(dir)?;
+        let mut t = Self::from_parts(dir, inner, &cfg, "", "<|im_end|>", "<|endoftext|>", 131_072)?;
+        t.eos = None;
+        Ok(t)
+    }
+
     fn from_parts(
         dir: &Path,
         inner: Tokenizer,
@@ -86,7 +96,7 @@ impl PromptTokenizer {
             } else {
                 Some(id("bos_token", bos)?)
             },
-            eos: id("eos_token", eos)?,
+            eos: Some(id("eos_token", eos)?),
             pad: id("pad_token", pad)?,
             max_length: cfg.max_length.unwrap_or(default_max),
             inner,
@@ -96,7 +106,7 @@ impl PromptTokenizer {
 
     /// Special tokens written in a prompt are recognised as such, as in transformers.
     fn add_specials(&mut self) -> Result<()> {
-        let specials: Vec<AddedToken> = [self.bos, Some(self.eos)]
+        let specials: Vec<AddedToken> = [self.bos, self.eos]
             .into_iter()
             .flatten()
             .filter_map(|id| self.inner.id_to_token(id))
@@ -108,6 +118,11 @@ impl PromptTokenizer {
 
     /// Exactly `length` ids: framed, truncated (keeping the special tokens), padded.
     pub(crate) fn encode(&self, text: &str, length: usize) -> Result<Vec<u32>> {
+        Ok(self.encode_with_mask(text, length)?.0)
+    }
+
+    /// [`Self::encode`] and how many of the ids are not padding (the attention mask's ones).
+    pub(crate) fn encode_with_mask(&self, text: &str, length: usize) -> Result<(Vec<u32>, usize)> {
         let enc = self
             .inner
             .encode(text, false)
@@ -115,14 +130,15 @@ impl PromptTokenizer {
                 path: self.dir.clone(),
                 message: e.to_string(),
             })?;
-        let specials = usize::from(self.bos.is_some()) + 1;
+        let specials = usize::from(self.bos.is_some()) + usize::from(self.eos.is_some());
         let room = length.saturating_sub(specials);
         let mut ids = Vec::with_capacity(length);
         ids.extend(self.bos);
         ids.extend(enc.get_ids().iter().take(room));
-        ids.push(self.eos);
+        ids.extend(self.eos);
+        let valid = ids.len();
         ids.resize(length, self.pad);
-        Ok(ids)
+        Ok((ids, valid))
     }
 }
 

@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 
-const QK_NORM_EPS: f64 = 1e-6;
-const NORM_EPS: f64 = 1e-6;
+pub(crate) const QK_NORM_EPS: f64 = 1e-6;
+pub(crate) const NORM_EPS: f64 = 1e-6;
 /// The image stream's (and single blocks') projections and norms.
-const IMAGE_QKV: [&str; 5] = [
+pub(crate) const IMAGE_QKV: [&str; 5] = [
     "attn.to_q",
     "attn.to_k",
     "attn.to_v",
@@ -19,6 +19,14 @@ const IMAGE_QKV: [&str; 5] = [
 ];
 /// Width of the sinusoidal timestep (and guidance) embedding.
 const TIME_PROJ_DIM: usize = 256;
+/// The text stream's projections and norms in a double block.
+pub(crate) const TEXT_QKV: [&str; 5] = [
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.norm_added_q",
+    "attn.norm_added_k",
+];
 
 /// The transformer's shape. Read from diffusers' `transformer/config.json`, or inferred from a
 /// BFL file's tensors. Whether it has a guidance embedding (dev) is always read from the weights.
@@ -147,28 +155,39 @@ pub(crate) fn count_indexed(names: &BTreeSet<String>, stem: &str) -> usize {
         .map_or(0, |m| m + 1)
 }
 
-struct Mlp2 {
+pub(crate) struct Mlp2 {
     l1: Linear,
     l2: Linear,
 }
 
 impl Mlp2 {
-    fn load(w: &Weights, p: &str, l1: &str, l2: &str) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, p: &str, l1: &str, l2: &str) -> Result<Self> {
         Ok(Self {
             l1: w.linear(&format!("{p}.{l1}"))?,
             l2: w.linear(&format!("{p}.{l2}"))?,
         })
     }
-    fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.l2.forward(&self.l1.forward(x)?.silu()?)
     }
-    fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.l2.forward(&self.l1.forward(x)?.gelu()?)
+}
+
+/// A feed-forward sub-block of a double-stream block: FLUX.1's GELU MLP, FLUX.2's SwiGLU.
+pub(crate) trait FeedForward {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// FLUX.1's feed-forward: `linear, gelu (tanh), linear`.
+struct GeluMlp(Mlp2);
+
+impl FeedForward for GeluMlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.l2.forward(&self.0.l1.forward(x)?.gelu()?)
     }
 }
 
 /// One stream's query/key/value projections and their RMS norms.
-struct Qkv {
+pub(crate) struct Qkv {
     q: Linear,
     k: Linear,
     v: Linear,
@@ -177,7 +196,7 @@ struct Qkv {
 }
 
 impl Qkv {
-    fn load(w: &Weights, p: &str, names: [&str; 5]) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, p: &str, names: [&str; 5]) -> Result<Self> {
         let [q, k, v, nq, nk] = names;
         Ok(Self {
             q: w.linear(&format!("{p}.{q}"))?,
@@ -189,7 +208,11 @@ impl Qkv {
     }
 
     /// Normalised q, k and v as `(batch, heads, seq, head_dim)`.
-    fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, hd) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, heads, hd / heads));
         let q = rms_norm(&split(self.q.forward(x)?)?, &self.norm_q, QK_NORM_EPS)?;
@@ -199,15 +222,58 @@ impl Qkv {
     }
 }
 
+/// A double-stream block's attention and feed-forwards, which FLUX.1 and FLUX.2 share; the
+/// modulation comes from outside (each block's own in FLUX.1, one for all blocks in FLUX.2).
+pub(crate) struct DoubleStreams<F> {
+    pub(crate) img_qkv: Qkv,
+    pub(crate) txt_qkv: Qkv,
+    pub(crate) img_out: Linear,
+    pub(crate) txt_out: Linear,
+    pub(crate) img_ff: F,
+    pub(crate) txt_ff: F,
+}
+
+impl<F: FeedForward> DoubleStreams<F> {
+    /// Joint attention over `[txt, img]`, then each stream's feed-forward. `im` and `tm` are
+    /// the streams' six modulation vectors: shift, scale, gate for the attention, then for
+    /// the feed-forward.
+    pub(crate) fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        im: &[Tensor],
+        tm: &[Tensor],
+        heads: usize,
+        rope: &Rope,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let txt_len = txt.dim(1)?;
+        let img_n = modulate(&layer_norm(img, None, NORM_EPS)?, &im[0], &im[1])?;
+        let txt_n = modulate(&layer_norm(txt, None, NORM_EPS)?, &tm[0], &tm[1])?;
+        let (iq, ik, iv) = self.img_qkv.forward(&img_n, heads)?;
+        let (tq, tk, tv) = self.txt_qkv.forward(&txt_n, heads)?;
+        let scale = 1.0 / (iq.dim(3)? as f64).sqrt();
+        let q = apply_rope(&Tensor::cat(&[tq, iq], 2)?, rope)?;
+        let k = apply_rope(&Tensor::cat(&[tk, ik], 2)?, rope)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let a = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
+        let txt_a = a.narrow(1, 0, txt_len)?;
+        let img_a = a.narrow(1, txt_len, a.dim(1)? - txt_len)?;
+
+        let img = (img + im[2].broadcast_mul(&self.img_out.forward(&img_a)?)?)?;
+        let img_n = modulate(&layer_norm(&img, None, NORM_EPS)?, &im[3], &im[4])?;
+        let img = (&img + im[5].broadcast_mul(&self.img_ff.forward(&img_n)?)?)?;
+
+        let txt = (txt + tm[2].broadcast_mul(&self.txt_out.forward(&txt_a)?)?)?;
+        let txt_n = modulate(&layer_norm(&txt, None, NORM_EPS)?, &tm[3], &tm[4])?;
+        let txt = (&txt + tm[5].broadcast_mul(&self.txt_ff.forward(&txt_n)?)?)?;
+        Ok((img, txt))
+    }
+}
+
 struct DoubleBlock {
     img_mod: Linear,
     txt_mod: Linear,
-    img_qkv: Qkv,
-    txt_qkv: Qkv,
-    img_out: Linear,
-    txt_out: Linear,
-    img_mlp: Mlp2,
-    txt_mlp: Mlp2,
+    streams: DoubleStreams<GeluMlp>,
 }
 
 struct SingleBlock {
@@ -221,6 +287,41 @@ struct SingleBlock {
 pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for tokens at `positions` (one coordinate per axis), each axis rotating its own
+    /// `axes_dim[i]` channels. diffusers computes the frequencies in f64 and applies them in
+    /// f32 whatever the model's dtype; so does this.
+    pub(crate) fn new<const N: usize>(
+        positions: impl Iterator<Item = [f64; N]>,
+        axes_dim: &[usize],
+        theta: f64,
+        dev: &Device,
+    ) -> Result<Self> {
+        debug_assert_eq!(axes_dim.len(), N);
+        let d: usize = axes_dim.iter().sum();
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for pos in positions {
+            for (axis, &dim) in axes_dim.iter().enumerate() {
+                for i in 0..dim / 2 {
+                    let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
+                    let angle = pos[axis] * freq;
+                    // Interleaved pairs: both members of a pair get the same angle.
+                    for _ in 0..2 {
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
+                }
+            }
+        }
+        let seq = cos.len() / d;
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (1, 1, seq, d), dev)?,
+            sin: Tensor::from_vec(sin, (1, 1, seq, d), dev)?,
+        })
+    }
 }
 
 pub(crate) struct FluxTransformer {
@@ -249,22 +350,19 @@ impl FluxTransformer {
             double.push(DoubleBlock {
                 img_mod: w.linear(&format!("{p}.norm1.linear"))?,
                 txt_mod: w.linear(&format!("{p}.norm1_context.linear"))?,
-                img_qkv: Qkv::load(w, &p, IMAGE_QKV)?,
-                txt_qkv: Qkv::load(
-                    w,
-                    &p,
-                    [
-                        "attn.add_q_proj",
-                        "attn.add_k_proj",
-                        "attn.add_v_proj",
-                        "attn.norm_added_q",
-                        "attn.norm_added_k",
-                    ],
-                )?,
-                img_out: w.linear(&format!("{p}.attn.to_out.0"))?,
-                txt_out: w.linear(&format!("{p}.attn.to_add_out"))?,
-                img_mlp: Mlp2::load(w, &p, "ff.net.0.proj", "ff.net.2")?,
-                txt_mlp: Mlp2::load(w, &p, "ff_context.net.0.proj", "ff_context.net.2")?,
+                streams: DoubleStreams {
+                    img_qkv: Qkv::load(w, &p, IMAGE_QKV)?,
+                    txt_qkv: Qkv::load(w, &p, TEXT_QKV)?,
+                    img_out: w.linear(&format!("{p}.attn.to_out.0"))?,
+                    txt_out: w.linear(&format!("{p}.attn.to_add_out"))?,
+                    img_ff: GeluMlp(Mlp2::load(w, &p, "ff.net.0.proj", "ff.net.2")?),
+                    txt_ff: GeluMlp(Mlp2::load(
+                        w,
+                        &p,
+                        "ff_context.net.0.proj",
+                        "ff_context.net.2",
+                    )?),
+                },
             });
             progress(i + 1, total);
         }
@@ -313,33 +411,12 @@ impl FluxTransformer {
     }
 
     /// RoPE tables for `txt_len` text tokens (ids all zero) followed by an `h x w` grid of image
-    /// tokens (ids `[0, row, col]`). diffusers computes the frequencies in f64 and applies them
-    /// in f32 whatever the model's dtype; so does this.
+    /// tokens (ids `[0, row, col]`).
     pub(crate) fn rope(&self, txt_len: usize, h: usize, w: usize, dev: &Device) -> Result<Rope> {
         let positions = (0..txt_len)
             .map(|_| [0.0; 3])
             .chain((0..h).flat_map(|r| (0..w).map(move |c| [0.0, r as f64, c as f64])));
-        let d = self.cfg.head_dim;
-        let seq = txt_len + h * w;
-        let mut cos = Vec::with_capacity(seq * d);
-        let mut sin = Vec::with_capacity(seq * d);
-        for pos in positions {
-            for (axis, &dim) in self.cfg.axes_dim.iter().enumerate() {
-                for i in 0..dim / 2 {
-                    let freq = 1.0 / self.cfg.theta.powf((2 * i) as f64 / dim as f64);
-                    let angle = pos[axis] * freq;
-                    // Interleaved pairs: both members of a pair get the same angle.
-                    for _ in 0..2 {
-                        cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
-                    }
-                }
-            }
-        }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (1, 1, seq, d), dev)?,
-            sin: Tensor::from_vec(sin, (1, 1, seq, d), dev)?,
-        })
+        Rope::new(positions, &self.cfg.axes_dim, self.cfg.theta, dev)
     }
 
     /// The velocity for packed latents `img (1, h*w, in_channels)`. `timestep` and `guidance`
@@ -356,14 +433,15 @@ impl FluxTransformer {
     ) -> Result<Tensor> {
         let dtype = img.dtype();
         let dev = img.device();
-        let mut temb = self
-            .time
-            .forward_silu(&timestep_embedding(timestep, dev, dtype)?)?;
+        let mut temb =
+            self.time
+                .forward_silu(&timestep_embedding(timestep, TIME_PROJ_DIM, dev, dtype)?)?;
         if let Some(g_mlp) = &self.guidance {
             let g = guidance.ok_or_else(|| {
                 Error::InvalidRequest("this checkpoint needs a guidance value".into())
             })?;
-            temb = (temb + g_mlp.forward_silu(&timestep_embedding(g, dev, dtype)?)?)?;
+            temb =
+                (temb + g_mlp.forward_silu(&timestep_embedding(g, TIME_PROJ_DIM, dev, dtype)?)?)?;
         }
         let temb = (temb + self.text.forward_silu(pooled)?)?;
         let temb_act = temb.silu()?;
@@ -377,24 +455,7 @@ impl FluxTransformer {
         for b in &self.double {
             let im = chunks(&b.img_mod.forward(&temb_act)?.unsqueeze(1)?, 6)?;
             let tm = chunks(&b.txt_mod.forward(&temb_act)?.unsqueeze(1)?, 6)?;
-            let img_n = modulate(&layer_norm(&img, None, NORM_EPS)?, &im[0], &im[1])?;
-            let txt_n = modulate(&layer_norm(&txt, None, NORM_EPS)?, &tm[0], &tm[1])?;
-            let (iq, ik, iv) = b.img_qkv.forward(&img_n, heads)?;
-            let (tq, tk, tv) = b.txt_qkv.forward(&txt_n, heads)?;
-            let q = apply_rope(&Tensor::cat(&[tq, iq], 2)?, rope)?;
-            let k = apply_rope(&Tensor::cat(&[tk, ik], 2)?, rope)?;
-            let v = Tensor::cat(&[tv, iv], 2)?;
-            let a = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
-            let txt_a = a.narrow(1, 0, txt_len)?;
-            let img_a = a.narrow(1, txt_len, a.dim(1)? - txt_len)?;
-
-            img = (&img + im[2].broadcast_mul(&b.img_out.forward(&img_a)?)?)?;
-            let img_n = modulate(&layer_norm(&img, None, NORM_EPS)?, &im[3], &im[4])?;
-            img = (&img + im[5].broadcast_mul(&b.img_mlp.forward_gelu(&img_n)?)?)?;
-
-            txt = (&txt + tm[2].broadcast_mul(&b.txt_out.forward(&txt_a)?)?)?;
-            let txt_n = modulate(&layer_norm(&txt, None, NORM_EPS)?, &tm[3], &tm[4])?;
-            txt = (&txt + tm[5].broadcast_mul(&b.txt_mlp.forward_gelu(&txt_n)?)?)?;
+            (img, txt) = b.streams.forward(&img, &txt, &im, &tm, heads, rope)?;
         }
 
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
@@ -424,19 +485,19 @@ impl FluxTransformer {
 }
 
 /// `x * (1 + scale) + shift`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
 /// `(batch, heads, seq, d)` to `(batch, seq, heads * d)`.
-fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
 /// Rotates interleaved pairs of `x (batch, heads, seq, d)`, in f32 (diffusers'
 /// `apply_rotary_emb` with `use_real_unbind_dim=-1`).
-fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+pub(crate) fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let (b, h, s, d) = xf.dims4()?;
@@ -447,10 +508,10 @@ fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
     (xf.broadcast_mul(&rope.cos)? + rotated.broadcast_mul(&rope.sin)?)?.to_dtype(dtype)
 }
 
-/// diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: `[cos, sin]` of
-/// `t * 10000^(-i/128)`, computed in f32, then cast to the compute dtype.
-fn timestep_embedding(t: f32, dev: &Device, dtype: DType) -> Result<Tensor> {
-    let half = TIME_PROJ_DIM / 2;
+/// diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: `[cos, sin]` of
+/// `t * 10000^(-i/(dim/2))`, computed in f32, then cast to the compute dtype.
+pub(crate) fn timestep_embedding(t: f32, dim: usize, dev: &Device, dtype: DType) -> Result<Tensor> {
+    let half = dim / 2;
     let log_period = -(10_000f64.ln() as f32);
     let args: Vec<f32> = (0..half)
         .map(|i| t * (log_period * i as f32 / half as f32).exp())
@@ -460,5 +521,5 @@ fn timestep_embedding(t: f32, dev: &Device, dtype: DType) -> Result<Tensor> {
         .map(|a| a.cos())
         .chain(args.iter().map(|a| a.sin()))
         .collect();
-    Ok(Tensor::from_vec(emb, (1, TIME_PROJ_DIM), dev)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(emb, (1, dim), dev)?.to_dtype(dtype)?)
 }

@@ -27,7 +27,7 @@ pub struct VaeConfig {
     pub use_post_quant_conv: Option<bool>,
 }
 
-fn groups() -> usize {
+pub(crate) fn groups() -> usize {
     32
 }
 
@@ -182,8 +182,11 @@ struct UpBlock {
     upsample: Option<Conv2d>,
 }
 
-pub(crate) struct VaeDecoder {
-    cfg: VaeConfig,
+/// The decoder network of diffusers' `Decoder`, which FLUX.1's and FLUX.2's autoencoders share
+/// (FLUX.2's adds a 1x1 `post_quant_conv` in front). It takes latents in the decoder's own
+/// space; each model's latent normalisation is undone by its caller.
+pub(crate) struct Decoder {
+    post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid: (Resnet, PixelAttention, Resnet),
     up: Vec<UpBlock>,
@@ -191,16 +194,16 @@ pub(crate) struct VaeDecoder {
     conv_out: Conv2d,
 }
 
-impl VaeDecoder {
-    pub(crate) fn load(cfg: VaeConfig, w: &Weights) -> Result<Self> {
-        if cfg.use_post_quant_conv == Some(true) {
-            return Err(Error::checkpoint(
-                w.path(),
-                "a VAE with post_quant_conv is not FLUX.1's",
-            ));
-        }
-        let g = cfg.norm_num_groups;
-        let chans: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+impl Decoder {
+    pub(crate) fn load(
+        block_out_channels: &[usize],
+        layers_per_block: usize,
+        groups: usize,
+        post_quant_conv: bool,
+        w: &Weights,
+    ) -> Result<Self> {
+        let g = groups;
+        let chans: Vec<usize> = block_out_channels.iter().rev().copied().collect();
         let top = chans[0];
         let p = "decoder.mid_block";
         let mid = (
@@ -212,8 +215,8 @@ impl VaeDecoder {
         let mut cin = top;
         for (i, &cout) in chans.iter().enumerate() {
             let p = format!("decoder.up_blocks.{i}");
-            let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
-            for j in 0..=cfg.layers_per_block {
+            let mut resnets = Vec::with_capacity(layers_per_block + 1);
+            for j in 0..=layers_per_block {
                 resnets.push(Resnet::load(w, &format!("{p}.resnets.{j}"), cin, cout, g)?);
                 cin = cout;
             }
@@ -225,26 +228,24 @@ impl VaeDecoder {
             up.push(UpBlock { resnets, upsample });
         }
         Ok(Self {
+            post_quant_conv: if post_quant_conv {
+                Some(conv(w, "post_quant_conv", 0)?)
+            } else {
+                None
+            },
             conv_in: conv(w, "decoder.conv_in", 1)?,
             mid,
             up,
             norm_out: group_norm(w, "decoder.conv_norm_out", cin, g)?,
             conv_out: conv(w, "decoder.conv_out", 1)?,
-            cfg,
         })
     }
 
-    pub(crate) fn config(&self) -> &VaeConfig {
-        &self.cfg
-    }
-
-    /// Images in [-1, 1], `(batch, 3, H, W)`, from diffusion-space latents `(batch, C, h, w)`
-    /// (un-normalised here: `z / scale + shift`).
-    pub(crate) fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let z = (z / self.cfg.scaling_factor)?;
-        let z = match self.cfg.shift_factor {
-            Some(s) => (z + s)?,
-            None => z,
+    /// Images in [-1, 1], `(batch, 3, H, W)`, from decoder-space latents `(batch, C, h, w)`.
+    pub(crate) fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
         };
         let mut x = self.conv_in.forward(&z)?;
         x = self.mid.0.forward(&x)?;
@@ -261,5 +262,45 @@ impl VaeDecoder {
         }
         let x = self.norm_out.forward(&x)?.silu()?;
         Ok(self.conv_out.forward(&x)?)
+    }
+}
+
+/// FLUX.1's decoder with its scale/shift latent normalisation.
+pub(crate) struct VaeDecoder {
+    cfg: VaeConfig,
+    decoder: Decoder,
+}
+
+impl VaeDecoder {
+    pub(crate) fn load(cfg: VaeConfig, w: &Weights) -> Result<Self> {
+        if cfg.use_post_quant_conv == Some(true) {
+            return Err(Error::checkpoint(
+                w.path(),
+                "a VAE with post_quant_conv is not FLUX.1's",
+            ));
+        }
+        let decoder = Decoder::load(
+            &cfg.block_out_channels,
+            cfg.layers_per_block,
+            cfg.norm_num_groups,
+            false,
+            w,
+        )?;
+        Ok(Self { cfg, decoder })
+    }
+
+    pub(crate) fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Images in [-1, 1], `(batch, 3, H, W)`, from diffusion-space latents `(batch, C, h, w)`
+    /// (un-normalised here: `z / scale + shift`).
+    pub(crate) fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = (z / self.cfg.scaling_factor)?;
+        let z = match self.cfg.shift_factor {
+            Some(s) => (z + s)?,
+            None => z,
+        };
+        self.decoder.forward(&z)
     }
 }

@@ -4,77 +4,15 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use kiln_core::engine::{StepEvent, StepObserver};
 use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
 use std::collections::HashMap;
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// f32 tolerance for the text encoders and one transformer call.
-const TOL: f32 = 1e-4;
+mod common;
+use common::{fixtures, max_abs, max_abs_of, max_pixel_diff, Quiet, Reference, TOL};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-struct Reference {
-    tensors: HashMap<String, Tensor>,
-    json: serde_json::Value,
-}
-
-impl Reference {
-    fn load(config: &str) -> Self {
-        let dir = fixtures();
-        let tensors = candle_core::safetensors::load(
-            dir.join(format!("{config}-reference.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let json = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(format!("{config}-reference.json"))).unwrap(),
-        )
-        .unwrap();
-        Self { tensors, json }
-    }
-    fn t(&self, name: &str) -> &Tensor {
-        &self.tensors[name]
-    }
-    fn ids(&self, name: &str) -> Vec<u32> {
-        self.t(name)
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|i| i as u32)
-            .collect()
-    }
-    fn u32(&self, key: &str) -> u32 {
-        self.json[key].as_u64().unwrap() as u32
-    }
-    fn guidance(&self) -> Option<f32> {
-        self.json["guidance"].as_f64().map(|g| g as f32)
-    }
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    max_abs_of(&(a - b).unwrap())
-}
-
-fn max_abs_of(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+fn guidance(r: &Reference) -> Option<f32> {
+    r.json["guidance"].as_f64().map(|g| g as f32)
 }
 
 /// A BFL-layout directory: the given transformer file, `ae.safetensors`, and the text
@@ -99,13 +37,6 @@ fn bfl_dir(config: &str, transformer: &Path) -> tempfile::TempDir {
 
 fn load(dir: &Path) -> Flux1Pipeline {
     Flux1Pipeline::load(dir, &EngineOptions::default(), &mut |_| {}).unwrap()
-}
-
-struct Quiet;
-impl StepObserver for Quiet {
-    fn on_step(&mut self, _: StepEvent<'_>) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
 }
 
 /// Measured errors of one checkpoint against the reference.
@@ -137,7 +68,7 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
 
     let sigma0 = r.json["sigmas"][0].as_f64().unwrap() as f32;
     let v = p
-        .velocity(r.t("latents_in"), sigma0, r.guidance(), &text, w, h)
+        .velocity(r.t("latents_in"), sigma0, guidance(&r), &text, w, h)
         .unwrap();
 
     // The defaults (steps, guidance, T5 length) are the variant's, as the reference used.
@@ -157,17 +88,10 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
     };
     let out = p.run(&req, &mut Quiet).unwrap();
     assert_eq!(out.applied.num_inference_steps, r.u32("steps"));
-    assert_eq!(out.applied.guidance, r.guidance());
+    assert_eq!(out.applied.guidance, guidance(&r));
     let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_eq!((out.image.width, out.image.height), (w, h));
-    let image = out
-        .image
-        .pixels
-        .iter()
-        .zip(&want_px)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let image = max_pixel_diff(&out.image.pixels, &want_px);
     let e = Errors {
         pooled: max_abs(&text.pooled, r.t("pooled")),
         t5: max_abs(&text.t5, r.t("t5")),
@@ -381,7 +305,7 @@ fn bf16_precision_stays_close_to_f32_reference() {
         .encode_prompt(r.json["prompt"].as_str().unwrap(), 512)
         .unwrap();
     let v = p
-        .velocity(r.t("latents_in"), 1.0, r.guidance(), &text, 40, 24)
+        .velocity(r.t("latents_in"), 1.0, guidance(&r), &text, 40, 24)
         .unwrap();
     let err = max_abs(&v, r.t("noise_pred_0"));
     let scale = max_abs_of(r.t("noise_pred_0"));

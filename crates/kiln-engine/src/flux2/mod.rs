@@ -1,0 +1,20 @@
+//! FLUX.2 on candle, written from diffusers' `transformer_flux2.py`, `pipeline_flux2_klein.py`
+//! and `autoencoder_kl_flux2.py`, on the FLUX.1 engine's weights, layers and sampler.
+//!
+//! # Layout
+//! - `qwen3`: klein's text encoder, the stacked hidden states of chosen layers.
+//! - `transformer`: the FLUX.2 transformer (shared modulation, SwiGLU, 4-axis RoPE).
+//! - `vae`: the FLUX.2 decoder with its batch-norm latent denormalisation.
+//! - [`sampling`]: the empirical-mu schedule and channels-last packing.
+//! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole klein generation.
+
+pub mod pipeline;
+mod qwen3;
+pub mod sampling;
+mod transformer;
+mod vae;
+
+pub use pipeline::{qwen3_chat_text, Flux2Pipeline, Flux2PromptEmbeddings};
+pub use qwen3::Qwen3Config;
+pub use transformer::Flux2TransformerConfig;
+pub use vae::Flux2VaeConfig;

@@ -1,0 +1,391 @@
+//! The FLUX.2 klein text-to-image pipeline (diffusers' `Flux2KleinPipeline`): load a
+//! checkpoint once, then prompt -> Qwen3 chat template -> stacked hidden states -> denoise with
+//! the transformer on the empirical-mu schedule -> batch-norm denormalisation -> VAE -> RGB.
+
+use super::qwen3::{Qwen3Config, Qwen3TextModel};
+use super::sampling::{empirical_mu, pack_channels_last};
+use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
+use super::vae::{Flux2VaeConfig, Flux2VaeDecoder};
+use crate::checkpoint::{
+    diffusers_transformer, read_json, safetensors_files, CheckpointSettings, WeightFormat,
+};
+use crate::error::{Error, Result};
+use crate::image_io::{preview, to_rgb};
+use crate::pipeline::{
+    EngineOptions, LoadProgress, PipelineOutput, PipelineRequest, SamplingDefaults,
+};
+use crate::sampling::{self, ScheduleConfig};
+use crate::tokenizer::PromptTokenizer;
+use crate::transformer::Rope;
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor};
+use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// klein's Qwen3 layers whose hidden states are stacked (of 36).
+const QWEN3_OUT_LAYERS: [usize; 3] = [9, 18, 27];
+/// The longest prompt, in tokens of the chat-framed text.
+const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// A prompt's encoding.
+pub struct Flux2PromptEmbeddings {
+    /// The chat-framed prompt's token ids, padded to the sequence length.
+    pub ids: Vec<u32>,
+    /// How many of `ids` are the prompt (the rest is padding, masked in the text encoder).
+    pub valid: usize,
+    /// `(1, sequence length, layers * hidden)`: the chosen layers' hidden states per token.
+    pub embeds: Tensor,
+}
+
+/// A loaded FLUX.2 klein checkpoint, resident on its device.
+pub struct Flux2Pipeline {
+    root: PathBuf,
+    settings: CheckpointSettings,
+    device: Device,
+    dtype: DType,
+    distilled: bool,
+    tokenizer: PromptTokenizer,
+    text: Qwen3TextModel,
+    text_layers: Vec<usize>,
+    transformer: Flux2Transformer,
+    vae: Flux2VaeDecoder,
+    schedule: ScheduleConfig,
+}
+
+fn config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    serde_json::from_value(read_json(path)?).map_err(|e| Error::checkpoint(path, e.to_string()))
+}
+
+/// Qwen3's chat template for one user turn with the generation prompt and
+/// `enable_thinking=False`, as `_get_qwen3_prompt_embeds` applies it.
+pub fn qwen3_chat_text(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+}
+
+impl Flux2Pipeline {
+    /// Loads a FLUX.2 klein checkpoint in diffusers' layout from `dir`.
+    pub fn load(
+        dir: &Path,
+        options: &EngineOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::checkpoint(
+                dir,
+                "no model_index.json: FLUX.2 loads diffusers folders only so far",
+            ));
+        }
+        let index = read_json(&index_path)?;
+        let class = index["_class_name"].as_str().unwrap_or("");
+        if class != "Flux2KleinPipeline" {
+            return Err(Error::checkpoint(
+                dir,
+                format!("{class:?} is not a FLUX.2 klein pipeline (Flux2KleinPipeline)"),
+            ));
+        }
+        for part in [
+            "transformer",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "scheduler",
+        ] {
+            if !dir.join(part).is_dir() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("diffusers folder without the `{part}` component FLUX.2 needs"),
+                ));
+            }
+        }
+        let settings = CheckpointSettings::from_index(&index, &index_path)?;
+        let distilled = index["is_distilled"].as_bool().unwrap_or(false);
+        let device = options.device()?;
+        let dtype = options.dtype();
+        let mut report = |component, done, total| {
+            progress(LoadProgress {
+                component,
+                done,
+                total,
+            })
+        };
+
+        let tokenizer = PromptTokenizer::qwen(&dir.join("tokenizer"))?;
+        report("tokenizer", 1, 1);
+        let tdir = dir.join("text_encoder");
+        let text_cfg: Qwen3Config = config(&tdir.join("config.json"))?;
+        let text_layers = settings
+            .text_encoder_out_layers
+            .clone()
+            .unwrap_or_else(|| QWEN3_OUT_LAYERS.to_vec());
+        let depth = text_layers.iter().copied().max().unwrap_or(0);
+        let tw = Weights::open_safetensors(&safetensors_files(&tdir, "model")?, &device, dtype)?;
+        let text = Qwen3TextModel::load(text_cfg, depth, &tw)?;
+        report("text_encoder", 1, 1);
+
+        let xdir = dir.join("transformer");
+        let (format, files) = diffusers_transformer(&xdir)?;
+        if format == WeightFormat::Gguf {
+            return Err(Error::checkpoint(
+                &xdir,
+                "GGUF FLUX.2 transformers are not supported yet",
+            ));
+        }
+        let xcfg: Flux2TransformerConfig = config(&xdir.join("config.json"))?;
+        let xw = Weights::open_safetensors(&files, &device, dtype)?;
+        let transformer =
+            Flux2Transformer::load(xcfg, &xw, &mut |d, t| report("transformer", d, t))?;
+
+        let vdir = dir.join("vae");
+        let vw = Weights::open_safetensors(
+            &safetensors_files(&vdir, "diffusion_pytorch_model")?,
+            &device,
+            dtype,
+        )?;
+        let vae = Flux2VaeDecoder::load(config(&vdir.join("config.json"))?, &vw)?;
+        report("vae", 1, 1);
+        let schedule = config(&dir.join("scheduler/scheduler_config.json"))?;
+        Ok(Self {
+            root: dir.to_path_buf(),
+            settings,
+            device,
+            dtype,
+            distilled,
+            tokenizer,
+            text,
+            text_layers,
+            transformer,
+            vae,
+            schedule,
+        })
+    }
+
+    /// Whether the checkpoint is step-distilled (klein: 4 steps, no guidance) rather than the
+    /// undistilled base (true classifier-free guidance).
+    pub fn is_distilled(&self) -> bool {
+        self.distilled
+    }
+
+    pub fn transformer_config(&self) -> &Flux2TransformerConfig {
+        self.transformer.config()
+    }
+
+    pub fn vae_config(&self) -> &Flux2VaeConfig {
+        self.vae.config()
+    }
+
+    /// The defaults a request falls back on: the reference pipeline's (distilled klein: 4
+    /// steps, guidance ignored; base: 50 steps, guidance 4), the checkpoint's steps first.
+    pub fn defaults(&self) -> SamplingDefaults {
+        let (steps, guidance) = if self.distilled {
+            (4, None)
+        } else {
+            (50, Some(4.0))
+        };
+        SamplingDefaults {
+            steps: self.settings.steps.unwrap_or(steps),
+            guidance,
+            max_sequence_length: MAX_SEQUENCE_LENGTH,
+        }
+    }
+
+    /// The `steps + 1` noise levels for an image of `image_seq_len` tokens: the scheduler's
+    /// time shift with BFL's empirical `mu`.
+    pub fn schedule_sigmas(&self, steps: usize, image_seq_len: usize) -> Vec<f32> {
+        self.schedule
+            .sigmas_with_mu(steps, empirical_mu(image_seq_len, steps))
+    }
+
+    /// Image sides must be multiples of this.
+    pub fn size_multiple(&self) -> u32 {
+        (self.vae.config().scale_factor() * 2) as u32
+    }
+
+    /// E.g. "FLUX.2 klein (distilled), diffusers layout, /models/klein on cpu (F32)".
+    pub fn describe(&self) -> String {
+        let kind = if self.distilled { "distilled" } else { "base" };
+        let about = self
+            .settings
+            .description
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        let device = match self.device {
+            Device::Cpu => "cpu".to_string(),
+            _ => format!("{:?}", self.device.location()),
+        };
+        format!(
+            "FLUX.2 klein ({kind}), diffusers layout, {} on {device} ({:?}){about}",
+            self.root.display(),
+            self.dtype
+        )
+    }
+
+    /// The stacked Qwen3 hidden states of the chat-framed prompt, padded to
+    /// `max_sequence_length` tokens (masked in the encoder, kept in the output, as diffusers).
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        max_sequence_length: usize,
+    ) -> Result<Flux2PromptEmbeddings> {
+        if max_sequence_length == 0 || max_sequence_length > self.tokenizer.max_length {
+            return Err(Error::InvalidRequest(format!(
+                "max_sequence_length must be between 1 and {} (got {max_sequence_length})",
+                self.tokenizer.max_length
+            )));
+        }
+        let (ids, valid) = self
+            .tokenizer
+            .encode_with_mask(&qwen3_chat_text(prompt), max_sequence_length)?;
+        let embeds = self
+            .text
+            .stacked_hidden_states(&ids, valid, &self.text_layers)?;
+        Ok(Flux2PromptEmbeddings { ids, valid, embeds })
+    }
+
+    /// The transformer's velocity for packed latents at noise level `sigma`.
+    pub fn velocity(
+        &self,
+        latents: &Tensor,
+        sigma: f32,
+        guidance: Option<f32>,
+        text: &Flux2PromptEmbeddings,
+        width: u32,
+        height: u32,
+    ) -> Result<Tensor> {
+        let (h, w) = self.latent_grid(width, height)?;
+        let rope = self.rope(text, h, w)?;
+        self.velocity_with(latents, sigma, guidance, text, &rope)
+    }
+
+    fn rope(&self, text: &Flux2PromptEmbeddings, h: usize, w: usize) -> Result<Rope> {
+        self.transformer
+            .rope(text.embeds.dim(1)?, h / 2, w / 2, &self.device)
+    }
+
+    fn velocity_with(
+        &self,
+        latents: &Tensor,
+        sigma: f32,
+        guidance: Option<f32>,
+        text: &Flux2PromptEmbeddings,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let g = guidance.map(|g| sampling::model_guidance(g, self.dtype));
+        let t = sampling::model_timestep(sigma, self.dtype);
+        let x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        self.transformer.forward(&x, &text.embeds, t, g, rope)
+    }
+
+    /// Packed latents as diffusers' `output_type="latent"` returns them: batch-norm statistics
+    /// undone and un-patchified, `(1, C, h, w)` f32 on the CPU.
+    pub fn unpack_latents(&self, packed: &Tensor, width: u32, height: u32) -> Result<Tensor> {
+        let (h, w) = self.latent_grid(width, height)?;
+        let z =
+            self.vae
+                .denormalise(&packed.to_device(&self.device)?.to_dtype(self.dtype)?, h, w)?;
+        Ok(z.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    }
+
+    /// Decodes packed latents to an image of `width x height`.
+    pub fn decode(&self, packed: &Tensor, width: u32, height: u32) -> Result<RgbImage> {
+        let (h, w) = self.latent_grid(width, height)?;
+        let z =
+            self.vae
+                .denormalise(&packed.to_device(&self.device)?.to_dtype(self.dtype)?, h, w)?;
+        to_rgb(&self.vae.decode(&z)?)
+    }
+
+    /// The (un-patchified) latent grid for an image, or why the size is unusable.
+    fn latent_grid(&self, width: u32, height: u32) -> Result<(usize, usize)> {
+        sampling::checked_latent_grid(width, height, self.vae.config().scale_factor())
+    }
+
+    /// Runs a whole generation. A distilled checkpoint ignores guidance; the base model runs
+    /// true classifier-free guidance against the empty prompt when guidance exceeds 1.
+    pub fn run(
+        &self,
+        req: &PipelineRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<PipelineOutput> {
+        let defaults = self.defaults();
+        let steps = sampling::checked_steps(req.steps, defaults.steps)?;
+        let mut notes: Vec<String> = self.settings.description.iter().cloned().collect();
+        notes.push(format!("seed {}", req.seed));
+        let guidance = if self.distilled {
+            if req.guidance.is_some() {
+                notes.push("guidance ignored: this checkpoint is step-distilled".into());
+            }
+            None
+        } else {
+            req.guidance.or(defaults.guidance)
+        };
+        let max_len = req
+            .max_sequence_length
+            .unwrap_or(defaults.max_sequence_length);
+        let (h, w) = self.latent_grid(req.width, req.height)?;
+        let channels = self.transformer.config().in_channels;
+        let tokens = (h / 2) * (w / 2);
+
+        let text = self.encode_prompt(&req.prompt, max_len)?;
+        // The base model guides with its own guidance-free prediction for the empty prompt.
+        let negative = match guidance {
+            Some(g) if g > 1.0 && !self.transformer.config().guidance_embeds => {
+                notes.push(format!("classifier-free guidance {g}"));
+                Some(self.encode_prompt("", max_len)?)
+            }
+            _ => None,
+        };
+        let embedded_guidance = guidance.filter(|_| self.transformer.config().guidance_embeds);
+        let latents = match &req.initial_latents {
+            Some(l) => {
+                if l.dims() != [1, tokens, channels] {
+                    return Err(Error::InvalidRequest(format!(
+                        "initial latents have shape {:?}; {}x{} needs [1, {tokens}, {channels}]",
+                        l.dims(),
+                        req.width,
+                        req.height
+                    )));
+                }
+                notes.push("initial latents given".into());
+                l.to_device(&self.device)?.to_dtype(self.dtype)?
+            }
+            None => pack_channels_last(&sampling::noise(req.seed, channels, h / 2, w / 2)?)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?,
+        };
+        let sigmas = self.schedule_sigmas(steps as usize, tokens);
+        notes.push(format!("empirical-mu schedule for {tokens} image tokens"));
+        let rope = self.rope(&text, h, w)?;
+        let latents = sampling::denoise(
+            latents,
+            &sigmas,
+            req.preview_interval,
+            observer,
+            &mut |x, sigma| {
+                let v = self.velocity_with(x, sigma, embedded_guidance, &text, &rope)?;
+                match (&negative, guidance) {
+                    (Some(neg), Some(g)) => {
+                        let vn = self.velocity_with(x, sigma, None, neg, &rope)?;
+                        Ok((&vn + ((v - &vn)? * g as f64)?)?)
+                    }
+                    _ => Ok(v),
+                }
+            },
+            &|x0| preview(&self.vae.denormalise(x0, h, w)?),
+        )?;
+        let z = self.vae.denormalise(&latents, h, w)?;
+        let image = to_rgb(&self.vae.decode(&z)?)?;
+        Ok(PipelineOutput {
+            image,
+            final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            applied: AppliedSettings {
+                num_inference_steps: steps,
+                guidance,
+                prompt: req.prompt.clone(),
+                notes,
+            },
+        })
+    }
+}

@@ -1,0 +1,240 @@
+//! Qwen3 (transformers' `Qwen3ForCausalLM`) as FLUX.2 klein's text encoder: the hidden states
+//! of chosen layers for a right-padded prompt, with the causal and padding attention masks.
+
+use crate::error::{Error, Result};
+use crate::nn::{attention, rms_norm, Linear};
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+/// `text_encoder/config.json`. transformers 5 keeps `rope_theta` under `rope_parameters`,
+/// earlier versions at the top level; both are read.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Qwen3Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_parameters: Option<RopeParameters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+struct RopeParameters {
+    rope_theta: f64,
+}
+
+impl Qwen3Config {
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .map(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(1_000_000.0)
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub(crate) struct Qwen3TextModel {
+    cfg: Qwen3Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+}
+
+impl Qwen3TextModel {
+    /// Loads the embedding and the first `depth` decoder layers: FLUX.2 reads intermediate
+    /// layers only, so the later ones (and the final norm) are never run.
+    pub(crate) fn load(cfg: Qwen3Config, depth: usize, w: &Weights) -> Result<Self> {
+        if depth > cfg.num_hidden_layers {
+            return Err(Error::checkpoint(
+                w.path(),
+                format!(
+                    "the text encoder has {} layers; layer {depth} was asked for",
+                    cfg.num_hidden_layers
+                ),
+            ));
+        }
+        let layers = (0..depth)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_norm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
+                    q: w.linear(&format!("{p}.self_attn.q_proj"))?,
+                    k: w.linear(&format!("{p}.self_attn.k_proj"))?,
+                    v: w.linear(&format!("{p}.self_attn.v_proj"))?,
+                    o: w.linear(&format!("{p}.self_attn.o_proj"))?,
+                    q_norm: w.tensor(&format!("{p}.self_attn.q_norm.weight"))?,
+                    k_norm: w.tensor(&format!("{p}.self_attn.k_norm.weight"))?,
+                    post_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                    gate: w.linear(&format!("{p}.mlp.gate_proj"))?,
+                    up: w.linear(&format!("{p}.mlp.up_proj"))?,
+                    down: w.linear(&format!("{p}.mlp.down_proj"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed: w.tensor("model.embed_tokens.weight")?,
+            layers,
+            cfg,
+        })
+    }
+
+    /// The hidden states after each layer in `out_layers` (1-based, as transformers'
+    /// `hidden_states[k]`), concatenated per token: `(1, ids.len(), out_layers.len() * hidden)`.
+    /// The first `valid` ids are the prompt, the rest padding (masked as keys).
+    pub(crate) fn stacked_hidden_states(
+        &self,
+        ids: &[u32],
+        valid: usize,
+        out_layers: &[usize],
+    ) -> Result<Tensor> {
+        let dev = self.embed.device();
+        let seq = ids.len();
+        let ids_t = Tensor::new(ids, dev)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope(seq, dev)?;
+        let mask = causal_padding_mask(seq, valid, dev)?;
+        // Every layer's output is kept (they share storage with nothing else and are small
+        // next to the weights), then the asked ones are taken in the order asked.
+        let mut outputs = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &cos, &sin, &mask)?;
+            outputs.push(x.clone());
+        }
+        let ordered = out_layers
+            .iter()
+            .map(|&l| {
+                l.checked_sub(1)
+                    .and_then(|i| outputs.get(i).cloned())
+                    .ok_or_else(|| {
+                        Error::InvalidRequest(format!("text encoder layer {l} was not loaded"))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ordered, D::Minus1)?)
+    }
+
+    /// transformers' default RoPE: `pos * theta^(-2i/d)` in f32, both halves alike.
+    fn rope(&self, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let d = self.cfg.head_dim;
+        let theta = self.cfg.rope_theta() as f32;
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(seq * d);
+        let mut sin = Vec::with_capacity(seq * d);
+        for p in 0..seq {
+            for _ in 0..2 {
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (1, 1, seq, d), dev)?,
+            Tensor::from_vec(sin, (1, 1, seq, d), dev)?,
+        ))
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let eps = c.rms_norm_eps;
+        let (b, s, _) = x.dims3()?;
+        let h = rms_norm(x, &l.input_norm, eps)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, c.head_dim));
+        let q = rms_norm(
+            &heads(l.q.forward(&h)?, c.num_attention_heads)?,
+            &l.q_norm,
+            eps,
+        )?
+        .transpose(1, 2)?;
+        let k = rms_norm(
+            &heads(l.k.forward(&h)?, c.num_key_value_heads)?,
+            &l.k_norm,
+            eps,
+        )?
+        .transpose(1, 2)?;
+        let v = heads(l.v.forward(&h)?, c.num_key_value_heads)?.transpose(1, 2)?;
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
+        let groups = c.num_attention_heads / c.num_key_value_heads;
+        let k = repeat_kv(&k, groups)?;
+        let v = repeat_kv(&v, groups)?;
+        let a = attention(&q, &k, &v, 1.0 / (c.head_dim as f64).sqrt(), Some(mask))?;
+        let a = a
+            .transpose(1, 2)?
+            .reshape((b, s, c.num_attention_heads * c.head_dim))?;
+        let x = (x + l.o.forward(&a)?)?;
+        let h = rms_norm(&x, &l.post_norm, eps)?;
+        let mlp = l
+            .down
+            .forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// `x cos + rotate_half(x) sin` in f32, `rotate_half` swapping the halves with a sign.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let half = xf.dim(D::Minus1)? / 2;
+    let x1 = xf.narrow(D::Minus1, 0, half)?;
+    let x2 = xf.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    (xf.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?.to_dtype(dtype)
+}
+
+/// Grouped-query attention: each key/value head serves `n` query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, h, n, s, d))?
+        .reshape((b, h * n, s, d))
+}
+
+/// Additive scores bias `(1, 1, seq, seq)`: a query sees the keys at or before it that are
+/// not padding.
+fn causal_padding_mask(seq: usize, valid: usize, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..seq).map(move |j| {
+                if j <= i && j < valid {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (1, 1, seq, seq), dev)?)
+}

@@ -1,0 +1,288 @@
+//! The FLUX.2 transformer (diffusers' `Flux2Transformer2DModel`), in diffusers' tensor names:
+//! no biases, one modulation per stream shared by all blocks, SwiGLU feed-forwards, single
+//! blocks with fused qkv+MLP projections, 4-axis RoPE.
+
+use crate::error::{Error, Result};
+use crate::nn::{attention, chunks, layer_norm, rms_norm, Linear};
+use crate::transformer::{
+    apply_rope, merge_heads, modulate, timestep_embedding, DoubleStreams, FeedForward, Mlp2, Qkv,
+    Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
+};
+use crate::weights::Weights;
+use candle_core::{Device, Tensor, D};
+use serde::Deserialize;
+
+/// The transformer's shape, as diffusers' `transformer/config.json` states it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Flux2TransformerConfig {
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub num_single_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    #[serde(default = "guidance_channels")]
+    pub timestep_guidance_channels: usize,
+    #[serde(default = "mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "axes")]
+    pub axes_dims_rope: Vec<usize>,
+    #[serde(default = "theta")]
+    pub rope_theta: f64,
+    #[serde(default = "yes")]
+    pub guidance_embeds: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn guidance_channels() -> usize {
+    256
+}
+fn mlp_ratio() -> f64 {
+    3.0
+}
+fn axes() -> Vec<usize> {
+    vec![32, 32, 32, 32]
+}
+fn theta() -> f64 {
+    2000.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl Flux2TransformerConfig {
+    pub fn hidden(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+    fn mlp_hidden(&self) -> usize {
+        (self.hidden() as f64 * self.mlp_ratio) as usize
+    }
+}
+
+/// `linear_in` (gate and value halves), SwiGLU, `linear_out`.
+struct SwiGlu {
+    linear_in: Linear,
+    linear_out: Linear,
+}
+
+impl SwiGlu {
+    fn load(w: &Weights, p: &str) -> Result<Self> {
+        Ok(Self {
+            linear_in: w.linear(&format!("{p}.linear_in"))?,
+            linear_out: w.linear(&format!("{p}.linear_out"))?,
+        })
+    }
+}
+
+impl FeedForward for SwiGlu {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_out
+            .forward(&swiglu(&self.linear_in.forward(x)?)?)
+    }
+}
+
+/// `silu(first half) * second half` of the last dimension.
+fn swiglu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    x.narrow(D::Minus1, 0, half)?.silu()? * x.narrow(D::Minus1, half, half)?
+}
+
+struct SingleBlock {
+    qkv_mlp: Linear,
+    norm_q: Tensor,
+    norm_k: Tensor,
+    out: Linear,
+}
+
+pub(crate) struct Flux2Transformer {
+    cfg: Flux2TransformerConfig,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    time: Mlp2,
+    guidance: Option<Mlp2>,
+    mod_img: Linear,
+    mod_txt: Linear,
+    mod_single: Linear,
+    double: Vec<DoubleStreams<SwiGlu>>,
+    single: Vec<SingleBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+}
+
+impl Flux2Transformer {
+    pub(crate) fn load(
+        cfg: Flux2TransformerConfig,
+        w: &Weights,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        if cfg.patch_size != 1 {
+            return Err(Error::checkpoint(
+                w.path(),
+                "only patch_size 1 (FLUX.2) is supported",
+            ));
+        }
+        if cfg.axes_dims_rope.len() != 4
+            || cfg.axes_dims_rope.iter().sum::<usize>() != cfg.attention_head_dim
+        {
+            return Err(Error::checkpoint(
+                w.path(),
+                "FLUX.2's RoPE has 4 axes that split the head dimension",
+            ));
+        }
+        let total = cfg.num_layers + cfg.num_single_layers;
+        let mut double = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("transformer_blocks.{i}");
+            double.push(DoubleStreams {
+                img_qkv: Qkv::load(w, &p, IMAGE_QKV)?,
+                txt_qkv: Qkv::load(w, &p, TEXT_QKV)?,
+                img_out: w.linear(&format!("{p}.attn.to_out.0"))?,
+                txt_out: w.linear(&format!("{p}.attn.to_add_out"))?,
+                img_ff: SwiGlu::load(w, &format!("{p}.ff"))?,
+                txt_ff: SwiGlu::load(w, &format!("{p}.ff_context"))?,
+            });
+            progress(i + 1, total);
+        }
+        let mut single = Vec::with_capacity(cfg.num_single_layers);
+        for i in 0..cfg.num_single_layers {
+            let p = format!("single_transformer_blocks.{i}.attn");
+            single.push(SingleBlock {
+                qkv_mlp: w.linear(&format!("{p}.to_qkv_mlp_proj"))?,
+                norm_q: w.tensor(&format!("{p}.norm_q.weight"))?,
+                norm_k: w.tensor(&format!("{p}.norm_k.weight"))?,
+                out: w.linear(&format!("{p}.to_out"))?,
+            });
+            progress(cfg.num_layers + i + 1, total);
+        }
+        let tge = "time_guidance_embed";
+        let has_guidance = w.contains(&format!("{tge}.guidance_embedder.linear_1.weight"));
+        Ok(Self {
+            x_embedder: w.linear("x_embedder")?,
+            context_embedder: w.linear("context_embedder")?,
+            time: Mlp2::load(
+                w,
+                &format!("{tge}.timestep_embedder"),
+                "linear_1",
+                "linear_2",
+            )?,
+            guidance: if has_guidance {
+                Some(Mlp2::load(
+                    w,
+                    &format!("{tge}.guidance_embedder"),
+                    "linear_1",
+                    "linear_2",
+                )?)
+            } else {
+                None
+            },
+            mod_img: w.linear("double_stream_modulation_img.linear")?,
+            mod_txt: w.linear("double_stream_modulation_txt.linear")?,
+            mod_single: w.linear("single_stream_modulation.linear")?,
+            double,
+            single,
+            norm_out: w.linear("norm_out.linear")?,
+            proj_out: w.linear("proj_out")?,
+            cfg: Flux2TransformerConfig {
+                guidance_embeds: has_guidance,
+                ..cfg
+            },
+        })
+    }
+
+    pub(crate) fn config(&self) -> &Flux2TransformerConfig {
+        &self.cfg
+    }
+
+    /// RoPE tables for `txt_len` text tokens (ids `(0, 0, 0, l)`) followed by an `h x w` grid
+    /// of image tokens (ids `(0, row, col, 0)`).
+    pub(crate) fn rope(&self, txt_len: usize, h: usize, w: usize, dev: &Device) -> Result<Rope> {
+        let positions = (0..txt_len)
+            .map(|l| [0.0, 0.0, 0.0, l as f64])
+            .chain((0..h).flat_map(|r| (0..w).map(move |c| [0.0, r as f64, c as f64, 0.0])));
+        Rope::new(
+            positions,
+            &self.cfg.axes_dims_rope,
+            self.cfg.rope_theta,
+            dev,
+        )
+    }
+
+    /// The velocity for packed latents `img (1, tokens, in_channels)` given text embeddings
+    /// `txt (1, txt_len, joint_dim)`. `timestep` and `guidance` are as the transformer sees
+    /// them (`* 1000`), rounded to the compute dtype as diffusers rounds them.
+    pub(crate) fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        timestep: f32,
+        guidance: Option<f32>,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let dtype = img.dtype();
+        let dev = img.device();
+        let channels = self.cfg.timestep_guidance_channels;
+        let mut temb = self
+            .time
+            .forward_silu(&timestep_embedding(timestep, channels, dev, dtype)?)?;
+        if let (Some(g_mlp), Some(g)) = (&self.guidance, guidance) {
+            temb = (temb + g_mlp.forward_silu(&timestep_embedding(g, channels, dev, dtype)?)?)?;
+        }
+        let temb_act = temb.silu()?;
+        let modulation = |l: &Linear, n: usize| -> Result<Vec<Tensor>> {
+            Ok(chunks(&l.forward(&temb_act)?.unsqueeze(1)?, n)?)
+        };
+        let im = modulation(&self.mod_img, 6)?;
+        let tm = modulation(&self.mod_txt, 6)?;
+        let sm = modulation(&self.mod_single, 3)?;
+
+        let mut img = self.x_embedder.forward(img)?;
+        let mut txt = self.context_embedder.forward(txt)?;
+        let heads = self.cfg.num_attention_heads;
+        let scale = 1.0 / (self.cfg.attention_head_dim as f64).sqrt();
+        let txt_len = txt.dim(1)?;
+
+        for b in &self.double {
+            (img, txt) = b.forward(&img, &txt, &im, &tm, heads, rope)?;
+        }
+
+        let inner = self.cfg.hidden();
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        let (bsz, seq, _) = x.dims3()?;
+        for b in &self.single {
+            let n = modulate(&layer_norm(&x, None, NORM_EPS)?, &sm[0], &sm[1])?;
+            let proj = b.qkv_mlp.forward(&n)?;
+            let split = |i: usize| {
+                proj.narrow(D::Minus1, i * inner, inner)?.reshape((
+                    bsz,
+                    seq,
+                    heads,
+                    self.cfg.attention_head_dim,
+                ))
+            };
+            let q = rms_norm(&split(0)?, &b.norm_q, QK_NORM_EPS)?.transpose(1, 2)?;
+            let k = rms_norm(&split(1)?, &b.norm_k, QK_NORM_EPS)?.transpose(1, 2)?;
+            let v = split(2)?.transpose(1, 2)?;
+            let mlp = swiglu(&proj.narrow(D::Minus1, 3 * inner, 2 * self.cfg.mlp_hidden())?)?;
+            let a = attention(
+                &apply_rope(&q, rope)?,
+                &apply_rope(&k, rope)?,
+                &v,
+                scale,
+                None,
+            )?;
+            let y = b.out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
+            x = (&x + sm[2].broadcast_mul(&y)?)?;
+        }
+        let img = x.narrow(1, txt_len, seq - txt_len)?;
+        // AdaLayerNormContinuous: (scale, shift) in that order.
+        let m = chunks(&self.norm_out.forward(&temb_act)?.unsqueeze(1)?, 2)?;
+        let img = modulate(&layer_norm(&img, None, NORM_EPS)?, &m[1], &m[0])?;
+        Ok(self.proj_out.forward(&img)?.to_dtype(dtype)?)
+    }
+}

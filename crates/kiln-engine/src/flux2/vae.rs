@@ -1,0 +1,101 @@
+//! The decoder half of FLUX.2's autoencoder (diffusers' `AutoencoderKLFlux2`): the shared
+//! decoder network behind a 1x1 `post_quant_conv`, with latents normalised by a batch norm's
+//! running statistics over the 2x2-patchified channels instead of FLUX.1's scale and shift.
+
+use crate::error::{Error, Result};
+use crate::sampling;
+use crate::vae::{groups, Decoder};
+use crate::weights::Weights;
+use candle_core::Tensor;
+use serde::Deserialize;
+
+/// diffusers' `vae/config.json`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Flux2VaeConfig {
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<usize>>,
+    pub layers_per_block: usize,
+    #[serde(default = "groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "bn_eps")]
+    pub batch_norm_eps: f64,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "patch")]
+    pub patch_size: Vec<usize>,
+}
+
+fn bn_eps() -> f64 {
+    1e-4
+}
+fn yes() -> bool {
+    true
+}
+fn patch() -> Vec<usize> {
+    vec![2, 2]
+}
+
+impl Flux2VaeConfig {
+    /// Pixels per (un-patchified) latent pixel.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+pub(crate) struct Flux2VaeDecoder {
+    cfg: Flux2VaeConfig,
+    decoder: Decoder,
+    /// The batch norm's running mean and `sqrt(running_var + eps)`, `(patchified channels,)`.
+    bn_mean: Tensor,
+    bn_std: Tensor,
+}
+
+impl Flux2VaeDecoder {
+    pub(crate) fn load(cfg: Flux2VaeConfig, w: &Weights) -> Result<Self> {
+        if cfg.patch_size != [2, 2] {
+            return Err(Error::checkpoint(
+                w.path(),
+                "FLUX.2's autoencoder patchifies latents 2x2",
+            ));
+        }
+        let decoder = Decoder::load(
+            cfg.decoder_block_out_channels
+                .as_deref()
+                .unwrap_or(&cfg.block_out_channels),
+            cfg.layers_per_block,
+            cfg.norm_num_groups,
+            cfg.use_post_quant_conv,
+            w,
+        )?;
+        let bn_mean = w.tensor("bn.running_mean")?;
+        let bn_std = (w.tensor("bn.running_var")? + cfg.batch_norm_eps)?.sqrt()?;
+        Ok(Self {
+            cfg,
+            decoder,
+            bn_mean,
+            bn_std,
+        })
+    }
+
+    pub(crate) fn config(&self) -> &Flux2VaeConfig {
+        &self.cfg
+    }
+
+    /// Packed diffusion-space tokens `(1, (h/2)*(w/2), 4*C)` to the decoder's latents
+    /// `(1, C, h, w)`: the batch-norm statistics undone per patchified channel, then the 2x2
+    /// patches unfolded (the packing order is FLUX.1's, so its `unpack` serves).
+    pub(crate) fn denormalise(&self, packed: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let dtype = packed.dtype();
+        let x = packed
+            .broadcast_mul(&self.bn_std.to_dtype(dtype)?)?
+            .broadcast_add(&self.bn_mean.to_dtype(dtype)?)?;
+        sampling::unpack(&x, h, w)
+    }
+
+    /// Images in [-1, 1], `(1, 3, H, W)`, from decoder-space latents.
+    pub(crate) fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(z)
+    }
+}

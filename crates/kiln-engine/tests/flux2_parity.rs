@@ -1,0 +1,161 @@
+//! Numerics against diffusers for FLUX.2: the tiny random klein-like pipeline made by
+//! `tools/reference/make_flux2_fixtures.py` must reproduce what diffusers' Flux2KleinPipeline
+//! computed on it.
+
+use kiln_core::engine::{StepEvent, StepObserver};
+use kiln_engine::flux2::sampling::pack_channels_last;
+use kiln_engine::flux2::{qwen3_chat_text, Flux2Pipeline};
+use kiln_engine::{EngineOptions, PipelineRequest};
+use std::ops::ControlFlow;
+
+mod common;
+use common::{fixtures, max_abs, max_pixel_diff, Quiet, Reference, TOL};
+
+fn prompt(r: &Reference) -> &str {
+    r.json["prompt"].as_str().unwrap()
+}
+
+fn load() -> Flux2Pipeline {
+    Flux2Pipeline::load(
+        &fixtures().join("klein-diffusers"),
+        &EngineOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn klein_matches_diffusers() {
+    let r = Reference::load("klein");
+    let p = load();
+    let (w, h) = (r.u32("width"), r.u32("height"));
+    let max_len = r.u32("max_sequence_length") as usize;
+    assert!(p.is_distilled());
+    assert_eq!(
+        qwen3_chat_text(prompt(&r)),
+        r.json["chat_text"].as_str().unwrap()
+    );
+
+    // Text: the chat-framed ids, and the stacked hidden states of the prompt's rows and of
+    // the first padding rows (which attend to the prompt only).
+    let text = p.encode_prompt(prompt(&r), max_len).unwrap();
+    assert_eq!(text.ids, r.ids("input_ids"), "Qwen3 token ids");
+    let valid = r.u32("valid_tokens") as usize;
+    assert_eq!(text.valid, valid);
+    let embeds_err = max_abs(
+        &text.embeds.narrow(1, 0, valid).unwrap(),
+        r.t("prompt_embeds_valid"),
+    );
+    let pad_err = max_abs(
+        &text.embeds.narrow(1, valid, 4).unwrap(),
+        r.t("prompt_embeds_pad_rows"),
+    );
+
+    // The empirical-mu schedule.
+    let steps = r.u32("steps") as usize;
+    let tokens = r.t("latents_in").dims()[2] * r.t("latents_in").dims()[3];
+    let want_sigmas: Vec<f32> = r.json["sigmas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap() as f32)
+        .collect();
+    let sigmas = p.schedule_sigmas(steps, tokens);
+    assert_eq!(sigmas.len(), want_sigmas.len());
+    let sigma_err = sigmas
+        .iter()
+        .zip(&want_sigmas)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+
+    // One transformer call at the first noise level.
+    let packed = pack_channels_last(r.t("latents_in")).unwrap();
+    let v = p
+        .velocity(&packed, want_sigmas[0], None, &text, w, h)
+        .unwrap();
+    let velocity_err = max_abs(&v, r.t("noise_pred_0"));
+
+    // The whole run with the reference's initial latents and the checkpoint's defaults.
+    let req = PipelineRequest {
+        prompt: prompt(&r).to_string(),
+        width: w,
+        height: h,
+        steps: None,
+        guidance: None,
+        seed: 0,
+        max_sequence_length: None,
+        initial_latents: Some(packed),
+        preview_interval: 0,
+    };
+    let out = p.run(&req, &mut Quiet).unwrap();
+    assert_eq!(out.applied.num_inference_steps, steps as u32);
+    assert_eq!(out.applied.guidance, None);
+    let final_err = max_abs(
+        &p.unpack_latents(&out.final_latents, w, h).unwrap(),
+        r.t("final_latents"),
+    );
+    let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_eq!((out.image.width, out.image.height), (w, h));
+    let image_err = max_pixel_diff(&out.image.pixels, &want_px);
+    eprintln!(
+        "klein: embeds {embeds_err:e}, padding rows {pad_err:e}, sigmas {sigma_err:e}, \
+         velocity {velocity_err:e}, final latents {final_err:e}, image {image_err}/255"
+    );
+    assert!(embeds_err <= TOL && pad_err <= TOL, "text encoder");
+    assert!(sigma_err <= 1e-6, "schedule");
+    assert!(velocity_err <= TOL, "transformer");
+    assert!(final_err <= TOL, "final latents");
+    assert!(image_err <= 2, "image");
+}
+
+/// Collects previews; stops after `stop_after` steps if set.
+struct Watch {
+    previews: Vec<(u32, u32, u32)>,
+    stop_after: Option<u32>,
+}
+impl StepObserver for Watch {
+    fn on_step(&mut self, e: StepEvent<'_>) -> ControlFlow<()> {
+        if let Some(p) = e.preview {
+            self.previews.push((e.step, p.width, p.height));
+        }
+        match self.stop_after {
+            Some(n) if e.step >= n => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+}
+
+#[test]
+fn klein_previews_at_latent_resolution_and_stops_when_asked() {
+    let p = load();
+    let req = PipelineRequest {
+        prompt: "a lighthouse".into(),
+        width: 32,
+        height: 48,
+        steps: None,
+        guidance: None,
+        seed: 7,
+        max_sequence_length: Some(64),
+        initial_latents: None,
+        preview_interval: 1,
+    };
+    let mut watch = Watch {
+        previews: Vec::new(),
+        stop_after: None,
+    };
+    let out = p.run(&req, &mut watch).unwrap();
+    // 4 steps, a preview after each but the last, one pixel per un-patchified latent pixel.
+    assert_eq!(watch.previews, vec![(1, 16, 24), (2, 16, 24), (3, 16, 24)]);
+    // Seeded noise: the same seed gives the same image.
+    let again = p.run(&req, &mut Quiet).unwrap();
+    assert_eq!(out.image.pixels, again.image.pixels);
+
+    let mut stop = Watch {
+        previews: Vec::new(),
+        stop_after: Some(2),
+    };
+    assert!(matches!(
+        p.run(&req, &mut stop),
+        Err(kiln_engine::Error::Interrupted)
+    ));
+}
