@@ -50,6 +50,8 @@ OUT_LAYERS = (1, 2, 3)
 TEXT_DIM = 32
 MAX_SEQUENCE_LENGTH = 512
 WIDTH, HEIGHT, STEPS = 32, 48, 4
+# The same weights run as the undistilled base: true classifier-free guidance against "".
+BASE_STEPS, BASE_GUIDANCE = 3, 4.0
 
 
 def make_qwen_tokenizer(out: Path) -> Qwen2TokenizerFast:
@@ -152,6 +154,11 @@ def build(out_root: Path):
         image = pipe(**common, output_type="np").images[0]
         prompt_embeds, _ = pipe.encode_prompt(PROMPT, max_sequence_length=MAX_SEQUENCE_LENGTH,
                                               text_encoder_out_layers=OUT_LAYERS)
+        base = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
+                                  transformer=transformer, is_distilled=False)
+        base_args = dict(common, num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE)
+        base_final = base(**base_args, output_type="latent").images
+        base_image = base(**base_args, output_type="np").images[0]
     image_u8 = torch.from_numpy((image * 255).round().astype(np.uint8))
     valid = int(enc.attention_mask.sum())
     save_file({
@@ -163,11 +170,14 @@ def build(out_root: Path):
         "noise_pred_0": noise_pred_0.contiguous(),
         "final_latents": final.contiguous(),
         "image": image_u8.contiguous(),
+        "base_final_latents": base_final.contiguous(),
+        "base_image": torch.from_numpy((base_image * 255).round().astype(np.uint8)).contiguous(),
     }, str(out_root / "klein-reference.safetensors"))
     (out_root / "klein-reference.json").write_text(json.dumps({
         "prompt": PROMPT, "chat_text": text, "width": WIDTH, "height": HEIGHT, "steps": STEPS,
         "max_sequence_length": MAX_SEQUENCE_LENGTH, "text_encoder_out_layers": list(OUT_LAYERS),
         "valid_tokens": valid, "first_timestep": float(first_kwargs["timestep"][0]), "sigmas": sigmas,
+        "base_steps": BASE_STEPS, "base_guidance": BASE_GUIDANCE,
     }, indent=1))
     print(f"klein: image {WIDTH}x{HEIGHT}, {STEPS} steps, {valid} prompt tokens, "
           f"|noise_pred_0| max {noise_pred_0.abs().max():.3f}, |final| max {final.abs().max():.3f}")

@@ -159,3 +159,60 @@ fn klein_previews_at_latent_resolution_and_stops_when_asked() {
         Err(kiln_engine::Error::Interrupted)
     ));
 }
+
+/// The same weights declared undistilled (`is_distilled: false`): the base model's true
+/// classifier-free guidance against the empty prompt, at its default guidance of 4.
+#[test]
+fn klein_base_guidance_matches_diffusers() {
+    let r = Reference::load("klein");
+    let src = fixtures().join("klein-diffusers");
+    let dir = tempfile::tempdir().unwrap();
+    for part in [
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    ] {
+        std::os::unix::fs::symlink(src.join(part), dir.path().join(part)).unwrap();
+    }
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
+            .unwrap();
+    index["is_distilled"] = false.into();
+    std::fs::write(dir.path().join("model_index.json"), index.to_string()).unwrap();
+    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert!(!p.is_distilled());
+
+    let (w, h) = (r.u32("width"), r.u32("height"));
+    let req = PipelineRequest {
+        prompt: prompt(&r).to_string(),
+        width: w,
+        height: h,
+        steps: Some(r.u32("base_steps")),
+        guidance: None,
+        seed: 0,
+        max_sequence_length: None,
+        initial_latents: Some(pack_channels_last(r.t("latents_in")).unwrap()),
+        preview_interval: 0,
+    };
+    let out = p.run(&req, &mut Quiet).unwrap();
+    assert_eq!(
+        out.applied.guidance,
+        r.json["base_guidance"].as_f64().map(|g| g as f32)
+    );
+    let final_err = max_abs(
+        &p.unpack_latents(&out.final_latents, w, h).unwrap(),
+        r.t("base_final_latents"),
+    );
+    let want_px = r
+        .t("base_image")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let image_err = max_pixel_diff(&out.image.pixels, &want_px);
+    eprintln!("klein base: final latents {final_err:e}, image {image_err}/255");
+    assert!(final_err <= TOL, "final latents");
+    assert!(image_err <= 2, "image");
+}
