@@ -120,7 +120,7 @@ impl Default for Settings {
                 metrics_bind: None,
             },
             models: ModelsConfig::default(),
-            serve_demo: false,
+            serve_demo: true,
             demo_checkpoint: PathBuf::from(BUNDLED_DEMO_CHECKPOINT),
         }
     }
@@ -243,7 +243,7 @@ mod tests {
             let s = Settings::load(None, &FlagOverrides::default()).unwrap();
             assert!(s.bind.ip().is_loopback());
             assert_eq!(s.retention(), Duration::from_secs(7 * 24 * 3600));
-            assert!(!s.serve_demo, "off until the demo checkpoint is committed");
+            assert!(s.serve_demo && s.demo_checkpoint.join("model_index.json").is_file());
             Ok(())
         });
     }
@@ -275,7 +275,7 @@ mod tests {
             let model = s.models.flux11_pro.as_ref().unwrap();
             assert_eq!((model.checkpoint.as_path(), model.steps), (Path::new("/models/flux1-dev"), Some(20)));
             assert_eq!(s.configured_checkpoint(Route::Flux11ProTextToImage), Some(model));
-            assert_eq!(s.served_routes(), vec![Route::Flux11ProTextToImage]);
+            assert_eq!(s.served_routes(), Route::ALL.to_vec(), "the demo serves the rest");
             assert_eq!(s.limits.max_queued, 1_000, "a partial file keeps the other defaults");
             Ok(())
         });

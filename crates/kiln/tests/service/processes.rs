@@ -1,7 +1,7 @@
 //! The shipped `kiln` binary as users run it: first start, keys, SIGTERM, SIGKILL under load,
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
-use crate::harness::{bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, PRO};
+use crate::harness::{bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, FLEX, PRO};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -223,4 +223,29 @@ async fn a_separate_worker_exports_its_step_and_job_metrics() {
     assert_eq!(sample("kiln_step_duration_seconds_count"), 3.0, "one observation per step");
     assert_eq!(sample("kiln_job_duration_seconds_count"), 1.0);
     assert_eq!(sample("kiln_jobs_finished_total{model=\"blackforestlabs/flux-1-1-pro/text-to-image\",outcome=\"succeeded\"}"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let prompt = "a red circle in the top left on a blue background";
+    for (model, input, size) in [
+        (FLEX, serde_json::json!({"prompt": prompt, "image_size": "square"}), (512, 512)),
+        (PRO, serde_json::json!({"prompt": prompt}), (1344, 768)),
+    ] {
+        let (code, submitted) = client.submit(model, input).await;
+        assert_eq!(code, 200, "{submitted}");
+        let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+        assert_eq!(result["status"], "succeeded", "{model}: {result}");
+        let engine = result["metadata"]["engine"].as_str().unwrap();
+        assert!(engine.contains("demo-checkpoint"), "{model}: {engine}");
+        let notes = result["metadata"]["notes"].to_string();
+        assert!(notes.contains("demo checkpoint") && notes.contains("upscaled"), "{model}: {notes}");
+        let (code, _, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+        assert_eq!((code, decoded_size(&bytes)), (200, size), "{model}");
+    }
 }
