@@ -22,8 +22,10 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// The shipped checkpoint passes 2 of the 76 held-out prompts (see its MODEL_CARD.md).
-const MIN_PASS_RATE: f64 = 0.02;
+/// The shipped checkpoint passes 3 of the 76 held-out prompts and the background check of all
+/// 76 (see its MODEL_CARD.md); the thresholds allow one prompt fewer, and a few backgrounds.
+const MIN_PASS_RATE: f64 = 0.025;
+const MIN_BACKGROUND_RATE: f64 = 0.9;
 const SIZE: u32 = 64;
 
 fn checkpoint() -> PathBuf {
@@ -216,6 +218,11 @@ fn demo_checkpoint_draws_held_out_prompts() {
         tally.all.0,
         tally.all.1,
         rate(tally.all)
+    );
+    assert!(
+        rate(tally.background) >= MIN_BACKGROUND_RATE,
+        "background pass rate {:.2} below {MIN_BACKGROUND_RATE}",
+        rate(tally.background)
     );
     assert!(
         rate(tally.all) >= MIN_PASS_RATE,
