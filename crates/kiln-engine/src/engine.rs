@@ -151,25 +151,13 @@ impl Flux1Engine {
                 "prompt expansion is not available for FLUX.1; the prompt was used as given".into(),
             );
         }
-        let steps = params
-            .num_inference_steps
-            .or(raw.and_then(|r| r.steps))
-            .or(self.config.steps);
-        let guidance = params
-            .guidance_scale
-            .or(raw.and_then(|r| r.guidance))
-            .or(self.config.guidance);
-        let request = PipelineRequest {
-            prompt: params.prompt.as_str().to_string(),
-            width: params.size.width,
-            height: params.size.height,
-            steps,
-            guidance,
-            seed: u64::from(params.seed),
-            max_sequence_length: self.config.max_sequence_length,
-            initial_latents: None,
-            preview_interval: self.config.preview_interval,
-        };
+        let request = PipelineRequest::from_params(
+            params,
+            raw.and_then(|r| r.steps).or(self.config.steps),
+            raw.and_then(|r| r.guidance).or(self.config.guidance),
+            self.config.max_sequence_length,
+            self.config.preview_interval,
+        );
         let out = pipeline.run(&request, observer)?;
         let mut applied = out.applied;
         applied.notes.extend(notes);

@@ -41,6 +41,7 @@ pub use checkpoint::{CheckpointFiles, CheckpointSettings, Layout, WeightFormat};
 pub use clip::ClipTextConfig;
 pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
 pub use error::{Error, Result};
+pub use flux2::{Flux2Config, Flux2Engine, Flux2Pipeline};
 pub use pipeline::{
     read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress,
     PipelineOutput, PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,

@@ -13,6 +13,7 @@ use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
+use kiln_core::params::GenerationParams;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -132,6 +133,30 @@ pub struct PipelineRequest {
     pub initial_latents: Option<Tensor>,
     /// A preview every this many steps; 0 for none.
     pub preview_interval: u32,
+}
+
+impl PipelineRequest {
+    /// A worker's request: the parameters, with the model configuration's choices where they
+    /// leave something out; seeded noise.
+    pub(crate) fn from_params(
+        params: &GenerationParams,
+        steps: Option<u32>,
+        guidance: Option<f32>,
+        max_sequence_length: Option<usize>,
+        preview_interval: u32,
+    ) -> Self {
+        Self {
+            prompt: params.prompt.as_str().to_string(),
+            width: params.size.width,
+            height: params.size.height,
+            steps: params.num_inference_steps.or(steps),
+            guidance: params.guidance_scale.or(guidance),
+            seed: u64::from(params.seed),
+            max_sequence_length,
+            initial_latents: None,
+            preview_interval,
+        }
+    }
 }
 
 pub struct PipelineOutput {

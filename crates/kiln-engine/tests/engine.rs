@@ -1,10 +1,12 @@
-//! The engine as the worker drives it, on the tiny fixtures: defaults, raw mode, seeds,
-//! previews, interruption, errors.
+//! The engines as the worker drives them, on the tiny fixtures: defaults, raw mode, seeds,
+//! previews, interruption, errors (FLUX.1, then FLUX.2 klein).
 
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
-use kiln_engine::{CheckpointFiles, Error, Flux1Config, Flux1Engine, RawModeConfig};
+use kiln_engine::{
+    CheckpointFiles, Error, Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, RawModeConfig,
+};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -330,4 +332,48 @@ fn malformed_checkpoint_settings_are_refused() {
     });
     let err = CheckpointFiles::detect(&dir).unwrap_err();
     assert!(err.to_string().contains("_kiln"), "{err}");
+}
+
+#[test]
+fn engine_applies_klein_defaults_and_says_what_it_ignored() {
+    let engine =
+        Flux2Engine::load(Flux2Config::new(fixture("klein-diffusers")), &mut |_| {}).unwrap();
+    assert!(engine.describe().starts_with("FLUX.2 klein (distilled)"));
+    let mut rec = Recorder::default();
+    let plain = engine.generate(&params(3), &mut rec).unwrap();
+    assert_eq!(plain.applied.num_inference_steps, 4);
+    assert_eq!(plain.applied.guidance, None);
+    assert_eq!((plain.image.width, plain.image.height), (32, 16));
+    assert_eq!(
+        rec.previews.len(),
+        3,
+        "a preview after every step but the last"
+    );
+
+    let asked = GenerationParams {
+        guidance_scale: Some(5.0),
+        enable_prompt_expansion: true,
+        ..params(3)
+    };
+    let out = engine.generate(&asked, &mut Recorder::default()).unwrap();
+    // Guidance does not reach a distilled model, so the image is the plain one.
+    assert_eq!(out.image.pixels, plain.image.pixels);
+    let notes = out.applied.notes.join("\n");
+    assert!(notes.contains("guidance ignored"), "{notes}");
+    assert!(
+        notes.contains("prompt expansion is not implemented"),
+        "{notes}"
+    );
+
+    let odd = GenerationParams {
+        size: ImageSize {
+            width: 30,
+            height: 16,
+        },
+        ..params(3)
+    };
+    assert!(matches!(
+        engine.generate(&odd, &mut Recorder::default()),
+        Err(EngineError::InvalidInput(_))
+    ));
 }

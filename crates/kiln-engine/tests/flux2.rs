@@ -1,11 +1,11 @@
-//! Numerics against diffusers for FLUX.2: the tiny random klein-like pipeline made by
-//! `tools/reference/make_flux2_fixtures.py` must reproduce what diffusers' Flux2KleinPipeline
-//! computed on it.
+//! FLUX.2 on the tiny random klein-like pipeline made by
+//! `tools/reference/make_flux2_fixtures.py`: numerics against what diffusers'
+//! Flux2KleinPipeline computed on it, and the engine as the worker drives it.
 
 use kiln_core::engine::{StepEvent, StepObserver};
+use kiln_engine::flux2::qwen3_chat_text;
 use kiln_engine::flux2::sampling::pack_channels_last;
-use kiln_engine::flux2::{qwen3_chat_text, Flux2Pipeline};
-use kiln_engine::{EngineOptions, PipelineRequest};
+use kiln_engine::{EngineOptions, Flux2Pipeline, PipelineRequest};
 use std::ops::ControlFlow;
 
 mod common;

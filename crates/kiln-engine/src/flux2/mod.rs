@@ -7,13 +7,16 @@
 //! - `vae`: the FLUX.2 decoder with its batch-norm latent denormalisation.
 //! - [`sampling`]: the empirical-mu schedule and channels-last packing.
 //! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole klein generation.
+//! - `engine`: [`Flux2Engine`] and its [`Flux2Config`], kiln-core's `Engine` for the worker.
 
+mod engine;
 pub mod pipeline;
 mod qwen3;
 pub mod sampling;
 mod transformer;
 mod vae;
 
+pub use engine::{Flux2Config, Flux2Engine};
 pub use pipeline::{qwen3_chat_text, Flux2Pipeline, Flux2PromptEmbeddings};
 pub use qwen3::Qwen3Config;
 pub use transformer::Flux2TransformerConfig;
