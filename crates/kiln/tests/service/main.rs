@@ -3,6 +3,7 @@
 //! in-process [`kiln::app::Application`] driven by the scripted test engine where a test needs
 //! to control timing.
 
+mod demo_quality;
 mod harness;
 mod in_process;
 mod processes;
