@@ -21,7 +21,11 @@ import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from diffusers import Flux2Pipeline
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
+                          PreTrainedTokenizerFast, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 from make_fixtures import CORPUS, PROMPT, round_bf16_, save_bf16
 
@@ -40,6 +44,22 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Mistral Small 3.x's template for text turns (content as a list of text parts, as diffusers'
+# `format_input` writes them): `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- text + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+
 # Qwen2's pre-tokenizer split (contractions, letters, single digits, punctuation, newlines).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -52,53 +72,63 @@ MAX_SEQUENCE_LENGTH = 512
 WIDTH, HEIGHT, STEPS = 32, 48, 4
 # The same weights run as the undistilled base: true classifier-free guidance against "".
 BASE_STEPS, BASE_GUIDANCE = 3, 4.0
+# dev's embedded guidance (the reference pipeline's default).
+DEV_GUIDANCE = 4.0
 
 
-def make_qwen_tokenizer(out: Path) -> Qwen2TokenizerFast:
-    """A Qwen2-style byte-level BPE (no BOS, `<|endoftext|>` pads) with the chat template."""
+def train_bpe_tokenizer(out: Path, specials: list, extra: list, config: dict):
+    """A byte-level BPE with Qwen2's pre-tokenizer split (Mistral's Tekken is byte-level BPE
+    too) trained on the corpus, saved as `tokenizer.json` + `tokenizer_config.json`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS + ["user\nassistant\n"], trainer)
+    tok.train_from_iterator(CORPUS + extra, trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "padding_side": "right",
-        "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
-    }, indent=1))
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 131072, "padding_side": "right", **config},
+                                                          indent=1))
+
+
+def make_qwen_tokenizer(out: Path) -> Qwen2TokenizerFast:
+    """A Qwen2-style tokenizer (no BOS, `<|endoftext|>` pads) with the chat template."""
+    train_bpe_tokenizer(out, SPECIALS, ["user\nassistant\n"], {
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "unk_token": None, "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+    })
     return Qwen2TokenizerFast.from_pretrained(out)
 
 
-def build(out_root: Path):
-    torch.manual_seed(3)
-    root = out_root / "klein-diffusers"
-    if root.exists():
-        shutil.rmtree(root)
-    tokenizer = make_qwen_tokenizer(root / "tokenizer")
+def make_mistral_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    """A Mistral-style tokenizer (`<s>` written by the template, `<pad>` pads) with the chat
+    template of Mistral Small 3.x for system and user turns of text."""
+    train_bpe_tokenizer(out, MISTRAL_SPECIALS, [SYSTEM_MESSAGE], {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "chat_template": MISTRAL_CHAT_TEMPLATE,
+    })
+    return PreTrainedTokenizerFast.from_pretrained(out)
 
-    qwen = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )).eval()
+
+def tiny_transformer_and_vae(joint_dim: int, guidance_embeds: bool):
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=len(OUT_LAYERS) * TEXT_DIM, timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        num_attention_heads=2, joint_attention_dim=joint_dim, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     ).eval()
     vae = AutoencoderKLFlux2(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 32], layers_per_block=1,
         latent_channels=32, norm_num_groups=32, sample_size=64, use_quant_conv=True, use_post_quant_conv=True,
     ).eval()
-    for i, m in enumerate([qwen, transformer, vae]):
+    return transformer, vae
+
+
+def round_and_randomise_bn(text_model, transformer, vae):
+    for i, m in enumerate([text_model, transformer, vae]):
         round_bf16_(m, 200 + i)
     # The batch norm's running statistics are what denormalises the latents: make them matter.
     with torch.no_grad():
@@ -106,11 +136,15 @@ def build(out_root: Path):
         n = vae.bn.running_mean.shape[0]
         vae.bn.running_mean.copy_((0.5 * torch.randn(n, generator=g)).to(torch.bfloat16).float())
         vae.bn.running_var.copy_((0.5 + torch.rand(n, generator=g)).to(torch.bfloat16).float())
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                time_shift_type="exponential")
 
-    qwen.save_pretrained(root / "text_encoder")
-    save_bf16(qwen.state_dict(), root / "text_encoder" / "model.safetensors")
+
+def save_pipeline(root: Path, text_model, transformer, vae, scheduler, index: dict):
+    """The diffusers layout, bf16, the VAE without its encoder, the text encoder without a
+    vision tower (FLUX.2 encodes text only with it)."""
+    text_model.save_pretrained(root / "text_encoder")
+    save_bf16({k: v for k, v in text_model.state_dict().items()
+               if not k.startswith(("model.vision_tower.", "model.multi_modal_projector."))},
+              root / "text_encoder" / "model.safetensors")
     transformer.save_pretrained(root / "transformer")
     save_bf16(transformer.state_dict(), root / "transformer" / "diffusion_pytorch_model.safetensors")
     vae.save_pretrained(root / "vae")
@@ -119,33 +153,43 @@ def build(out_root: Path):
     save_bf16(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")
     scheduler.save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.1", "is_distilled": True,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
-        "tokenizer": ["transformers", "Qwen2TokenizerFast"], "transformer": ["diffusers", "Flux2Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLFlux2"],
-        # kiln reads the reference layers from here: a 4-layer Qwen3 has no layer 27.
-        "_kiln": {"text_encoder_out_layers": list(OUT_LAYERS)},
+        "_diffusers_version": "0.42.1", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"],
+        # kiln reads the reference layers from here: the tiny text models have 4 layers.
+        "_kiln": {"text_encoder_out_layers": list(OUT_LAYERS)}, **index,
     }, indent=1))
 
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=True)
+
+def flux2_scheduler():
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           time_shift_type="exponential")
+
+
+def fresh(out_root: Path, name: str) -> Path:
+    root = out_root / f"{name}-diffusers"
+    if root.exists():
+        shutil.rmtree(root)
+    return root
+
+
+def run_reference(name, out_root, pipe, text_model, chat_text, enc, args, tensors=None, settings=None):
+    """Runs `pipe` with fixed initial latents and saves `{name}-reference.safetensors|json`:
+    token ids, prompt embeddings (the prompt's rows and a few padding rows), the transformer's
+    first output, the final latents and the image, and whatever `tensors`/`settings` add."""
+    transformer = pipe.transformer
     lat_h, lat_w = 2 * (HEIGHT // (pipe.vae_scale_factor * 2)), 2 * (WIDTH // (pipe.vae_scale_factor * 2))
     g = torch.Generator().manual_seed(1234)
     latents = torch.randn((1, 128, lat_h // 2, lat_w // 2), generator=g)
-
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
-    enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_SEQUENCE_LENGTH)
     with torch.no_grad():
-        hidden = qwen(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True,
-                      use_cache=False).hidden_states
+        hidden = text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                            output_hidden_states=True, use_cache=False).hidden_states
     assert len(hidden) == TEXT_LAYERS + 1, "hidden_states is (embeddings, layer 1, ..., layer N)"
 
     calls = []
     hook = transformer.register_forward_hook(
-        lambda m, args, kwargs, out: calls.append((kwargs, out[0].detach().clone())), with_kwargs=True)
+        lambda m, a, kwargs, out: calls.append((kwargs, out[0].detach().clone())), with_kwargs=True)
     common = dict(prompt=PROMPT, width=WIDTH, height=HEIGHT, num_inference_steps=STEPS, latents=latents.clone(),
-                  max_sequence_length=MAX_SEQUENCE_LENGTH, text_encoder_out_layers=OUT_LAYERS)
+                  max_sequence_length=MAX_SEQUENCE_LENGTH, text_encoder_out_layers=OUT_LAYERS, **args)
     with torch.no_grad():
         final = pipe(**common, output_type="latent").images
         first_kwargs, noise_pred_0 = calls[0]
@@ -154,33 +198,97 @@ def build(out_root: Path):
         image = pipe(**common, output_type="np").images[0]
         prompt_embeds, _ = pipe.encode_prompt(PROMPT, max_sequence_length=MAX_SEQUENCE_LENGTH,
                                               text_encoder_out_layers=OUT_LAYERS)
-        base = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
-                                  transformer=transformer, is_distilled=False)
-        base_args = dict(common, num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE)
-        base_final = base(**base_args, output_type="latent").images
-        base_image = base(**base_args, output_type="np").images[0]
-    image_u8 = torch.from_numpy((image * 255).round().astype(np.uint8))
-    valid = int(enc.attention_mask.sum())
+    valid = int(enc["attention_mask"].sum())
     save_file({
         "latents_in": latents.contiguous(),
-        "input_ids": enc.input_ids[0].to(torch.int64).contiguous(),
+        "input_ids": enc["input_ids"][0].to(torch.int64).contiguous(),
         # Only the prompt's own rows: the padded rows are 500 more of the same kind of numbers.
         "prompt_embeds_valid": prompt_embeds[:, :valid].contiguous(),
         "prompt_embeds_pad_rows": prompt_embeds[:, valid:valid + 4].contiguous(),
         "noise_pred_0": noise_pred_0.contiguous(),
         "final_latents": final.contiguous(),
-        "image": image_u8.contiguous(),
-        "base_final_latents": base_final.contiguous(),
-        "base_image": torch.from_numpy((base_image * 255).round().astype(np.uint8)).contiguous(),
-    }, str(out_root / "klein-reference.safetensors"))
-    (out_root / "klein-reference.json").write_text(json.dumps({
-        "prompt": PROMPT, "chat_text": text, "width": WIDTH, "height": HEIGHT, "steps": STEPS,
-        "max_sequence_length": MAX_SEQUENCE_LENGTH, "text_encoder_out_layers": list(OUT_LAYERS),
-        "valid_tokens": valid, "first_timestep": float(first_kwargs["timestep"][0]), "sigmas": sigmas,
-        "base_steps": BASE_STEPS, "base_guidance": BASE_GUIDANCE,
+        "image": to_u8(image),
+        **(tensors(pipe, common) if tensors else {}),
+    }, str(out_root / f"{name}-reference.safetensors"))
+    (out_root / f"{name}-reference.json").write_text(json.dumps({
+        "prompt": PROMPT, "chat_text": chat_text, "width": WIDTH, "height": HEIGHT, "steps": STEPS,
+        "guidance": args.get("guidance_scale"), "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "text_encoder_out_layers": list(OUT_LAYERS), "valid_tokens": valid,
+        "first_timestep": float(first_kwargs["timestep"][0]), "sigmas": sigmas, **(settings or {}),
     }, indent=1))
-    print(f"klein: image {WIDTH}x{HEIGHT}, {STEPS} steps, {valid} prompt tokens, "
+    print(f"{name}: image {WIDTH}x{HEIGHT}, {STEPS} steps, {valid} prompt tokens, "
           f"|noise_pred_0| max {noise_pred_0.abs().max():.3f}, |final| max {final.abs().max():.3f}")
+
+
+def to_u8(image):
+    return torch.from_numpy((image * 255).round().astype(np.uint8)).contiguous()
+
+
+def build_klein(out_root: Path):
+    torch.manual_seed(3)
+    root = fresh(out_root, "klein")
+    tokenizer = make_qwen_tokenizer(root / "tokenizer")
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )).eval()
+    transformer, vae = tiny_transformer_and_vae(len(OUT_LAYERS) * TEXT_DIM, guidance_embeds=False)
+    round_and_randomise_bn(qwen, transformer, vae)
+    scheduler = flux2_scheduler()
+    save_pipeline(root, qwen, transformer, vae, scheduler, {
+        "_class_name": "Flux2KleinPipeline", "is_distilled": True,
+        "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+    })
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_SEQUENCE_LENGTH)
+
+    def base_run(pipe, common):
+        # The same weights run as the undistilled base: true classifier-free guidance against "".
+        base = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
+                                  transformer=transformer, is_distilled=False)
+        args = dict(common, num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE)
+        with torch.no_grad():
+            return {"base_final_latents": base(**args, output_type="latent").images.contiguous(),
+                    "base_image": to_u8(base(**args, output_type="np").images[0])}
+
+    run_reference("klein", out_root, pipe, qwen, text, enc, {}, tensors=base_run,
+                  settings={"base_steps": BASE_STEPS, "base_guidance": BASE_GUIDANCE})
+
+
+def build_dev(out_root: Path):
+    torch.manual_seed(4)
+    root = fresh(out_root, "flux2-dev")
+    tokenizer = make_mistral_tokenizer(root / "tokenizer")
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
+        vision_config=PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=16, image_size=64, patch_size=16),
+        text_config=MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, rope_theta=1000000000.0, tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id),
+        spatial_merge_size=2,
+    )).eval()
+    transformer, vae = tiny_transformer_and_vae(len(OUT_LAYERS) * TEXT_DIM, guidance_embeds=True)
+    round_and_randomise_bn(mistral, transformer, vae)
+    scheduler = flux2_scheduler()
+    save_pipeline(root, mistral, transformer, vae, scheduler, {
+        "_class_name": "Flux2Pipeline", "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+        "tokenizer": ["transformers", "PixtralProcessor"],
+    })
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=mistral, tokenizer=tokenizer,
+                         transformer=transformer)
+    messages = format_input([PROMPT], system_message=SYSTEM_MESSAGE)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)[0]
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
+                                        return_tensors="pt", padding="max_length", truncation=True,
+                                        max_length=MAX_SEQUENCE_LENGTH)
+    run_reference("flux2-dev", out_root, pipe, mistral, text, enc, {"guidance_scale": DEV_GUIDANCE})
 
 
 def main():
@@ -190,7 +298,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    build(out)
+    build_klein(out)
+    build_dev(out)
 
 
 if __name__ == "__main__":

@@ -64,9 +64,10 @@ impl PromptTokenizer {
         Ok(t)
     }
 
-    /// Qwen's tokenizer for text already framed by its chat template: no BOS or EOS added,
-    /// padded on the right with the configured pad token (`<|endoftext|>`).
-    pub(crate) fn qwen(dir: &Path) -> Result<Self> {
+    /// A chat model's tokenizer (Qwen3, Mistral) for text already framed by its chat
+    /// template, which writes any BOS itself: nothing added, padded on the right with the
+    /// configured pad token (Qwen's `<|endoftext|>` if none is configured).
+    pub(crate) fn chat(dir: &Path) -> Result<Self> {
         let cfg = TokenizerConfig::read(dir)?;
         let inner = load_json(dir)?;
         let mut t = Self::from_parts(dir, inner, &cfg, "", "<|im_end|>", "<|endoftext|>", 131_072)?;

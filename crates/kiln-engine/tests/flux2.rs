@@ -1,10 +1,10 @@
-//! FLUX.2 on the tiny random klein-like pipeline made by
+//! FLUX.2 on the tiny random klein-like and dev-like pipelines made by
 //! `tools/reference/make_flux2_fixtures.py`: numerics against what diffusers'
-//! Flux2KleinPipeline computed on it, and the engine as the worker drives it.
+//! Flux2KleinPipeline and Flux2Pipeline computed on them, previews and interruption.
 
 use kiln_core::engine::{StepEvent, StepObserver};
-use kiln_engine::flux2::qwen3_chat_text;
 use kiln_engine::flux2::sampling::pack_channels_last;
+use kiln_engine::flux2::Flux2Variant;
 use kiln_engine::{EngineOptions, Flux2Pipeline, PipelineRequest};
 use std::ops::ControlFlow;
 
@@ -15,31 +15,50 @@ fn prompt(r: &Reference) -> &str {
     r.json["prompt"].as_str().unwrap()
 }
 
-fn load() -> Flux2Pipeline {
+fn load(config: &str) -> Flux2Pipeline {
     Flux2Pipeline::load(
-        &fixtures().join("klein-diffusers"),
+        &fixtures().join(format!("{config}-diffusers")),
         &EngineOptions::default(),
         &mut |_| {},
     )
     .unwrap()
 }
 
+fn guidance(r: &Reference) -> Option<f32> {
+    r.json["guidance"].as_f64().map(|g| g as f32)
+}
+
 #[test]
 fn klein_matches_diffusers() {
-    let r = Reference::load("klein");
-    let p = load();
+    let p = load("klein");
+    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: true });
+    assert_eq!(p.defaults().steps, 4);
+    assert_matches_reference("klein", &p, None);
+}
+
+#[test]
+fn dev_matches_diffusers() {
+    let p = load("flux2-dev");
+    assert_eq!(p.variant(), Flux2Variant::Dev);
+    assert_eq!(p.defaults().guidance, Some(4.0));
+    assert_matches_reference("flux2-dev", &p, Some(4.0));
+}
+
+/// Every stage against the reference run of `config`; `applied_guidance` is what the run
+/// reports (klein's distilled model takes none, dev embeds it).
+fn assert_matches_reference(config: &str, p: &Flux2Pipeline, applied_guidance: Option<f32>) {
+    let r = Reference::load(config);
     let (w, h) = (r.u32("width"), r.u32("height"));
     let max_len = r.u32("max_sequence_length") as usize;
-    assert!(p.is_distilled());
     assert_eq!(
-        qwen3_chat_text(prompt(&r)),
+        p.chat_text(prompt(&r)),
         r.json["chat_text"].as_str().unwrap()
     );
 
     // Text: the chat-framed ids, and the stacked hidden states of the prompt's rows and of
     // the first padding rows (which attend to the prompt only).
     let text = p.encode_prompt(prompt(&r), max_len).unwrap();
-    assert_eq!(text.ids, r.ids("input_ids"), "Qwen3 token ids");
+    assert_eq!(text.ids, r.ids("input_ids"), "text token ids");
     let valid = r.u32("valid_tokens") as usize;
     assert_eq!(text.valid, valid);
     let embeds_err = max_abs(
@@ -71,17 +90,17 @@ fn klein_matches_diffusers() {
     // One transformer call at the first noise level.
     let packed = pack_channels_last(r.t("latents_in")).unwrap();
     let v = p
-        .velocity(&packed, want_sigmas[0], None, &text, w, h)
+        .velocity(&packed, want_sigmas[0], guidance(&r), &text, w, h)
         .unwrap();
     let velocity_err = max_abs(&v, r.t("noise_pred_0"));
 
-    // The whole run with the reference's initial latents and the checkpoint's defaults.
+    // The whole run with the reference's initial latents, steps and guidance.
     let req = PipelineRequest {
         prompt: prompt(&r).to_string(),
         width: w,
         height: h,
-        steps: None,
-        guidance: None,
+        steps: Some(steps as u32),
+        guidance: guidance(&r),
         seed: 0,
         max_sequence_length: None,
         initial_latents: Some(packed),
@@ -89,16 +108,20 @@ fn klein_matches_diffusers() {
     };
     let out = p.run(&req, &mut Quiet).unwrap();
     assert_eq!(out.applied.num_inference_steps, steps as u32);
-    assert_eq!(out.applied.guidance, None);
-    let final_err = max_abs(
-        &p.unpack_latents(&out.final_latents, w, h).unwrap(),
-        r.t("final_latents"),
-    );
+    assert_eq!(out.applied.guidance, applied_guidance);
+    // Flux2Pipeline returns the packed latents as the sampler left them, Flux2KleinPipeline
+    // denormalised and un-patchified ones.
+    let final_latents = if r.t("final_latents").rank() == 3 {
+        out.final_latents.clone()
+    } else {
+        p.unpack_latents(&out.final_latents, w, h).unwrap()
+    };
+    let final_err = max_abs(&final_latents, r.t("final_latents"));
     let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_eq!((out.image.width, out.image.height), (w, h));
     let image_err = max_pixel_diff(&out.image.pixels, &want_px);
     eprintln!(
-        "klein: embeds {embeds_err:e}, padding rows {pad_err:e}, sigmas {sigma_err:e}, \
+        "{config}: embeds {embeds_err:e}, padding rows {pad_err:e}, sigmas {sigma_err:e}, \
          velocity {velocity_err:e}, final latents {final_err:e}, image {image_err}/255"
     );
     assert!(embeds_err <= TOL && pad_err <= TOL, "text encoder");
@@ -127,7 +150,7 @@ impl StepObserver for Watch {
 
 #[test]
 fn klein_previews_at_latent_resolution_and_stops_when_asked() {
-    let p = load();
+    let p = load("klein");
     let req = PipelineRequest {
         prompt: "a lighthouse".into(),
         width: 32,
@@ -182,7 +205,7 @@ fn klein_base_guidance_matches_diffusers() {
     index["is_distilled"] = false.into();
     std::fs::write(dir.path().join("model_index.json"), index.to_string()).unwrap();
     let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
-    assert!(!p.is_distilled());
+    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: false });
 
     let (w, h) = (r.u32("width"), r.u32("height"));
     let req = PipelineRequest {

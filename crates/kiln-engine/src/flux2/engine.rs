@@ -1,4 +1,4 @@
-//! [`Flux2Engine`]: a loaded FLUX.2 klein pipeline and its configuration, behind kiln-core's
+//! [`Flux2Engine`]: a loaded FLUX.2 pipeline (dev or klein) and its configuration, behind kiln-core's
 //! [`Engine`] trait (what serves the `blackforestlabs/flux-2/flex/text-to-image` route).
 
 use super::pipeline::Flux2Pipeline;
@@ -13,7 +13,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flux2Config {
-    /// A diffusers FLUX.2 klein folder (`model_index.json` naming `Flux2KleinPipeline`).
+    /// A diffusers FLUX.2 folder (`model_index.json` naming `Flux2Pipeline` for dev or
+    /// `Flux2KleinPipeline`).
     pub checkpoint: PathBuf,
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
@@ -21,10 +22,10 @@ pub struct Flux2Config {
     /// `f32`, `bf16` or `f16`; by default f32 on the CPU and bf16 on CUDA.
     #[serde(default)]
     pub precision: Option<Precision>,
-    /// Default steps when a request gives none (else 4 distilled, 50 base).
+    /// Default steps when a request gives none (else 4 for distilled klein, 50 otherwise).
     #[serde(default)]
     pub steps: Option<u32>,
-    /// Default guidance when a request gives none (else 4 for the base; distilled ignores it).
+    /// Default guidance when a request gives none (else 4; distilled klein ignores it).
     #[serde(default)]
     pub guidance: Option<f32>,
     /// Text sequence length (else 512).

@@ -1,5 +1,8 @@
-//! Qwen3 (transformers' `Qwen3ForCausalLM`) as FLUX.2 klein's text encoder: the hidden states
-//! of chosen layers for a right-padded prompt, with the causal and padding attention masks.
+//! The decoder-only language models FLUX.2 encodes text with: Qwen3 (klein,
+//! `Qwen3ForCausalLM`) and Mistral Small 3.x (dev, the text model of
+//! `Mistral3ForConditionalGeneration`). They differ here only in Qwen3's RMS norms on queries
+//! and keys and in where the checkpoint keeps the layers. Output: the hidden states of chosen
+//! layers for a right-padded prompt, with the causal and padding attention masks.
 
 use crate::error::{Error, Result};
 use crate::nn::{attention, rms_norm, Linear};
@@ -7,16 +10,18 @@ use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
-/// `text_encoder/config.json`. transformers 5 keeps `rope_theta` under `rope_parameters`,
-/// earlier versions at the top level; both are read.
+/// The text model's part of `text_encoder/config.json` (Mistral3's `text_config`).
+/// transformers 5 keeps `rope_theta` under `rope_parameters`, earlier versions at the top
+/// level; both are read.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Qwen3Config {
+pub struct LmConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
-    pub head_dim: usize,
+    #[serde(default)]
+    head_dim: Option<usize>,
     pub rms_norm_eps: f64,
     #[serde(default)]
     rope_theta: Option<f64>,
@@ -29,7 +34,23 @@ struct RopeParameters {
     rope_theta: f64,
 }
 
-impl Qwen3Config {
+impl LmConfig {
+    /// The text model's configuration in a `config.json`: at the top level (Qwen3) or under
+    /// `text_config` (Mistral3, whose top level describes the vision-language wrapper).
+    pub(crate) fn read(path: &std::path::Path) -> Result<Self> {
+        let json = crate::checkpoint::read_json(path)?;
+        let text = match json.get("text_config") {
+            Some(t) => t.clone(),
+            None => json,
+        };
+        serde_json::from_value(text).map_err(|e| Error::checkpoint(path, e.to_string()))
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
     pub fn rope_theta(&self) -> f64 {
         self.rope_parameters
             .as_ref()
@@ -45,24 +66,37 @@ struct Layer {
     k: Linear,
     v: Linear,
     o: Linear,
-    q_norm: Tensor,
-    k_norm: Tensor,
+    /// Qwen3's per-head RMS norms on queries and keys; Mistral has none.
+    qk_norm: Option<(Tensor, Tensor)>,
     post_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
 }
 
-pub(crate) struct Qwen3TextModel {
-    cfg: Qwen3Config,
+pub(crate) struct TextModel {
+    cfg: LmConfig,
     embed: Tensor,
     layers: Vec<Layer>,
 }
 
-impl Qwen3TextModel {
+/// Where the decoder's tensors live: `model.` in a causal LM; in Mistral3's wrapper
+/// `model.language_model.` (transformers 5) or `language_model.model.` (transformers 4).
+const PREFIXES: [&str; 3] = ["model.", "model.language_model.", "language_model.model."];
+
+impl TextModel {
     /// Loads the embedding and the first `depth` decoder layers: FLUX.2 reads intermediate
     /// layers only, so the later ones (and the final norm) are never run.
-    pub(crate) fn load(cfg: Qwen3Config, depth: usize, w: &Weights) -> Result<Self> {
+    pub(crate) fn load(cfg: LmConfig, depth: usize, w: &Weights) -> Result<Self> {
+        let prefix = PREFIXES
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}embed_tokens.weight")))
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    w.path(),
+                    "no embed_tokens.weight: not a Qwen3 or Mistral text model",
+                )
+            })?;
         if depth > cfg.num_hidden_layers {
             return Err(Error::checkpoint(
                 w.path(),
@@ -74,15 +108,22 @@ impl Qwen3TextModel {
         }
         let layers = (0..depth)
             .map(|i| {
-                let p = format!("model.layers.{i}");
+                let p = format!("{prefix}layers.{i}");
+                let qk_norm = if w.contains(&format!("{p}.self_attn.q_norm.weight")) {
+                    Some((
+                        w.tensor(&format!("{p}.self_attn.q_norm.weight"))?,
+                        w.tensor(&format!("{p}.self_attn.k_norm.weight"))?,
+                    ))
+                } else {
+                    None
+                };
                 Ok(Layer {
                     input_norm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
                     q: w.linear(&format!("{p}.self_attn.q_proj"))?,
                     k: w.linear(&format!("{p}.self_attn.k_proj"))?,
                     v: w.linear(&format!("{p}.self_attn.v_proj"))?,
                     o: w.linear(&format!("{p}.self_attn.o_proj"))?,
-                    q_norm: w.tensor(&format!("{p}.self_attn.q_norm.weight"))?,
-                    k_norm: w.tensor(&format!("{p}.self_attn.k_norm.weight"))?,
+                    qk_norm,
                     post_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
                     gate: w.linear(&format!("{p}.mlp.gate_proj"))?,
                     up: w.linear(&format!("{p}.mlp.up_proj"))?,
@@ -91,7 +132,7 @@ impl Qwen3TextModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            embed: w.tensor("model.embed_tokens.weight")?,
+            embed: w.tensor(&format!("{prefix}embed_tokens.weight"))?,
             layers,
             cfg,
         })
@@ -134,7 +175,7 @@ impl Qwen3TextModel {
 
     /// transformers' default RoPE: `pos * theta^(-2i/d)` in f32, both halves alike.
     fn rope(&self, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let d = self.cfg.head_dim;
+        let d = self.cfg.head_dim();
         let theta = self.cfg.rope_theta() as f32;
         let inv: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
@@ -168,29 +209,26 @@ impl Qwen3TextModel {
         let eps = c.rms_norm_eps;
         let (b, s, _) = x.dims3()?;
         let h = rms_norm(x, &l.input_norm, eps)?;
-        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, c.head_dim));
-        let q = rms_norm(
-            &heads(l.q.forward(&h)?, c.num_attention_heads)?,
-            &l.q_norm,
-            eps,
-        )?
-        .transpose(1, 2)?;
-        let k = rms_norm(
-            &heads(l.k.forward(&h)?, c.num_key_value_heads)?,
-            &l.k_norm,
-            eps,
-        )?
-        .transpose(1, 2)?;
+        let hd = c.head_dim();
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
+        let mut q = heads(l.q.forward(&h)?, c.num_attention_heads)?;
+        let mut k = heads(l.k.forward(&h)?, c.num_key_value_heads)?;
+        if let Some((qn, kn)) = &l.qk_norm {
+            q = rms_norm(&q, qn, eps)?;
+            k = rms_norm(&k, kn, eps)?;
+        }
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
         let v = heads(l.v.forward(&h)?, c.num_key_value_heads)?.transpose(1, 2)?;
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
         let groups = c.num_attention_heads / c.num_key_value_heads;
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
-        let a = attention(&q, &k, &v, 1.0 / (c.head_dim as f64).sqrt(), Some(mask))?;
+        let a = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(mask))?;
         let a = a
             .transpose(1, 2)?
-            .reshape((b, s, c.num_attention_heads * c.head_dim))?;
+            .reshape((b, s, c.num_attention_heads * hd))?;
         let x = (x + l.o.forward(&a)?)?;
         let h = rms_norm(&x, &l.post_norm, eps)?;
         let mlp = l

@@ -1,23 +1,27 @@
-//! FLUX.2 on candle, written from diffusers' `transformer_flux2.py`, `pipeline_flux2_klein.py`
-//! and `autoencoder_kl_flux2.py`, on the FLUX.1 engine's weights, layers and sampler.
+//! FLUX.2 on candle, written from diffusers' `transformer_flux2.py`, `pipeline_flux2.py`,
+//! `pipeline_flux2_klein.py` and `autoencoder_kl_flux2.py`, on the FLUX.1 engine's weights, layers and sampler.
 //!
 //! # Layout
-//! - `qwen3`: klein's text encoder, the stacked hidden states of chosen layers.
+//! - `lm`: the text encoders (klein's Qwen3, dev's Mistral), stacked hidden states of chosen
+//!   layers.
 //! - `transformer`: the FLUX.2 transformer (shared modulation, SwiGLU, 4-axis RoPE).
 //! - `vae`: the FLUX.2 decoder with its batch-norm latent denormalisation.
 //! - [`sampling`]: the empirical-mu schedule and channels-last packing.
-//! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole klein generation.
+//! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole generation (dev, klein).
 //! - `engine`: [`Flux2Engine`] and its [`Flux2Config`], kiln-core's `Engine` for the worker.
 
 mod engine;
+mod lm;
 pub mod pipeline;
-mod qwen3;
 pub mod sampling;
 mod transformer;
 mod vae;
 
 pub use engine::{Flux2Config, Flux2Engine};
-pub use pipeline::{qwen3_chat_text, Flux2Pipeline, Flux2PromptEmbeddings};
-pub use qwen3::Qwen3Config;
+pub use lm::LmConfig;
+pub use pipeline::{
+    mistral_chat_text, qwen3_chat_text, Flux2Pipeline, Flux2PromptEmbeddings, Flux2Variant,
+    SYSTEM_MESSAGE,
+};
 pub use transformer::Flux2TransformerConfig;
 pub use vae::Flux2VaeConfig;

@@ -1,8 +1,9 @@
-//! The FLUX.2 klein text-to-image pipeline (diffusers' `Flux2KleinPipeline`): load a
-//! checkpoint once, then prompt -> Qwen3 chat template -> stacked hidden states -> denoise with
-//! the transformer on the empirical-mu schedule -> batch-norm denormalisation -> VAE -> RGB.
+//! The FLUX.2 text-to-image pipelines (diffusers' `Flux2Pipeline` for dev,
+//! `Flux2KleinPipeline` for klein): load a checkpoint once, then prompt -> chat template ->
+//! stacked hidden states of the text model -> denoise with the transformer on the
+//! empirical-mu schedule -> batch-norm denormalisation -> VAE -> RGB.
 
-use super::qwen3::{Qwen3Config, Qwen3TextModel};
+use super::lm::{LmConfig, TextModel};
 use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2VaeConfig, Flux2VaeDecoder};
@@ -25,6 +26,20 @@ use std::path::{Path, PathBuf};
 
 /// klein's Qwen3 layers whose hidden states are stacked (of 36).
 const QWEN3_OUT_LAYERS: [usize; 3] = [9, 18, 27];
+/// dev's Mistral Small layers whose hidden states are stacked (of 40).
+const MISTRAL_OUT_LAYERS: [usize; 3] = [10, 20, 30];
+/// The system turn dev's prompts are encoded under (BFL's `flux2/system_messages.py`, as
+/// diffusers copies it).
+pub const SYSTEM_MESSAGE: &str = "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object\nattribution and actions without speculation.";
+
+/// Which FLUX.2, from the pipeline class a checkpoint names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flux2Variant {
+    /// 32B, Mistral Small 3.x text encoder, embedded guidance.
+    Dev,
+    /// 4B / 9B, Qwen3 text encoder; step-distilled or the undistilled base.
+    Klein { distilled: bool },
+}
 /// The longest prompt, in tokens of the chat-framed text.
 const MAX_SEQUENCE_LENGTH: usize = 512;
 
@@ -38,15 +53,15 @@ pub struct Flux2PromptEmbeddings {
     pub embeds: Tensor,
 }
 
-/// A loaded FLUX.2 klein checkpoint, resident on its device.
+/// A loaded FLUX.2 checkpoint, resident on its device.
 pub struct Flux2Pipeline {
     root: PathBuf,
     settings: CheckpointSettings,
     device: Device,
     dtype: DType,
-    distilled: bool,
+    variant: Flux2Variant,
     tokenizer: PromptTokenizer,
-    text: Qwen3TextModel,
+    text: TextModel,
     text_layers: Vec<usize>,
     transformer: Flux2Transformer,
     vae: Flux2VaeDecoder,
@@ -63,8 +78,18 @@ pub fn qwen3_chat_text(prompt: &str) -> String {
     format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
 }
 
+/// Mistral Small 3.x's chat template for the system turn and one user turn, no generation
+/// prompt, as `_get_mistral_3_small_prompt_embeds` applies it (`[IMG]` removed from the
+/// prompt first, as `format_input` does).
+pub fn mistral_chat_text(prompt: &str) -> String {
+    format!(
+        "<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{}[/INST]",
+        prompt.replace("[IMG]", "")
+    )
+}
+
 impl Flux2Pipeline {
-    /// Loads a FLUX.2 klein checkpoint in diffusers' layout from `dir`.
+    /// Loads a FLUX.2 checkpoint (dev or klein) in diffusers' layout from `dir`.
     pub fn load(
         dir: &Path,
         options: &EngineOptions,
@@ -78,13 +103,18 @@ impl Flux2Pipeline {
             ));
         }
         let index = read_json(&index_path)?;
-        let class = index["_class_name"].as_str().unwrap_or("");
-        if class != "Flux2KleinPipeline" {
-            return Err(Error::checkpoint(
-                dir,
-                format!("{class:?} is not a FLUX.2 klein pipeline (Flux2KleinPipeline)"),
-            ));
-        }
+        let variant = match index["_class_name"].as_str().unwrap_or("") {
+            "Flux2Pipeline" => Flux2Variant::Dev,
+            "Flux2KleinPipeline" => Flux2Variant::Klein {
+                distilled: index["is_distilled"].as_bool().unwrap_or(false),
+            },
+            class => {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("{class:?} is not a FLUX.2 text-to-image pipeline (Flux2Pipeline, Flux2KleinPipeline)"),
+                ))
+            }
+        };
         for part in [
             "transformer",
             "vae",
@@ -100,7 +130,6 @@ impl Flux2Pipeline {
             }
         }
         let settings = CheckpointSettings::from_index(&index, &index_path)?;
-        let distilled = index["is_distilled"].as_bool().unwrap_or(false);
         let device = options.device()?;
         let dtype = options.dtype();
         let mut report = |component, done, total| {
@@ -111,17 +140,20 @@ impl Flux2Pipeline {
             })
         };
 
-        let tokenizer = PromptTokenizer::qwen(&dir.join("tokenizer"))?;
+        let tokenizer = PromptTokenizer::chat(&dir.join("tokenizer"))?;
         report("tokenizer", 1, 1);
         let tdir = dir.join("text_encoder");
-        let text_cfg: Qwen3Config = config(&tdir.join("config.json"))?;
-        let text_layers = settings
-            .text_encoder_out_layers
-            .clone()
-            .unwrap_or_else(|| QWEN3_OUT_LAYERS.to_vec());
+        let text_cfg = LmConfig::read(&tdir.join("config.json"))?;
+        let text_layers = settings.text_encoder_out_layers.clone().unwrap_or_else(|| {
+            match variant {
+                Flux2Variant::Dev => MISTRAL_OUT_LAYERS,
+                Flux2Variant::Klein { .. } => QWEN3_OUT_LAYERS,
+            }
+            .to_vec()
+        });
         let depth = text_layers.iter().copied().max().unwrap_or(0);
         let tw = Weights::open_safetensors(&safetensors_files(&tdir, "model")?, &device, dtype)?;
-        let text = Qwen3TextModel::load(text_cfg, depth, &tw)?;
+        let text = TextModel::load(text_cfg, depth, &tw)?;
         report("text_encoder", 1, 1);
 
         let xdir = dir.join("transformer");
@@ -151,7 +183,7 @@ impl Flux2Pipeline {
             settings,
             device,
             dtype,
-            distilled,
+            variant,
             tokenizer,
             text,
             text_layers,
@@ -161,10 +193,13 @@ impl Flux2Pipeline {
         })
     }
 
-    /// Whether the checkpoint is step-distilled (klein: 4 steps, no guidance) rather than the
-    /// undistilled base (true classifier-free guidance).
-    pub fn is_distilled(&self) -> bool {
-        self.distilled
+    pub fn variant(&self) -> Flux2Variant {
+        self.variant
+    }
+
+    /// Whether the checkpoint is a step-distilled klein (4 steps, no guidance).
+    fn distilled(&self) -> bool {
+        self.variant == Flux2Variant::Klein { distilled: true }
     }
 
     pub fn transformer_config(&self) -> &Flux2TransformerConfig {
@@ -175,10 +210,11 @@ impl Flux2Pipeline {
         self.vae.config()
     }
 
-    /// The defaults a request falls back on: the reference pipeline's (distilled klein: 4
-    /// steps, guidance ignored; base: 50 steps, guidance 4), the checkpoint's steps first.
+    /// The defaults a request falls back on: the reference pipelines' (distilled klein: 4
+    /// steps, guidance ignored; klein base and dev: 50 steps, guidance 4, which dev embeds and
+    /// the base applies as classifier-free guidance), the checkpoint's steps first.
     pub fn defaults(&self) -> SamplingDefaults {
-        let (steps, guidance) = if self.distilled {
+        let (steps, guidance) = if self.distilled() {
             (4, None)
         } else {
             (50, Some(4.0))
@@ -204,7 +240,11 @@ impl Flux2Pipeline {
 
     /// E.g. "FLUX.2 klein (distilled), diffusers layout, /models/klein on cpu (F32)".
     pub fn describe(&self) -> String {
-        let kind = if self.distilled { "distilled" } else { "base" };
+        let kind = match self.variant {
+            Flux2Variant::Dev => "dev",
+            Flux2Variant::Klein { distilled: true } => "klein (distilled)",
+            Flux2Variant::Klein { distilled: false } => "klein (base)",
+        };
         let about = self
             .settings
             .description
@@ -216,13 +256,21 @@ impl Flux2Pipeline {
             _ => format!("{:?}", self.device.location()),
         };
         format!(
-            "FLUX.2 klein ({kind}), diffusers layout, {} on {device} ({:?}){about}",
+            "FLUX.2 {kind}, diffusers layout, {} on {device} ({:?}){about}",
             self.root.display(),
             self.dtype
         )
     }
 
-    /// The stacked Qwen3 hidden states of the chat-framed prompt, padded to
+    /// The prompt as the text model reads it: framed by its chat template.
+    pub fn chat_text(&self, prompt: &str) -> String {
+        match self.variant {
+            Flux2Variant::Dev => mistral_chat_text(prompt),
+            Flux2Variant::Klein { .. } => qwen3_chat_text(prompt),
+        }
+    }
+
+    /// The stacked text-model hidden states of the chat-framed prompt, padded to
     /// `max_sequence_length` tokens (masked in the encoder, kept in the output, as diffusers).
     pub fn encode_prompt(
         &self,
@@ -237,7 +285,7 @@ impl Flux2Pipeline {
         }
         let (ids, valid) = self
             .tokenizer
-            .encode_with_mask(&qwen3_chat_text(prompt), max_sequence_length)?;
+            .encode_with_mask(&self.chat_text(prompt), max_sequence_length)?;
         let embeds = self
             .text
             .stacked_hidden_states(&ids, valid, &self.text_layers)?;
@@ -313,7 +361,7 @@ impl Flux2Pipeline {
         let steps = sampling::checked_steps(req.steps, defaults.steps)?;
         let mut notes: Vec<String> = self.settings.description.iter().cloned().collect();
         notes.push(format!("seed {}", req.seed));
-        let guidance = if self.distilled {
+        let guidance = if self.distilled() {
             if req.guidance.is_some() {
                 notes.push("guidance ignored: this checkpoint is step-distilled".into());
             }
