@@ -22,6 +22,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from diffusers import Flux2Pipeline
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
@@ -220,6 +221,54 @@ def run_reference(name, out_root, pipe, text_model, chat_text, enc, args, tensor
           f"|noise_pred_0| max {noise_pred_0.abs().max():.3f}, |final| max {final.abs().max():.3f}")
 
 
+def transformer_to_bfl(sd: dict) -> dict:
+    """diffusers -> BFL names for a Flux2Transformer2DModel (the inverse of diffusers'
+    `convert_flux2_transformer_checkpoint_to_diffusers`, which `build_klein` checks it against)."""
+    fixed = {
+        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+        "single_stream_modulation.linear": "single_stream_modulation.lin",
+    }
+    double = {
+        "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+        "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+        "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+        "attn.to_out.0.weight": "img_attn.proj.weight", "attn.to_add_out.weight": "txt_attn.proj.weight",
+        "ff.linear_in.weight": "img_mlp.0.weight", "ff.linear_out.weight": "img_mlp.2.weight",
+        "ff_context.linear_in.weight": "txt_mlp.0.weight", "ff_context.linear_out.weight": "txt_mlp.2.weight",
+    }
+    single = {
+        "attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+        "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale",
+    }
+    out = {}
+    for k, v in sd.items():
+        stem = k.rsplit(".", 1)[0]
+        if stem in fixed:
+            out[f"{fixed[stem]}.weight"] = v
+        elif k == "norm_out.linear.weight":
+            scale, shift = v.chunk(2, dim=0)
+            out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+        elif k.startswith("transformer_blocks."):
+            _, i, inner = k.split(".", 2)
+            if inner in double:
+                out[f"double_blocks.{i}.{double[inner]}"] = v
+            elif inner in ("attn.to_q.weight", "attn.add_q_proj.weight"):
+                img = inner == "attn.to_q.weight"
+                names = ["to_q", "to_k", "to_v"] if img else ["add_q_proj", "add_k_proj", "add_v_proj"]
+                qkv = torch.cat([sd[f"transformer_blocks.{i}.attn.{n}.weight"] for n in names])
+                out[f"double_blocks.{i}.{'img' if img else 'txt'}_attn.qkv.weight"] = qkv
+        else:
+            _, i, inner = k.split(".", 2)
+            out[f"single_blocks.{i}.{single[inner]}"] = v
+    return out
+
+
 def to_u8(image):
     return torch.from_numpy((image * 255).round().astype(np.uint8)).contiguous()
 
@@ -241,6 +290,17 @@ def build_klein(out_root: Path):
         "_class_name": "Flux2KleinPipeline", "is_distilled": True,
         "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
     })
+    # The transformer in BFL's names too, checked against diffusers' own conversion back.
+    bfl = transformer_to_bfl(transformer.state_dict())
+    back = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    ref = transformer.state_dict()
+    assert set(back) == set(ref), set(back) ^ set(ref)
+    assert all(torch.equal(back[k], ref[k]) for k in ref), "BFL mapping does not round-trip"
+    bfl_dir = out_root / "klein-bfl"
+    if bfl_dir.exists():
+        shutil.rmtree(bfl_dir)
+    save_bf16(bfl, bfl_dir / "flux2-tiny-klein.safetensors")
+
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=True)
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,

@@ -81,15 +81,25 @@ impl CheckpointSettings {
     }
 }
 
-/// A diffusers `transformer/` folder's weights: its one GGUF file, or its safetensors.
+/// A diffusers `transformer/` folder's weights: its one GGUF file, its
+/// `diffusion_pytorch_model` safetensors (or shards), or else its one `.safetensors` file of
+/// another name (a BFL single file put there in place of diffusers' weights).
 pub(crate) fn diffusers_transformer(tdir: &Path) -> Result<(WeightFormat, Vec<PathBuf>)> {
-    Ok(match gguf_files(tdir)? {
-        Some(g) => (WeightFormat::Gguf, vec![g]),
-        None => (
-            WeightFormat::Safetensors,
-            safetensors_files(tdir, "diffusion_pytorch_model")?,
-        ),
-    })
+    if let Some(g) = gguf_files(tdir)? {
+        return Ok((WeightFormat::Gguf, vec![g]));
+    }
+    let diffusers = safetensors_files(tdir, "diffusion_pytorch_model");
+    if diffusers.is_ok() {
+        return Ok((WeightFormat::Safetensors, diffusers?));
+    }
+    let others: Vec<PathBuf> = list(tdir)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    match others.as_slice() {
+        [one] => Ok((WeightFormat::Safetensors, vec![one.clone()])),
+        _ => diffusers.map(|f| (WeightFormat::Safetensors, f)),
+    }
 }
 
 impl CheckpointFiles {

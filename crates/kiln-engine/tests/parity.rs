@@ -2,14 +2,16 @@
 //! `tools/reference/make_fixtures.py`, loaded in every supported layout, must reproduce what
 //! diffusers' FluxPipeline computed on them.
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
 use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
 use std::collections::HashMap;
 use std::path::Path;
 
 mod common;
-use common::{fixtures, max_abs, max_abs_of, max_pixel_diff, Quiet, Reference, TOL};
+use common::{
+    fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Quiet, Reference, TOL,
+};
 
 fn guidance(r: &Reference) -> Option<f32> {
     r.json["guidance"].as_f64().map(|g| g as f32)
@@ -146,34 +148,6 @@ fn schnell_bfl_single_files_match_diffusers() {
     assert_exact_layout("schnell", dir.path());
 }
 
-/// A GGUF copy of the BFL transformer with every 2-D weight whose rows are whole `dtype`
-/// blocks quantized (the others F32), as converters do, written with candle's GGUF writer.
-fn quantize_bfl(config: &str, dtype: GgmlDType, out: &Path) -> Vec<String> {
-    let src = fixtures().join(format!("{config}-bfl/flux1-tiny-{config}.safetensors"));
-    let tensors = candle_core::safetensors::load(src, &Device::Cpu).unwrap();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut quantized = Vec::new();
-    let q: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|n| {
-            let t = tensors[n].to_dtype(DType::F32).unwrap();
-            let whole_blocks = t.rank() == 2 && t.dims()[1].is_multiple_of(dtype.block_size());
-            if whole_blocks {
-                quantized.push(n.clone());
-            }
-            (
-                n.clone(),
-                QTensor::quantize(&t, if whole_blocks { dtype } else { GgmlDType::F32 }).unwrap(),
-            )
-        })
-        .collect();
-    let refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut f = std::fs::File::create(out).unwrap();
-    gguf_file::write(&mut f, &[], &refs).unwrap();
-    quantized
-}
-
 /// Q8_0 from the `gguf` Python package (fixtures): within 1.5% of the velocity's largest value
 /// for one call and 2/255 per pixel after all steps. Measured: 0.85% (dev) and 0.99% (schnell)
 /// of it, 1/255 per pixel; candle's Q8_0 kernel also quantizes the activations.
@@ -204,7 +178,11 @@ fn gguf_q4_0_and_q4_k_transformers_load_and_run() {
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4K] {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join(format!("flux1-tiny-dev-{dtype:?}.gguf"));
-        let quantized = quantize_bfl("dev", dtype, &file);
+        let quantized = quantize_to_gguf(
+            &fixtures().join("dev-bfl/flux1-tiny-dev.safetensors"),
+            dtype,
+            &file,
+        );
         assert!(
             !quantized.is_empty(),
             "no tensor of the tiny model fits {dtype:?} blocks"

@@ -18,7 +18,7 @@ use crate::pipeline::{
 use crate::sampling::{self, ScheduleConfig};
 use crate::tokenizer::PromptTokenizer;
 use crate::transformer::Rope;
-use crate::weights::Weights;
+use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
 use serde::de::DeserializeOwned;
@@ -86,6 +86,27 @@ pub fn mistral_chat_text(prompt: &str) -> String {
         "<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{}[/INST]",
         prompt.replace("[IMG]", "")
     )
+}
+
+/// The transformer's configuration and weights: diffusers' names with `config.json`, or
+/// BFL's names (a BFL file or a GGUF, which keeps them, dropped into `transformer/`) with the
+/// configuration read from the tensors.
+fn transformer_config(xdir: &Path, w: Weights) -> Result<(Flux2TransformerConfig, Weights)> {
+    if w.stored_shape("x_embedder.weight").is_some() {
+        return Ok((config(&xdir.join("config.json"))?, w));
+    }
+    let prefix = w.bfl_prefix().ok_or_else(|| {
+        Error::checkpoint(
+            w.path(),
+            "not a FLUX.2 transformer: neither diffusers' nor BFL's tensor names",
+        )
+    })?;
+    let cfg = Flux2TransformerConfig::infer_bfl(&w, prefix)?;
+    let map = NameMap::BflFlux2Transformer {
+        prefix: prefix.to_string(),
+        hidden: cfg.hidden(),
+    };
+    Ok((cfg, w.with_map(map)))
 }
 
 impl Flux2Pipeline {
@@ -158,14 +179,11 @@ impl Flux2Pipeline {
 
         let xdir = dir.join("transformer");
         let (format, files) = diffusers_transformer(&xdir)?;
-        if format == WeightFormat::Gguf {
-            return Err(Error::checkpoint(
-                &xdir,
-                "GGUF FLUX.2 transformers are not supported yet",
-            ));
-        }
-        let xcfg: Flux2TransformerConfig = config(&xdir.join("config.json"))?;
-        let xw = Weights::open_safetensors(&files, &device, dtype)?;
+        let xw = match format {
+            WeightFormat::Safetensors => Weights::open_safetensors(&files, &device, dtype)?,
+            WeightFormat::Gguf => Weights::open_gguf(&files[0], &device, dtype)?,
+        };
+        let (xcfg, xw) = transformer_config(&xdir, xw)?;
         let transformer =
             Flux2Transformer::load(xcfg, &xw, &mut |d, t| report("transformer", d, t))?;
 

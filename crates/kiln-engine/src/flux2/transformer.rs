@@ -5,8 +5,8 @@
 use crate::error::{Error, Result};
 use crate::nn::{attention, chunks, layer_norm, rms_norm, Linear};
 use crate::transformer::{
-    apply_rope, merge_heads, modulate, timestep_embedding, DoubleStreams, FeedForward, Mlp2, Qkv,
-    Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
+    apply_rope, count_indexed, merge_heads, modulate, timestep_embedding, DoubleStreams,
+    FeedForward, Mlp2, Qkv, Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
 };
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, D};
@@ -57,6 +57,42 @@ fn yes() -> bool {
 }
 
 impl Flux2TransformerConfig {
+    /// The configuration of a BFL-named FLUX.2 transformer (`prefix` precedes BFL's names),
+    /// from its tensors' shapes and names. The RoPE split is not stored: FLUX.2's four equal
+    /// axes (32 each of 128) and theta 2000 are assumed.
+    pub(crate) fn infer_bfl(w: &Weights, prefix: &str) -> Result<Self> {
+        let shape = |n: &str| {
+            w.stored_shape(&format!("{prefix}{n}")).ok_or_else(|| {
+                Error::checkpoint(
+                    w.path(),
+                    format!("not a FLUX.2 transformer: no {prefix}{n}"),
+                )
+            })
+        };
+        let names = w.stored_names();
+        let count = |stem: &str| count_indexed(&names, &format!("{prefix}{stem}."));
+        let img_in = shape("img_in.weight")?;
+        let hidden = img_in[0];
+        let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+        let mlp_in = shape("double_blocks.0.img_mlp.0.weight")?[0];
+        Ok(Self {
+            patch_size: 1,
+            in_channels: img_in[1],
+            // As diffusers' config.json has it: unset when equal to the input's.
+            out_channels: Some(shape("final_layer.linear.weight")?[0]).filter(|&o| o != img_in[1]),
+            num_layers: count("double_blocks"),
+            num_single_layers: count("single_blocks"),
+            attention_head_dim: head_dim,
+            num_attention_heads: hidden / head_dim,
+            joint_attention_dim: shape("txt_in.weight")?[1],
+            timestep_guidance_channels: shape("time_in.in_layer.weight")?[1],
+            mlp_ratio: mlp_in as f64 / (2 * hidden) as f64,
+            axes_dims_rope: vec![head_dim / 4; 4],
+            rope_theta: theta(),
+            guidance_embeds: names.contains(&format!("{prefix}guidance_in.in_layer.weight")),
+        })
+    }
+
     pub fn hidden(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
     }

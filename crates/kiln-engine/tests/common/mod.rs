@@ -1,5 +1,6 @@
 //! What the parity tests share: the committed reference outputs and how they are compared.
 
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{StepEvent, StepObserver};
 use std::collections::HashMap;
@@ -83,4 +84,32 @@ impl StepObserver for Quiet {
     fn on_step(&mut self, _: StepEvent<'_>) -> ControlFlow<()> {
         ControlFlow::Continue(())
     }
+}
+
+/// A GGUF copy of a BFL-named transformer file with every 2-D weight whose rows are whole
+/// `dtype` blocks quantized (the others F32), as converters do, written with candle's GGUF
+/// writer. Returns the quantized tensors' names.
+pub fn quantize_to_gguf(src: &Path, dtype: GgmlDType, out: &Path) -> Vec<String> {
+    let tensors = candle_core::safetensors::load(src, &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut quantized = Vec::new();
+    let q: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|n| {
+            let t = tensors[n].to_dtype(DType::F32).unwrap();
+            let whole_blocks = t.rank() == 2 && t.dims()[1].is_multiple_of(dtype.block_size());
+            if whole_blocks {
+                quantized.push(n.clone());
+            }
+            (
+                n.clone(),
+                QTensor::quantize(&t, if whole_blocks { dtype } else { GgmlDType::F32 }).unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut f = std::fs::File::create(out).unwrap();
+    gguf_file::write(&mut f, &[], &refs).unwrap();
+    quantized
 }
