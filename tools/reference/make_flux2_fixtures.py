@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from safetensors.torch import save_file
@@ -73,6 +74,9 @@ MAX_SEQUENCE_LENGTH = 512
 WIDTH, HEIGHT, STEPS = 32, 48, 4
 # The same weights run as the undistilled base: true classifier-free guidance against "".
 BASE_STEPS, BASE_GUIDANCE = 3, 4.0
+# The reference image klein edits: another size than the output (diffusers takes none under
+# 64 pixels), so its token grid differs.
+REF_WIDTH, REF_HEIGHT = 72, 64
 # dev's embedded guidance (the reference pipeline's default).
 DEV_GUIDANCE = 4.0
 
@@ -122,8 +126,8 @@ def tiny_transformer_and_vae(joint_dim: int, guidance_embeds: bool):
     ).eval()
     vae = AutoencoderKLFlux2(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 32], layers_per_block=1,
-        latent_channels=32, norm_num_groups=32, sample_size=64, use_quant_conv=True, use_post_quant_conv=True,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 16], layers_per_block=1,
+        latent_channels=32, norm_num_groups=8, sample_size=64, use_quant_conv=True, use_post_quant_conv=True,
     ).eval()
     return transformer, vae
 
@@ -139,9 +143,9 @@ def round_and_randomise_bn(text_model, transformer, vae):
         vae.bn.running_var.copy_((0.5 + torch.rand(n, generator=g)).to(torch.bfloat16).float())
 
 
-def save_pipeline(root: Path, text_model, transformer, vae, scheduler, index: dict):
-    """The diffusers layout, bf16, the VAE without its encoder, the text encoder without a
-    vision tower (FLUX.2 encodes text only with it)."""
+def save_pipeline(root: Path, text_model, transformer, vae, scheduler, index: dict, vae_encoder=False):
+    """The diffusers layout, bf16, the text encoder without a vision tower (FLUX.2 encodes
+    text only with it), the VAE's encoder only where reference images are tested."""
     text_model.save_pretrained(root / "text_encoder")
     save_bf16({k: v for k, v in text_model.state_dict().items()
                if not k.startswith(("model.vision_tower.", "model.multi_modal_projector."))},
@@ -149,8 +153,9 @@ def save_pipeline(root: Path, text_model, transformer, vae, scheduler, index: di
     transformer.save_pretrained(root / "transformer")
     save_bf16(transformer.state_dict(), root / "transformer" / "diffusion_pytorch_model.safetensors")
     vae.save_pretrained(root / "vae")
+    parts = ("decoder.", "post_quant_conv.") + (("encoder.", "quant_conv.") if vae_encoder else ())
     vae_sd = {k: v for k, v in vae.state_dict().items()
-              if k.startswith(("decoder.", "post_quant_conv.")) or k in ("bn.running_mean", "bn.running_var")}
+              if k.startswith(parts) or k in ("bn.running_mean", "bn.running_var")}
     save_bf16(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")
     scheduler.save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
@@ -289,7 +294,7 @@ def build_klein(out_root: Path):
     save_pipeline(root, qwen, transformer, vae, scheduler, {
         "_class_name": "Flux2KleinPipeline", "is_distilled": True,
         "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
-    })
+    }, vae_encoder=True)
     # The transformer in BFL's names too, checked against diffusers' own conversion back.
     bfl = transformer_to_bfl(transformer.state_dict())
     back = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
@@ -307,16 +312,24 @@ def build_klein(out_root: Path):
                                          add_generation_prompt=True, enable_thinking=False)
     enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_SEQUENCE_LENGTH)
 
-    def base_run(pipe, common):
+    def base_and_edit_runs(pipe, common):
         # The same weights run as the undistilled base: true classifier-free guidance against "".
         base = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
                                   transformer=transformer, is_distilled=False)
         args = dict(common, num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE)
+        # And the distilled model editing a reference image (a multiple of 4 pixels each way,
+        # so diffusers neither resizes nor crops it).
+        g = torch.Generator().manual_seed(99)
+        ref = (torch.rand((REF_HEIGHT, REF_WIDTH, 3), generator=g) * 255).round().to(torch.uint8)
+        edit = dict(common, image=[PIL.Image.fromarray(ref.numpy())])
         with torch.no_grad():
             return {"base_final_latents": base(**args, output_type="latent").images.contiguous(),
-                    "base_image": to_u8(base(**args, output_type="np").images[0])}
+                    "base_image": to_u8(base(**args, output_type="np").images[0]),
+                    "ref_image": ref.contiguous(),
+                    "edit_final_latents": pipe(**edit, output_type="latent").images.contiguous(),
+                    "edit_image": to_u8(pipe(**edit, output_type="np").images[0])}
 
-    run_reference("klein", out_root, pipe, qwen, text, enc, {}, tensors=base_run,
+    run_reference("klein", out_root, pipe, qwen, text, enc, {}, tensors=base_and_edit_runs,
                   settings={"base_steps": BASE_STEPS, "base_guidance": BASE_GUIDANCE})
 
 

@@ -68,8 +68,13 @@ impl VaeConfig {
 }
 
 fn conv(w: &Weights, p: &str, padding: usize) -> Result<Conv2d> {
+    conv_strided(w, p, padding, 1)
+}
+
+fn conv_strided(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
+        stride,
         ..Default::default()
     };
     Ok(Conv2d::new(
@@ -177,6 +182,104 @@ impl PixelAttention {
     }
 }
 
+/// Resnet, single-head attention, resnet: the middle of both coders.
+struct MidBlock(Resnet, PixelAttention, Resnet);
+
+impl MidBlock {
+    fn load(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<Self> {
+        Ok(Self(
+            Resnet::load(w, &format!("{p}.resnets.0"), channels, channels, groups)?,
+            PixelAttention::load(w, &format!("{p}.attentions.0"), channels, groups)?,
+            Resnet::load(w, &format!("{p}.resnets.1"), channels, channels, groups)?,
+        ))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.2.forward(&self.1.forward(&self.0.forward(x)?)?)
+    }
+}
+
+struct DownBlock {
+    resnets: Vec<Resnet>,
+    /// A 3x3 convolution of stride 2 after zero padding on the right and bottom only.
+    downsample: Option<Conv2d>,
+}
+
+/// The encoder network of diffusers' `Encoder` (two latent halves: mean and log-variance)
+/// and the `quant_conv` after it, for FLUX.2's reference images.
+pub(crate) struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+impl Encoder {
+    pub(crate) fn load(
+        block_out_channels: &[usize],
+        layers_per_block: usize,
+        groups: usize,
+        quant_conv: bool,
+        w: &Weights,
+    ) -> Result<Self> {
+        let g = groups;
+        let mut down = Vec::with_capacity(block_out_channels.len());
+        let mut cin = block_out_channels[0];
+        for (i, &cout) in block_out_channels.iter().enumerate() {
+            let p = format!("encoder.down_blocks.{i}");
+            let mut resnets = Vec::with_capacity(layers_per_block);
+            for j in 0..layers_per_block {
+                resnets.push(Resnet::load(w, &format!("{p}.resnets.{j}"), cin, cout, g)?);
+                cin = cout;
+            }
+            let downsample = if i + 1 < block_out_channels.len() {
+                Some(conv_strided(w, &format!("{p}.downsamplers.0.conv"), 0, 2)?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                downsample,
+            });
+        }
+        Ok(Self {
+            conv_in: conv(w, "encoder.conv_in", 1)?,
+            down,
+            mid: MidBlock::load(w, "encoder.mid_block", cin, g)?,
+            norm_out: group_norm(w, "encoder.conv_norm_out", cin, g)?,
+            conv_out: conv(w, "encoder.conv_out", 1)?,
+            quant_conv: if quant_conv {
+                Some(conv(w, "quant_conv", 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// The posterior's mean `(batch, C, H/f, W/f)` (diffusers' `latent_dist.mode()`) for
+    /// images in [-1, 1], `(batch, 3, H, W)`.
+    pub(crate) fn mean(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for block in &self.down {
+            for r in &block.resnets {
+                h = r.forward(&h)?;
+            }
+            if let Some(conv) = &block.downsample {
+                h = conv.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        h = self.mid.forward(&h)?;
+        h = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        if let Some(q) = &self.quant_conv {
+            h = q.forward(&h)?;
+        }
+        let c = h.dim(1)? / 2;
+        Ok(h.narrow(1, 0, c)?)
+    }
+}
+
 struct UpBlock {
     resnets: Vec<Resnet>,
     upsample: Option<Conv2d>,
@@ -188,7 +291,7 @@ struct UpBlock {
 pub(crate) struct Decoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid: (Resnet, PixelAttention, Resnet),
+    mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -205,12 +308,7 @@ impl Decoder {
         let g = groups;
         let chans: Vec<usize> = block_out_channels.iter().rev().copied().collect();
         let top = chans[0];
-        let p = "decoder.mid_block";
-        let mid = (
-            Resnet::load(w, &format!("{p}.resnets.0"), top, top, g)?,
-            PixelAttention::load(w, &format!("{p}.attentions.0"), top, g)?,
-            Resnet::load(w, &format!("{p}.resnets.1"), top, top, g)?,
-        );
+        let mid = MidBlock::load(w, "decoder.mid_block", top, g)?;
         let mut up = Vec::with_capacity(chans.len());
         let mut cin = top;
         for (i, &cout) in chans.iter().enumerate() {
@@ -248,9 +346,7 @@ impl Decoder {
             None => z.clone(),
         };
         let mut x = self.conv_in.forward(&z)?;
-        x = self.mid.0.forward(&x)?;
-        x = self.mid.1.forward(&x)?;
-        x = self.mid.2.forward(&x)?;
+        x = self.mid.forward(&x)?;
         for block in &self.up {
             for r in &block.resnets {
                 x = r.forward(&x)?;

@@ -5,9 +5,11 @@
 //! - `lm`: the text encoders (klein's Qwen3, dev's Mistral), stacked hidden states of chosen
 //!   layers.
 //! - `transformer`: the FLUX.2 transformer (shared modulation, SwiGLU, 4-axis RoPE).
-//! - `vae`: the FLUX.2 decoder with its batch-norm latent denormalisation.
+//! - `vae`: the FLUX.2 autoencoder: decoder with its batch-norm latent denormalisation, and
+//!   the encoder for reference images.
 //! - [`sampling`]: the empirical-mu schedule and channels-last packing.
-//! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole generation (dev, klein).
+//! - [`pipeline`]: [`Flux2Pipeline`], loading and running a whole generation (dev, klein),
+//!   text-to-image or with reference images.
 //! - `engine`: [`Flux2Engine`] and its [`Flux2Config`], kiln-core's `Engine` for the worker.
 
 mod engine;

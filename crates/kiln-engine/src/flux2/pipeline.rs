@@ -6,7 +6,7 @@
 use super::lm::{LmConfig, TextModel};
 use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
-use super::vae::{Flux2VaeConfig, Flux2VaeDecoder};
+use super::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::checkpoint::{
     diffusers_transformer, read_json, safetensors_files, CheckpointSettings, WeightFormat,
 };
@@ -53,6 +53,14 @@ pub struct Flux2PromptEmbeddings {
     pub embeds: Tensor,
 }
 
+/// Reference images as the transformer takes them.
+struct References {
+    /// All images' packed normalised tokens, in order; `None` for no image.
+    tokens: Option<Tensor>,
+    /// Each image's token grid (rows, columns).
+    grids: Vec<(usize, usize)>,
+}
+
 /// A loaded FLUX.2 checkpoint, resident on its device.
 pub struct Flux2Pipeline {
     root: PathBuf,
@@ -64,7 +72,7 @@ pub struct Flux2Pipeline {
     text: TextModel,
     text_layers: Vec<usize>,
     transformer: Flux2Transformer,
-    vae: Flux2VaeDecoder,
+    vae: Flux2Vae,
     schedule: ScheduleConfig,
 }
 
@@ -193,7 +201,7 @@ impl Flux2Pipeline {
             &device,
             dtype,
         )?;
-        let vae = Flux2VaeDecoder::load(config(&vdir.join("config.json"))?, &vw)?;
+        let vae = Flux2Vae::load(config(&vdir.join("config.json"))?, &vw)?;
         report("vae", 1, 1);
         let schedule = config(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
@@ -321,27 +329,110 @@ impl Flux2Pipeline {
         height: u32,
     ) -> Result<Tensor> {
         let (h, w) = self.latent_grid(width, height)?;
-        let rope = self.rope(text, h, w)?;
-        self.velocity_with(latents, sigma, guidance, text, &rope)
+        let rope = self.rope(text, h, w, &[])?;
+        self.velocity_with(latents, sigma, guidance, text, None, &rope)
     }
 
-    fn rope(&self, text: &Flux2PromptEmbeddings, h: usize, w: usize) -> Result<Rope> {
-        self.transformer
-            .rope(text.embeds.dim(1)?, h / 2, w / 2, &self.device)
+    fn rope(
+        &self,
+        text: &Flux2PromptEmbeddings,
+        h: usize,
+        w: usize,
+        references: &[(usize, usize)],
+    ) -> Result<Rope> {
+        self.transformer.rope(
+            text.embeds.dim(1)?,
+            (h / 2, w / 2),
+            references,
+            &self.device,
+        )
     }
 
+    /// The velocity of the noisy tokens; reference tokens, if any, ride along after them and
+    /// their predictions are dropped.
     fn velocity_with(
         &self,
         latents: &Tensor,
         sigma: f32,
         guidance: Option<f32>,
         text: &Flux2PromptEmbeddings,
+        references: Option<&Tensor>,
         rope: &Rope,
     ) -> Result<Tensor> {
         let g = guidance.map(|g| sampling::model_guidance(g, self.dtype));
         let t = sampling::model_timestep(sigma, self.dtype);
         let x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        self.transformer.forward(&x, &text.embeds, t, g, rope)
+        let n = x.dim(1)?;
+        let x = match references {
+            Some(r) => Tensor::cat(&[&x, r], 1)?,
+            None => x,
+        };
+        let v = self.transformer.forward(&x, &text.embeds, t, g, rope)?;
+        Ok(v.narrow(1, 0, n)?)
+    }
+
+    /// Reference images as packed normalised tokens, concatenated, and each one's token grid.
+    /// An image whose sides are not multiples of [`Self::size_multiple`] is centre-cropped to
+    /// them (diffusers resamples it slightly instead); one above 1024x1024 pixels is refused.
+    fn encode_references(
+        &self,
+        images: &[RgbImage],
+        notes: &mut Vec<String>,
+    ) -> Result<References> {
+        let m = self.size_multiple();
+        let f = self.vae.config().scale_factor() as u32;
+        let mut tokens = Vec::with_capacity(images.len());
+        let mut grids = Vec::with_capacity(images.len());
+        for (i, img) in images.iter().enumerate() {
+            if u64::from(img.width) * u64::from(img.height) > 1024 * 1024 {
+                return Err(Error::InvalidRequest(format!(
+                    "reference image {} is {}x{}: at most 1024x1024 pixels are supported",
+                    i + 1,
+                    img.width,
+                    img.height
+                )));
+            }
+            let (w, h) = (img.width / m * m, img.height / m * m);
+            if w == 0 || h == 0 {
+                return Err(Error::InvalidRequest(format!(
+                    "reference image {} is {}x{}: each side needs at least {m} pixels",
+                    i + 1,
+                    img.width,
+                    img.height
+                )));
+            }
+            if (w, h) != (img.width, img.height) {
+                notes.push(format!(
+                    "reference image {} centre-cropped from {}x{} to {w}x{h}",
+                    i + 1,
+                    img.width,
+                    img.height
+                ));
+            }
+            let full = Tensor::from_vec(
+                img.pixels.clone(),
+                (img.height as usize, img.width as usize, 3),
+                &Device::Cpu,
+            )?;
+            let crop = full
+                .narrow(0, ((img.height - h) / 2) as usize, h as usize)?
+                .narrow(1, ((img.width - w) / 2) as usize, w as usize)?;
+            // diffusers' image processor: [0, 255] -> [0, 1] in f32 -> [-1, 1].
+            let x = ((crop.to_dtype(DType::F32)? / 255.0)? * 2.0)?
+                .affine(1.0, -1.0)?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            tokens.push(self.vae.encode(&x)?);
+            grids.push(((h / f / 2) as usize, (w / f / 2) as usize));
+        }
+        let tokens = if tokens.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&tokens, 1)?)
+        };
+        Ok(References { tokens, grids })
     }
 
     /// Packed latents as diffusers' `output_type="latent"` returns them: batch-norm statistics
@@ -368,11 +459,23 @@ impl Flux2Pipeline {
         sampling::checked_latent_grid(width, height, self.vae.config().scale_factor())
     }
 
-    /// Runs a whole generation. A distilled checkpoint ignores guidance; the base model runs
-    /// true classifier-free guidance against the empty prompt when guidance exceeds 1.
+    /// Runs a whole text-to-image generation.
     pub fn run(
         &self,
         req: &PipelineRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<PipelineOutput> {
+        self.run_with_references(req, &[], observer)
+    }
+
+    /// Runs a whole generation conditioned on `references` (editing: their tokens follow the
+    /// noisy ones, at times 10, 20, ...). A distilled checkpoint ignores guidance; the klein
+    /// base runs true classifier-free guidance against the empty prompt when guidance exceeds
+    /// 1, with the same references.
+    pub fn run_with_references(
+        &self,
+        req: &PipelineRequest,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<PipelineOutput> {
         let defaults = self.defaults();
@@ -423,17 +526,25 @@ impl Flux2Pipeline {
         };
         let sigmas = self.schedule_sigmas(steps as usize, tokens);
         notes.push(format!("empirical-mu schedule for {tokens} image tokens"));
-        let rope = self.rope(&text, h, w)?;
+        let References {
+            tokens: refs,
+            grids,
+        } = self.encode_references(references, &mut notes)?;
+        if !references.is_empty() {
+            notes.push(format!("{} reference image(s)", references.len()));
+        }
+        let rope = self.rope(&text, h, w, &grids)?;
         let latents = sampling::denoise(
             latents,
             &sigmas,
             req.preview_interval,
             observer,
             &mut |x, sigma| {
-                let v = self.velocity_with(x, sigma, embedded_guidance, &text, &rope)?;
+                let v =
+                    self.velocity_with(x, sigma, embedded_guidance, &text, refs.as_ref(), &rope)?;
                 match (&negative, guidance) {
                     (Some(neg), Some(g)) => {
-                        let vn = self.velocity_with(x, sigma, None, neg, &rope)?;
+                        let vn = self.velocity_with(x, sigma, None, neg, refs.as_ref(), &rope)?;
                         Ok((&vn + ((v - &vn)? * g as f64)?)?)
                     }
                     _ => Ok(v),

@@ -235,12 +235,28 @@ impl Flux2Transformer {
         &self.cfg
     }
 
-    /// RoPE tables for `txt_len` text tokens (ids `(0, 0, 0, l)`) followed by an `h x w` grid
-    /// of image tokens (ids `(0, row, col, 0)`).
-    pub(crate) fn rope(&self, txt_len: usize, h: usize, w: usize, dev: &Device) -> Result<Rope> {
+    /// RoPE tables for `txt_len` text tokens (ids `(0, 0, 0, l)`), an `h x w` grid of image
+    /// tokens (ids `(0, row, col, 0)`), then each reference image's grid `(h_i, w_i)` at time
+    /// `10 + 10 i` (diffusers' `_prepare_image_ids`).
+    pub(crate) fn rope(
+        &self,
+        txt_len: usize,
+        (h, w): (usize, usize),
+        references: &[(usize, usize)],
+        dev: &Device,
+    ) -> Result<Rope> {
+        let grid = |t: f64, h: usize, w: usize| {
+            (0..h).flat_map(move |r| (0..w).map(move |c| [t, r as f64, c as f64, 0.0]))
+        };
         let positions = (0..txt_len)
             .map(|l| [0.0, 0.0, 0.0, l as f64])
-            .chain((0..h).flat_map(|r| (0..w).map(move |c| [0.0, r as f64, c as f64, 0.0])));
+            .chain(grid(0.0, h, w))
+            .chain(
+                references
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(i, &(rh, rw))| grid(10.0 + 10.0 * i as f64, rh, rw)),
+            );
         Rope::new(
             positions,
             &self.cfg.axes_dims_rope,

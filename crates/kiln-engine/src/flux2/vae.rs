@@ -1,10 +1,11 @@
-//! The decoder half of FLUX.2's autoencoder (diffusers' `AutoencoderKLFlux2`): the shared
-//! decoder network behind a 1x1 `post_quant_conv`, with latents normalised by a batch norm's
-//! running statistics over the 2x2-patchified channels instead of FLUX.1's scale and shift.
+//! FLUX.2's autoencoder (diffusers' `AutoencoderKLFlux2`): the shared decoder network behind a
+//! 1x1 `post_quant_conv`, with latents normalised by a batch norm's running statistics over
+//! the 2x2-patchified channels instead of FLUX.1's scale and shift; and, where the checkpoint
+//! has it, the encoder that turns reference images into tokens.
 
 use crate::error::{Error, Result};
 use crate::sampling;
-use crate::vae::{groups, Decoder};
+use crate::vae::{groups, Decoder, Encoder};
 use crate::weights::Weights;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -23,6 +24,8 @@ pub struct Flux2VaeConfig {
     pub batch_norm_eps: f64,
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
     #[serde(default = "patch")]
     pub patch_size: Vec<usize>,
 }
@@ -44,15 +47,17 @@ impl Flux2VaeConfig {
     }
 }
 
-pub(crate) struct Flux2VaeDecoder {
+pub(crate) struct Flux2Vae {
     cfg: Flux2VaeConfig,
     decoder: Decoder,
+    /// Absent from checkpoints saved for text-to-image only.
+    encoder: Option<Encoder>,
     /// The batch norm's running mean and `sqrt(running_var + eps)`, `(patchified channels,)`.
     bn_mean: Tensor,
     bn_std: Tensor,
 }
 
-impl Flux2VaeDecoder {
+impl Flux2Vae {
     pub(crate) fn load(cfg: Flux2VaeConfig, w: &Weights) -> Result<Self> {
         if cfg.patch_size != [2, 2] {
             return Err(Error::checkpoint(
@@ -69,11 +74,23 @@ impl Flux2VaeDecoder {
             cfg.use_post_quant_conv,
             w,
         )?;
+        let encoder = if w.contains("encoder.conv_in.weight") {
+            Some(Encoder::load(
+                &cfg.block_out_channels,
+                cfg.layers_per_block,
+                cfg.norm_num_groups,
+                cfg.use_quant_conv,
+                w,
+            )?)
+        } else {
+            None
+        };
         let bn_mean = w.tensor("bn.running_mean")?;
         let bn_std = (w.tensor("bn.running_var")? + cfg.batch_norm_eps)?.sqrt()?;
         Ok(Self {
             cfg,
             decoder,
+            encoder,
             bn_mean,
             bn_std,
         })
@@ -92,6 +109,23 @@ impl Flux2VaeDecoder {
             .broadcast_mul(&self.bn_std.to_dtype(dtype)?)?
             .broadcast_add(&self.bn_mean.to_dtype(dtype)?)?;
         sampling::unpack(&x, h, w)
+    }
+
+    /// An image in [-1, 1], `(1, 3, H, W)`, as packed normalised tokens
+    /// `(1, (H/2f)*(W/2f), 4*C)`: the posterior's mean, patchified, batch-normalised
+    /// (diffusers' `_encode_vae_image` then `_pack_latents`).
+    pub(crate) fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        let encoder = self.encoder.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "this checkpoint's autoencoder has no encoder: reference images cannot be used"
+                    .into(),
+            )
+        })?;
+        let packed = sampling::pack(&encoder.mean(image)?)?;
+        let dtype = packed.dtype();
+        Ok(packed
+            .broadcast_sub(&self.bn_mean.to_dtype(dtype)?)?
+            .broadcast_div(&self.bn_std.to_dtype(dtype)?)?)
     }
 
     /// Images in [-1, 1], `(1, 3, H, W)`, from decoder-space latents.
