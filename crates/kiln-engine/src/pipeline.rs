@@ -335,10 +335,7 @@ impl Flux1Pipeline {
             Some(q) => format!(", GGUF {q} transformer"),
             None => String::new(),
         };
-        let device = match &self.device {
-            Device::Cpu => "cpu".to_string(),
-            d => format!("{:?}", d.location()),
-        };
+        let device = device_name(&self.device);
         let about = match &self.files.settings.description {
             Some(d) => format!(": {d}"),
             None => String::new(),
@@ -573,7 +570,21 @@ fn quantization_summary(files: &CheckpointFiles) -> Option<String> {
     if files.transformer_format != WeightFormat::Gguf {
         return None;
     }
-    let mut f = std::fs::File::open(&files.transformer[0]).ok()?;
+    gguf_quantization(&files.transformer[0])
+}
+
+/// "cpu", or the accelerator's location (e.g. "Cuda { gpu_id: 0 }").
+pub(crate) fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        d => format!("{:?}", d.location()),
+    }
+}
+
+/// Which block quantizations a GGUF file holds (e.g. "Q8_0" or "Q4_K+Q6_K"), or
+/// "unquantized"; `None` if it cannot be read.
+pub(crate) fn gguf_quantization(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).ok()?;
     let mut kinds: Vec<String> = content
         .tensor_infos

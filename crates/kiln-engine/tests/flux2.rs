@@ -91,6 +91,11 @@ fn bfl_transformer_file() -> PathBuf {
 fn klein_bfl_transformer_matches_diffusers() {
     let dir = klein_with_bfl_transformer(&bfl_transformer_file());
     let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert!(
+        p.describe().contains("BFL-named transformer"),
+        "{}",
+        p.describe()
+    );
     // The configuration is read from the tensors: the same as diffusers' config.json.
     assert_eq!(p.transformer_config(), load("klein").transformer_config());
     assert_matches_reference("klein", &p, None);
@@ -107,6 +112,11 @@ fn klein_gguf_q8_0_transformer_stays_close() {
     assert!(!quantized.is_empty());
     let dir = klein_with_bfl_transformer(&file);
     let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert!(
+        p.describe().contains("GGUF Q8_0 transformer"),
+        "{}",
+        p.describe()
+    );
     let e = measure("klein", &p, None);
     let scale = max_abs_of(Reference::load("klein").t("noise_pred_0"));
     eprintln!(

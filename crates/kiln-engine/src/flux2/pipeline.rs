@@ -13,7 +13,8 @@ use crate::checkpoint::{
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
 use crate::pipeline::{
-    EngineOptions, LoadProgress, PipelineOutput, PipelineRequest, SamplingDefaults,
+    device_name, gguf_quantization, EngineOptions, LoadProgress, PipelineOutput, PipelineRequest,
+    SamplingDefaults,
 };
 use crate::sampling::{self, ScheduleConfig};
 use crate::tokenizer::PromptTokenizer;
@@ -74,6 +75,8 @@ pub struct Flux2Pipeline {
     transformer: Flux2Transformer,
     vae: Flux2Vae,
     schedule: ScheduleConfig,
+    /// How the transformer's weights are stored, for [`Self::describe`].
+    transformer_weights: String,
 }
 
 fn config<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -191,7 +194,16 @@ impl Flux2Pipeline {
             WeightFormat::Safetensors => Weights::open_safetensors(&files, &device, dtype)?,
             WeightFormat::Gguf => Weights::open_gguf(&files[0], &device, dtype)?,
         };
+        let bfl_names = xw.stored_shape("x_embedder.weight").is_none();
         let (xcfg, xw) = transformer_config(&xdir, xw)?;
+        let transformer_weights = match format {
+            WeightFormat::Gguf => format!(
+                "GGUF {} transformer",
+                gguf_quantization(&files[0]).unwrap_or_else(|| "unreadable".into())
+            ),
+            WeightFormat::Safetensors if bfl_names => "BFL-named transformer".into(),
+            WeightFormat::Safetensors => "diffusers transformer".into(),
+        };
         let transformer =
             Flux2Transformer::load(xcfg, &xw, &mut |d, t| report("transformer", d, t))?;
 
@@ -216,6 +228,7 @@ impl Flux2Pipeline {
             transformer,
             vae,
             schedule,
+            transformer_weights,
         })
     }
 
@@ -264,7 +277,8 @@ impl Flux2Pipeline {
         (self.vae.config().scale_factor() * 2) as u32
     }
 
-    /// E.g. "FLUX.2 klein (distilled), diffusers layout, /models/klein on cpu (F32)".
+    /// E.g. "FLUX.2 klein (distilled), diffusers layout, GGUF Q8_0 transformer, /models/klein
+    /// on cpu (F32)".
     pub fn describe(&self) -> String {
         let kind = match self.variant {
             Flux2Variant::Dev => "dev",
@@ -277,13 +291,11 @@ impl Flux2Pipeline {
             .as_ref()
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        let device = match self.device {
-            Device::Cpu => "cpu".to_string(),
-            _ => format!("{:?}", self.device.location()),
-        };
         format!(
-            "FLUX.2 {kind}, diffusers layout, {} on {device} ({:?}){about}",
+            "FLUX.2 {kind}, diffusers layout, {}, {} on {} ({:?}){about}",
+            self.transformer_weights,
             self.root.display(),
+            device_name(&self.device),
             self.dtype
         )
     }
