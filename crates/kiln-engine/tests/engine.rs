@@ -365,6 +365,26 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         "{notes}"
     );
 
+    // An edit: a reference image conditions the same request.
+    let reference = kiln_core::engine::RgbImage {
+        width: 64,
+        height: 64,
+        pixels: (0..64 * 64 * 3).map(|i| (i * 7 % 256) as u8).collect(),
+    };
+    let edited = engine
+        .generate_with_references(&params(3), &[reference], &mut Recorder::default())
+        .unwrap();
+    assert_ne!(edited.image.pixels, plain.image.pixels);
+    assert!(
+        edited
+            .applied
+            .notes
+            .iter()
+            .any(|n| n == "1 reference image(s)"),
+        "{:?}",
+        edited.applied.notes
+    );
+
     let odd = GenerationParams {
         size: ImageSize {
             width: 30,

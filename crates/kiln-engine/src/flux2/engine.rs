@@ -4,7 +4,7 @@
 use super::pipeline::Flux2Pipeline;
 use crate::error::Result;
 use crate::pipeline::{DeviceSpec, EngineOptions, LoadProgress, PipelineRequest, Precision};
-use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepObserver};
+use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
 use kiln_core::params::GenerationParams;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -79,9 +79,21 @@ impl Flux2Engine {
         &self.config
     }
 
+    /// An edit: the generation conditioned on `references` (the `image_urls` of the
+    /// `flux-2/flex/edit` route, fetched and decoded by the caller).
+    pub fn generate_with_references(
+        &self,
+        params: &GenerationParams,
+        references: &[RgbImage],
+        observer: &mut dyn StepObserver,
+    ) -> std::result::Result<GeneratedImage, EngineError> {
+        Ok(self.generate_inner(params, references, observer)?)
+    }
+
     fn generate_inner(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage> {
         let mut notes = Vec::new();
@@ -102,7 +114,9 @@ impl Flux2Engine {
             self.config.max_sequence_length,
             self.config.preview_interval,
         );
-        let out = self.pipeline.run(&request, observer)?;
+        let out = self
+            .pipeline
+            .run_with_references(&request, references, observer)?;
         let mut applied = out.applied;
         applied.notes.extend(notes);
         Ok(GeneratedImage {
@@ -122,6 +136,6 @@ impl Engine for Flux2Engine {
         params: &GenerationParams,
         observer: &mut dyn StepObserver,
     ) -> std::result::Result<GeneratedImage, EngineError> {
-        Ok(self.generate_inner(params, observer)?)
+        Ok(self.generate_inner(params, &[], observer)?)
     }
 }
