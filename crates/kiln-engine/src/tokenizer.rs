@@ -69,6 +69,15 @@ impl PromptTokenizer {
     /// configured pad token (Qwen's `<|endoftext|>` if none is configured).
     pub(crate) fn chat(dir: &Path) -> Result<Self> {
         let cfg = TokenizerConfig::read(dir)?;
+        // Left padding would move the prompt's positions and put padding rows first in the
+        // embeddings the transformer reads; only right padding is implemented and checked.
+        if cfg.json["padding_side"].as_str() == Some("left") {
+            return Err(Error::Tokenizer {
+                path: dir.to_path_buf(),
+                message: "padding_side \"left\" is not supported: this engine pads on the right"
+                    .into(),
+            });
+        }
         let inner = load_json(dir)?;
         let mut t = Self::from_parts(dir, inner, &cfg, "", "<|im_end|>", "<|endoftext|>", 131_072)?;
         t.eos = None;

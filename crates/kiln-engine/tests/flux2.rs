@@ -373,3 +373,22 @@ fn klein_edit_with_a_reference_image_matches_diffusers() {
     assert!(final_err <= TOL, "final latents");
     assert!(image_err <= 2, "image");
 }
+
+#[test]
+fn a_left_padding_tokenizer_is_refused_by_name() {
+    let src = fixtures().join("klein-diffusers/tokenizer");
+    let dir = klein_except("tokenizer");
+    let tdir = dir.path().join("tokenizer");
+    std::fs::create_dir(&tdir).unwrap();
+    std::os::unix::fs::symlink(src.join("tokenizer.json"), tdir.join("tokenizer.json")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    cfg["padding_side"] = "left".into();
+    std::fs::write(tdir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let err = match Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a left-padding tokenizer was accepted"),
+    };
+    assert!(err.contains("padding_side"), "{err}");
+}
