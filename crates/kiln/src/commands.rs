@@ -44,6 +44,7 @@ async fn bootstrap_first_key(stores: &Stores) -> anyhow::Result<()> {
         return Ok(());
     }
     let token = create_key(stores, "default").await?;
+    tracing::info!(key = "default", "first start: created an API key (its token is on stdout, shown once)");
     println!(
         "\nkiln: first start, so an API key named 'default' was created. It is shown only this once:\n\n    \
          {token}\n\nUse it as `Authorization: Bearer <key>`. Manage keys with `kiln keys create|list|revoke`.\n"

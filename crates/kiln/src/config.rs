@@ -6,7 +6,7 @@
 //! silently does nothing.
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use kiln_engine::Flux1Config;
+use kiln_engine::{Flux1Config, Flux2Config};
 use figment::Figment;
 use kiln_core::catalog::Route;
 use serde::{Deserialize, Serialize};
@@ -91,6 +91,8 @@ pub struct WorkerConfig {
 pub struct ModelsConfig {
     #[serde(rename = "blackforestlabs/flux-1-1-pro/text-to-image")]
     pub flux11_pro: Option<Flux1Config>,
+    #[serde(rename = "blackforestlabs/flux-2/flex/text-to-image")]
+    pub flux2_flex: Option<Flux2Config>,
 }
 
 impl Default for Settings {
@@ -217,15 +219,14 @@ impl Settings {
 
     /// The routes this configuration serves: those with a checkpoint, and with the demo all.
     pub fn served_routes(&self) -> Vec<Route> {
-        Route::ALL.into_iter().filter(|r| self.serve_demo || self.configured_checkpoint(*r).is_some()).collect()
+        Route::ALL.into_iter().filter(|r| self.serve_demo || self.has_checkpoint(*r)).collect()
     }
 
-    /// The checkpoint configured for `route`, if any (the FLUX.2 route has no engine of its
-    /// own yet, so only the demo can serve it).
-    pub fn configured_checkpoint(&self, route: Route) -> Option<&Flux1Config> {
+    /// Whether a checkpoint of its own is configured for `route`.
+    pub fn has_checkpoint(&self, route: Route) -> bool {
         match route {
-            Route::Flux11ProTextToImage => self.models.flux11_pro.as_ref(),
-            Route::Flux2FlexTextToImage => None,
+            Route::Flux11ProTextToImage => self.models.flux11_pro.is_some(),
+            Route::Flux2FlexTextToImage => self.models.flux2_flex.is_some(),
         }
     }
 }
@@ -274,7 +275,7 @@ mod tests {
             assert_eq!(s.public_url.as_deref(), Some("https://kiln.example.com"));
             let model = s.models.flux11_pro.as_ref().unwrap();
             assert_eq!((model.checkpoint.as_path(), model.steps), (Path::new("/models/flux1-dev"), Some(20)));
-            assert_eq!(s.configured_checkpoint(Route::Flux11ProTextToImage), Some(model));
+            assert!(s.has_checkpoint(Route::Flux11ProTextToImage) && !s.has_checkpoint(Route::Flux2FlexTextToImage));
             assert_eq!(s.served_routes(), Route::ALL.to_vec(), "the demo serves the rest");
             assert_eq!(s.limits.max_queued, 1_000, "a partial file keeps the other defaults");
             Ok(())

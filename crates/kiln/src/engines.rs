@@ -4,7 +4,8 @@
 
 use crate::config::Settings;
 use kiln_core::catalog::Route;
-use kiln_engine::{Flux1Config, Flux1Engine, LoadProgress};
+use kiln_core::engine::Engine;
+use kiln_engine::{Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, LoadProgress};
 use kiln_worker::EngineSet;
 use std::sync::Arc;
 
@@ -22,9 +23,11 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
     let mut engines = EngineSet::new();
     let mut demo: Option<Arc<Flux1Engine>> = None;
     for route in settings.served_routes() {
-        let engine = match settings.configured_checkpoint(route) {
-            Some(config) => Arc::new(load(route, config.clone())?),
-            None => {
+        let models = &settings.models;
+        let engine: Arc<dyn Engine> = match (route, &models.flux11_pro, &models.flux2_flex) {
+            (Route::Flux11ProTextToImage, Some(config), _) => Arc::new(load_flux1(route, config.clone())?),
+            (Route::Flux2FlexTextToImage, _, Some(config)) => Arc::new(load_flux2(route, config.clone())?),
+            _ => {
                 tracing::warn!(
                     %route,
                     checkpoint = %settings.demo_checkpoint.display(),
@@ -37,7 +40,7 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
                     None => {
                         // Canonical, so logs and metadata show a plain path, not `crates/kiln/../..`.
                         let dir = settings.demo_checkpoint.canonicalize().unwrap_or_else(|_| settings.demo_checkpoint.clone());
-                        demo.insert(Arc::new(load(route, Flux1Config::new(dir))?)).clone()
+                        demo.insert(Arc::new(load_flux1(route, Flux1Config::new(dir))?)).clone()
                     }
                 }
             }
@@ -47,11 +50,22 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
     Ok(engines)
 }
 
-fn load(route: Route, config: Flux1Config) -> Result<Flux1Engine, EngineLoadError> {
+fn load_flux1(route: Route, config: Flux1Config) -> Result<Flux1Engine, EngineLoadError> {
     tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
     let engine = Flux1Engine::load(config, &mut log_progress(route)).map_err(|source| EngineLoadError { route, source })?;
-    tracing::info!(%route, engine = %kiln_core::engine::Engine::describe(&engine), "checkpoint loaded");
+    log_loaded(route, &engine);
     Ok(engine)
+}
+
+fn load_flux2(route: Route, config: Flux2Config) -> Result<Flux2Engine, EngineLoadError> {
+    tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
+    let engine = Flux2Engine::load(config, &mut log_progress(route)).map_err(|source| EngineLoadError { route, source })?;
+    log_loaded(route, &engine);
+    Ok(engine)
+}
+
+fn log_loaded(route: Route, engine: &dyn Engine) {
+    tracing::info!(%route, engine = %engine.describe(), "checkpoint loaded");
 }
 
 /// Logs each component once it is fully loaded.

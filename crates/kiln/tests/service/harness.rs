@@ -82,7 +82,18 @@ impl KilnProcess {
         command.args(["serve", "--bind", "127.0.0.1:0"]).args(extra);
         let (mut child, listening, stdout) = spawn_watched(command);
         let base = wait_listening(&mut child, &listening);
-        let first_key = stdout.lock().unwrap().iter().find(|l| l.trim().starts_with("kiln_")).map(|l| l.trim().to_string());
+        // kiln logs the key's creation (stderr) before it listens, and prints the token on
+        // stdout, which another thread reads: wait for that line when a key was made.
+        let key_made = listening.lock().unwrap().key_made;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first_key = loop {
+            let key = stdout.lock().unwrap().iter().find(|l| l.trim().starts_with("kiln_")).map(|l| l.trim().to_string());
+            if key.is_some() || !key_made {
+                break key;
+            }
+            assert!(Instant::now() < deadline, "a key was made but its token never printed");
+            std::thread::sleep(Duration::from_millis(10));
+        };
         KilnProcess { child, base, first_key }
     }
 
@@ -132,11 +143,18 @@ impl Drop for KilnProcess {
 
 type Shared<T> = Arc<Mutex<T>>;
 
+/// What the log of a starting kiln has said so far.
+#[derive(Default)]
+struct Startup {
+    address: Option<String>,
+    key_made: bool,
+}
+
 /// Waits for the "kiln is listening" log line and returns `http://ADDRESS`.
-fn wait_listening(child: &mut Child, listening: &Shared<Option<String>>) -> String {
+fn wait_listening(child: &mut Child, listening: &Shared<Startup>) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(address) = listening.lock().unwrap().clone() {
+        if let Some(address) = listening.lock().unwrap().address.clone() {
             return format!("http://{address}");
         }
         if let Some(status) = child.try_wait().unwrap() {
@@ -147,11 +165,12 @@ fn wait_listening(child: &mut Child, listening: &Shared<Option<String>>) -> Stri
     }
 }
 
-/// Spawns `command`, echoing its output to the test's (shown on failure), noting the address a
-/// "kiln is listening" log line names, and keeping stdout's lines.
-fn spawn_watched(mut command: Command) -> (Child, Shared<Option<String>>, Shared<Vec<String>>) {
+/// Spawns `command`, echoing its output to the test's (shown on failure), noting what its startup
+/// log says (the address a "kiln is listening" line names, whether a first key was made), and
+/// keeping stdout's lines.
+fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<String>>) {
     let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let listening: Shared<Option<String>> = Arc::default();
+    let listening: Shared<Startup> = Arc::default();
     let stdout_lines: Shared<Vec<String>> = Arc::default();
     let stderr = child.stderr.take().unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -161,8 +180,12 @@ fn spawn_watched(mut command: Command) -> (Child, Shared<Option<String>>, Shared
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[kiln] {line}");
                 let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                let mut startup = listening.lock().unwrap();
                 if event["message"] == "kiln is listening" {
-                    *listening.lock().unwrap() = event["address"].as_str().map(str::to_string);
+                    startup.address = event["address"].as_str().map(str::to_string);
+                }
+                if event["message"].as_str().is_some_and(|m| m.starts_with("first start: created an API key")) {
+                    startup.key_made = true;
                 }
             }
         });

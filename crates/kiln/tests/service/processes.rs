@@ -249,3 +249,32 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
         assert_eq!((code, decoded_size(&bytes)), (200, size), "{model}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let klein = crate::harness::tiny_checkpoint().join("../klein-diffusers");
+    let config = dir.path().join("kiln.toml");
+    let toml = format!("[models.\"{FLEX}\"]\ncheckpoint = {:?}\n", klein.display().to_string());
+    std::fs::write(&config, toml).unwrap();
+    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let input = serde_json::json!({
+        "prompt": "a red fox in the snow",
+        "image_size": {"width": 80, "height": 64},
+        "num_inference_steps": 3,
+        "output_format": "png",
+    });
+    let (code, submitted) = client.submit(FLEX, input).await;
+    assert_eq!(code, 200, "{submitted}");
+    let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let meta = &result["metadata"];
+    assert!(meta["engine"].as_str().unwrap().contains("FLUX.2 klein"), "{meta}");
+    assert_eq!(meta["num_inference_steps"], 3);
+    let notes = meta["notes"].to_string();
+    assert!(notes.contains("prompt expansion"), "expansion's absence is stated: {notes}");
+    let (code, content_type, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+    assert_eq!((code, content_type.as_deref()), (200, Some("image/png")));
+    assert_eq!(decoded_size(&bytes), (80, 64));
+}
