@@ -316,7 +316,7 @@ def main():
     p.add_argument("--out", default=str(REPO / "assets/demo-checkpoint"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1800)
-    p.add_argument("--steps", type=int, default=1500, help="transformer steps (raise and rerun to train longer)")
+    p.add_argument("--steps", type=int, default=4500, help="transformer steps (raise and rerun to train longer)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--checkpoint-every", type=int, default=250)

@@ -22,9 +22,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The shipped checkpoint passes 3 of the 76 held-out prompts and the background check of all
-/// 76 (see its MODEL_CARD.md); the thresholds allow one prompt fewer, and a few backgrounds.
-const MIN_PASS_RATE: f64 = 0.025;
+/// The shipped checkpoint passes 11 of the 76 held-out prompts and the background check of all
+/// 76 (see its MODEL_CARD.md); the thresholds allow two prompts fewer, and a few backgrounds.
+const MIN_PASS_RATE: f64 = 0.118;
 const MIN_BACKGROUND_RATE: f64 = 0.9;
 const SIZE: u32 = 64;
 /// The checkpoint's own default (its `model_index.json`), which the FLUX.2 route must be told.
