@@ -550,12 +550,7 @@ fn transformer_config(files: &CheckpointFiles, w: Weights) -> Result<(Transforme
             return Ok((TransformerConfig::from_diffusers_json(&text, &w)?, w));
         }
     }
-    let prefix = w.bfl_prefix().ok_or_else(|| {
-        Error::checkpoint(
-            w.path(),
-            "not a FLUX.1 transformer: neither diffusers' nor BFL's tensor names",
-        )
-    })?;
+    let prefix = w.bfl_prefix("FLUX.1")?;
     let cfg = TransformerConfig::infer_bfl(&w, prefix)?;
     let map = NameMap::BflTransformer {
         prefix: prefix.to_string(),

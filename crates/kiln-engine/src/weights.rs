@@ -141,11 +141,21 @@ impl Weights {
     }
 
     /// What precedes BFL's transformer names in this file: nothing, or ComfyUI's
-    /// `model.diffusion_model.`; `None` if `img_in.weight` is under neither.
-    pub(crate) fn bfl_prefix(&self) -> Option<&'static str> {
+    /// `model.diffusion_model.`. A file with `img_in.weight` under neither (and, as callers ask
+    /// only once diffusers' names were not found, under no name they know) is no `family`
+    /// transformer.
+    pub(crate) fn bfl_prefix(&self, family: &str) -> Result<&'static str> {
         ["", "model.diffusion_model."]
             .into_iter()
             .find(|p| self.stored_shape(&format!("{p}img_in.weight")).is_some())
+            .ok_or_else(|| {
+                Error::checkpoint(
+                    self.path(),
+                    format!(
+                        "not a {family} transformer: neither diffusers' nor BFL's tensor names"
+                    ),
+                )
+            })
     }
 
     /// Whether the checkpoint holds the (diffusers-named) tensor.

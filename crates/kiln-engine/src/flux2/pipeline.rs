@@ -106,12 +106,7 @@ fn transformer_config(xdir: &Path, w: Weights) -> Result<(Flux2TransformerConfig
     if w.stored_shape("x_embedder.weight").is_some() {
         return Ok((config(&xdir.join("config.json"))?, w));
     }
-    let prefix = w.bfl_prefix().ok_or_else(|| {
-        Error::checkpoint(
-            w.path(),
-            "not a FLUX.2 transformer: neither diffusers' nor BFL's tensor names",
-        )
-    })?;
+    let prefix = w.bfl_prefix("FLUX.2")?;
     let cfg = Flux2TransformerConfig::infer_bfl(&w, prefix)?;
     let map = NameMap::BflFlux2Transformer {
         prefix: prefix.to_string(),
