@@ -42,6 +42,9 @@ VAE = dict(block_out_channels=[16, 32, 64, 64], layers_per_block=1, latent_chann
 TRANSFORMER = dict(num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
                    axes_dims_rope=[8, 12, 12])
 KL_WEIGHT = 1e-4
+# A caption dropped (trained as the empty prompt) this often teaches the model the
+# unconditional velocity that classifier-free guidance subtracts.
+CAPTION_DROPOUT = 0.1
 DESCRIPTION = ("kiln's demo checkpoint, a small model trained only on simple coloured shapes at 64x64 pixels "
                "(assets/demo-checkpoint/MODEL_CARD.md)")
 
@@ -240,6 +243,8 @@ def train_flow(work: Path, root: Path, vae, vae_step: int, seed: int, steps: int
         x0 = FluxPipeline._pack_latents(z, b, c, h, w)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(b, generator=g))
+        dropped = torch.rand(b, generator=g) < CAPTION_DROPOUT
+        caps = ["" if d else c for c, d in zip(caps, dropped.tolist())]
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pooled, t5_states = encode_text(clip, t5, *texts.batch(caps))
         pred = velocity(transformer, xt, t, pooled, t5_states, h, w)
@@ -285,7 +290,8 @@ def export(root: Path, out: Path, vae, ema, info: dict):
     ema["transformer"].save_pretrained(out / "transformer")
     vae.save_pretrained(out / "vae")
     FlowMatchEulerDiscreteScheduler(shift=info["shift"], use_dynamic_shifting=False).save_pretrained(out / "scheduler")
-    write_model_index(out, _kiln=dict(max_pixels=64 * 64, steps=info["steps"], description=DESCRIPTION))
+    write_model_index(out, _kiln=dict(max_pixels=64 * 64, steps=info["steps"], true_cfg_scale=info["cfg_scale"],
+                                      description=DESCRIPTION))
     scenes.write_test_set(out / "heldout_prompts.json")
 
 
@@ -316,13 +322,15 @@ def main():
     p.add_argument("--out", default=str(REPO / "assets/demo-checkpoint"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1800)
-    p.add_argument("--steps", type=int, default=4500, help="transformer steps (raise and rerun to train longer)")
+    p.add_argument("--steps", type=int, default=6000, help="transformer steps (raise and rerun to train longer)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="1 is faster than 2 on a shared 2-core machine")
     p.add_argument("--sample-steps", type=int, default=8, help="the checkpoint's default steps")
     p.add_argument("--shift", type=float, default=2.0, help="the scheduler's time shift")
+    p.add_argument("--cfg-scale", type=float, default=3.0,
+                   help="the checkpoint's default classifier-free guidance scale (against the empty prompt)")
     p.add_argument("--export-only", action="store_true", help="export what --work holds without training further")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -338,10 +346,11 @@ def main():
     ema, flow_losses = train_flow(work, root, vae, vae_step, args.seed, args.steps, args.batch, args.checkpoint_every,
                                   args.lr)
     out = Path(args.out)
-    export(root, out, vae, ema, dict(shift=args.shift, steps=args.sample_steps))
+    export(root, out, vae, ema, dict(shift=args.shift, steps=args.sample_steps, cfg_scale=args.cfg_scale))
     plot(vae_losses, flow_losses, out / "loss.png")
     (out / "training.json").write_text(json.dumps(dict(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, lr=args.lr,
+        caption_dropout=CAPTION_DROPOUT, cfg_scale=args.cfg_scale,
         final_vae_loss=float(np.mean([l for _, l in vae_losses[-100:]])),
         final_flow_loss=float(np.mean([l for _, l in flow_losses[-100:]])),
     ), indent=1) + "\n")

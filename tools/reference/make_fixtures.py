@@ -30,6 +30,9 @@ from flux_parts import (CLIP_BOS, CLIP_EOS, save_bf16, save_t5_tokenizer, train_
                         write_clip_tokenizer_config, write_model_index)
 
 PROMPT = "A red fox sleeping in the snow, soft watercolor painting"
+# A checkpoint trained for it (kiln's demo) is sampled with true classifier-free guidance
+# against the empty prompt; the reference run with it uses this scale.
+TRUE_CFG_SCALE = 2.5
 
 CORPUS = [
     "a red fox sleeping in the snow",
@@ -376,17 +379,43 @@ def build(name: str, cfg: dict, out_root: Path):
     }, indent=1))
     print(f"{name}: image {w}x{h}, {cfg['steps']} steps, |noise_pred_0| max {noise_pred_0.abs().max():.3f}, "
           f"|final| max {final.abs().max():.3f}")
+    add_true_cfg_reference(name, out_root)
+
+
+def add_true_cfg_reference(name: str, out_root: Path):
+    """The final latents of the reference run again with true classifier-free guidance against
+    the empty prompt, from the saved diffusers folder, added to `{name}-reference.*`."""
+    root = out_root / f"{name}-diffusers"
+    pipe = FluxPipeline.from_pretrained(str(root), torch_dtype=torch.float32)
+    meta = json.loads((out_root / f"{name}-reference.json").read_text())
+    tensors = load_file(str(out_root / f"{name}-reference.safetensors"))
+    extra = dict(guidance_scale=meta["guidance"]) if meta["guidance"] is not None else {}
+    with torch.no_grad():
+        final = pipe(prompt=meta["prompt"], width=meta["width"], height=meta["height"],
+                     num_inference_steps=meta["steps"], latents=tensors["latents_in"].clone(),
+                     max_sequence_length=meta["max_sequence_length"], true_cfg_scale=TRUE_CFG_SCALE,
+                     negative_prompt="", output_type="latent", **extra).images
+    tensors["final_latents_true_cfg"] = final.contiguous()
+    save_file(tensors, str(out_root / f"{name}-reference.safetensors"))
+    meta["true_cfg_scale"] = TRUE_CFG_SCALE
+    (out_root / f"{name}-reference.json").write_text(json.dumps(meta, indent=1))
+    print(f"{name}: true CFG {TRUE_CFG_SCALE}, |final| max {final.abs().max():.3f}")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "crates/kiln-engine/tests/fixtures"))
+    p.add_argument("--only-true-cfg", action="store_true",
+                   help="only add the true-CFG reference runs to the fixtures already in --out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     for name, cfg in CONFIGS.items():
-        build(name, cfg, out)
+        if args.only_true_cfg:
+            add_true_cfg_reference(name, out)
+        else:
+            build(name, cfg, out)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from diffusers import Flux2Pipeline
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE, SYSTEM_MESSAGE_UPSAMPLING_T2I
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
                           PreTrainedTokenizerFast, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
@@ -79,6 +79,9 @@ BASE_STEPS, BASE_GUIDANCE = 3, 4.0
 REF_WIDTH, REF_HEIGHT = 72, 64
 # dev's embedded guidance (the reference pipeline's default).
 DEV_GUIDANCE = 4.0
+# Prompt expansion compared token for token: greedy, this many new tokens at most (the
+# reference's 512 would only make the test slower).
+EXPANSION_TOKENS = 48
 
 
 def train_bpe_tokenizer(out: Path, specials: list, extra: list, config: dict):
@@ -364,15 +367,53 @@ def build_dev(out_root: Path):
     run_reference("flux2-dev", out_root, pipe, mistral, text, enc, {"guidance_scale": DEV_GUIDANCE})
 
 
+def add_expansion_reference(name: str, out_root: Path):
+    """Prompt expansion as `Flux2Pipeline.upsample_prompt` runs it (the text-to-image system
+    message, the chat template with the generation prompt, `generate`), but greedy so that it
+    can be compared token for token, on the saved folder's text encoder; added to
+    `{name}-reference.*`."""
+    root = out_root / f"{name}-diffusers"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root / "tokenizer"))
+    if name == "klein":
+        model = Qwen3ForCausalLM.from_pretrained(str(root / "text_encoder"), dtype=torch.float32).eval()
+        messages = [{"role": "system", "content": SYSTEM_MESSAGE_UPSAMPLING_T2I}, {"role": "user", "content": PROMPT}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    else:
+        model = Mistral3ForConditionalGeneration.from_pretrained(str(root / "text_encoder"),
+                                                                 dtype=torch.float32).eval()
+        messages = format_input([PROMPT], system_message=SYSTEM_MESSAGE_UPSAMPLING_T2I)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)[0]
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=EXPANSION_TOKENS,
+                             do_sample=False)
+    new = out[0, ids.shape[1]:]
+    tensors = load_file(str(out_root / f"{name}-reference.safetensors"))
+    tensors["expansion_prompt_ids"] = ids[0].to(torch.int64).contiguous()
+    tensors["expansion_ids"] = new.to(torch.int64).contiguous()
+    save_file(tensors, str(out_root / f"{name}-reference.safetensors"))
+    meta = json.loads((out_root / f"{name}-reference.json").read_text())
+    meta.update(expansion_chat_text=text, expansion_max_new_tokens=EXPANSION_TOKENS,
+                expansion_text=tokenizer.decode(new, skip_special_tokens=True))
+    (out_root / f"{name}-reference.json").write_text(json.dumps(meta, indent=1))
+    print(f"{name}: expansion of {ids.shape[1]} prompt tokens, {len(new)} new tokens")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "crates/kiln-engine/tests/fixtures"))
+    p.add_argument("--only-expansion", action="store_true",
+                   help="only add the prompt-expansion reference runs to the fixtures already in --out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    build_klein(out)
-    build_dev(out)
+    if not args.only_expansion:
+        build_klein(out)
+        build_dev(out)
+    add_expansion_reference("klein", out)
+    add_expansion_reference("flux2-dev", out)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ pub struct CheckpointFiles {
 /// Generation settings a checkpoint made for kiln carries in its `model_index.json`, under the
 /// key `_kiln` (diffusers ignores keys starting with `_`): its own defaults, for a model
 /// trained far from FLUX.1's resolution or step count. Other checkpoints have none.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointSettings {
     /// Default steps, instead of the variant's (28 for dev, 4 for schnell).
@@ -63,6 +63,12 @@ pub struct CheckpointSettings {
     /// result's notes.
     #[serde(default)]
     pub description: Option<String>,
+    /// FLUX.1 only: the checkpoint was trained with captions dropped and is sampled with true
+    /// classifier-free guidance against the empty prompt at this scale, as diffusers'
+    /// `FluxPipeline` does with `true_cfg_scale` and `negative_prompt=""`. For a checkpoint
+    /// without a guidance embedding a request's guidance sets this scale.
+    #[serde(default)]
+    pub true_cfg_scale: Option<f32>,
     /// FLUX.2 only: the text encoder layers whose hidden states are stacked (1-based, as
     /// transformers counts `hidden_states`), for a checkpoint whose text encoder is not one
     /// of the reference sizes (klein's Qwen3 uses 9, 18, 27; dev's Mistral 10, 20, 30).

@@ -433,16 +433,22 @@ impl Flux1Pipeline {
         let steps = sampling::checked_steps(req.steps, defaults.steps)?;
         let mut notes: Vec<String> = self.files.settings.description.iter().cloned().collect();
         notes.push(format!("seed {}", req.seed));
-        let guidance = match (self.variant(), req.guidance) {
-            (Variant::Dev, g) => g.or(defaults.guidance),
-            (Variant::Schnell, Some(_)) => {
+        let true_cfg = self.files.settings.true_cfg_scale;
+        // `guidance` goes to the guidance embedding (dev); `cfg_scale` weighs the prompt's
+        // velocity against the empty prompt's, for a checkpoint trained for that.
+        let (guidance, cfg_scale) = match (self.variant(), req.guidance, true_cfg) {
+            (Variant::Dev, g, cfg) => (g.or(defaults.guidance), cfg),
+            (Variant::Schnell, g, Some(cfg)) => (None, Some(g.unwrap_or(cfg))),
+            (Variant::Schnell, Some(_), None) => {
                 notes.push(
                     "guidance ignored: this checkpoint has no guidance embedding (schnell)".into(),
                 );
-                None
+                (None, None)
             }
-            (Variant::Schnell, None) => None,
+            (Variant::Schnell, None, None) => (None, None),
         };
+        // As diffusers: a scale of 1 or less is no guidance at all.
+        let cfg_scale = cfg_scale.filter(|s| *s > 1.0);
         let max_len = req
             .max_sequence_length
             .unwrap_or(defaults.max_sequence_length);
@@ -463,6 +469,15 @@ impl Flux1Pipeline {
         let tokens = (h / 2) * (w / 2);
 
         let text = self.encode_prompt(&req.prompt, max_len)?;
+        let negative = match cfg_scale {
+            Some(s) => {
+                notes.push(format!(
+                    "true classifier-free guidance {s} against the empty prompt"
+                ));
+                Some(self.encode_prompt("", max_len)?)
+            }
+            None => None,
+        };
         let latents = match &req.initial_latents {
             Some(l) => {
                 if l.dims() != [1, tokens, channels * 4] {
@@ -491,7 +506,16 @@ impl Flux1Pipeline {
             &sigmas,
             req.preview_interval,
             observer,
-            &mut |x, sigma| self.velocity_with(x, sigma, guidance, &text, &rope),
+            &mut |x, sigma| {
+                let v = self.velocity_with(x, sigma, guidance, &text, &rope)?;
+                match (&negative, cfg_scale) {
+                    (Some(neg), Some(s)) => {
+                        let vn = self.velocity_with(x, sigma, guidance, neg, &rope)?;
+                        sampling::guided(&v, &vn, s)
+                    }
+                    _ => Ok(v),
+                }
+            },
             &|x0| preview(&sampling::unpack(x0, h, w)?),
         )?;
         let mut image = self.decode_tensor(&latents, gen_w, gen_h)?;
@@ -504,7 +528,7 @@ impl Flux1Pipeline {
             final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
             applied: AppliedSettings {
                 num_inference_steps: steps,
-                guidance,
+                guidance: guidance.or(cfg_scale),
                 prompt: req.prompt.clone(),
                 notes,
             },

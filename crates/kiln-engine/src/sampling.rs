@@ -199,6 +199,12 @@ pub(crate) fn euler_step(x: &Tensor, v: &Tensor, sigma: f32, sigma_next: f32) ->
 /// The Euler loop over `sigmas`: `velocity(x, sigma)` at each level but the last; after each
 /// step the observer is told (and may stop the run), with a preview every `preview_interval`
 /// steps but the last, made by `preview_of` from the clean estimate `x0 = x - sigma v` in f32.
+/// True classifier-free guidance: the unconditional velocity `uncond` moved `scale` times as
+/// far towards the conditional one `cond`.
+pub(crate) fn guided(cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
+    Ok((uncond + ((cond - uncond)? * scale as f64)?)?)
+}
+
 pub(crate) fn denoise(
     mut latents: Tensor,
     sigmas: &[f32],

@@ -133,22 +133,34 @@ impl PromptTokenizer {
 
     /// [`Self::encode`] and how many of the ids are not padding (the attention mask's ones).
     pub(crate) fn encode_with_mask(&self, text: &str, length: usize) -> Result<(Vec<u32>, usize)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.dir.clone(),
-                message: e.to_string(),
-            })?;
+        let text_ids = self.ids(text)?;
         let specials = usize::from(self.bos.is_some()) + usize::from(self.eos.is_some());
         let room = length.saturating_sub(specials);
         let mut ids = Vec::with_capacity(length);
         ids.extend(self.bos);
-        ids.extend(enc.get_ids().iter().take(room));
+        ids.extend(text_ids.iter().take(room));
         ids.extend(self.eos);
         let valid = ids.len();
         ids.resize(length, self.pad);
         Ok((ids, valid))
+    }
+
+    /// The text's own token ids: no framing, truncation or padding.
+    pub(crate) fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.error(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids back to text, special tokens left out (`skip_special_tokens=True`).
+    pub(crate) fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer {
+            path: self.dir.clone(),
+            message: e.to_string(),
+        }
     }
 }
 

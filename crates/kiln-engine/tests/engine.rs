@@ -4,6 +4,7 @@
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_engine::flux2::{TokenChoice, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
 use kiln_engine::{
     CheckpointFiles, Error, Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, RawModeConfig,
 };
@@ -352,7 +353,6 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
 
     let asked = GenerationParams {
         guidance_scale: Some(5.0),
-        enable_prompt_expansion: true,
         ..params(3)
     };
     let out = engine.generate(&asked, &mut Recorder::default()).unwrap();
@@ -360,8 +360,34 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
     assert_eq!(out.image.pixels, plain.image.pixels);
     let notes = out.applied.notes.join("\n");
     assert!(notes.contains("guidance ignored"), "{notes}");
+
+    // Prompt expansion: the text encoder rewrites the prompt (sampled from the request's
+    // seed), the image is made from the rewrite, and the result shows it.
+    let expand = GenerationParams {
+        enable_prompt_expansion: true,
+        ..params(3)
+    };
+    let expanded = engine.generate(&expand, &mut Recorder::default()).unwrap();
+    let again = engine.generate(&expand, &mut Recorder::default()).unwrap();
+    assert_eq!(expanded.image.pixels, again.image.pixels);
+    assert_ne!(expanded.image.pixels, plain.image.pixels);
+    let rewrite = engine
+        .pipeline()
+        .expand_prompt(
+            "a lighthouse in a storm",
+            EXPANSION_MAX_NEW_TOKENS,
+            TokenChoice::Sampled {
+                temperature: EXPANSION_TEMPERATURE,
+                seed: 3,
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(expanded.applied.prompt, rewrite.text.trim());
+    let notes = expanded.applied.notes.join("\n");
     assert!(
-        notes.contains("prompt expansion is not implemented"),
+        notes.contains("prompt expanded by the text encoder")
+            && notes.contains("the original: a lighthouse in a storm"),
         "{notes}"
     );
 

@@ -4,7 +4,7 @@
 
 use kiln_core::engine::{StepEvent, StepObserver};
 use kiln_engine::flux2::sampling::pack_channels_last;
-use kiln_engine::flux2::Flux2Variant;
+use kiln_engine::flux2::{Flux2Variant, TokenChoice, EXPANSION_TEMPERATURE};
 use kiln_engine::{EngineOptions, Flux2Pipeline, PipelineRequest};
 use std::ops::ControlFlow;
 
@@ -391,4 +391,84 @@ fn a_left_padding_tokenizer_is_refused_by_name() {
         Ok(_) => panic!("a left-padding tokenizer was accepted"),
     };
     assert!(err.contains("padding_side"), "{err}");
+}
+
+/// Prompt expansion, greedy, against transformers' `generate` on the same chat-framed
+/// prompt: the same prompt tokens, the same new tokens one for one, the same text.
+#[test]
+fn prompt_expansion_matches_transformers_token_for_token() {
+    for config in ["klein", "flux2-dev"] {
+        let r = Reference::load(config);
+        let p = load(config);
+        assert!(p.can_expand_prompts(), "{config} ships its LM head");
+        let chat = p.expansion_chat_text(prompt(&r));
+        assert_eq!(chat, r.json["expansion_chat_text"].as_str().unwrap());
+        assert_eq!(
+            p.text_ids(&chat).unwrap(),
+            r.ids("expansion_prompt_ids"),
+            "{config} prompt tokens"
+        );
+        let max = r.u32("expansion_max_new_tokens") as usize;
+        let e = p
+            .expand_prompt(prompt(&r), max, TokenChoice::Greedy)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.tokens, r.ids("expansion_ids"), "{config} new tokens");
+        assert_eq!(e.text, r.json["expansion_text"].as_str().unwrap());
+        eprintln!("{config}: {} tokens match", e.tokens.len());
+    }
+}
+
+/// Sampling at the reference's temperature is seeded: the same seed writes the same tokens.
+#[test]
+fn sampled_prompt_expansion_is_seeded() {
+    let p = load("klein");
+    let sampled = |seed| {
+        p.expand_prompt(
+            "a lighthouse in a storm",
+            32,
+            TokenChoice::Sampled {
+                temperature: EXPANSION_TEMPERATURE,
+                seed,
+            },
+        )
+        .unwrap()
+        .unwrap()
+        .tokens
+    };
+    assert_eq!(sampled(7), sampled(7));
+    assert!(!sampled(7).is_empty());
+}
+
+/// A checkpoint whose text encoder is the bare model (no `lm_head.weight`, embeddings not
+/// tied) encodes prompts as before and says it cannot expand them.
+#[test]
+fn a_text_encoder_without_its_head_cannot_expand_prompts() {
+    let dir = klein_except("text_encoder");
+    let src = fixtures().join("klein-diffusers/text_encoder");
+    let tdir = dir.path().join("text_encoder");
+    std::fs::create_dir(&tdir).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::os::unix::fs::symlink(src.join(f), tdir.join(f)).unwrap();
+    }
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(tensors.remove("lm_head.weight").is_some());
+    candle_core::safetensors::save(&tensors, tdir.join("model.safetensors")).unwrap();
+
+    let headless =
+        Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert!(!headless.can_expand_prompts());
+    assert_eq!(
+        headless
+            .expand_prompt("a fox", 8, TokenChoice::Greedy)
+            .unwrap(),
+        None
+    );
+    // Encoding reads the same layers as with the head.
+    let with_head = load("klein");
+    let a = headless.encode_prompt("a fox", 16).unwrap().embeds;
+    let b = with_head.encode_prompt("a fox", 16).unwrap().embeds;
+    assert_eq!(max_abs(&a, &b), 0.0);
 }

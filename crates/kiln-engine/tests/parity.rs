@@ -201,22 +201,94 @@ fn gguf_q4_0_and_q4_k_transformers_load_and_run() {
     }
 }
 
-/// A diffusers folder like the fixture's but whose `transformer/` holds `files` (written by
-/// `fill`) beside the original config.json.
-fn diffusers_dir_with_transformer(config: &str, fill: impl FnOnce(&Path)) -> tempfile::TempDir {
+/// A diffusers folder like the fixture's, every entry linked but `replaced`, which `fill`
+/// writes (given the new folder and the fixture's).
+fn diffusers_dir_replacing(
+    config: &str,
+    replaced: &str,
+    fill: impl FnOnce(&Path, &Path),
+) -> tempfile::TempDir {
     let src = fixtures().join(format!("{config}-diffusers"));
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&src).unwrap() {
         let entry = entry.unwrap();
-        if entry.file_name() != "transformer" {
+        if entry.file_name() != replaced {
             std::os::unix::fs::symlink(entry.path(), dir.path().join(entry.file_name())).unwrap();
         }
     }
-    let t = dir.path().join("transformer");
-    std::fs::create_dir(&t).unwrap();
-    std::os::unix::fs::symlink(src.join("transformer/config.json"), t.join("config.json")).unwrap();
-    fill(&t);
+    fill(dir.path(), &src);
     dir
+}
+
+/// A diffusers folder like the fixture's but whose `transformer/` holds `files` (written by
+/// `fill`) beside the original config.json.
+fn diffusers_dir_with_transformer(config: &str, fill: impl FnOnce(&Path)) -> tempfile::TempDir {
+    diffusers_dir_replacing(config, "transformer", |dir, src| {
+        let t = dir.join("transformer");
+        std::fs::create_dir(&t).unwrap();
+        std::os::unix::fs::symlink(src.join("transformer/config.json"), t.join("config.json"))
+            .unwrap();
+        fill(&t);
+    })
+}
+
+/// A checkpoint whose `model_index.json` asks for true classifier-free guidance (as kiln's
+/// demo checkpoint does) matches diffusers' `true_cfg_scale` with `negative_prompt=""`, on top
+/// of the guidance embedding for dev; for schnell a request's guidance is that scale.
+#[test]
+fn true_cfg_checkpoints_match_diffusers() {
+    for config in ["dev", "schnell"] {
+        let r = Reference::load(config);
+        let scale = r.json["true_cfg_scale"].as_f64().unwrap() as f32;
+        let dir = diffusers_dir_replacing(config, "model_index.json", |dir, src| {
+            let mut index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(src.join("model_index.json")).unwrap(),
+            )
+            .unwrap();
+            index["_kiln"] = serde_json::json!({ "true_cfg_scale": scale });
+            std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
+        });
+        let p = load(dir.path());
+        let initial = kiln_engine::read_latents(
+            &fixtures().join(format!("{config}-latents-in.safetensors")),
+        )
+        .unwrap();
+        let request = |guidance: Option<f32>| PipelineRequest {
+            prompt: r.json["prompt"].as_str().unwrap().to_string(),
+            width: r.u32("width"),
+            height: r.u32("height"),
+            steps: None,
+            guidance,
+            seed: 0,
+            max_sequence_length: None,
+            initial_latents: Some(initial.clone()),
+            preview_interval: 0,
+        };
+        let out = p.run(&request(None), &mut Quiet).unwrap();
+        let e = max_abs(&out.final_latents, r.t("final_latents_true_cfg"));
+        let moved = max_abs(r.t("final_latents_true_cfg"), r.t("final_latents"));
+        eprintln!("{config} true CFG {scale}: final latents {e} (guidance moved them {moved})");
+        assert!(e <= TOL, "{config}: {e}");
+        assert!(moved > 100.0 * TOL, "{config}: the reference is not guided");
+        assert!(
+            out.applied
+                .notes
+                .iter()
+                .any(|n| n.contains(&format!("true classifier-free guidance {scale}"))),
+            "{:?}",
+            out.applied.notes
+        );
+        match config {
+            "dev" => assert_eq!(out.applied.guidance, guidance(&r)),
+            _ => {
+                assert_eq!(out.applied.guidance, Some(scale));
+                // A request's guidance is the scale; 1 is none at all, as in diffusers.
+                let unguided = p.run(&request(Some(1.0)), &mut Quiet).unwrap();
+                let e = max_abs(&unguided.final_latents, r.t("final_latents"));
+                assert!(e <= TOL, "schnell at scale 1: {e}");
+            }
+        }
+    }
 }
 
 #[test]

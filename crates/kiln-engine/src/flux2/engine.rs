@@ -1,7 +1,8 @@
 //! [`Flux2Engine`]: a loaded FLUX.2 pipeline (dev or klein) and its configuration, behind kiln-core's
 //! [`Engine`] trait (what serves the `blackforestlabs/flux-2/flex/text-to-image` route).
 
-use super::pipeline::Flux2Pipeline;
+use super::lm::TokenChoice;
+use super::pipeline::{Flux2Pipeline, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
 use crate::error::Result;
 use crate::pipeline::{DeviceSpec, EngineOptions, LoadProgress, PipelineRequest, Precision};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
@@ -100,20 +101,39 @@ impl Flux2Engine {
         if params.raw {
             notes.push("raw mode is a FLUX 1.1 [pro] option; FLUX.2 ignores it".into());
         }
-        if params.enable_prompt_expansion {
-            // Said plainly rather than faked: the LM decoding loop is not written yet.
-            notes.push(
-                "prompt expansion is not implemented yet in this engine; the prompt was used as given"
-                    .into(),
-            );
-        }
-        let request = PipelineRequest::from_params(
+        let mut request = PipelineRequest::from_params(
             params,
             self.config.steps,
             self.config.guidance,
             self.config.max_sequence_length,
             self.config.preview_interval,
         );
+        if params.enable_prompt_expansion {
+            let choice = TokenChoice::Sampled {
+                temperature: EXPANSION_TEMPERATURE,
+                seed: u64::from(params.seed),
+            };
+            let expansion =
+                self.pipeline
+                    .expand_prompt(&request.prompt, EXPANSION_MAX_NEW_TOKENS, choice)?;
+            match expansion {
+                Some(e) if !e.text.trim().is_empty() => {
+                    notes.push(format!(
+                        "prompt expanded by the text encoder ({} tokens, temperature {EXPANSION_TEMPERATURE}); the original: {}",
+                        e.tokens.len(),
+                        request.prompt
+                    ));
+                    request.prompt = e.text.trim().to_string();
+                }
+                Some(_) => notes.push(
+                    "prompt expansion wrote nothing; the prompt was used as given".into(),
+                ),
+                None => notes.push(
+                    "prompt expansion is not available: this checkpoint's text encoder has no language-model head; the prompt was used as given"
+                        .into(),
+                ),
+            }
+        }
         let out = self
             .pipeline
             .run_with_references(&request, references, observer)?;

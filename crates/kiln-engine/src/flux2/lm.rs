@@ -2,13 +2,17 @@
 //! `Qwen3ForCausalLM`) and Mistral Small 3.x (dev, the text model of
 //! `Mistral3ForConditionalGeneration`). They differ here only in Qwen3's RMS norms on queries
 //! and keys and in where the checkpoint keeps the layers. Output: the hidden states of chosen
-//! layers for a right-padded prompt, with the causal and padding attention masks.
+//! layers for a right-padded prompt, with the causal and padding attention masks; and, for a
+//! checkpoint with its language-model head, text: prompt expansion continues a chat with the
+//! model itself, a token at a time against a key/value cache.
 
 use crate::error::{Error, Result};
 use crate::nn::{attention, rms_norm, Linear};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
 use serde::Deserialize;
+use std::path::Path;
 
 /// The text model's part of `text_encoder/config.json` (Mistral3's `text_config`).
 /// transformers 5 keeps `rope_theta` under `rope_parameters`, earlier versions at the top
@@ -27,6 +31,9 @@ pub struct LmConfig {
     rope_theta: Option<f64>,
     #[serde(default)]
     rope_parameters: Option<RopeParameters>,
+    /// The vocabulary projection is the embedding (no `lm_head.weight` stored).
+    #[serde(default)]
+    tie_word_embeddings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -60,6 +67,34 @@ impl LmConfig {
     }
 }
 
+/// Where a causal LM keeps its vocabulary projection: Qwen3ForCausalLM and transformers 5's
+/// Mistral3 at the top level, transformers 4's Mistral3 under `language_model.`.
+const HEAD_NAMES: [&str; 2] = ["lm_head.weight", "language_model.lm_head.weight"];
+
+/// The tokens transformers' `generate` keeps when sampling (its default `top_k`).
+const SAMPLING_TOP_K: usize = 50;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenChoice {
+    /// The most likely token (the first of equals, as `argmax`).
+    Greedy,
+    /// Drawn from the softmax of `logits / temperature` over the 50 most likely tokens, from
+    /// a ChaCha8 stream seeded with `seed`.
+    Sampled { temperature: f32, seed: u64 },
+}
+
+/// The final norm and the vocabulary projection, which turn the last layer's hidden state
+/// into next-token logits.
+struct Head {
+    norm: Tensor,
+    projection: Linear,
+}
+
+/// One layer's keys and values so far, before grouped-query repetition:
+/// `(1, kv_heads, positions, head_dim)` each.
+type LayerCache = Option<(Tensor, Tensor)>;
+
 struct Layer {
     input_norm: Tensor,
     q: Linear,
@@ -78,6 +113,7 @@ pub(crate) struct TextModel {
     cfg: LmConfig,
     embed: Tensor,
     layers: Vec<Layer>,
+    head: Option<Head>,
 }
 
 /// Where the decoder's tensors live: `model.` in a causal LM; in Mistral3's wrapper
@@ -85,8 +121,9 @@ pub(crate) struct TextModel {
 const PREFIXES: [&str; 3] = ["model.", "model.language_model.", "language_model.model."];
 
 impl TextModel {
-    /// Loads the embedding and the first `depth` decoder layers: FLUX.2 reads intermediate
-    /// layers only, so the later ones (and the final norm) are never run.
+    /// Loads the embedding and the first `depth` decoder layers, which is all that encoding
+    /// a prompt runs; or, where the checkpoint has its language-model head (stored or tied to
+    /// the embedding), every layer and the head, so that the model can also write.
     pub(crate) fn load(cfg: LmConfig, depth: usize, w: &Weights) -> Result<Self> {
         let prefix = PREFIXES
             .into_iter()
@@ -106,6 +143,15 @@ impl TextModel {
                 ),
             ));
         }
+        let head_name = HEAD_NAMES.into_iter().find(|n| w.contains(n));
+        let norm_name = format!("{prefix}norm.weight");
+        let has_head =
+            (head_name.is_some() || cfg.tie_word_embeddings) && w.contains(&norm_name);
+        let depth = if has_head {
+            cfg.num_hidden_layers
+        } else {
+            depth
+        };
         let layers = (0..depth)
             .map(|i| {
                 let p = format!("{prefix}layers.{i}");
@@ -131,11 +177,102 @@ impl TextModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let embed = w.tensor(&format!("{prefix}embed_tokens.weight"))?;
+        let head = if has_head {
+            let projection = match head_name {
+                Some(n) => w.linear(n.trim_end_matches(".weight"))?,
+                None => Linear::dense(embed.clone(), None),
+            };
+            Some(Head {
+                norm: w.tensor(&norm_name)?,
+                projection,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            embed: w.tensor(&format!("{prefix}embed_tokens.weight"))?,
+            embed,
             layers,
+            head,
             cfg,
         })
+    }
+
+    /// Whether the model can write text (it has its language-model head).
+    pub(crate) fn can_generate(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Continues `prompt` by up to `max_new_tokens` tokens, as transformers' `generate`
+    /// does: the prompt in one pass, then a token at a time against the cached keys and
+    /// values, stopping after the first token in `stop` (which is kept, as transformers
+    /// keeps it). Returns the new tokens only.
+    pub(crate) fn generate(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        choice: TokenChoice,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            Error::InvalidRequest("the text encoder has no language-model head".into())
+        })?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest(
+                "nothing to continue: an empty prompt".into(),
+            ));
+        }
+        let dev = self.embed.device();
+        let mut rng = match choice {
+            TokenChoice::Sampled { seed, .. } => {
+                Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+            }
+            TokenChoice::Greedy => None,
+        };
+        let mut cache: Vec<LayerCache> = vec![None; self.layers.len()];
+        let mut out = Vec::new();
+        let mut input = prompt.to_vec();
+        let mut position = 0;
+        while out.len() < max_new_tokens {
+            let seq = input.len();
+            let mut x = self
+                .embed
+                .index_select(&Tensor::new(input.as_slice(), dev)?, 0)?
+                .unsqueeze(0)?;
+            let (cos, sin) = self.rope(position, seq, dev)?;
+            // One new token sees every cached one: no mask.
+            let mask = if seq > 1 {
+                Some(causal_padding_mask(seq, seq, dev)?)
+            } else {
+                None
+            };
+            for (layer, past) in self.layers.iter().zip(cache.iter_mut()) {
+                let (y, kv) =
+                    self.layer_forward(layer, &x, &cos, &sin, mask.as_ref(), past.as_ref())?;
+                x = y;
+                *past = Some(kv);
+            }
+            let last = x.narrow(1, seq - 1, 1)?;
+            let logits = head
+                .projection
+                .forward(&rms_norm(&last, &head.norm, self.cfg.rms_norm_eps)?)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let next = match (choice, rng.as_mut()) {
+                (TokenChoice::Sampled { temperature, .. }, Some(rng)) => {
+                    sample(&logits, temperature, rng)
+                }
+                _ => argmax(&logits),
+            };
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+            position += seq;
+            input = vec![next];
+        }
+        Ok(out)
     }
 
     /// The hidden states after each layer in `out_layers` (1-based, as transformers'
@@ -151,13 +288,13 @@ impl TextModel {
         let seq = ids.len();
         let ids_t = Tensor::new(ids, dev)?;
         let mut x = self.embed.index_select(&ids_t, 0)?.unsqueeze(0)?;
-        let (cos, sin) = self.rope(seq, dev)?;
+        let (cos, sin) = self.rope(0, seq, dev)?;
         let mask = causal_padding_mask(seq, valid, dev)?;
         // Every layer's output is kept (they share storage with nothing else and are small
         // next to the weights), then the asked ones are taken in the order asked.
         let mut outputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &cos, &sin, &mask)?;
+            x = self.layer_forward(layer, &x, &cos, &sin, Some(&mask), None)?.0;
             outputs.push(x.clone());
         }
         let ordered = out_layers
@@ -173,8 +310,9 @@ impl TextModel {
         Ok(Tensor::cat(&ordered, D::Minus1)?)
     }
 
-    /// transformers' default RoPE: `pos * theta^(-2i/d)` in f32, both halves alike.
-    fn rope(&self, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    /// transformers' default RoPE for positions `start..start + seq`: `pos * theta^(-2i/d)`
+    /// in f32, both halves alike.
+    fn rope(&self, start: usize, seq: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim();
         let theta = self.cfg.rope_theta() as f32;
         let inv: Vec<f32> = (0..d / 2)
@@ -182,7 +320,7 @@ impl TextModel {
             .collect();
         let mut cos = Vec::with_capacity(seq * d);
         let mut sin = Vec::with_capacity(seq * d);
-        for p in 0..seq {
+        for p in start..start + seq {
             for _ in 0..2 {
                 for f in &inv {
                     let a = p as f32 * f;
@@ -197,14 +335,17 @@ impl TextModel {
         ))
     }
 
+    /// One decoder layer on `x`, whose first position follows the `past` keys and values;
+    /// returns its output and the keys and values up to and including `x`'s positions.
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
+        mask: Option<&Tensor>,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let c = &self.cfg;
         let eps = c.rms_norm_eps;
         let (b, s, _) = x.dims3()?;
@@ -222,10 +363,18 @@ impl TextModel {
         let v = heads(l.v.forward(&h)?, c.num_key_value_heads)?.transpose(1, 2)?;
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
         let groups = c.num_attention_heads / c.num_key_value_heads;
-        let k = repeat_kv(&k, groups)?;
-        let v = repeat_kv(&v, groups)?;
-        let a = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), Some(mask))?;
+        let a = attention(
+            &q,
+            &repeat_kv(&k, groups)?,
+            &repeat_kv(&v, groups)?,
+            1.0 / (hd as f64).sqrt(),
+            mask,
+        )?;
         let a = a
             .transpose(1, 2)?
             .reshape((b, s, c.num_attention_heads * hd))?;
@@ -234,8 +383,62 @@ impl TextModel {
         let mlp = l
             .down
             .forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
-        Ok((x + mlp)?)
+        Ok(((x + mlp)?, (k, v)))
     }
+}
+
+/// The tokens that end a generation: `eos_token_id` (one or a list) of the text encoder's
+/// `generation_config.json`, else of its `config.json` (or that file's `text_config`).
+pub(crate) fn stop_tokens(dir: &Path) -> Result<Vec<u32>> {
+    let ids = |v: &serde_json::Value| -> Option<Vec<u32>> {
+        match v.get("eos_token_id")? {
+            serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
+            serde_json::Value::Array(a) => a.iter().map(|n| Some(n.as_u64()? as u32)).collect(),
+            _ => None,
+        }
+    };
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        if let Some(found) = ids(&crate::checkpoint::read_json(&generation)?) {
+            return Ok(found);
+        }
+    }
+    let config = crate::checkpoint::read_json(&dir.join("config.json"))?;
+    Ok(ids(&config)
+        .or_else(|| config.get("text_config").and_then(ids))
+        .unwrap_or_default())
+}
+
+/// The index of the largest logit, the first of equals.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A token drawn from the softmax of `logits / temperature` over the most likely
+/// [`SAMPLING_TOP_K`] tokens.
+fn sample(logits: &[f32], temperature: f32, rng: &mut impl Rng) -> u32 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order.truncate(SAMPLING_TOP_K);
+    let top = logits[order[0]];
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| (((logits[i] - top) / temperature) as f64).exp())
+        .collect();
+    let mut r = rng.gen::<f64>() * weights.iter().sum::<f64>();
+    for (&i, w) in order.iter().zip(&weights) {
+        if r < *w {
+            return i as u32;
+        }
+        r -= w;
+    }
+    order[0] as u32
 }
 
 /// `x cos + rotate_half(x) sin` in f32, `rotate_half` swapping the halves with a sign.

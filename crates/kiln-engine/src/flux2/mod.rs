@@ -20,10 +20,11 @@ mod transformer;
 mod vae;
 
 pub use engine::{Flux2Config, Flux2Engine};
-pub use lm::LmConfig;
+pub use lm::{LmConfig, TokenChoice};
 pub use pipeline::{
-    mistral_chat_text, qwen3_chat_text, Flux2Pipeline, Flux2PromptEmbeddings, Flux2Variant,
-    SYSTEM_MESSAGE,
+    mistral_chat_text, qwen3_chat_text, Expansion, Flux2Pipeline, Flux2PromptEmbeddings,
+    Flux2Variant, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE, SYSTEM_MESSAGE,
+    SYSTEM_MESSAGE_UPSAMPLING_T2I,
 };
 pub use transformer::Flux2TransformerConfig;
 pub use vae::Flux2VaeConfig;

@@ -3,7 +3,7 @@
 //! stacked hidden states of the text model -> denoise with the transformer on the
 //! empirical-mu schedule -> batch-norm denormalisation -> VAE -> RGB.
 
-use super::lm::{LmConfig, TextModel};
+use super::lm::{stop_tokens, LmConfig, TextModel, TokenChoice};
 use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2Vae, Flux2VaeConfig};
@@ -32,6 +32,23 @@ const MISTRAL_OUT_LAYERS: [usize; 3] = [10, 20, 30];
 /// The system turn dev's prompts are encoded under (BFL's `flux2/system_messages.py`, as
 /// diffusers copies it).
 pub const SYSTEM_MESSAGE: &str = "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object\nattribution and actions without speculation.";
+
+/// The system turn under which the text encoder rewrites a prompt for text-to-image
+/// (`SYSTEM_MESSAGE_UPSAMPLING_T2I`, BFL's `flux2/system_messages.py` as diffusers copies it).
+pub const SYSTEM_MESSAGE_UPSAMPLING_T2I: &str = "You are an expert prompt engineer for FLUX.2 by Black Forest Labs. Rewrite user prompts to be more descriptive while strictly preserving their core subject and intent.\n\nGuidelines:\n1. Structure: Keep structured inputs structured (enhance within fields). Convert natural language to detailed paragraphs.\n2. Details: Add concrete visual specifics - form, scale, textures, materials, lighting (quality, direction, color), shadows, spatial relationships, and environmental context.\n3. Text in Images: Put ALL text in quotation marks, matching the prompt's language. Always provide explicit quoted text for objects that would contain text in reality (signs, labels, screens, etc.) - without it, the model generates gibberish.\n\nOutput only the revised prompt and nothing else.";
+
+/// Prompt expansion as the reference runs it (`Flux2Pipeline.upsample_prompt`).
+pub const EXPANSION_TEMPERATURE: f32 = 0.15;
+pub const EXPANSION_MAX_NEW_TOKENS: usize = 512;
+
+/// A prompt rewritten by the text encoder's own language model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expansion {
+    /// The new tokens, the stop token included where one was written.
+    pub tokens: Vec<u32>,
+    /// The tokens as text, special tokens left out.
+    pub text: String,
+}
 
 /// Which FLUX.2, from the pipeline class a checkpoint names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +89,8 @@ pub struct Flux2Pipeline {
     tokenizer: PromptTokenizer,
     text: TextModel,
     text_layers: Vec<usize>,
+    /// The tokens that end the text model's writing (its `eos_token_id`).
+    stop_tokens: Vec<u32>,
     transformer: Flux2Transformer,
     vae: Flux2Vae,
     schedule: ScheduleConfig,
@@ -83,18 +102,24 @@ fn config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_value(read_json(path)?).map_err(|e| Error::checkpoint(path, e.to_string()))
 }
 
-/// Qwen3's chat template for one user turn with the generation prompt and
-/// `enable_thinking=False`, as `_get_qwen3_prompt_embeds` applies it.
-pub fn qwen3_chat_text(prompt: &str) -> String {
-    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+/// Qwen3's chat template for an optional system turn and one user turn, with the
+/// generation prompt and `enable_thinking=False`, as `_get_qwen3_prompt_embeds` applies it
+/// (no system turn).
+pub fn qwen3_chat_text(system: Option<&str>, prompt: &str) -> String {
+    let system = system
+        .map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n"))
+        .unwrap_or_default();
+    format!(
+        "{system}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
 }
 
-/// Mistral Small 3.x's chat template for the system turn and one user turn, no generation
-/// prompt, as `_get_mistral_3_small_prompt_embeds` applies it (`[IMG]` removed from the
-/// prompt first, as `format_input` does).
-pub fn mistral_chat_text(prompt: &str) -> String {
+/// Mistral Small 3.x's chat template for a system turn and one user turn (its generation
+/// prompt adds nothing), as `_get_mistral_3_small_prompt_embeds` applies it with
+/// [`SYSTEM_MESSAGE`] (`[IMG]` removed from the prompt first, as `format_input` does).
+pub fn mistral_chat_text(system: &str, prompt: &str) -> String {
     format!(
-        "<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{}[/INST]",
+        "<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{}[/INST]",
         prompt.replace("[IMG]", "")
     )
 }
@@ -181,6 +206,7 @@ impl Flux2Pipeline {
         let depth = text_layers.iter().copied().max().unwrap_or(0);
         let tw = Weights::open_safetensors(&safetensors_files(&tdir, "model")?, &device, dtype)?;
         let text = TextModel::load(text_cfg, depth, &tw)?;
+        let stop_tokens = stop_tokens(&tdir)?;
         report("text_encoder", 1, 1);
 
         let xdir = dir.join("transformer");
@@ -220,6 +246,7 @@ impl Flux2Pipeline {
             tokenizer,
             text,
             text_layers,
+            stop_tokens,
             transformer,
             vae,
             schedule,
@@ -298,9 +325,51 @@ impl Flux2Pipeline {
     /// The prompt as the text model reads it: framed by its chat template.
     pub fn chat_text(&self, prompt: &str) -> String {
         match self.variant {
-            Flux2Variant::Dev => mistral_chat_text(prompt),
-            Flux2Variant::Klein { .. } => qwen3_chat_text(prompt),
+            Flux2Variant::Dev => mistral_chat_text(SYSTEM_MESSAGE, prompt),
+            Flux2Variant::Klein { .. } => qwen3_chat_text(None, prompt),
         }
+    }
+
+    /// The prompt as the text model is asked to rewrite it: under
+    /// [`SYSTEM_MESSAGE_UPSAMPLING_T2I`], ready for the model's answer.
+    pub fn expansion_chat_text(&self, prompt: &str) -> String {
+        match self.variant {
+            Flux2Variant::Dev => mistral_chat_text(SYSTEM_MESSAGE_UPSAMPLING_T2I, prompt),
+            Flux2Variant::Klein { .. } => {
+                qwen3_chat_text(Some(SYSTEM_MESSAGE_UPSAMPLING_T2I), prompt)
+            }
+        }
+    }
+
+    /// Whether the text encoder can rewrite prompts: it was loaded with its language-model
+    /// head (a checkpoint that ships the bare text model cannot).
+    pub fn can_expand_prompts(&self) -> bool {
+        self.text.can_generate()
+    }
+
+    /// The text encoder's rewrite of `prompt` (the reference's `upsample_prompt`), or `None`
+    /// where the checkpoint has no language-model head. The reference samples at
+    /// [`EXPANSION_TEMPERATURE`] for at most [`EXPANSION_MAX_NEW_TOKENS`] tokens.
+    pub fn expand_prompt(
+        &self,
+        prompt: &str,
+        max_new_tokens: usize,
+        choice: TokenChoice,
+    ) -> Result<Option<Expansion>> {
+        if !self.can_expand_prompts() {
+            return Ok(None);
+        }
+        let ids = self.tokenizer.ids(&self.expansion_chat_text(prompt))?;
+        let tokens = self
+            .text
+            .generate(&ids, max_new_tokens, choice, &self.stop_tokens)?;
+        let text = self.tokenizer.decode(&tokens)?;
+        Ok(Some(Expansion { tokens, text }))
+    }
+
+    /// The token ids of `text` as the text model reads it (no padding, nothing added).
+    pub fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.ids(text)
     }
 
     /// The stacked text-model hidden states of the chat-framed prompt, padded to
@@ -552,7 +621,7 @@ impl Flux2Pipeline {
                 match (&negative, guidance) {
                     (Some(neg), Some(g)) => {
                         let vn = self.velocity_with(x, sigma, None, neg, refs.as_ref(), &rope)?;
-                        Ok((&vn + ((v - &vn)? * g as f64)?)?)
+                        sampling::guided(&v, &vn, g)
                     }
                     _ => Ok(v),
                 }
