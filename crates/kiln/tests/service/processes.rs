@@ -272,8 +272,14 @@ async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
     let meta = &result["metadata"];
     assert!(meta["engine"].as_str().unwrap().contains("FLUX.2 klein"), "{meta}");
     assert_eq!(meta["num_inference_steps"], 3);
+    // The route expands prompts by default: the text encoder's rewrite is what was drawn.
     let notes = meta["notes"].to_string();
-    assert!(notes.contains("prompt expansion"), "expansion's absence is stated: {notes}");
+    assert!(
+        notes.contains("prompt expanded by the text encoder")
+            && notes.contains("the original: a red fox in the snow"),
+        "{notes}"
+    );
+    assert_ne!(meta["prompt"], "a red fox in the snow", "{meta}");
     let (code, content_type, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
     assert_eq!((code, content_type.as_deref()), (200, Some("image/png")));
     assert_eq!(decoded_size(&bytes), (80, 64));
