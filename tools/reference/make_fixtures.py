@@ -382,6 +382,18 @@ def build(name: str, cfg: dict, out_root: Path):
     add_true_cfg_reference(name, out_root)
 
 
+def add_to_reference(out_root: Path, name: str, tensors: dict, meta: dict):
+    """Adds `tensors` and `meta` entries to the fixtures' `{name}-reference.safetensors|json`."""
+    path = out_root / f"{name}-reference.safetensors"
+    saved = load_file(str(path))
+    saved.update(tensors)
+    save_file(saved, str(path))
+    path = out_root / f"{name}-reference.json"
+    saved = json.loads(path.read_text())
+    saved.update(meta)
+    path.write_text(json.dumps(saved, indent=1))
+
+
 def add_true_cfg_reference(name: str, out_root: Path):
     """The final latents of the reference run again with true classifier-free guidance against
     the empty prompt, from the saved diffusers folder, added to `{name}-reference.*`."""
@@ -395,10 +407,8 @@ def add_true_cfg_reference(name: str, out_root: Path):
                      num_inference_steps=meta["steps"], latents=tensors["latents_in"].clone(),
                      max_sequence_length=meta["max_sequence_length"], true_cfg_scale=TRUE_CFG_SCALE,
                      negative_prompt="", output_type="latent", **extra).images
-    tensors["final_latents_true_cfg"] = final.contiguous()
-    save_file(tensors, str(out_root / f"{name}-reference.safetensors"))
-    meta["true_cfg_scale"] = TRUE_CFG_SCALE
-    (out_root / f"{name}-reference.json").write_text(json.dumps(meta, indent=1))
+    add_to_reference(out_root, name, {"final_latents_true_cfg": final.contiguous()},
+                     {"true_cfg_scale": TRUE_CFG_SCALE})
     print(f"{name}: true CFG {TRUE_CFG_SCALE}, |final| max {final.abs().max():.3f}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from diffusers import Flux2Pipeline
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
@@ -29,7 +29,7 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE, SYSTEM_MES
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
                           PreTrainedTokenizerFast, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
-from make_fixtures import CORPUS, PROMPT, round_bf16_, save_bf16
+from make_fixtures import CORPUS, PROMPT, add_to_reference, round_bf16_, save_bf16
 
 # Qwen3's chat template, reduced to what a prompt encoder and a prompt rewriter use: system,
 # user and assistant turns, the generation prompt and the `enable_thinking=False` empty think
@@ -389,14 +389,11 @@ def add_expansion_reference(name: str, out_root: Path):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=EXPANSION_TOKENS,
                              do_sample=False)
     new = out[0, ids.shape[1]:]
-    tensors = load_file(str(out_root / f"{name}-reference.safetensors"))
-    tensors["expansion_prompt_ids"] = ids[0].to(torch.int64).contiguous()
-    tensors["expansion_ids"] = new.to(torch.int64).contiguous()
-    save_file(tensors, str(out_root / f"{name}-reference.safetensors"))
-    meta = json.loads((out_root / f"{name}-reference.json").read_text())
-    meta.update(expansion_chat_text=text, expansion_max_new_tokens=EXPANSION_TOKENS,
-                expansion_text=tokenizer.decode(new, skip_special_tokens=True))
-    (out_root / f"{name}-reference.json").write_text(json.dumps(meta, indent=1))
+    add_to_reference(out_root, name,
+                     {"expansion_prompt_ids": ids[0].to(torch.int64).contiguous(),
+                      "expansion_ids": new.to(torch.int64).contiguous()},
+                     {"expansion_chat_text": text, "expansion_max_new_tokens": EXPANSION_TOKENS,
+                      "expansion_text": tokenizer.decode(new, skip_special_tokens=True)})
     print(f"{name}: expansion of {ids.shape[1]} prompt tokens, {len(new)} new tokens")
 
 
