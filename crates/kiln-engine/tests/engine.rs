@@ -391,6 +391,28 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         "{notes}"
     );
 
+    // A deployment that turns expansion off draws the prompt as given, and says so.
+    let off = Flux2Engine::load(
+        Flux2Config {
+            prompt_expansion: false,
+            ..Flux2Config::new(fixture("klein-diffusers"))
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let unexpanded = off.generate(&expand, &mut Recorder::default()).unwrap();
+    assert_eq!(unexpanded.image.pixels, plain.image.pixels);
+    assert_eq!(unexpanded.applied.prompt, "a lighthouse in a storm");
+    assert!(
+        unexpanded
+            .applied
+            .notes
+            .iter()
+            .any(|n| n.contains("prompt expansion is turned off")),
+        "{:?}",
+        unexpanded.applied.notes
+    );
+
     // An edit: a reference image conditions the same request.
     let reference = kiln_core::engine::RgbImage {
         width: 64,

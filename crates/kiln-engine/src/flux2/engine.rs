@@ -35,10 +35,20 @@ pub struct Flux2Config {
     /// A preview every this many steps; 0 for none.
     #[serde(default = "default_preview_interval")]
     pub preview_interval: u32,
+    /// Whether a request's `enable_prompt_expansion` (on by default in the FLUX.2 [flex]
+    /// schema) is honoured. Expansion has the text encoder write up to 512 tokens before the
+    /// image, which a deployment of a large text encoder on CPU may not want to pay; off, the
+    /// result's notes say the prompt was used as given.
+    #[serde(default = "default_prompt_expansion")]
+    pub prompt_expansion: bool,
 }
 
 fn default_preview_interval() -> u32 {
     1
+}
+
+fn default_prompt_expansion() -> bool {
+    true
 }
 
 impl Flux2Config {
@@ -52,6 +62,7 @@ impl Flux2Config {
             guidance: None,
             max_sequence_length: None,
             preview_interval: default_preview_interval(),
+            prompt_expansion: default_prompt_expansion(),
         }
     }
 }
@@ -108,7 +119,12 @@ impl Flux2Engine {
             self.config.max_sequence_length,
             self.config.preview_interval,
         );
-        if params.enable_prompt_expansion {
+        if params.enable_prompt_expansion && !self.config.prompt_expansion {
+            notes.push(
+                "prompt expansion is turned off in this deployment's configuration (prompt_expansion = false); the prompt was used as given"
+                    .into(),
+            );
+        } else if params.enable_prompt_expansion {
             let choice = TokenChoice::Sampled {
                 temperature: EXPANSION_TEMPERATURE,
                 seed: u64::from(params.seed),
