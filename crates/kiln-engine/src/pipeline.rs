@@ -469,12 +469,13 @@ impl Flux1Pipeline {
         let tokens = (h / 2) * (w / 2);
 
         let text = self.encode_prompt(&req.prompt, max_len)?;
-        let negative = match cfg_scale {
+        // The empty prompt's encoding and the scale it is guided against.
+        let unconditional = match cfg_scale {
             Some(s) => {
                 notes.push(format!(
                     "true classifier-free guidance {s} against the empty prompt"
                 ));
-                Some(self.encode_prompt("", max_len)?)
+                Some((self.encode_prompt("", max_len)?, s))
             }
             None => None,
         };
@@ -508,12 +509,12 @@ impl Flux1Pipeline {
             observer,
             &mut |x, sigma| {
                 let v = self.velocity_with(x, sigma, guidance, &text, &rope)?;
-                match (&negative, cfg_scale) {
-                    (Some(neg), Some(s)) => {
-                        let vn = self.velocity_with(x, sigma, guidance, neg, &rope)?;
-                        sampling::guided(&v, &vn, s)
+                match &unconditional {
+                    Some((empty, s)) => {
+                        let vn = self.velocity_with(x, sigma, guidance, empty, &rope)?;
+                        sampling::guided(&v, &vn, *s)
                     }
-                    _ => Ok(v),
+                    None => Ok(v),
                 }
             },
             &|x0| preview(&sampling::unpack(x0, h, w)?),

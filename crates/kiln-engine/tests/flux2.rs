@@ -457,8 +457,7 @@ fn a_text_encoder_without_its_head_cannot_expand_prompts() {
     assert!(tensors.remove("lm_head.weight").is_some());
     candle_core::safetensors::save(&tensors, tdir.join("model.safetensors")).unwrap();
 
-    let headless =
-        Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let headless = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
     assert!(!headless.can_expand_prompts());
     assert_eq!(
         headless

@@ -249,10 +249,9 @@ fn true_cfg_checkpoints_match_diffusers() {
             std::fs::write(dir.join("model_index.json"), index.to_string()).unwrap();
         });
         let p = load(dir.path());
-        let initial = kiln_engine::read_latents(
-            &fixtures().join(format!("{config}-latents-in.safetensors")),
-        )
-        .unwrap();
+        let initial =
+            kiln_engine::read_latents(&fixtures().join(format!("{config}-latents-in.safetensors")))
+                .unwrap();
         let request = |guidance: Option<f32>| PipelineRequest {
             prompt: r.json["prompt"].as_str().unwrap().to_string(),
             width: r.u32("width"),

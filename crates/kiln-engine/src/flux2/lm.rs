@@ -145,8 +145,7 @@ impl TextModel {
         }
         let head_name = HEAD_NAMES.into_iter().find(|n| w.contains(n));
         let norm_name = format!("{prefix}norm.weight");
-        let has_head =
-            (head_name.is_some() || cfg.tie_word_embeddings) && w.contains(&norm_name);
+        let has_head = (head_name.is_some() || cfg.tie_word_embeddings) && w.contains(&norm_name);
         let depth = if has_head {
             cfg.num_hidden_layers
         } else {
@@ -223,11 +222,12 @@ impl TextModel {
             ));
         }
         let dev = self.embed.device();
-        let mut rng = match choice {
-            TokenChoice::Sampled { seed, .. } => {
-                Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+        let mut choose: Box<dyn FnMut(&[f32]) -> u32> = match choice {
+            TokenChoice::Greedy => Box::new(argmax),
+            TokenChoice::Sampled { temperature, seed } => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                Box::new(move |logits| sample(logits, temperature, &mut rng))
             }
-            TokenChoice::Greedy => None,
         };
         let mut cache: Vec<LayerCache> = vec![None; self.layers.len()];
         let mut out = Vec::new();
@@ -259,12 +259,7 @@ impl TextModel {
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
-            let next = match (choice, rng.as_mut()) {
-                (TokenChoice::Sampled { temperature, .. }, Some(rng)) => {
-                    sample(&logits, temperature, rng)
-                }
-                _ => argmax(&logits),
-            };
+            let next = choose(&logits);
             out.push(next);
             if stop.contains(&next) {
                 break;
@@ -294,7 +289,9 @@ impl TextModel {
         // next to the weights), then the asked ones are taken in the order asked.
         let mut outputs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &cos, &sin, Some(&mask), None)?.0;
+            x = self
+                .layer_forward(layer, &x, &cos, &sin, Some(&mask), None)?
+                .0;
             outputs.push(x.clone());
         }
         let ordered = out_layers

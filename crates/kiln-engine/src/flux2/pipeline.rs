@@ -575,10 +575,10 @@ impl Flux2Pipeline {
 
         let text = self.encode_prompt(&req.prompt, max_len)?;
         // The base model guides with its own guidance-free prediction for the empty prompt.
-        let negative = match guidance {
+        let unconditional = match guidance {
             Some(g) if g > 1.0 && !self.transformer.config().guidance_embeds => {
                 notes.push(format!("classifier-free guidance {g}"));
-                Some(self.encode_prompt("", max_len)?)
+                Some((self.encode_prompt("", max_len)?, g))
             }
             _ => None,
         };
@@ -618,12 +618,12 @@ impl Flux2Pipeline {
             &mut |x, sigma| {
                 let v =
                     self.velocity_with(x, sigma, embedded_guidance, &text, refs.as_ref(), &rope)?;
-                match (&negative, guidance) {
-                    (Some(neg), Some(g)) => {
-                        let vn = self.velocity_with(x, sigma, None, neg, refs.as_ref(), &rope)?;
-                        sampling::guided(&v, &vn, g)
+                match &unconditional {
+                    Some((empty, g)) => {
+                        let vn = self.velocity_with(x, sigma, None, empty, refs.as_ref(), &rope)?;
+                        sampling::guided(&v, &vn, *g)
                     }
-                    _ => Ok(v),
+                    None => Ok(v),
                 }
             },
             &|x0| preview(&self.vae.denormalise(x0, h, w)?),
