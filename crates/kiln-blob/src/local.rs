@@ -34,7 +34,8 @@ impl LocalBlobStore {
     /// Uses (and creates) `root`.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| backend(&format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| backend(&format!("creating {}", root.display()), e))?;
         Ok(Self { root })
     }
 
@@ -59,17 +60,26 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     for attempt in 0..16u32 {
         let path = dir.join(format!(".tmp-{}-{attempt}-{}", std::process::id(), nanos()));
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(file) => return Ok((path, file)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
-    Err(std::io::Error::new(ErrorKind::AlreadyExists, "no free temporary name"))
+    Err(std::io::Error::new(
+        ErrorKind::AlreadyExists,
+        "no free temporary name",
+    ))
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 #[async_trait]
@@ -91,7 +101,10 @@ impl BlobStore for LocalBlobStore {
 
     async fn get(&self, key: &BlobKey) -> Result<Option<Blob>, BlobError> {
         match tokio::fs::read(self.path_of(key)).await {
-            Ok(bytes) => Ok(Some(Blob { bytes, content_type: content_type_of(key).to_string() })),
+            Ok(bytes) => Ok(Some(Blob {
+                bytes,
+                content_type: content_type_of(key).to_string(),
+            })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(backend(&format!("reading {key}"), e)),
         }
@@ -116,21 +129,32 @@ mod tests {
         let store = LocalBlobStore::new(dir.path().join("blobs")).unwrap();
         let key = BlobKey::random("png");
         assert_eq!(store.get(&key).await.unwrap(), None);
-        let blob = Blob { bytes: vec![1, 2, 3], content_type: "image/png".into() };
+        let blob = Blob {
+            bytes: vec![1, 2, 3],
+            content_type: "image/png".into(),
+        };
         store.put(&key, blob.clone()).await.unwrap();
         assert_eq!(store.get(&key).await.unwrap(), Some(blob));
         store.delete(&key).await.unwrap();
         store.delete(&key).await.unwrap();
         assert_eq!(store.get(&key).await.unwrap(), None);
-        let leftovers: Vec<_> = std::fs::read_dir(store.path_of(&key).parent().unwrap()).unwrap().collect();
-        assert!(leftovers.is_empty(), "no temporary files are left behind: {leftovers:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(store.path_of(&key).parent().unwrap())
+            .unwrap()
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "no temporary files are left behind: {leftovers:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_content_type_that_contradicts_the_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalBlobStore::new(dir.path()).unwrap();
-        let wrong = Blob { bytes: vec![0], content_type: "image/png".into() };
+        let wrong = Blob {
+            bytes: vec![0],
+            content_type: "image/png".into(),
+        };
         assert!(store.put(&BlobKey::random("jpeg"), wrong).await.is_err());
     }
 }

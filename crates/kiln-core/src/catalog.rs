@@ -66,7 +66,9 @@ impl FromStr for Route {
         Route::ALL
             .into_iter()
             .find(|r| r.id() == s)
-            .ok_or_else(|| UnknownRoute { given: s.chars().take(200).collect() })
+            .ok_or_else(|| UnknownRoute {
+                given: s.chars().take(200).collect(),
+            })
     }
 }
 
@@ -93,6 +95,9 @@ mod tests {
             assert_eq!(r.id().parse::<Route>().unwrap(), r);
         }
         let err = "flux/nope".parse::<Route>().unwrap_err().to_string();
-        assert!(err.contains("blackforestlabs/flux-2/flex/text-to-image"), "{err}");
+        assert!(
+            err.contains("blackforestlabs/flux-2/flex/text-to-image"),
+            "{err}"
+        );
     }
 }

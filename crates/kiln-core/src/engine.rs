@@ -28,6 +28,13 @@ pub trait StepObserver {
     fn on_step(&mut self, event: StepEvent<'_>) -> ControlFlow<()>;
 }
 
+/// Nobody watching: the generation runs to the end.
+impl StepObserver for () {
+    fn on_step(&mut self, _: StepEvent<'_>) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
 /// Settings the engine actually applied, for the result's metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppliedSettings {

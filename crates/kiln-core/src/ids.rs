@@ -40,7 +40,9 @@ pub struct MalformedRequestId(pub String);
 impl FromStr for RequestId {
     type Err = MalformedRequestId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self).map_err(|_| MalformedRequestId(s.chars().take(64).collect()))
+        Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| MalformedRequestId(s.chars().take(64).collect()))
     }
 }
 
@@ -106,7 +108,11 @@ pub struct InvalidBlobKey(pub String);
 impl BlobKey {
     /// A fresh random key with the given file extension, e.g. `3f2a...c9.jpeg`.
     pub fn random(extension: &str) -> Self {
-        Self(format!("{}{}.{extension}", Uuid::new_v4().simple(), Uuid::new_v4().simple()))
+        Self(format!(
+            "{}{}.{extension}",
+            Uuid::new_v4().simple(),
+            Uuid::new_v4().simple()
+        ))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -119,7 +125,8 @@ impl TryFrom<String> for BlobKey {
         let ok = !s.is_empty()
             && s.len() <= 128
             && !s.starts_with('.')
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if ok {
             Ok(Self(s))
         } else {

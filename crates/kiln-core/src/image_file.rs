@@ -19,18 +19,20 @@ pub struct EncodeError {
 
 pub fn encode_image(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, EncodeError> {
     let mut out = Vec::new();
-    let result = match format {
-        OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY).write_image(
-            &img.pixels,
-            img.width,
-            img.height,
-            ExtendedColorType::Rgb8,
-        ),
-        OutputFormat::Png => {
-            PngEncoder::new(&mut out).write_image(&img.pixels, img.width, img.height, ExtendedColorType::Rgb8)
-        }
-    };
-    result.map(|()| out).map_err(|source| EncodeError { format, source })
+    let result =
+        match format {
+            OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)
+                .write_image(&img.pixels, img.width, img.height, ExtendedColorType::Rgb8),
+            OutputFormat::Png => PngEncoder::new(&mut out).write_image(
+                &img.pixels,
+                img.width,
+                img.height,
+                ExtendedColorType::Rgb8,
+            ),
+        };
+    result
+        .map(|()| out)
+        .map_err(|source| EncodeError { format, source })
 }
 
 #[cfg(test)]

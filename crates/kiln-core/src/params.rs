@@ -24,7 +24,10 @@ impl Prompt {
         if len == 0 {
             Err(PromptError::Empty)
         } else if len > max_chars {
-            Err(PromptError::TooLong { len, max: max_chars })
+            Err(PromptError::TooLong {
+                len,
+                max: max_chars,
+            })
         } else {
             Ok(Self(trimmed.to_string()))
         }
@@ -96,6 +99,9 @@ mod tests {
         assert_eq!(Prompt::parse("  a cat ", 10).unwrap().as_str(), "a cat");
         assert_eq!(Prompt::parse(" \n\t", 10), Err(PromptError::Empty));
         assert_eq!(Prompt::parse("ééééé", 5).unwrap().as_str(), "ééééé");
-        assert_eq!(Prompt::parse("abcdef", 5), Err(PromptError::TooLong { len: 6, max: 5 }));
+        assert_eq!(
+            Prompt::parse("abcdef", 5),
+            Err(PromptError::TooLong { len: 6, max: 5 })
+        );
     }
 }

@@ -90,7 +90,11 @@ pub trait JobStore: Send + Sync {
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError>;
 
     /// Cancels a queued job of `owner`; `None` when there is no such (visible) job.
-    async fn cancel(&self, owner: KeyId, id: RequestId) -> Result<Option<CancelOutcome>, StoreError>;
+    async fn cancel(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<CancelOutcome>, StoreError>;
 
     /// Takes the oldest queued job of one of `routes` (or one whose lease ran out).
     async fn claim(
@@ -147,7 +151,12 @@ pub struct ApiKey {
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// Stores a key under `name` with the token's hash.
-    async fn insert_key(&self, name: &str, token_hash: &str, prefix: &str) -> Result<ApiKey, StoreError>;
+    async fn insert_key(
+        &self,
+        name: &str,
+        token_hash: &str,
+        prefix: &str,
+    ) -> Result<ApiKey, StoreError>;
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
     /// Revokes the key named `name`. Revoking twice is harmless.
     async fn revoke_key(&self, name: &str) -> Result<ApiKey, StoreError>;

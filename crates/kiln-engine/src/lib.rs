@@ -21,6 +21,7 @@
 //! - [`flux2`]: FLUX.2 klein ([`flux2::Flux2Pipeline`]), its own module tree on the pieces above.
 //! - `error`: the crate's [`Error`].
 
+pub mod bench;
 pub mod checkpoint;
 mod clip;
 mod engine;

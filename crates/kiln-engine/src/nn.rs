@@ -24,6 +24,9 @@ impl Linear {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Linear::Dense(l) if on_cpu_in_f32(x) => {
+                kiln_kernels::ops::linear(x, l.weight(), l.bias())
+            }
             Linear::Dense(l) => l.forward(x),
             Linear::Quantized { weight, bias } => {
                 // candle's quantized kernels take f32 activations on every backend; the
@@ -41,13 +44,20 @@ impl Linear {
     }
 }
 
+/// Whether kiln's own CPU kernels take this tensor.
+fn on_cpu_in_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// Bytes of f32 attention scores computed at once; larger problems go a few heads at a time
 /// (a 1024x1024 FLUX image has 4608 tokens: 2 GB of scores for 24 heads).
 const SCORES_BUDGET: usize = 256 << 20;
 
 /// Softmax attention over `(batch, heads, seq, head_dim)` tensors, with an optional additive
 /// bias (`(1 or batch, heads, seq, seq)` or broadcastable) on the scores. The softmax runs in
-/// f32, as PyTorch's kernels do for bf16.
+/// f32, as PyTorch's kernels do for bf16. Without a bias, f32 on the CPU runs kiln's tiled
+/// kernel, whose result is a view of `(batch, seq, heads, head_dim)` memory, so merging the
+/// heads afterwards copies nothing.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -55,6 +65,9 @@ pub(crate) fn attention(
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if bias.is_none() && on_cpu_in_f32(q) {
+        return kiln_kernels::ops::attention(q, k, v, scale)?.transpose(1, 2);
+    }
     let (b, h, sq, _) = q.dims4()?;
     let sk = k.dim(2)?;
     let per_head = b * sq * sk * 4;

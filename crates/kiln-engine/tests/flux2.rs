@@ -10,9 +10,7 @@ use std::ops::ControlFlow;
 
 mod common;
 use candle_core::quantized::GgmlDType;
-use common::{
-    fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Quiet, Reference, TOL,
-};
+use common::{fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Reference, TOL};
 use std::path::{Path, PathBuf};
 
 fn prompt(r: &Reference) -> &str {
@@ -213,7 +211,7 @@ fn measure(config: &str, p: &Flux2Pipeline, applied_guidance: Option<f32>) -> Er
 
     // The whole run with the reference's initial latents, steps and guidance.
     let req = reference_request(&r, Some(steps as u32), guidance(&r));
-    let out = p.run(&req, &mut Quiet).unwrap();
+    let out = p.run(&req, &mut ()).unwrap();
     assert_eq!(out.applied.num_inference_steps, steps as u32);
     assert_eq!(out.applied.guidance, applied_guidance);
     // Flux2Pipeline returns the packed latents as the sampler left them, Flux2KleinPipeline
@@ -278,7 +276,7 @@ fn klein_previews_at_latent_resolution_and_stops_when_asked() {
     // 4 steps, a preview after each but the last, one pixel per un-patchified latent pixel.
     assert_eq!(watch.previews, vec![(1, 16, 24), (2, 16, 24), (3, 16, 24)]);
     // Seeded noise: the same seed gives the same image.
-    let again = p.run(&req, &mut Quiet).unwrap();
+    let again = p.run(&req, &mut ()).unwrap();
     assert_eq!(out.image.pixels, again.image.pixels);
 
     let mut stop = Watch {
@@ -308,7 +306,7 @@ fn klein_base_guidance_matches_diffusers() {
 
     let (w, h) = (r.u32("width"), r.u32("height"));
     let req = reference_request(&r, Some(r.u32("base_steps")), None);
-    let out = p.run(&req, &mut Quiet).unwrap();
+    let out = p.run(&req, &mut ()).unwrap();
     assert_eq!(
         out.applied.guidance,
         r.json["base_guidance"].as_f64().map(|g| g as f32)
@@ -348,9 +346,7 @@ fn klein_edit_with_a_reference_image_matches_diffusers() {
             .unwrap(),
     };
     let req = reference_request(&r, None, None);
-    let out = p
-        .run_with_references(&req, &[reference], &mut Quiet)
-        .unwrap();
+    let out = p.run_with_references(&req, &[reference], &mut ()).unwrap();
     let final_err = max_abs(
         &p.unpack_latents(&out.final_latents, w, h).unwrap(),
         r.t("edit_final_latents"),

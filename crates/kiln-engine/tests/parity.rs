@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 mod common;
-use common::{
-    fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Quiet, Reference, TOL,
-};
+use common::{fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Reference, TOL};
 
 fn guidance(r: &Reference) -> Option<f32> {
     r.json["guidance"].as_f64().map(|g| g as f32)
@@ -88,7 +86,7 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
         ),
         preview_interval: 0,
     };
-    let out = p.run(&req, &mut Quiet).unwrap();
+    let out = p.run(&req, &mut ()).unwrap();
     assert_eq!(out.applied.num_inference_steps, r.u32("steps"));
     assert_eq!(out.applied.guidance, guidance(&r));
     let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
@@ -263,7 +261,7 @@ fn true_cfg_checkpoints_match_diffusers() {
             initial_latents: Some(initial.clone()),
             preview_interval: 0,
         };
-        let out = p.run(&request(None), &mut Quiet).unwrap();
+        let out = p.run(&request(None), &mut ()).unwrap();
         let e = max_abs(&out.final_latents, r.t("final_latents_true_cfg"));
         let moved = max_abs(r.t("final_latents_true_cfg"), r.t("final_latents"));
         eprintln!("{config} true CFG {scale}: final latents {e} (guidance moved them {moved})");
@@ -282,7 +280,7 @@ fn true_cfg_checkpoints_match_diffusers() {
             _ => {
                 assert_eq!(out.applied.guidance, Some(scale));
                 // A request's guidance is the scale; 1 is none at all, as in diffusers.
-                let unguided = p.run(&request(Some(1.0)), &mut Quiet).unwrap();
+                let unguided = p.run(&request(Some(1.0)), &mut ()).unwrap();
                 let e = max_abs(&unguided.final_latents, r.t("final_latents"));
                 assert!(e <= TOL, "schnell at scale 1: {e}");
             }

@@ -39,20 +39,27 @@ pub(crate) fn millis(t: OffsetDateTime) -> i64 {
 }
 
 pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).map_err(|e| corrupt("instant", e))
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .map_err(|e| corrupt("instant", e))
 }
 
 impl JobRow {
     pub(crate) fn into_job(self) -> Result<Job, StoreError> {
         let uuid = |s: &str, what| uuid::Uuid::parse_str(s).map_err(|e| corrupt(what, e));
         let progress = match (self.progress_step, self.progress_total) {
-            (Some(step), Some(total)) => Some(Progress { step: step as u32, total: total as u32 }),
+            (Some(step), Some(total)) => Some(Progress {
+                step: step as u32,
+                total: total as u32,
+            }),
             _ => None,
         };
         Ok(Job {
             id: self.id.parse::<RequestId>().map_err(|e| corrupt("id", e))?,
             owner: KeyId::from_uuid(uuid(&self.owner, "owner")?),
-            route: self.route.parse::<Route>().map_err(|e| corrupt("route", e))?,
+            route: self
+                .route
+                .parse::<Route>()
+                .map_err(|e| corrupt("route", e))?,
             params: serde_json::from_str(&self.params).map_err(|e| corrupt("params", e))?,
             state: JobState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?,
             created_at: from_millis(self.created_at)?,
@@ -60,8 +67,18 @@ impl JobRow {
             finished_at: self.finished_at.map(from_millis).transpose()?,
             expires_at: from_millis(self.expires_at)?,
             progress,
-            output: self.output.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("output", e))?,
-            error: self.error.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("error", e))?,
+            output: self
+                .output
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt("output", e))?,
+            error: self
+                .error
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| corrupt("error", e))?,
             attempts: self.attempts as u32,
         })
     }

@@ -17,7 +17,8 @@ use kiln_core::store::{
     ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, StateCounts, StoreError,
 };
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
+    SqliteSynchronous,
 };
 use sqlx::{SqliteConnection, SqlitePool};
 use std::path::Path;
@@ -66,7 +67,10 @@ struct JobViewRow {
 
 impl JobViewRow {
     fn into_view(self) -> Result<JobView, StoreError> {
-        Ok(JobView { job: self.job.into_job()?, queue_position: self.queue_position.map(|p| p as u64) })
+        Ok(JobView {
+            job: self.job.into_job()?,
+            queue_position: self.queue_position.map(|p| p as u64),
+        })
     }
 }
 
@@ -108,7 +112,10 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await.map_err(backend)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(backend)?;
         Ok(Self { pool })
     }
 
@@ -146,7 +153,11 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         let now = now_millis();
         let id = lease.job.id.to_string();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
         let sql = format!(
             "UPDATE jobs SET state = ?2, output = ?3, error = ?4, finished_at = ?1, \
                lease_expires_at = NULL, {EXPIRE_FROM_NOW} \
@@ -155,8 +166,18 @@ impl SqliteStore {
         let done = sqlx::query(&sql)
             .bind(now)
             .bind(state.as_str())
-            .bind(output.map(serde_json::to_string).transpose().map_err(backend)?)
-            .bind(error.map(serde_json::to_string).transpose().map_err(backend)?)
+            .bind(
+                output
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(backend)?,
+            )
+            .bind(
+                error
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(backend)?,
+            )
             .bind(&id)
             .bind(lease.fencing_token)
             .execute(&mut *tx)
@@ -185,23 +206,30 @@ impl JobStore for SqliteStore {
     ) -> Result<Enqueued, StoreError> {
         let now = millis(job.created_at);
         let owner = job.owner.to_string();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
 
         if let Some(idem) = &idempotency {
-            sqlx::query("DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at <= ?")
-                .bind(&owner)
-                .bind(&idem.key)
-                .bind(now - duration_millis(idem.window))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            let earlier: Option<(String, String)> =
-                sqlx::query_as("SELECT fingerprint, job_id FROM idempotency_keys WHERE owner = ? AND key = ?")
-                    .bind(&owner)
-                    .bind(&idem.key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(backend)?;
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at <= ?",
+            )
+            .bind(&owner)
+            .bind(&idem.key)
+            .bind(now - duration_millis(idem.window))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let earlier: Option<(String, String)> = sqlx::query_as(
+                "SELECT fingerprint, job_id FROM idempotency_keys WHERE owner = ? AND key = ?",
+            )
+            .bind(&owner)
+            .bind(&idem.key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
             if let Some((fingerprint, job_id)) = earlier {
                 if fingerprint != idem.fingerprint {
                     return Err(StoreError::IdempotencyConflict);
@@ -209,7 +237,10 @@ impl JobStore for SqliteStore {
                 // The key's row dies with its job (cascade), so the original is still visible.
                 if let Some(view) = Self::view(&mut tx, &job_id, Some(&owner), now).await? {
                     tx.commit().await.map_err(backend)?;
-                    return Ok(Enqueued { view, replayed: true });
+                    return Ok(Enqueued {
+                        view,
+                        replayed: true,
+                    });
                 }
             }
         }
@@ -219,7 +250,9 @@ impl JobStore for SqliteStore {
             .await
             .map_err(backend)?;
         if depth as u64 >= max_queued {
-            return Err(StoreError::QueueFull { depth: depth as u64 });
+            return Err(StoreError::QueueFull {
+                depth: depth as u64,
+            });
         }
         let id = job.id.to_string();
         sqlx::query(
@@ -270,31 +303,55 @@ impl JobStore for SqliteStore {
             // FIFO: everything queued before this insert is ahead of it.
             queue_position: Some(depth as u64),
         };
-        Ok(Enqueued { view, replayed: false })
+        Ok(Enqueued {
+            view,
+            replayed: false,
+        })
     }
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(backend)?;
-        Self::view(&mut conn, &id.to_string(), Some(&owner.to_string()), now_millis()).await
+        Self::view(
+            &mut conn,
+            &id.to_string(),
+            Some(&owner.to_string()),
+            now_millis(),
+        )
+        .await
     }
 
-    async fn cancel(&self, owner: KeyId, id: RequestId) -> Result<Option<CancelOutcome>, StoreError> {
+    async fn cancel(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<CancelOutcome>, StoreError> {
         let now = now_millis();
         let (id, owner) = (id.to_string(), owner.to_string());
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
         let sql = format!(
             "UPDATE jobs SET state = 'cancelled', finished_at = ?1, {EXPIRE_FROM_NOW} \
              WHERE id = ?2 AND owner = ?3 AND state = 'queued'"
         );
-        let cancelled =
-            sqlx::query(&sql).bind(now).bind(&id).bind(&owner).execute(&mut *tx).await.map_err(backend)?;
+        let cancelled = sqlx::query(&sql)
+            .bind(now)
+            .bind(&id)
+            .bind(&owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         let outcome = if cancelled.rows_affected() == 1 {
             Some(CancelOutcome::Cancelled)
         } else {
-            Self::view(&mut tx, &id, Some(&owner), now).await?.map(|v| match v.job.state {
-                JobState::Cancelled => CancelOutcome::Cancelled,
-                _ => CancelOutcome::NotCancellable,
-            })
+            Self::view(&mut tx, &id, Some(&owner), now)
+                .await?
+                .map(|v| match v.job.state {
+                    JobState::Cancelled => CancelOutcome::Cancelled,
+                    _ => CancelOutcome::NotCancellable,
+                })
         };
         tx.commit().await.map_err(backend)?;
         Ok(outcome)
@@ -321,7 +378,10 @@ impl JobStore for SqliteStore {
                ORDER BY seq LIMIT 1) \
              RETURNING {JOB_COLUMNS}"
         );
-        let mut query = sqlx::query_as::<_, JobRow>(&sql).bind(worker.as_str()).bind(lease_until).bind(now);
+        let mut query = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(worker.as_str())
+            .bind(lease_until)
+            .bind(now);
         for route in routes {
             query = query.bind(route.id());
         }
@@ -368,11 +428,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError> {
-        self.finish(lease, JobState::Succeeded, Some(&output), None).await
+        self.finish(lease, JobState::Succeeded, Some(&output), None)
+            .await
     }
 
     async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError> {
-        self.finish(lease, JobState::Failed, None, Some(&error)).await
+        self.finish(lease, JobState::Failed, None, Some(&error))
+            .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -416,7 +478,11 @@ impl JobStore for SqliteStore {
 
     async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError> {
         let now = millis(now);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)?;
         let keys: Vec<String> = sqlx::query_scalar(
             "SELECT b.blob_key FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
              WHERE j.expires_at <= ? AND j.state IN ('succeeded', 'failed', 'cancelled')",
@@ -431,7 +497,9 @@ impl JobStore for SqliteStore {
             .await
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        keys.into_iter().map(|k| BlobKey::try_from(k).map_err(backend)).collect()
+        keys.into_iter()
+            .map(|k| BlobKey::try_from(k).map_err(backend))
+            .collect()
     }
 
     async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError> {
@@ -448,14 +516,18 @@ impl JobStore for SqliteStore {
     }
 
     async fn state_counts(&self) -> Result<StateCounts, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(backend)?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend)?;
         let counts = JobState::ALL
             .into_iter()
             .map(|state| {
-                let n = rows.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+                let n = rows
+                    .iter()
+                    .find(|(s, _)| s == state.as_str())
+                    .map_or(0, |(_, n)| *n);
                 (state, n as u64)
             })
             .collect();
@@ -463,14 +535,22 @@ impl JobStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(backend)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }
 
 #[async_trait]
 impl KeyStore for SqliteStore {
-    async fn insert_key(&self, name: &str, token_hash: &str, prefix: &str) -> Result<ApiKey, StoreError> {
+    async fn insert_key(
+        &self,
+        name: &str,
+        token_hash: &str,
+        prefix: &str,
+    ) -> Result<ApiKey, StoreError> {
         let sql = format!(
             "INSERT INTO api_keys (id, name, token_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?) \
              RETURNING {KEY_COLUMNS}"
@@ -484,7 +564,9 @@ impl KeyStore for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| match e.as_database_error() {
-                Some(db) if db.is_unique_violation() => StoreError::DuplicateKeyName(name.to_string()),
+                Some(db) if db.is_unique_violation() => {
+                    StoreError::DuplicateKeyName(name.to_string())
+                }
                 _ => backend(e),
             })?;
         row.into_key()
@@ -492,7 +574,10 @@ impl KeyStore for SqliteStore {
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, name");
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(&sql).fetch_all(&self.pool).await.map_err(backend)?;
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
         rows.into_iter().map(ApiKeyRow::into_key).collect()
     }
 
@@ -506,13 +591,19 @@ impl KeyStore for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        row.ok_or_else(|| StoreError::NoSuchKey(name.to_string()))?.into_key()
+        row.ok_or_else(|| StoreError::NoSuchKey(name.to_string()))?
+            .into_key()
     }
 
     async fn key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = ? AND revoked_at IS NULL");
-        let row: Option<ApiKeyRow> =
-            sqlx::query_as(&sql).bind(token_hash).fetch_optional(&self.pool).await.map_err(backend)?;
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = ? AND revoked_at IS NULL"
+        );
+        let row: Option<ApiKeyRow> = sqlx::query_as(&sql)
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         row.map(ApiKeyRow::into_key).transpose()
     }
 

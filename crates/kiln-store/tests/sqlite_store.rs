@@ -3,7 +3,8 @@
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
-    CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, NewJob, OutputMetadata, Progress, Timings,
+    CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, NewJob, OutputMetadata, Progress,
+    Timings,
 };
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
 use kiln_core::store::{ClaimPolicy, Idempotency, JobStore, KeyStore, StoreError};
@@ -12,18 +13,26 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 const ROUTE: Route = Route::Flux11ProTextToImage;
-const LONG_LEASE: ClaimPolicy = ClaimPolicy { lease: Duration::from_secs(60), max_attempts: 3 };
+const LONG_LEASE: ClaimPolicy = ClaimPolicy {
+    lease: Duration::from_secs(60),
+    max_attempts: 3,
+};
 
 async fn fresh() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap();
+    let store = SqliteStore::open(&dir.path().join("kiln.db"))
+        .await
+        .unwrap();
     (dir, store)
 }
 
 fn params(prompt: &str) -> GenerationParams {
     GenerationParams {
         prompt: Prompt::parse(prompt, 100).unwrap(),
-        size: ImageSize { width: 1024, height: 768 },
+        size: ImageSize {
+            width: 1024,
+            height: 768,
+        },
         seed: 7,
         num_inference_steps: None,
         guidance_scale: None,
@@ -57,7 +66,11 @@ fn output(keys: Vec<BlobKey>) -> JobOutput {
             guidance: None,
             output_format: OutputFormat::Jpeg,
             prompt: "p".into(),
-            timings_ms: Timings { queued: 1, inference: 2, encode_and_store: 3 },
+            timings_ms: Timings {
+                queued: 1,
+                inference: 2,
+                encode_and_store: 3,
+            },
             engine: "test".into(),
             notes: vec![],
         },
@@ -74,26 +87,53 @@ async fn queue_positions_follow_submission_order() {
     let owner = KeyId::new();
     let mut ids = vec![];
     for i in 0..4 {
-        let e = store.enqueue(new_job(owner, &format!("job {i}")), None, 100).await.unwrap();
+        let e = store
+            .enqueue(new_job(owner, &format!("job {i}")), None, 100)
+            .await
+            .unwrap();
         assert_eq!(e.view.queue_position, Some(i));
         assert!(!e.replayed);
         ids.push(e.view.job.id);
     }
     for (i, id) in ids.iter().enumerate() {
-        assert_eq!(store.get(owner, *id).await.unwrap().unwrap().queue_position, Some(i as u64));
+        assert_eq!(
+            store.get(owner, *id).await.unwrap().unwrap().queue_position,
+            Some(i as u64)
+        );
     }
-    let lease = store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    let lease = store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lease.job.id, ids[0], "the oldest job is claimed first");
     let running = store.get(owner, ids[0]).await.unwrap().unwrap();
-    assert_eq!((running.job.state, running.queue_position), (JobState::Running, None));
-    assert_eq!(store.get(owner, ids[3]).await.unwrap().unwrap().queue_position, Some(2));
+    assert_eq!(
+        (running.job.state, running.queue_position),
+        (JobState::Running, None)
+    );
+    assert_eq!(
+        store
+            .get(owner, ids[3])
+            .await
+            .unwrap()
+            .unwrap()
+            .queue_position,
+        Some(2)
+    );
 }
 
 #[tokio::test]
 async fn another_owner_sees_nothing() {
     let (_dir, store) = fresh().await;
     let (alice, bob) = (KeyId::new(), KeyId::new());
-    let id = store.enqueue(new_job(alice, "mine"), None, 100).await.unwrap().view.job.id;
+    let id = store
+        .enqueue(new_job(alice, "mine"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
     assert!(store.get(bob, id).await.unwrap().is_none());
     assert!(store.cancel(bob, id).await.unwrap().is_none());
     assert!(store.get(alice, id).await.unwrap().is_some());
@@ -105,88 +145,231 @@ async fn queue_depth_is_bounded() {
     let owner = KeyId::new();
     store.enqueue(new_job(owner, "a"), None, 2).await.unwrap();
     store.enqueue(new_job(owner, "b"), None, 2).await.unwrap();
-    let err = store.enqueue(new_job(owner, "c"), None, 2).await.unwrap_err();
+    let err = store
+        .enqueue(new_job(owner, "c"), None, 2)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::QueueFull { depth: 2 }), "{err:?}");
-    store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
-    store.enqueue(new_job(owner, "c"), None, 2).await.expect("a claimed job frees a place");
+    store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(new_job(owner, "c"), None, 2)
+        .await
+        .expect("a claimed job frees a place");
 }
 
 #[tokio::test]
 async fn cancel_in_each_state() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    let queued = store.enqueue(new_job(owner, "q"), None, 100).await.unwrap().view.job.id;
-    let running = store.enqueue(new_job(owner, "r"), None, 100).await.unwrap().view.job.id;
-    assert_eq!(store.cancel(owner, queued).await.unwrap(), Some(CancelOutcome::Cancelled));
-    assert_eq!(store.cancel(owner, queued).await.unwrap(), Some(CancelOutcome::Cancelled), "twice is harmless");
+    let queued = store
+        .enqueue(new_job(owner, "q"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let running = store
+        .enqueue(new_job(owner, "r"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    assert_eq!(
+        store.cancel(owner, queued).await.unwrap(),
+        Some(CancelOutcome::Cancelled)
+    );
+    assert_eq!(
+        store.cancel(owner, queued).await.unwrap(),
+        Some(CancelOutcome::Cancelled),
+        "twice is harmless"
+    );
     let view = store.get(owner, queued).await.unwrap().unwrap();
     assert_eq!(view.job.state, JobState::Cancelled);
     assert!(view.job.finished_at.is_some());
 
-    let lease = store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    let lease = store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lease.job.id, running, "a cancelled job is never claimed");
-    assert_eq!(store.cancel(owner, running).await.unwrap(), Some(CancelOutcome::NotCancellable));
+    assert_eq!(
+        store.cancel(owner, running).await.unwrap(),
+        Some(CancelOutcome::NotCancellable)
+    );
     store.complete(&lease, output(vec![])).await.unwrap();
-    assert_eq!(store.cancel(owner, running).await.unwrap(), Some(CancelOutcome::NotCancellable));
-    assert_eq!(store.get(owner, running).await.unwrap().unwrap().job.state, JobState::Succeeded);
-    assert!(store.cancel(owner, RequestId::new()).await.unwrap().is_none());
+    assert_eq!(
+        store.cancel(owner, running).await.unwrap(),
+        Some(CancelOutcome::NotCancellable)
+    );
+    assert_eq!(
+        store.get(owner, running).await.unwrap().unwrap().job.state,
+        JobState::Succeeded
+    );
+    assert!(store
+        .cancel(owner, RequestId::new())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
 async fn claims_only_the_routes_asked_for() {
     let (_dir, store) = fresh().await;
-    store.enqueue(new_job(KeyId::new(), "a"), None, 100).await.unwrap();
-    assert!(store.claim(&worker("w"), &[Route::Flux2FlexTextToImage], LONG_LEASE).await.unwrap().is_none());
-    assert!(store.claim(&worker("w"), &[], LONG_LEASE).await.unwrap().is_none());
-    assert!(store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().is_some());
+    store
+        .enqueue(new_job(KeyId::new(), "a"), None, 100)
+        .await
+        .unwrap();
+    assert!(store
+        .claim(&worker("w"), &[Route::Flux2FlexTextToImage], LONG_LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .claim(&worker("w"), &[], LONG_LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .is_some());
 }
 
 #[tokio::test]
 async fn a_stale_worker_is_fenced_off_after_its_lease_expires() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    let id = store.enqueue(new_job(owner, "a"), None, 100).await.unwrap().view.job.id;
-    let short = ClaimPolicy { lease: Duration::from_millis(50), max_attempts: 3 };
-    let stale = store.claim(&worker("stale"), &[ROUTE], short).await.unwrap().unwrap();
-    assert!(store.claim(&worker("other"), &[ROUTE], short).await.unwrap().is_none(), "lease still held");
+    let id = store
+        .enqueue(new_job(owner, "a"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let short = ClaimPolicy {
+        lease: Duration::from_millis(50),
+        max_attempts: 3,
+    };
+    let stale = store
+        .claim(&worker("stale"), &[ROUTE], short)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .claim(&worker("other"), &[ROUTE], short)
+            .await
+            .unwrap()
+            .is_none(),
+        "lease still held"
+    );
     tokio::time::sleep(Duration::from_millis(120)).await;
 
-    let fresh = store.claim(&worker("fresh"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    let fresh = store
+        .claim(&worker("fresh"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(fresh.job.id, id);
     assert!(fresh.fencing_token > stale.fencing_token);
     assert_eq!(fresh.job.attempts, 2);
 
-    let heartbeat = store.heartbeat(&stale, Some(Progress { step: 1, total: 4 }), Duration::from_secs(60)).await;
-    assert!(matches!(heartbeat, Err(StoreError::LeaseLost(_))), "{heartbeat:?}");
-    let complete = store.complete(&stale, output(vec![BlobKey::random("jpeg")])).await;
+    let heartbeat = store
+        .heartbeat(
+            &stale,
+            Some(Progress { step: 1, total: 4 }),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(heartbeat, Err(StoreError::LeaseLost(_))),
+        "{heartbeat:?}"
+    );
+    let complete = store
+        .complete(&stale, output(vec![BlobKey::random("jpeg")]))
+        .await;
     assert!(matches!(complete, Err(StoreError::LeaseLost(_))));
-    let fail = store.fail(&stale, JobError { code: JobErrorCode::EngineFailed, message: "x".into() }).await;
+    let fail = store
+        .fail(
+            &stale,
+            JobError {
+                code: JobErrorCode::EngineFailed,
+                message: "x".into(),
+            },
+        )
+        .await;
     assert!(matches!(fail, Err(StoreError::LeaseLost(_))));
-    assert!(matches!(store.release(&stale).await, Err(StoreError::LeaseLost(_))));
+    assert!(matches!(
+        store.release(&stale).await,
+        Err(StoreError::LeaseLost(_))
+    ));
 
-    store.heartbeat(&fresh, Some(Progress { step: 3, total: 4 }), Duration::from_secs(60)).await.unwrap();
+    store
+        .heartbeat(
+            &fresh,
+            Some(Progress { step: 3, total: 4 }),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     let view = store.get(owner, id).await.unwrap().unwrap();
     assert_eq!(view.job.progress, Some(Progress { step: 3, total: 4 }));
     let key = BlobKey::random("jpeg");
-    store.complete(&fresh, output(vec![key.clone()])).await.unwrap();
+    store
+        .complete(&fresh, output(vec![key.clone()]))
+        .await
+        .unwrap();
     let done = store.get(owner, id).await.unwrap().unwrap().job;
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.output.unwrap().images, vec![key.clone()]);
     assert!(store.blob_is_live(&key).await.unwrap());
-    assert!(matches!(store.complete(&fresh, output(vec![])).await, Err(StoreError::LeaseLost(_))), "ends once");
+    assert!(
+        matches!(
+            store.complete(&fresh, output(vec![])).await,
+            Err(StoreError::LeaseLost(_))
+        ),
+        "ends once"
+    );
 }
 
 #[tokio::test]
 async fn a_job_that_keeps_killing_workers_is_failed() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    let id = store.enqueue(new_job(owner, "poison"), None, 100).await.unwrap().view.job.id;
-    let policy = ClaimPolicy { lease: Duration::from_millis(20), max_attempts: 2 };
+    let id = store
+        .enqueue(new_job(owner, "poison"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let policy = ClaimPolicy {
+        lease: Duration::from_millis(20),
+        max_attempts: 2,
+    };
     for _ in 0..2 {
-        store.claim(&worker("w"), &[ROUTE], policy).await.unwrap().unwrap();
+        store
+            .claim(&worker("w"), &[ROUTE], policy)
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(store.claim(&worker("w"), &[ROUTE], policy).await.unwrap().is_none(), "no third attempt");
+    assert!(
+        store
+            .claim(&worker("w"), &[ROUTE], policy)
+            .await
+            .unwrap()
+            .is_none(),
+        "no third attempt"
+    );
     assert_eq!(store.fail_abandoned(2).await.unwrap(), 1);
     let job = store.get(owner, id).await.unwrap().unwrap().job;
     assert_eq!(job.state, JobState::Failed);
@@ -197,13 +380,33 @@ async fn a_job_that_keeps_killing_workers_is_failed() {
 async fn release_puts_the_job_back_first_in_line_without_spending_an_attempt() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    let first = store.enqueue(new_job(owner, "first"), None, 100).await.unwrap().view.job.id;
-    store.enqueue(new_job(owner, "second"), None, 100).await.unwrap();
-    let lease = store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    let first = store
+        .enqueue(new_job(owner, "first"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    store
+        .enqueue(new_job(owner, "second"), None, 100)
+        .await
+        .unwrap();
+    let lease = store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     store.release(&lease).await.unwrap();
     let view = store.get(owner, first).await.unwrap().unwrap();
-    assert_eq!((view.job.state, view.queue_position, view.job.attempts), (JobState::Queued, Some(0), 0));
-    let again = store.claim(&worker("w2"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    assert_eq!(
+        (view.job.state, view.queue_position, view.job.attempts),
+        (JobState::Queued, Some(0), 0)
+    );
+    let again = store
+        .claim(&worker("w2"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.job.id, first);
 }
 
@@ -211,25 +414,53 @@ async fn release_puts_the_job_back_first_in_line_without_spending_an_attempt() {
 async fn idempotency_keys_replay_and_conflict() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    let idem = |fp: &str| Idempotency { key: "k1".into(), fingerprint: fp.into(), window: Duration::from_secs(86400) };
-    let first = store.enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100).await.unwrap();
-    let again = store.enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100).await.unwrap();
+    let idem = |fp: &str| Idempotency {
+        key: "k1".into(),
+        fingerprint: fp.into(),
+        window: Duration::from_secs(86400),
+    };
+    let first = store
+        .enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100)
+        .await
+        .unwrap();
+    let again = store
+        .enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100)
+        .await
+        .unwrap();
     assert!(again.replayed);
     assert_eq!(again.view.job.id, first.view.job.id);
     assert!(matches!(
-        store.enqueue(new_job(owner, "b"), Some(idem("fp-b")), 100).await,
+        store
+            .enqueue(new_job(owner, "b"), Some(idem("fp-b")), 100)
+            .await,
         Err(StoreError::IdempotencyConflict)
     ));
-    let other_owner = store.enqueue(new_job(KeyId::new(), "a"), Some(idem("fp-a")), 100).await.unwrap();
+    let other_owner = store
+        .enqueue(new_job(KeyId::new(), "a"), Some(idem("fp-a")), 100)
+        .await
+        .unwrap();
     assert!(!other_owner.replayed, "keys are scoped to their token");
     let counts = store.state_counts().await.unwrap().counts;
     assert!(counts.contains(&(JobState::Queued, 2)), "{counts:?}");
 
-    let short = Idempotency { key: "k2".into(), fingerprint: "x".into(), window: Duration::from_millis(30) };
-    let a = store.enqueue(new_job(owner, "c"), Some(short.clone()), 100).await.unwrap();
+    let short = Idempotency {
+        key: "k2".into(),
+        fingerprint: "x".into(),
+        window: Duration::from_millis(30),
+    };
+    let a = store
+        .enqueue(new_job(owner, "c"), Some(short.clone()), 100)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let b = store.enqueue(new_job(owner, "c"), Some(short), 100).await.unwrap();
-    assert!(!b.replayed && a.view.job.id != b.view.job.id, "a key past its window is forgotten");
+    let b = store
+        .enqueue(new_job(owner, "c"), Some(short), 100)
+        .await
+        .unwrap();
+    assert!(
+        !b.replayed && a.view.job.id != b.view.job.id,
+        "a key past its window is forgotten"
+    );
 }
 
 #[tokio::test]
@@ -239,16 +470,48 @@ async fn purge_removes_expired_records_and_reports_their_files() {
     let mut job = new_job(owner, "short-lived");
     job.expires_at = job.created_at + Duration::from_millis(50);
     let id = store.enqueue(job, None, 100).await.unwrap().view.job.id;
-    let keep = store.enqueue(new_job(owner, "long-lived"), None, 100).await.unwrap().view.job.id;
-    let lease = store.claim(&worker("w"), &[ROUTE], LONG_LEASE).await.unwrap().unwrap();
+    let keep = store
+        .enqueue(new_job(owner, "long-lived"), None, 100)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let lease = store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let key = BlobKey::random("png");
-    store.complete(&lease, output(vec![key.clone()])).await.unwrap();
-    assert!(store.purge_expired(OffsetDateTime::now_utc()).await.unwrap().is_empty(), "retention runs from the end");
+    store
+        .complete(&lease, output(vec![key.clone()]))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .purge_expired(OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+            .is_empty(),
+        "retention runs from the end"
+    );
     tokio::time::sleep(Duration::from_millis(80)).await;
-    assert!(!store.blob_is_live(&key).await.unwrap(), "an expired record's file is dead at once");
+    assert!(
+        !store.blob_is_live(&key).await.unwrap(),
+        "an expired record's file is dead at once"
+    );
     assert!(store.get(owner, id).await.unwrap().is_none());
-    assert_eq!(store.purge_expired(OffsetDateTime::now_utc()).await.unwrap(), vec![key]);
-    assert!(store.get(owner, keep).await.unwrap().is_some(), "a queued job is never purged");
+    assert_eq!(
+        store
+            .purge_expired(OffsetDateTime::now_utc())
+            .await
+            .unwrap(),
+        vec![key]
+    );
+    assert!(
+        store.get(owner, keep).await.unwrap().is_some(),
+        "a queued job is never purged"
+    );
 }
 
 #[tokio::test]
@@ -258,7 +521,13 @@ async fn accepted_jobs_survive_reopening_the_file() {
     let owner = KeyId::new();
     let id = {
         let store = SqliteStore::open(&path).await.unwrap();
-        store.enqueue(new_job(owner, "durable"), None, 100).await.unwrap().view.job.id
+        store
+            .enqueue(new_job(owner, "durable"), None, 100)
+            .await
+            .unwrap()
+            .view
+            .job
+            .id
     };
     let store = SqliteStore::open(&path).await.unwrap();
     let view = store.get(owner, id).await.unwrap().unwrap();
@@ -271,14 +540,27 @@ async fn keys_are_created_listed_found_by_hash_and_revoked() {
     let (_dir, store) = fresh().await;
     assert_eq!(store.key_count().await.unwrap(), 0);
     let key = store.insert_key("ci", "hash-1", "kiln_ab").await.unwrap();
-    assert!(matches!(store.insert_key("ci", "hash-2", "kiln_cd").await, Err(StoreError::DuplicateKeyName(_))));
-    assert_eq!(store.key_by_hash("hash-1").await.unwrap().unwrap().id, key.id);
+    assert!(matches!(
+        store.insert_key("ci", "hash-2", "kiln_cd").await,
+        Err(StoreError::DuplicateKeyName(_))
+    ));
+    assert_eq!(
+        store.key_by_hash("hash-1").await.unwrap().unwrap().id,
+        key.id
+    );
     assert!(store.key_by_hash("hash-2").await.unwrap().is_none());
     let revoked = store.revoke_key("ci").await.unwrap();
     assert!(revoked.revoked_at.is_some());
-    assert_eq!(store.revoke_key("ci").await.unwrap().revoked_at, revoked.revoked_at, "twice is harmless");
+    assert_eq!(
+        store.revoke_key("ci").await.unwrap().revoked_at,
+        revoked.revoked_at,
+        "twice is harmless"
+    );
     assert!(store.key_by_hash("hash-1").await.unwrap().is_none());
-    assert!(matches!(store.revoke_key("nope").await, Err(StoreError::NoSuchKey(_))));
+    assert!(matches!(
+        store.revoke_key("nope").await,
+        Err(StoreError::NoSuchKey(_))
+    ));
     let listed = store.list_keys().await.unwrap();
     assert_eq!((listed.len(), listed[0].name.as_str()), (1, "ci"));
     assert_eq!(store.key_count().await.unwrap(), 1);
@@ -289,14 +571,21 @@ async fn concurrent_claims_hand_each_job_to_exactly_one_worker() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
     for i in 0..20 {
-        store.enqueue(new_job(owner, &format!("{i}")), None, 100).await.unwrap();
+        store
+            .enqueue(new_job(owner, &format!("{i}")), None, 100)
+            .await
+            .unwrap();
     }
     let mut tasks = vec![];
     for w in 0..4 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = vec![];
-            while let Some(lease) = store.claim(&worker(&format!("w{w}")), &[ROUTE], LONG_LEASE).await.unwrap() {
+            while let Some(lease) = store
+                .claim(&worker(&format!("w{w}")), &[ROUTE], LONG_LEASE)
+                .await
+                .unwrap()
+            {
                 got.push(lease.job.id);
             }
             got

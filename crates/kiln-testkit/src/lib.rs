@@ -4,7 +4,9 @@
 //! - [`ScriptedEngine`]: an [`Engine`] whose behaviour the prompt selects, for driving workers
 //!   through every path (success, failure, panic, slow runs) without model weights.
 
-use kiln_core::engine::{AppliedSettings, Engine, EngineError, GeneratedImage, RgbImage, StepEvent, StepObserver};
+use kiln_core::engine::{
+    AppliedSettings, Engine, EngineError, GeneratedImage, RgbImage, StepEvent, StepObserver,
+};
 use kiln_core::params::GenerationParams;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +30,12 @@ pub struct ScriptedEngine {
 
 impl Default for ScriptedEngine {
     fn default() -> Self {
-        Self { steps: 4, fast_step: Duration::from_millis(5), slow_step: Duration::from_millis(250), runs: AtomicU64::new(0) }
+        Self {
+            steps: 4,
+            fast_step: Duration::from_millis(5),
+            slow_step: Duration::from_millis(250),
+            runs: AtomicU64::new(0),
+        }
     }
 }
 
@@ -50,30 +57,51 @@ impl Engine for ScriptedEngine {
         "scripted test engine".to_string()
     }
 
-    fn generate(&self, params: &GenerationParams, observer: &mut dyn StepObserver) -> Result<GeneratedImage, EngineError> {
+    fn generate(
+        &self,
+        params: &GenerationParams,
+        observer: &mut dyn StepObserver,
+    ) -> Result<GeneratedImage, EngineError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         let prompt = params.prompt.as_str();
         if prompt.contains("reject") {
-            return Err(EngineError::InvalidInput("this checkpoint cannot draw that".into()));
+            return Err(EngineError::InvalidInput(
+                "this checkpoint cannot draw that".into(),
+            ));
         }
         if prompt.contains("fail") {
-            return Err(EngineError::Failed("the scripted engine was told to fail".into()));
+            return Err(EngineError::Failed(
+                "the scripted engine was told to fail".into(),
+            ));
         }
-        let step_time = if prompt.contains("slow") { self.slow_step } else { self.fast_step };
+        let step_time = if prompt.contains("slow") {
+            self.slow_step
+        } else {
+            self.fast_step
+        };
         let total = params.num_inference_steps.unwrap_or(self.steps);
         for step in 1..=total {
             if prompt.contains("panic") {
                 panic!("the scripted engine was told to panic");
             }
             std::thread::sleep(step_time);
-            if observer.on_step(StepEvent { step, total, preview: None }) == ControlFlow::Break(()) {
+            if observer.on_step(StepEvent {
+                step,
+                total,
+                preview: None,
+            }) == ControlFlow::Break(())
+            {
                 return Err(EngineError::Interrupted);
             }
         }
         let (width, height) = (params.size.width, params.size.height);
         let pixels = Self::color_of(params.seed).repeat((width * height) as usize);
         Ok(GeneratedImage {
-            image: RgbImage { width, height, pixels },
+            image: RgbImage {
+                width,
+                height,
+                pixels,
+            },
             applied: AppliedSettings {
                 num_inference_steps: total,
                 guidance: params.guidance_scale,

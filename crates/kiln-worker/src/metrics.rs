@@ -5,9 +5,11 @@ use prometheus::{register_histogram_vec, register_int_counter_vec, HistogramVec,
 use std::sync::LazyLock;
 
 pub(crate) static JOBS_FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("kiln_jobs_finished_total", "Jobs a worker ended, by model and outcome", &[
-        "model", "outcome"
-    ])
+    register_int_counter_vec!(
+        "kiln_jobs_finished_total",
+        "Jobs a worker ended, by model and outcome",
+        &["model", "outcome"]
+    )
     .expect("registered once")
 });
 

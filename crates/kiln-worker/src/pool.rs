@@ -54,7 +54,10 @@ pub struct WorkerSettings {
 
 impl WorkerSettings {
     pub(crate) fn claim_policy(&self) -> ClaimPolicy {
-        ClaimPolicy { lease: self.lease, max_attempts: self.max_attempts }
+        ClaimPolicy {
+            lease: self.lease,
+            max_attempts: self.max_attempts,
+        }
     }
 
     /// Heartbeats come at least three times a lease, so one late beat never loses the job, and
@@ -87,7 +90,13 @@ pub async fn run_pool(
     if routes.is_empty() {
         tracing::warn!("no engine is loaded: this worker pool takes no jobs");
     }
-    let context = Arc::new(WorkerContext { jobs, blobs, engines, settings, shutdown });
+    let context = Arc::new(WorkerContext {
+        jobs,
+        blobs,
+        engines,
+        settings,
+        shutdown,
+    });
     let mut slots = tokio::task::JoinSet::new();
     for slot in 0..context.settings.slots {
         let context = context.clone();
@@ -101,7 +110,11 @@ pub async fn run_pool(
 async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
     tracing::info!(worker = %id, ?routes, "worker slot started");
     while !context.shutdown.is_cancelled() {
-        match context.jobs.claim(id, routes, context.settings.claim_policy()).await {
+        match context
+            .jobs
+            .claim(id, routes, context.settings.claim_policy())
+            .await
+        {
             Ok(Some(lease)) => run_job(context, lease).await,
             Ok(None) => idle(context).await,
             Err(e) => {

@@ -35,10 +35,18 @@ struct ProgressObserver {
 
 impl StepObserver for ProgressObserver {
     fn on_step(&mut self, event: StepEvent<'_>) -> ControlFlow<()> {
-        STEP_SECONDS.with_label_values(&[self.model]).observe(self.last_step.elapsed().as_secs_f64());
+        STEP_SECONDS
+            .with_label_values(&[self.model])
+            .observe(self.last_step.elapsed().as_secs_f64());
         self.last_step = Instant::now();
-        *self.signals.progress.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Progress { step: event.step, total: event.total });
+        *self
+            .signals
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Progress {
+            step: event.step,
+            total: event.total,
+        });
         if self.signals.stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
@@ -69,8 +77,14 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
         let outcome = run_to_end(context, &lease).await;
         let model = lease.job.route.id();
         JOBS_FINISHED.with_label_values(&[model, outcome]).inc();
-        JOB_SECONDS.with_label_values(&[model]).observe(started.elapsed().as_secs_f64());
-        tracing::info!(outcome, elapsed_ms = started.elapsed().as_millis() as u64, "job ended");
+        JOB_SECONDS
+            .with_label_values(&[model])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            outcome,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "job ended"
+        );
     }
     .instrument(span)
     .await
@@ -82,7 +96,10 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     let Some(engine) = context.engines.get(job.route).cloned() else {
         let error = JobError {
             code: JobErrorCode::EngineUnavailable,
-            message: format!("no engine for {} is loaded on the worker that took this job", job.route),
+            message: format!(
+                "no engine for {} is loaded on the worker that took this job",
+                job.route
+            ),
         };
         return finish_failed(context, lease, error).await;
     };
@@ -93,7 +110,11 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         let (engine, params, signals) = (engine.clone(), job.params.clone(), signals.clone());
         let model = job.route.id();
         tokio::task::spawn_blocking(move || {
-            let mut observer = ProgressObserver { signals, model, last_step: Instant::now() };
+            let mut observer = ProgressObserver {
+                signals,
+                model,
+                last_step: Instant::now(),
+            };
             engine.generate(&params, &mut observer)
         })
     };
@@ -162,13 +183,31 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
             }
         },
         Ok(Err(EngineError::InvalidInput(message))) => {
-            finish_failed(context, lease, JobError { code: JobErrorCode::InvalidInput, message }).await
+            finish_failed(
+                context,
+                lease,
+                JobError {
+                    code: JobErrorCode::InvalidInput,
+                    message,
+                },
+            )
+            .await
         }
         Ok(Err(EngineError::Failed(message))) => {
             tracing::error!(error = %message, "the engine failed");
-            finish_failed(context, lease, JobError { code: JobErrorCode::EngineFailed, message }).await
+            finish_failed(
+                context,
+                lease,
+                JobError {
+                    code: JobErrorCode::EngineFailed,
+                    message,
+                },
+            )
+            .await
         }
-        Ok(Ok(generated)) => store_and_complete(context, lease, generated, engine.describe(), inference).await,
+        Ok(Ok(generated)) => {
+            store_and_complete(context, lease, generated, engine.describe(), inference).await
+        }
     }
 }
 
@@ -183,19 +222,26 @@ async fn store_and_complete(
     let format = job.params.output_format;
     let store_started = Instant::now();
     let image = generated.image;
-    let encoded = match tokio::task::spawn_blocking(move || encode_image(&image, format).map(|b| (b, image))).await
-    {
-        Ok(Ok(encoded)) => encoded,
-        Ok(Err(e)) => return storage_failed(context, lease, &e.to_string()).await,
-        Err(e) => return storage_failed(context, lease, &e.to_string()).await,
-    };
+    let encoded =
+        match tokio::task::spawn_blocking(move || encode_image(&image, format).map(|b| (b, image)))
+            .await
+        {
+            Ok(Ok(encoded)) => encoded,
+            Ok(Err(e)) => return storage_failed(context, lease, &e.to_string()).await,
+            Err(e) => return storage_failed(context, lease, &e.to_string()).await,
+        };
     let (bytes, image) = encoded;
     let key = BlobKey::random(format.extension());
-    let blob = Blob { bytes, content_type: format.content_type().to_string() };
+    let blob = Blob {
+        bytes,
+        content_type: format.content_type().to_string(),
+    };
     if let Err(e) = context.blobs.put(&key, blob).await {
         return storage_failed(context, lease, &e.to_string()).await;
     }
-    let queued = job.started_at.map_or(Duration::ZERO, |s| (s - job.created_at).unsigned_abs());
+    let queued = job
+        .started_at
+        .map_or(Duration::ZERO, |s| (s - job.created_at).unsigned_abs());
     let applied = generated.applied;
     let output = JobOutput {
         images: vec![key.clone()],

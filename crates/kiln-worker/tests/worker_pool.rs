@@ -29,9 +29,19 @@ struct Harness {
 impl Harness {
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let jobs = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap());
+        let jobs = Arc::new(
+            SqliteStore::open(&dir.path().join("kiln.db"))
+                .await
+                .unwrap(),
+        );
         let blobs = Arc::new(LocalBlobStore::new(dir.path().join("blobs")).unwrap());
-        Self { _dir: dir, jobs, blobs, engine: Arc::new(ScriptedEngine::default()), owner: KeyId::new() }
+        Self {
+            _dir: dir,
+            jobs,
+            blobs,
+            engine: Arc::new(ScriptedEngine::default()),
+            owner: KeyId::new(),
+        }
     }
 
     fn settings(&self) -> WorkerSettings {
@@ -48,7 +58,13 @@ impl Harness {
     fn start(&self, settings: WorkerSettings) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let shutdown = CancellationToken::new();
         let engines = EngineSet::new().with(ROUTE, self.engine.clone());
-        let pool = tokio::spawn(run_pool(self.jobs.clone(), self.blobs.clone(), engines, settings, shutdown.clone()));
+        let pool = tokio::spawn(run_pool(
+            self.jobs.clone(),
+            self.blobs.clone(),
+            engines,
+            settings,
+            shutdown.clone(),
+        ));
         (shutdown, pool)
     }
 
@@ -56,7 +72,10 @@ impl Harness {
         let now = OffsetDateTime::now_utc();
         let params = GenerationParams {
             prompt: Prompt::parse(prompt, 1000).unwrap(),
-            size: ImageSize { width: 64, height: 48 },
+            size: ImageSize {
+                width: 64,
+                height: 48,
+            },
             seed,
             num_inference_steps: Some(3),
             guidance_scale: Some(3.5),
@@ -92,7 +111,9 @@ impl Harness {
 async fn a_job_runs_to_a_stored_image_with_its_metadata() {
     let h = Harness::new().await;
     let (shutdown, pool) = h.start(h.settings());
-    let id = h.submit("a red circle", 0x00AA_5511, OutputFormat::Png).await;
+    let id = h
+        .submit("a red circle", 0x00AA_5511, OutputFormat::Png)
+        .await;
     let job = h.wait_terminal(id).await;
     shutdown.cancel();
     pool.await.unwrap();
@@ -100,13 +121,22 @@ async fn a_job_runs_to_a_stored_image_with_its_metadata() {
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let output = job.output.unwrap();
     let meta = &output.metadata;
-    assert_eq!((meta.width, meta.height, meta.num_inference_steps, meta.seed), (64, 48, 3, 0x00AA_5511));
-    assert_eq!((meta.prompt.as_str(), meta.engine.as_str()), ("a red circle", "scripted test engine"));
+    assert_eq!(
+        (meta.width, meta.height, meta.num_inference_steps, meta.seed),
+        (64, 48, 3, 0x00AA_5511)
+    );
+    assert_eq!(
+        (meta.prompt.as_str(), meta.engine.as_str()),
+        ("a red circle", "scripted test engine")
+    );
     let blob = h.blobs.get(&output.images[0]).await.unwrap().unwrap();
     assert_eq!(blob.content_type, "image/png");
     let img = image::load_from_memory(&blob.bytes).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (64, 48));
-    assert_eq!(img.get_pixel(10, 10).0, ScriptedEngine::color_of(0x00AA_5511));
+    assert_eq!(
+        img.get_pixel(10, 10).0,
+        ScriptedEngine::color_of(0x00AA_5511)
+    );
 }
 
 #[tokio::test]
@@ -120,7 +150,10 @@ async fn progress_is_recorded_while_the_job_runs() {
         if let (JobState::Running, Some(p)) = (job.state, job.progress) {
             break p;
         }
-        assert!(Instant::now() < deadline && !job.state.is_terminal(), "no progress seen: {job:?}");
+        assert!(
+            Instant::now() < deadline && !job.state.is_terminal(),
+            "no progress seen: {job:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(progress.total, 3);
@@ -144,8 +177,15 @@ async fn an_engine_panic_fails_that_job_and_the_worker_goes_on() {
     assert_eq!(bad.state, JobState::Failed);
     let error = bad.error.unwrap();
     assert_eq!(error.code, JobErrorCode::EngineFailed);
-    assert!(error.message.contains(&bad.id.to_string()), "names the request: {}", error.message);
-    assert!(!error.message.contains("told to panic"), "the panic text stays in the logs");
+    assert!(
+        error.message.contains(&bad.id.to_string()),
+        "names the request: {}",
+        error.message
+    );
+    assert!(
+        !error.message.contains("told to panic"),
+        "the panic text stays in the logs"
+    );
     assert_eq!(good.state, JobState::Succeeded);
 }
 
@@ -159,7 +199,13 @@ async fn engine_errors_end_the_job_failed_with_an_actionable_code() {
     let failed = h.wait_terminal(failed).await.error.unwrap();
     shutdown.cancel();
     pool.await.unwrap();
-    assert_eq!((rejected.code, rejected.message.as_str()), (JobErrorCode::InvalidInput, "this checkpoint cannot draw that"));
+    assert_eq!(
+        (rejected.code, rejected.message.as_str()),
+        (
+            JobErrorCode::InvalidInput,
+            "this checkpoint cannot draw that"
+        )
+    );
     assert_eq!(failed.code, JobErrorCode::EngineFailed);
 }
 
@@ -176,10 +222,17 @@ async fn shutdown_releases_a_running_job_back_to_the_queue() {
     shutdown.cancel();
     pool.await.unwrap();
     let view = h.jobs.get(h.owner, id).await.unwrap().unwrap();
-    assert_eq!((view.job.state, view.queue_position, view.job.attempts), (JobState::Queued, Some(0), 0));
+    assert_eq!(
+        (view.job.state, view.queue_position, view.job.attempts),
+        (JobState::Queued, Some(0), 0)
+    );
 
     let (shutdown, pool) = h.start(h.settings());
-    assert_eq!(h.wait_terminal(id).await.state, JobState::Succeeded, "the next worker finishes it");
+    assert_eq!(
+        h.wait_terminal(id).await.state,
+        JobState::Succeeded,
+        "the next worker finishes it"
+    );
     shutdown.cancel();
     pool.await.unwrap();
 }
@@ -189,8 +242,16 @@ async fn a_job_whose_worker_died_is_retaken_after_its_lease_and_completed_once()
     let h = Harness::new().await;
     let id = h.submit("a green triangle", 4, OutputFormat::Jpeg).await;
     // A worker that claims and then dies: it never beats its lease again.
-    let policy = ClaimPolicy { lease: Duration::from_millis(300), max_attempts: 3 };
-    let dead = h.jobs.claim(&WorkerId::new("dead"), &[ROUTE], policy).await.unwrap().unwrap();
+    let policy = ClaimPolicy {
+        lease: Duration::from_millis(300),
+        max_attempts: 3,
+    };
+    let dead = h
+        .jobs
+        .claim(&WorkerId::new("dead"), &[ROUTE], policy)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(dead.job.id, id);
 
     let (shutdown, pool) = h.start(h.settings());
@@ -200,7 +261,13 @@ async fn a_job_whose_worker_died_is_retaken_after_its_lease_and_completed_once()
     assert_eq!(job.state, JobState::Succeeded);
     assert_eq!(job.attempts, 2);
     assert_eq!(h.engine.runs(), 1, "the live worker ran it once");
-    assert!(h.jobs.complete(&dead, job.output.clone().unwrap()).await.is_err(), "the dead worker is fenced off");
+    assert!(
+        h.jobs
+            .complete(&dead, job.output.clone().unwrap())
+            .await
+            .is_err(),
+        "the dead worker is fenced off"
+    );
 }
 
 #[tokio::test]
@@ -209,7 +276,10 @@ async fn the_sweep_purges_expired_records_with_their_files() {
     let now = OffsetDateTime::now_utc();
     let params = GenerationParams {
         prompt: Prompt::parse("short-lived", 1000).unwrap(),
-        size: ImageSize { width: 16, height: 16 },
+        size: ImageSize {
+            width: 16,
+            height: 16,
+        },
         seed: 1,
         num_inference_steps: Some(1),
         guidance_scale: None,
@@ -236,6 +306,9 @@ async fn the_sweep_purges_expired_records_with_their_files() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let report = kiln_worker::maintenance::sweep(h.jobs.as_ref(), h.blobs.as_ref(), 3).await;
     assert_eq!(report.records_purged_files, 1);
-    assert!(h.blobs.get(&key).await.unwrap().is_none(), "the file is gone with its record");
+    assert!(
+        h.blobs.get(&key).await.unwrap().is_none(),
+        "the file is gone with its record"
+    );
     assert!(h.jobs.get(h.owner, id).await.unwrap().is_none());
 }

@@ -26,23 +26,36 @@ pub struct Stores {
 
 /// Opens the configured stores (creating the data directory on a first start).
 pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "creating the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
     let sqlite = Arc::new(SqliteStore::open(&settings.database_path()).await?);
     let blobs = Arc::new(LocalBlobStore::new(settings.blob_dir())?);
-    Ok(Stores { jobs: sqlite.clone(), keys: sqlite, blobs })
+    Ok(Stores {
+        jobs: sqlite.clone(),
+        keys: sqlite,
+        blobs,
+    })
 }
 
 /// The key that signs file URLs: configured, or created once in the data directory.
 fn signing_key(settings: &Settings) -> anyhow::Result<Vec<u8>> {
     if let Some(hex_key) = &settings.signing_key {
         let key = hex::decode(hex_key).context("signing_key must be hex")?;
-        anyhow::ensure!(key.len() >= 32, "signing_key must be at least 32 bytes (64 hex digits)");
+        anyhow::ensure!(
+            key.len() >= 32,
+            "signing_key must be at least 32 bytes (64 hex digits)"
+        );
         return Ok(key);
     }
     let path = settings.data_dir.join("signing.key");
     match std::fs::read_to_string(&path) {
-        Ok(text) => hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display())),
+        Ok(text) => {
+            hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
             write_private(&path, &hex::encode(key))?;
@@ -59,7 +72,9 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     file.write_all(contents.as_bytes())?;
     file.sync_all()?;
     Ok(())
@@ -106,10 +121,14 @@ impl Application {
     /// Opens the stores and binds the listener (`bind` port 0 picks a free port).
     pub async fn build(settings: Settings, engines: EngineSet) -> anyhow::Result<Self> {
         let stores = open_stores(&settings).await?;
-        let listener =
-            TcpListener::bind(settings.bind).await.with_context(|| format!("binding {}", settings.bind))?;
+        let listener = TcpListener::bind(settings.bind)
+            .await
+            .with_context(|| format!("binding {}", settings.bind))?;
         let address = listener.local_addr()?;
-        let public_url = settings.public_url.clone().unwrap_or_else(|| format!("http://{address}"));
+        let public_url = settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{address}"));
         let mut served_routes = settings.served_routes();
         served_routes.extend(engines.routes());
         served_routes.sort();
@@ -127,8 +146,20 @@ impl Application {
             idempotency_window: Duration::from_secs(settings.idempotency_hours * 3600),
             served_routes,
         };
-        let state = AppState::new(stores.jobs.clone(), stores.keys.clone(), stores.blobs.clone(), api);
-        Ok(Self { listener, address, state, stores, engines, settings })
+        let state = AppState::new(
+            stores.jobs.clone(),
+            stores.keys.clone(),
+            stores.blobs.clone(),
+            api,
+        );
+        Ok(Self {
+            listener,
+            address,
+            state,
+            stores,
+            engines,
+            settings,
+        })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -154,7 +185,12 @@ impl Application {
             ))
         });
         tracing::info!(address = %self.address, "kiln is listening");
-        let served = kiln_api::serve(self.listener, self.state, shutdown.clone().cancelled_owned()).await;
+        let served = kiln_api::serve(
+            self.listener,
+            self.state,
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
         shutdown.cancel();
         if let Some(workers) = workers {
             workers.await.context("worker pool")?;

@@ -10,8 +10,8 @@ use kiln_api::inputs::parse_input;
 use kiln_core::catalog::Route;
 use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
-use kiln_engine::{write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest};
 use kiln_core::params::OutputFormat;
+use kiln_engine::{write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest};
 use kiln_worker::run_pool;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -44,7 +44,10 @@ async fn bootstrap_first_key(stores: &Stores) -> anyhow::Result<()> {
         return Ok(());
     }
     let token = create_key(stores, "default").await?;
-    tracing::info!(key = "default", "first start: created an API key (its token is on stdout, shown once)");
+    tracing::info!(
+        key = "default",
+        "first start: created an API key (its token is on stdout, shown once)"
+    );
     println!(
         "\nkiln: first start, so an API key named 'default' was created. It is shown only this once:\n\n    \
          {token}\n\nUse it as `Authorization: Bearer <key>`. Manage keys with `kiln keys create|list|revoke`.\n"
@@ -54,13 +57,19 @@ async fn bootstrap_first_key(stores: &Stores) -> anyhow::Result<()> {
 
 async fn create_key(stores: &Stores, name: &str) -> anyhow::Result<String> {
     let token = new_token();
-    stores.keys.insert_key(name, &hash_token(&token), &token_prefix(&token)).await?;
+    stores
+        .keys
+        .insert_key(name, &hash_token(&token), &token_prefix(&token))
+        .await?;
     Ok(token)
 }
 
 /// `kiln worker`: workers only, no HTTP listener.
 pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    anyhow::ensure!(settings.workers.slots > 0, "workers.slots is 0: a worker with no slots would do nothing");
+    anyhow::ensure!(
+        settings.workers.slots > 0,
+        "workers.slots is 0: a worker with no slots would do nothing"
+    );
     let engines = load_engines_blocking(&settings).await?;
     anyhow::ensure!(
         !engines.routes().is_empty(),
@@ -69,14 +78,26 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
     let stores = open_stores(&settings).await?;
     let metrics = match settings.workers.metrics_bind {
         Some(bind) => {
-            let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("binding {bind}"))?;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("binding {bind}"))?;
             tracing::info!(address = %listener.local_addr()?, what = "worker metrics", "kiln is listening");
-            Some(tokio::spawn(crate::worker_metrics::serve(listener, shutdown.clone())))
+            Some(tokio::spawn(crate::worker_metrics::serve(
+                listener,
+                shutdown.clone(),
+            )))
         }
         None => None,
     };
     let sweeper = spawn_sweeper(&settings, &stores, &shutdown);
-    run_pool(stores.jobs, stores.blobs, engines, worker_settings(&settings), shutdown.clone()).await;
+    run_pool(
+        stores.jobs,
+        stores.blobs,
+        engines,
+        worker_settings(&settings),
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     sweeper.await?;
     if let Some(metrics) = metrics {
@@ -102,13 +123,16 @@ pub async fn keys(settings: Settings, action: KeysAction) -> anyhow::Result<()> 
             );
             let token = create_key(&stores, &name).await?;
             println!("{token}");
-            eprintln!("Created key '{name}'. This is the only time the token is shown: store it now.");
+            eprintln!(
+                "Created key '{name}'. This is the only time the token is shown: store it now."
+            );
         }
         KeysAction::List => {
             println!("{:<24} {:<14} {:<22} REVOKED", "NAME", "PREFIX", "CREATED");
             for key in stores.keys.list_keys().await? {
                 let fmt = |t: time::OffsetDateTime| {
-                    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
                 };
                 println!(
                     "{:<24} {:<14} {:<22} {}",
@@ -121,7 +145,10 @@ pub async fn keys(settings: Settings, action: KeysAction) -> anyhow::Result<()> 
         }
         KeysAction::Revoke { name } => {
             let key = stores.keys.revoke_key(&name).await?;
-            println!("Revoked key '{}'; requests with it now answer 401.", key.name);
+            println!(
+                "Revoked key '{}'; requests with it now answer 401.",
+                key.name
+            );
         }
     }
     Ok(())
@@ -151,7 +178,13 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
     let generated = engine.generate(&params, &mut BarObserver(bar.clone()))?;
     bar.finish_and_clear();
     write_image(&request.output, &generated.image, params.output_format)?;
-    report(&request.output, &generated.image, &generated.applied, u64::from(params.seed), started);
+    report(
+        &request.output,
+        &generated.image,
+        &generated.applied,
+        u64::from(params.seed),
+        started,
+    );
     Ok(())
 }
 
@@ -170,10 +203,14 @@ pub struct DirectRequest {
 pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
     let format = format_of_path(&request.output).unwrap_or_default();
     let loading = ProgressBar::new_spinner();
-    let pipeline = Flux1Pipeline::load(&request.model_dir, &request.options, &mut |p: LoadProgress| {
-        loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
-        loading.tick();
-    })?;
+    let pipeline = Flux1Pipeline::load(
+        &request.model_dir,
+        &request.options,
+        &mut |p: LoadProgress| {
+            loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
+            loading.tick();
+        },
+    )?;
     loading.finish_and_clear();
     eprintln!("loaded {}", pipeline.describe());
     let bar = step_bar();
@@ -184,16 +221,24 @@ pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
         write_latents(path, &output.final_latents)?;
     }
     write_image(&request.output, &output.image, format)?;
-    report(&request.output, &output.image, &output.applied, request.pipeline.seed, started);
+    report(
+        &request.output,
+        &output.image,
+        &output.applied,
+        request.pipeline.seed,
+        started,
+    );
     Ok(())
 }
 
 fn step_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} ({eta} left)")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {elapsed} ({eta} left)",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar
 }

@@ -6,9 +6,9 @@
 //! silently does nothing.
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use kiln_engine::{Flux1Config, Flux2Config};
 use figment::Figment;
 use kiln_core::catalog::Route;
+use kiln_engine::{Flux1Config, Flux2Config};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,8 @@ pub struct Settings {
 }
 
 /// The demo checkpoint shipped in the repository, trained by `tools/demo` (see its MODEL_CARD.md).
-pub const BUNDLED_DEMO_CHECKPOINT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/demo-checkpoint");
+pub const BUNDLED_DEMO_CHECKPOINT: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/demo-checkpoint");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -177,7 +178,10 @@ impl Settings {
         let mut figment = Figment::new();
         if let Some(file) = &file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!("no configuration file at {}", file.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "no configuration file at {}",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -200,7 +204,9 @@ impl Settings {
             }
         }
         if self.workers.lease_secs < 3 {
-            return Err(ConfigError::Invalid("workers.lease_secs must be at least 3".into()));
+            return Err(ConfigError::Invalid(
+                "workers.lease_secs must be at least 3".into(),
+            ));
         }
         Ok(())
     }
@@ -219,7 +225,10 @@ impl Settings {
 
     /// The routes this configuration serves: those with a checkpoint, and with the demo all.
     pub fn served_routes(&self) -> Vec<Route> {
-        Route::ALL.into_iter().filter(|r| self.serve_demo || self.has_checkpoint(*r)).collect()
+        Route::ALL
+            .into_iter()
+            .filter(|r| self.serve_demo || self.has_checkpoint(*r))
+            .collect()
     }
 
     /// Whether a checkpoint of its own is configured for `route`.
@@ -267,17 +276,34 @@ mod tests {
             jail.set_env("KILN_DATA_DIR", "/from/env");
             jail.set_env("KILN_WORKERS__MAX_ATTEMPTS", "5");
             jail.set_env("KILN_PUBLIC_URL", "https://kiln.example.com");
-            let flags = FlagOverrides { bind: Some("0.0.0.0:7000".parse().unwrap()), worker_slots: Some(2), ..Default::default() };
+            let flags = FlagOverrides {
+                bind: Some("0.0.0.0:7000".parse().unwrap()),
+                worker_slots: Some(2),
+                ..Default::default()
+            };
             let s = Settings::load(None, &flags).unwrap();
             assert_eq!(s.bind.to_string(), "0.0.0.0:7000");
             assert_eq!(s.data_dir, PathBuf::from("/from/env"));
             assert_eq!((s.workers.slots, s.workers.max_attempts), (2, 5));
             assert_eq!(s.public_url.as_deref(), Some("https://kiln.example.com"));
             let model = s.models.flux11_pro.as_ref().unwrap();
-            assert_eq!((model.checkpoint.as_path(), model.steps), (Path::new("/models/flux1-dev"), Some(20)));
-            assert!(s.has_checkpoint(Route::Flux11ProTextToImage) && !s.has_checkpoint(Route::Flux2FlexTextToImage));
-            assert_eq!(s.served_routes(), Route::ALL.to_vec(), "the demo serves the rest");
-            assert_eq!(s.limits.max_queued, 1_000, "a partial file keeps the other defaults");
+            assert_eq!(
+                (model.checkpoint.as_path(), model.steps),
+                (Path::new("/models/flux1-dev"), Some(20))
+            );
+            assert!(
+                s.has_checkpoint(Route::Flux11ProTextToImage)
+                    && !s.has_checkpoint(Route::Flux2FlexTextToImage)
+            );
+            assert_eq!(
+                s.served_routes(),
+                Route::ALL.to_vec(),
+                "the demo serves the rest"
+            );
+            assert_eq!(
+                s.limits.max_queued, 1_000,
+                "a partial file keeps the other defaults"
+            );
             Ok(())
         });
     }
@@ -286,16 +312,22 @@ mod tests {
     fn mistakes_are_named() {
         Jail::expect_with(|jail| {
             jail.create_file("typo.toml", "bnd = \"127.0.0.1:1\"")?;
-            let err = Settings::load(Some(Path::new("typo.toml")), &FlagOverrides::default()).unwrap_err();
+            let err = Settings::load(Some(Path::new("typo.toml")), &FlagOverrides::default())
+                .unwrap_err();
             assert!(err.to_string().contains("bnd"), "{err}");
             jail.create_file("model.toml", "[models.\"flux/none\"]\ncheckpoint = \"/x\"")?;
-            let err = Settings::load(Some(Path::new("model.toml")), &FlagOverrides::default()).unwrap_err();
+            let err = Settings::load(Some(Path::new("model.toml")), &FlagOverrides::default())
+                .unwrap_err();
             assert!(err.to_string().contains("flux/none"), "{err}");
-            let err = Settings::load(Some(Path::new("missing.toml")), &FlagOverrides::default()).unwrap_err();
+            let err = Settings::load(Some(Path::new("missing.toml")), &FlagOverrides::default())
+                .unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");
             jail.set_env("KILN_WORKERS__SLOTS", "many");
             let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
-            assert!(err.to_string().to_lowercase().contains("workers.slots"), "{err}");
+            assert!(
+                err.to_string().to_lowercase().contains("workers.slots"),
+                "{err}"
+            );
             Ok(())
         });
     }

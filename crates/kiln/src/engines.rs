@@ -25,8 +25,12 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
     for route in settings.served_routes() {
         let models = &settings.models;
         let engine: Arc<dyn Engine> = match (route, &models.flux11_pro, &models.flux2_flex) {
-            (Route::Flux11ProTextToImage, Some(config), _) => Arc::new(load_flux1(route, config.clone())?),
-            (Route::Flux2FlexTextToImage, _, Some(config)) => Arc::new(load_flux2(route, config.clone())?),
+            (Route::Flux11ProTextToImage, Some(config), _) => {
+                Arc::new(load_flux1(route, config.clone())?)
+            }
+            (Route::Flux2FlexTextToImage, _, Some(config)) => {
+                Arc::new(load_flux2(route, config.clone())?)
+            }
             _ => {
                 tracing::warn!(
                     %route,
@@ -39,8 +43,12 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
                     Some(engine) => engine.clone(),
                     None => {
                         // Canonical, so logs and metadata show a plain path, not `crates/kiln/../..`.
-                        let dir = settings.demo_checkpoint.canonicalize().unwrap_or_else(|_| settings.demo_checkpoint.clone());
-                        demo.insert(Arc::new(load_flux1(route, Flux1Config::new(dir))?)).clone()
+                        let dir = settings
+                            .demo_checkpoint
+                            .canonicalize()
+                            .unwrap_or_else(|_| settings.demo_checkpoint.clone());
+                        demo.insert(Arc::new(load_flux1(route, Flux1Config::new(dir))?))
+                            .clone()
                     }
                 }
             }
@@ -52,14 +60,16 @@ pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
 
 fn load_flux1(route: Route, config: Flux1Config) -> Result<Flux1Engine, EngineLoadError> {
     tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
-    let engine = Flux1Engine::load(config, &mut log_progress(route)).map_err(|source| EngineLoadError { route, source })?;
+    let engine = Flux1Engine::load(config, &mut log_progress(route))
+        .map_err(|source| EngineLoadError { route, source })?;
     log_loaded(route, &engine);
     Ok(engine)
 }
 
 fn load_flux2(route: Route, config: Flux2Config) -> Result<Flux2Engine, EngineLoadError> {
     tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
-    let engine = Flux2Engine::load(config, &mut log_progress(route)).map_err(|source| EngineLoadError { route, source })?;
+    let engine = Flux2Engine::load(config, &mut log_progress(route))
+        .map_err(|source| EngineLoadError { route, source })?;
     log_loaded(route, &engine);
     Ok(engine)
 }

@@ -3,16 +3,20 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln::commands::{self, DirectRequest, GenerateRequest, KeysAction};
-use kiln_engine::{read_latents, EngineOptions, PipelineRequest};
 use kiln::config::{FlagOverrides, Settings};
 use kiln::telemetry;
+use kiln_engine::{read_latents, EngineOptions, PipelineRequest};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A self-hosted image-generation API for FLUX models")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A self-hosted image-generation API for FLUX models"
+)]
 struct Cli {
     /// A TOML configuration file (default: $KILN_CONFIG, else ./kiln.toml if present).
     #[arg(long, global = true, value_name = "FILE")]
@@ -127,9 +131,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut flags = FlagOverrides { data_dir: cli.data_dir.clone(), ..Default::default() };
+    let mut flags = FlagOverrides {
+        data_dir: cli.data_dir.clone(),
+        ..Default::default()
+    };
     match &cli.command {
-        Command::Serve { bind, public_url, workers } => {
+        Command::Serve {
+            bind,
+            public_url,
+            workers,
+        } => {
             flags.bind = *bind;
             flags.public_url = public_url.clone();
             flags.worker_slots = *workers;
@@ -167,7 +178,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(model_dir) = args.model_dir {
         let prompt = args.prompt.context("--model-dir needs --prompt")?;
-        let device = serde_json::from_value(serde_json::Value::String(args.device)).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        let device = serde_json::from_value(serde_json::Value::String(args.device))
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
         let precision = args
             .precision
             .map(|p| serde_json::from_value(serde_json::Value::String(p)))
@@ -198,7 +210,14 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(prompt)) => serde_json::json!({ "prompt": prompt }),
         (None, None) => anyhow::bail!("--model needs --input JSON or --prompt TEXT"),
     };
-    commands::generate(settings, GenerateRequest { route, input, output: args.output })
+    commands::generate(
+        settings,
+        GenerateRequest {
+            route,
+            input,
+            output: args.output,
+        },
+    )
 }
 
 /// A token cancelled on SIGINT or SIGTERM. Call it inside the runtime: it spawns the watcher.
@@ -208,7 +227,9 @@ fn shutdown_on_signal() -> CancellationToken {
     tokio::spawn(async move {
         let terminate = async {
             #[cfg(unix)]
-            if let Ok(mut sigterm) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            if let Ok(mut sigterm) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
                 sigterm.recv().await;
                 return;
             }

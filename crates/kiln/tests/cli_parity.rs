@@ -14,25 +14,44 @@ fn fixtures() -> PathBuf {
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn generate_like_diffusers(config: &str) {
     let fixtures = fixtures();
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap())
-            .unwrap();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (latents_out, image_out) = (dir.path().join("latents.safetensors"), dir.path().join("image.png"));
+    let (latents_out, image_out) = (
+        dir.path().join("latents.safetensors"),
+        dir.path().join("image.png"),
+    );
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .arg("generate")
         .arg("--model-dir")
         .arg(fixtures.join(format!("{config}-diffusers")))
         .args(["--prompt", reference["prompt"].as_str().unwrap()])
-        .args(["--width", &reference["width"].to_string(), "--height", &reference["height"].to_string()])
+        .args([
+            "--width",
+            &reference["width"].to_string(),
+            "--height",
+            &reference["height"].to_string(),
+        ])
         .args(["--steps", &reference["steps"].to_string()])
-        .args(["--max-sequence-length", &reference["max_sequence_length"].to_string()])
+        .args([
+            "--max-sequence-length",
+            &reference["max_sequence_length"].to_string(),
+        ])
         .arg("--latents")
         .arg(fixtures.join(format!("{config}-latents-in.safetensors")))
         .arg("--dump-latents")
@@ -43,19 +62,46 @@ fn generate_like_diffusers(config: &str) {
         command.args(["--guidance", &guidance.to_string()]);
     }
     let out = command.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let want = candle_core::safetensors::load(fixtures.join(format!("{config}-reference.safetensors")), &Device::Cpu)
-        .unwrap();
+    let want = candle_core::safetensors::load(
+        fixtures.join(format!("{config}-reference.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let got = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
     let latents_error = max_abs_diff(&got["latents"], &want["final_latents"]);
-    assert!(latents_error <= 1e-4, "{config}: final latents differ from diffusers by {latents_error}");
+    assert!(
+        latents_error <= 1e-4,
+        "{config}: final latents differ from diffusers by {latents_error}"
+    );
 
     let image = image::open(&image_out).unwrap().to_rgb8();
-    let want_pixels = want["image"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    assert_eq!(image.as_raw().len(), want_pixels.len(), "{config}: image size");
-    let pixel_error = image.as_raw().iter().zip(&want_pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-    assert!(pixel_error <= 2, "{config}: image differs from diffusers by {pixel_error}/255");
+    let want_pixels = want["image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(
+        image.as_raw().len(),
+        want_pixels.len(),
+        "{config}: image size"
+    );
+    let pixel_error = image
+        .as_raw()
+        .iter()
+        .zip(&want_pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        pixel_error <= 2,
+        "{config}: image differs from diffusers by {pixel_error}/255"
+    );
 }
 
 #[test]

@@ -2,9 +2,7 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use kiln_core::engine::{StepEvent, StepObserver};
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 /// f32 tolerance for the text encoders, one transformer call and the final latents.
@@ -77,13 +75,6 @@ pub fn max_abs_of(a: &Tensor) -> f32 {
 pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
     assert_eq!(a.len(), b.len(), "image sizes differ");
     a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
-}
-
-pub struct Quiet;
-impl StepObserver for Quiet {
-    fn on_step(&mut self, _: StepEvent<'_>) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
 }
 
 /// A GGUF copy of a BFL-named transformer file with every 2-D weight whose rows are whole

@@ -42,28 +42,46 @@ fn checkpoint_defaults() -> (u64, f64) {
     )
     .unwrap();
     let kiln = &index["_kiln"];
-    (kiln["steps"].as_u64().unwrap(), kiln["true_cfg_scale"].as_f64().unwrap())
+    (
+        kiln["steps"].as_u64().unwrap(),
+        kiln["true_cfg_scale"].as_f64().unwrap(),
+    )
 }
 
 /// `kiln serve` as a fresh clone runs it (no checkpoint configured), with the per-token rate
 /// limit off so one client may submit the whole set at once.
 fn fresh_kiln(dir: &std::path::Path) -> (KilnProcess, Client) {
     let config = dir.join("kiln.toml");
-    std::fs::write(&config, "[limits]
+    std::fs::write(
+        &config,
+        "[limits]
 rate_limit_per_minute = 0
-").unwrap();
+",
+    )
+    .unwrap();
     let kiln = KilnProcess::serve(&config, &dir.join("data"), &[]);
     let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
     (kiln, client)
 }
 
 /// Submits `input` to `model`, waits for it, and returns the result and the decoded image.
-async fn generate(client: &Client, model: &str, input: serde_json::Value) -> (serde_json::Value, image::RgbImage) {
+async fn generate(
+    client: &Client,
+    model: &str,
+    input: serde_json::Value,
+) -> (serde_json::Value, image::RgbImage) {
     let (code, submitted) = client.submit(model, input).await;
     assert_eq!(code, 200, "{submitted}");
-    let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    let result = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(120),
+        )
+        .await;
     assert_eq!(result["status"], "succeeded", "{result}");
-    let (code, _, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+    let (code, _, bytes) = client
+        .download(result["output"]["image"].as_str().unwrap())
+        .await;
     assert_eq!(code, 200);
     (result, image::load_from_memory(&bytes).unwrap().to_rgb8())
 }
@@ -282,13 +300,21 @@ async fn demo_checkpoint_serves_every_preset_size() {
                 .map(|&(preset, w, h)| (PRO, preset, w, h, default_steps, default_guidance)),
         );
     for (model, preset, width, height, steps, guidance) in cases {
-        let (result, img) = generate(&client, model, json!({"prompt": prompt, "image_size": preset})).await;
+        let (result, img) = generate(
+            &client,
+            model,
+            json!({"prompt": prompt, "image_size": preset}),
+        )
+        .await;
         assert_eq!(img.dimensions(), (width, height), "{model} {preset}");
         let meta = &result["metadata"];
         assert_eq!(meta["num_inference_steps"], steps, "{model} {preset}");
         assert_eq!(meta["guidance"], guidance, "{model} {preset}");
         let notes = meta["notes"].to_string();
-        assert!(notes.contains(&format!("upscaled to {width}x{height}")), "{notes}");
+        assert!(
+            notes.contains(&format!("upscaled to {width}x{height}")),
+            "{notes}"
+        );
         assert!(notes.contains("demo checkpoint"), "{notes}");
         assert!(
             notes.contains(&format!("true classifier-free guidance {guidance}")),

@@ -31,8 +31,10 @@ pub fn write_config(dir: &Path, steps: u32, extra: &str) -> PathBuf {
 /// A configuration file serving the FLUX 1.1 route from `checkpoint`.
 pub fn write_config_for(dir: &Path, checkpoint: &Path, steps: u32, extra: &str) -> PathBuf {
     let path = dir.join("kiln.toml");
-    let config =
-        format!("[models.\"{PRO}\"]\ncheckpoint = {:?}\nsteps = {steps}\n{extra}", checkpoint.display().to_string());
+    let config = format!(
+        "[models.\"{PRO}\"]\ncheckpoint = {:?}\nsteps = {steps}\n{extra}",
+        checkpoint.display().to_string()
+    );
     std::fs::write(&path, config).unwrap();
     path
 }
@@ -43,10 +45,17 @@ pub fn bfl_checkpoint(dir: &Path, transformer: &str) -> PathBuf {
     let fixtures = tiny_checkpoint().join("..");
     let root = dir.join("bfl");
     std::fs::create_dir(&root).unwrap();
-    let link = |from: PathBuf, name: &str| std::os::unix::fs::symlink(from, root.join(name)).unwrap();
+    let link =
+        |from: PathBuf, name: &str| std::os::unix::fs::symlink(from, root.join(name)).unwrap();
     let transformer = fixtures.join(transformer);
-    link(transformer.clone(), transformer.file_name().unwrap().to_str().unwrap());
-    link(fixtures.join("schnell-bfl/ae.safetensors"), "ae.safetensors");
+    link(
+        transformer.clone(),
+        transformer.file_name().unwrap().to_str().unwrap(),
+    );
+    link(
+        fixtures.join("schnell-bfl/ae.safetensors"),
+        "ae.safetensors",
+    );
     for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
         link(fixtures.join("schnell-diffusers").join(part), part);
     }
@@ -87,14 +96,26 @@ impl KilnProcess {
         let key_made = listening.lock().unwrap().key_made;
         let deadline = Instant::now() + Duration::from_secs(10);
         let first_key = loop {
-            let key = stdout.lock().unwrap().iter().find(|l| l.trim().starts_with("kiln_")).map(|l| l.trim().to_string());
+            let key = stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.trim().starts_with("kiln_"))
+                .map(|l| l.trim().to_string());
             if key.is_some() || !key_made {
                 break key;
             }
-            assert!(Instant::now() < deadline, "a key was made but its token never printed");
+            assert!(
+                Instant::now() < deadline,
+                "a key was made but its token never printed"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
-        KilnProcess { child, base, first_key }
+        KilnProcess {
+            child,
+            base,
+            first_key,
+        }
     }
 
     /// `kiln worker` (no listener).
@@ -102,16 +123,26 @@ impl KilnProcess {
         let mut command = kiln_command(config, data_dir);
         command.arg("worker");
         let (child, _, _) = spawn_watched(command);
-        KilnProcess { child, base: String::new(), first_key: None }
+        KilnProcess {
+            child,
+            base: String::new(),
+            first_key: None,
+        }
     }
 
     /// `kiln worker` with its metrics listener on a free loopback port (`base` is its URL).
     pub fn worker_with_metrics(config: &Path, data_dir: &Path) -> Self {
         let mut command = kiln_command(config, data_dir);
-        command.env("KILN_WORKERS__METRICS_BIND", "127.0.0.1:0").arg("worker");
+        command
+            .env("KILN_WORKERS__METRICS_BIND", "127.0.0.1:0")
+            .arg("worker");
         let (mut child, listening, _) = spawn_watched(command);
         let base = wait_listening(&mut child, &listening);
-        KilnProcess { child, base, first_key: None }
+        KilnProcess {
+            child,
+            base,
+            first_key: None,
+        }
     }
 
     pub fn sigkill(&mut self) {
@@ -121,14 +152,20 @@ impl KilnProcess {
 
     /// SIGTERM, then the exit status (within `timeout`).
     pub fn sigterm(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "kiln did not stop within {timeout:?} of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "kiln did not stop within {timeout:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -169,7 +206,11 @@ fn wait_listening(child: &mut Child, listening: &Shared<Startup>) -> String {
 /// log says (the address a "kiln is listening" line names, whether a first key was made), and
 /// keeping stdout's lines.
 fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<String>>) {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let listening: Shared<Startup> = Arc::default();
     let stdout_lines: Shared<Vec<String>> = Arc::default();
     let stderr = child.stderr.take().unwrap();
@@ -179,12 +220,17 @@ fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<St
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[kiln] {line}");
-                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 let mut startup = listening.lock().unwrap();
                 if event["message"] == "kiln is listening" {
                     startup.address = event["address"].as_str().map(str::to_string);
                 }
-                if event["message"].as_str().is_some_and(|m| m.starts_with("first start: created an API key")) {
+                if event["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("first start: created an API key"))
+                {
                     startup.key_made = true;
                 }
             }
@@ -205,7 +251,11 @@ fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<St
 /// Runs `kiln ARGS` to completion: (success, stdout, stderr).
 pub fn kiln_run(config: &Path, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
     let out = kiln_command(config, data_dir).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// A client of one kiln, with one token.
@@ -218,12 +268,24 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: &str) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { base: base.to_string(), token: token.to_string(), http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Self {
+            base: base.to_string(),
+            token: token.to_string(),
+            http,
+        }
     }
 
     /// (status, JSON body) of a request with this client's token.
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
         self.try_call(method, path, body).await.unwrap()
     }
 
@@ -234,7 +296,11 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), reqwest::Error> {
-        let url = if path.starts_with("http") { path.to_string() } else { format!("{}{path}", self.base) };
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
         let mut request = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);
@@ -245,28 +311,51 @@ impl Client {
     }
 
     pub async fn submit(&self, model: &str, input: Value) -> (u16, Value) {
-        self.call(reqwest::Method::POST, &format!("/v1/models/{model}"), Some(&input)).await
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/models/{model}"),
+            Some(&input),
+        )
+        .await
     }
 
     pub async fn status(&self, id: &str) -> Value {
-        let (code, body) = self.call(reqwest::Method::GET, &format!("/v1/requests/{id}/status"), None).await;
+        let (code, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/requests/{id}/status"),
+                None,
+            )
+            .await;
         assert_eq!(code, 200, "{body}");
         body
     }
 
     pub async fn result(&self, id: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, &format!("/v1/requests/{id}/result"), None).await
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/requests/{id}/result"),
+            None,
+        )
+        .await
     }
 
     pub async fn cancel(&self, id: &str) -> Value {
-        let (code, body) = self.call(reqwest::Method::POST, &format!("/v1/requests/{id}/cancel"), None).await;
+        let (code, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/requests/{id}/cancel"),
+                None,
+            )
+            .await;
         assert_eq!(code, 202, "{body}");
         body
     }
 
     /// Polls the result until the job has ended.
     pub async fn wait_result(&self, id: &str, timeout: Duration) -> Value {
-        self.wait_status(id, &["succeeded", "failed", "cancelled"], timeout).await
+        self.wait_status(id, &["succeeded", "failed", "cancelled"], timeout)
+            .await
     }
 
     /// Polls the result until its status is one of `statuses`.
@@ -278,7 +367,11 @@ impl Client {
             if statuses.iter().any(|s| body["status"] == *s) {
                 return body;
             }
-            assert!(Instant::now() < deadline, "request {id} still {} after {timeout:?}", body["status"]);
+            assert!(
+                Instant::now() < deadline,
+                "request {id} still {} after {timeout:?}",
+                body["status"]
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -287,8 +380,15 @@ impl Client {
     pub async fn download(&self, url: &str) -> (u16, Option<String>, Vec<u8>) {
         let response = reqwest::get(url).await.unwrap();
         let status = response.status().as_u16();
-        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
-        (status, content_type, response.bytes().await.unwrap().to_vec())
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        (
+            status,
+            content_type,
+            response.bytes().await.unwrap().to_vec(),
+        )
     }
 }
 
@@ -325,7 +425,11 @@ impl InProcess {
         let mut tokens = vec![];
         for name in ["alice", "bob"] {
             let token = new_token();
-            app.stores().keys.insert_key(name, &hash_token(&token), &token_prefix(&token)).await.unwrap();
+            app.stores()
+                .keys
+                .insert_key(name, &hash_token(&token), &token_prefix(&token))
+                .await
+                .unwrap();
             tokens.push(token);
         }
         let shutdown = CancellationToken::new();

@@ -1,7 +1,9 @@
 //! The shipped `kiln` binary as users run it: first start, keys, SIGTERM, SIGKILL under load,
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
-use crate::harness::{bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, FLEX, PRO};
+use crate::harness::{
+    bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, FLEX, PRO,
+};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -24,16 +26,30 @@ async fn first_start_makes_a_key_serves_an_image_and_stops_cleanly_on_sigterm() 
 
     let (code, health) = client.call(reqwest::Method::GET, "/healthz", None).await;
     assert_eq!(code, 200, "{health}");
-    let (code, submitted) = client.submit(PRO, input("a red circle on a blue background")).await;
+    let (code, submitted) = client
+        .submit(PRO, input("a red circle on a blue background"))
+        .await;
     assert_eq!(code, 200, "{submitted}");
     let id = submitted["request_id"].as_str().unwrap();
-    assert_eq!(submitted["result_url"], format!("{}/v1/requests/{id}/result", kiln.base));
+    assert_eq!(
+        submitted["result_url"],
+        format!("{}/v1/requests/{id}/result", kiln.base)
+    );
     let result = client.wait_result(id, Duration::from_secs(60)).await;
     assert_eq!(result["status"], "succeeded", "{result}");
     let meta = &result["metadata"];
-    assert_eq!((meta["width"].as_u64(), meta["height"].as_u64()), (Some(256), Some(256)));
-    assert_eq!(meta["num_inference_steps"], 2, "the model configuration's steps");
-    assert!(meta["engine"].as_str().unwrap().contains("FLUX.1"), "{meta}");
+    assert_eq!(
+        (meta["width"].as_u64(), meta["height"].as_u64()),
+        (Some(256), Some(256))
+    );
+    assert_eq!(
+        meta["num_inference_steps"], 2,
+        "the model configuration's steps"
+    );
+    assert!(
+        meta["engine"].as_str().unwrap().contains("FLUX.1"),
+        "{meta}"
+    );
     let url = result["output"]["image"].as_str().unwrap();
     assert_eq!(result["output"]["images"][0], url);
     let (code, content_type, bytes) = client.download(url).await;
@@ -44,7 +60,10 @@ async fn first_start_makes_a_key_serves_an_image_and_stops_cleanly_on_sigterm() 
     assert!(status.success(), "a graceful stop exits 0: {status:?}");
 
     let again = KilnProcess::serve(&config, &data, &[]);
-    assert_eq!(again.first_key, None, "the key is shown only on the first start");
+    assert_eq!(
+        again.first_key, None,
+        "the key is shown only on the first start"
+    );
     let (code, _) = Client::new(&again.base, &token).result(id).await;
     assert_eq!(code, 200, "the record outlives the restart");
 }
@@ -61,7 +80,10 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line() {
     let (ok, _, err) = kiln_run(&config, &data, &["keys", "create", "--name", "ci"]);
     assert!(!ok && err.contains("already exists"), "{err}");
     let (ok, list, _) = kiln_run(&config, &data, &["keys", "list"]);
-    assert!(ok && list.contains("ci") && !list.contains(&token), "the list never shows tokens: {list}");
+    assert!(
+        ok && list.contains("ci") && !list.contains(&token),
+        "the list never shows tokens: {list}"
+    );
 
     let kiln = KilnProcess::serve(&config, &data, &[]);
     assert_eq!(kiln.first_key, None, "keys exist, so none is made");
@@ -72,7 +94,11 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line() {
     let (ok, out, _) = kiln_run(&config, &data, &["keys", "revoke", "ci"]);
     assert!(ok, "{out}");
     let (code, body) = client.submit(PRO, input("a green square")).await;
-    assert_eq!((code, &body["error_code"]), (401, &Value::from(401001)), "{body}");
+    assert_eq!(
+        (code, &body["error_code"]),
+        (401, &Value::from(401001)),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,17 +115,30 @@ async fn sigkill_under_load_loses_no_accepted_request() {
     let accepted_so_far = Arc::new(AtomicUsize::new(0));
     let mut submitters = vec![];
     for c in 0..4 {
-        let (client, budget, accepted_so_far) = (client.clone(), budget.clone(), accepted_so_far.clone());
+        let (client, budget, accepted_so_far) =
+            (client.clone(), budget.clone(), accepted_so_far.clone());
         submitters.push(tokio::spawn(async move {
             let mut accepted = vec![];
-            while budget.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            while budget
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
                 let path = format!("/v1/models/{PRO}");
-                match client.try_call(reqwest::Method::POST, &path, Some(&input(&format!("shape {c}")))).await {
+                match client
+                    .try_call(
+                        reqwest::Method::POST,
+                        &path,
+                        Some(&input(&format!("shape {c}"))),
+                    )
+                    .await
+                {
                     Ok((200, body)) => {
                         accepted.push(body["request_id"].as_str().unwrap().to_string());
                         accepted_so_far.fetch_add(1, SeqCst);
                     }
-                    Ok((code, body)) => panic!("a live server refused a valid submit: {code} {body}"),
+                    Ok((code, body)) => {
+                        panic!("a live server refused a valid submit: {code} {body}")
+                    }
                     Err(_) => break, // the connection died with the server
                 }
             }
@@ -114,7 +153,11 @@ async fn sigkill_under_load_loses_no_accepted_request() {
     for s in submitters {
         accepted.extend(s.await.unwrap_or_default());
     }
-    assert!((12..30).contains(&accepted.len()), "the kill landed mid-load: {} accepted", accepted.len());
+    assert!(
+        (12..30).contains(&accepted.len()),
+        "the kill landed mid-load: {} accepted",
+        accepted.len()
+    );
 
     let kiln = KilnProcess::serve(&config, &data, &[]);
     let client = Client::new(&kiln.base, &client.token);
@@ -134,29 +177,46 @@ async fn sigkill_under_load_loses_no_accepted_request() {
 async fn a_worker_process_killed_mid_job_leaves_the_job_to_another_which_completes_it_once() {
     let dir = tempfile::tempdir().unwrap();
     // Slow jobs (many steps) and a short lease, so the kill lands mid-job and the retake is quick.
-    let config = write_config(dir.path(), 60, "[workers]\nlease_secs = 3\npoll_interval_ms = 100\n");
+    let config = write_config(
+        dir.path(),
+        60,
+        "[workers]\nlease_secs = 3\npoll_interval_ms = 100\n",
+    );
     let data = dir.path().join("data");
     let api = KilnProcess::serve(&config, &data, &["--workers", "0"]);
     let client = Client::new(&api.base, api.first_key.as_deref().unwrap());
     let (code, submitted) = client.submit(PRO, input("a yellow triangle")).await;
     assert_eq!(code, 200, "{submitted}");
     let id = submitted["request_id"].as_str().unwrap();
-    assert_eq!(client.status(id).await["queue_position"], 0, "no worker yet: first in line");
+    assert_eq!(
+        client.status(id).await["queue_position"],
+        0,
+        "no worker yet: first in line"
+    );
 
     let mut doomed = KilnProcess::worker(&config, &data);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let status = client.status(id).await;
-        if status["status"] == "in_progress" && status["progress"]["step"].as_u64().unwrap_or(0) >= 1 {
+        if status["status"] == "in_progress"
+            && status["progress"]["step"].as_u64().unwrap_or(0) >= 1
+        {
             assert_eq!(status["progress"]["total"], 60, "{status}");
             assert!(status.get("queue_position").is_none(), "{status}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the worker never got going: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never got going: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     doomed.sigkill();
-    assert_eq!(client.status(id).await["status"], "in_progress", "still leased to the dead worker");
+    assert_eq!(
+        client.status(id).await["status"],
+        "in_progress",
+        "still leased to the dead worker"
+    );
     assert_eq!(client.cancel(id).await["outcome"], "not_cancellable");
 
     let _survivor = KilnProcess::worker(&config, &data);
@@ -181,9 +241,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_runs_bfl_single_files_and_gguf_transformers() {
-    for (transformer, layout) in
-        [("schnell-bfl/flux1-tiny-schnell.safetensors", "BFL"), ("schnell-gguf/flux1-tiny-schnell-Q8_0.gguf", "GGUF")]
-    {
+    for (transformer, layout) in [
+        ("schnell-bfl/flux1-tiny-schnell.safetensors", "BFL"),
+        ("schnell-gguf/flux1-tiny-schnell-Q8_0.gguf", "GGUF"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let checkpoint = bfl_checkpoint(dir.path(), transformer);
         let config = write_config_for(dir.path(), &checkpoint, 2, "");
@@ -191,11 +252,18 @@ async fn the_service_runs_bfl_single_files_and_gguf_transformers() {
         let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
         let (code, submitted) = client.submit(PRO, input("a blue star")).await;
         assert_eq!(code, 200, "{submitted}");
-        let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+        let result = client
+            .wait_result(
+                submitted["request_id"].as_str().unwrap(),
+                Duration::from_secs(60),
+            )
+            .await;
         assert_eq!(result["status"], "succeeded", "{layout}: {result}");
         let engine = result["metadata"]["engine"].as_str().unwrap();
         assert!(engine.contains(layout), "{layout} named in {engine}");
-        let (code, _, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+        let (code, _, bytes) = client
+            .download(result["output"]["image"].as_str().unwrap())
+            .await;
         assert_eq!((code, decoded_size(&bytes)), (200, (256, 256)), "{layout}");
     }
 }
@@ -209,10 +277,20 @@ async fn a_separate_worker_exports_its_step_and_job_metrics() {
     let worker = KilnProcess::worker_with_metrics(&config, &data);
     let client = Client::new(&api.base, api.first_key.as_deref().unwrap());
     let (_, submitted) = client.submit(PRO, input("a purple circle")).await;
-    let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    let result = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(result["status"], "succeeded", "{result}");
 
-    let text = reqwest::get(format!("{}/metrics", worker.base)).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{}/metrics", worker.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let sample = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name) && l.contains(PRO))
@@ -220,7 +298,11 @@ async fn a_separate_worker_exports_its_step_and_job_metrics() {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no {name} for {PRO} in:\n{text}"))
     };
-    assert_eq!(sample("kiln_step_duration_seconds_count"), 3.0, "one observation per step");
+    assert_eq!(
+        sample("kiln_step_duration_seconds_count"),
+        3.0,
+        "one observation per step"
+    );
     assert_eq!(sample("kiln_job_duration_seconds_count"), 1.0);
     assert_eq!(sample("kiln_jobs_finished_total{model=\"blackforestlabs/flux-1-1-pro/text-to-image\",outcome=\"succeeded\"}"), 1.0);
 }
@@ -234,18 +316,32 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
     let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
     let prompt = "a red circle in the top left on a blue background";
     for (model, input, size) in [
-        (FLEX, serde_json::json!({"prompt": prompt, "image_size": "square"}), (512, 512)),
+        (
+            FLEX,
+            serde_json::json!({"prompt": prompt, "image_size": "square"}),
+            (512, 512),
+        ),
         (PRO, serde_json::json!({"prompt": prompt}), (1344, 768)),
     ] {
         let (code, submitted) = client.submit(model, input).await;
         assert_eq!(code, 200, "{submitted}");
-        let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(120)).await;
+        let result = client
+            .wait_result(
+                submitted["request_id"].as_str().unwrap(),
+                Duration::from_secs(120),
+            )
+            .await;
         assert_eq!(result["status"], "succeeded", "{model}: {result}");
         let engine = result["metadata"]["engine"].as_str().unwrap();
         assert!(engine.contains("demo-checkpoint"), "{model}: {engine}");
         let notes = result["metadata"]["notes"].to_string();
-        assert!(notes.contains("demo checkpoint") && notes.contains("upscaled"), "{model}: {notes}");
-        let (code, _, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+        assert!(
+            notes.contains("demo checkpoint") && notes.contains("upscaled"),
+            "{model}: {notes}"
+        );
+        let (code, _, bytes) = client
+            .download(result["output"]["image"].as_str().unwrap())
+            .await;
         assert_eq!((code, decoded_size(&bytes)), (200, size), "{model}");
     }
 }
@@ -255,7 +351,10 @@ async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let klein = crate::harness::tiny_checkpoint().join("../klein-diffusers");
     let config = dir.path().join("kiln.toml");
-    let toml = format!("[models.\"{FLEX}\"]\ncheckpoint = {:?}\n", klein.display().to_string());
+    let toml = format!(
+        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n",
+        klein.display().to_string()
+    );
     std::fs::write(&config, toml).unwrap();
     let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
     let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
@@ -267,10 +366,18 @@ async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
     });
     let (code, submitted) = client.submit(FLEX, input).await;
     assert_eq!(code, 200, "{submitted}");
-    let result = client.wait_result(submitted["request_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    let result = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(result["status"], "succeeded", "{result}");
     let meta = &result["metadata"];
-    assert!(meta["engine"].as_str().unwrap().contains("FLUX.2 klein"), "{meta}");
+    assert!(
+        meta["engine"].as_str().unwrap().contains("FLUX.2 klein"),
+        "{meta}"
+    );
     assert_eq!(meta["num_inference_steps"], 3);
     // The route expands prompts by default: the text encoder's rewrite is what was drawn.
     let notes = meta["notes"].to_string();
@@ -280,7 +387,9 @@ async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
         "{notes}"
     );
     assert_ne!(meta["prompt"], "a red fox in the snow", "{meta}");
-    let (code, content_type, bytes) = client.download(result["output"]["image"].as_str().unwrap()).await;
+    let (code, content_type, bytes) = client
+        .download(result["output"]["image"].as_str().unwrap())
+        .await;
     assert_eq!((code, content_type.as_deref()), (200, Some("image/png")));
     assert_eq!(decoded_size(&bytes), (80, 64));
 }

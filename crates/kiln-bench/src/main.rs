@@ -1,0 +1,467 @@
+//! `kiln-bench`: times kiln's engine and diffusers (PyTorch) on the same machine, in the same
+//! run, with the same shapes, weights, inputs and threads, and prints the figures, their ratio,
+//! the achieved GFLOP/s against the machine's measured f32 matrix-product peak, and the peak
+//! memory of each. See BENCHMARKS.md for how to read it.
+//!
+//! Every workload runs in a process of its own (this binary's `child` command, and
+//! `tools/bench/diffusers_bench.py` for diffusers), so that each peak-memory figure is that
+//! workload's alone: the peak is reset once the weights are loaded and read after the last run.
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use kiln_engine::bench::{
+    write_checkpoint, CheckpointPaths, MatrixProduct, TransformerCall, VaeDecode,
+};
+use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-bench",
+    about = "kiln's engine against diffusers on this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Mode>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where the random full-size checkpoint (2.2 GB, written once) and the outputs go.
+    #[arg(long, default_value = "target/kiln-bench")]
+    work: PathBuf,
+    /// Timed runs of each workload, after one untimed warm-up run.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only these workloads (default: all).
+    #[arg(long, value_enum)]
+    only: Vec<Workload>,
+    /// The Python with torch and diffusers (default: $KILN_BENCH_PYTHON, else
+    /// /tmp/venv-ref/bin/python if present, else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Time kiln alone.
+    #[arg(long)]
+    no_peer: bool,
+    /// Also append the results as a Markdown table to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run one workload in this process and print its measurement as JSON (used by the
+    /// benchmark itself).
+    Child {
+        #[arg(value_enum)]
+        workload: Workload,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long)]
+        runs: usize,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    /// A 4096^3 f32 matrix product: the machine's peak for the other rows' percentages.
+    #[value(name = "matmul-4096")]
+    Matmul4096,
+    /// One FLUX.1 transformer call, full width, 1 double + 1 single block, 512x512, 512 text tokens.
+    #[value(name = "transformer-512")]
+    Transformer512,
+    /// The same at 1024x1024.
+    #[value(name = "transformer-1024")]
+    Transformer1024,
+    /// One FLUX.1 VAE decode to 1024x1024.
+    #[value(name = "vae-decode-1024")]
+    VaeDecode1024,
+    /// A 1024x1024 generation's heavy half: one transformer call and the decode, in one process.
+    #[value(name = "generation-1024")]
+    Generation1024,
+    /// One generation of the demo checkpoint (64x64, its 8 steps, guidance against the empty prompt).
+    #[value(name = "demo-generation")]
+    DemoGeneration,
+}
+
+const ALL: [Workload; 6] = [
+    Workload::Matmul4096,
+    Workload::Transformer512,
+    Workload::Transformer1024,
+    Workload::VaeDecode1024,
+    Workload::Generation1024,
+    Workload::DemoGeneration,
+];
+const SIDES: [usize; 2] = [512, 1024];
+const DEMO_PROMPT: &str = "a red circle in the top left on a blue background";
+
+impl Workload {
+    fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value().expect("every workload has a name").get_name().to_string()
+    }
+
+
+    /// Whether both sides compute the same tensor from the same inputs (the matrix product's
+    /// operands and the demo's noise come from each side's own generator).
+    fn comparable(self) -> bool {
+        !matches!(self, Workload::Matmul4096 | Workload::DemoGeneration)
+    }
+}
+
+/// One side's figures for one workload; the same JSON the Python peer prints.
+#[derive(Serialize, Deserialize, Debug)]
+struct Measurement {
+    seconds: Vec<f64>,
+    flops: Option<f64>,
+    peak_bytes: u64,
+    threads: usize,
+}
+
+impl Measurement {
+    fn median(&self) -> f64 {
+        let mut s = self.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+
+    fn gflops(&self) -> Option<f64> {
+        self.flops.map(|f| f / self.median() / 1e9)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Mode::Child {
+            workload,
+            work,
+            runs,
+        }) => {
+            let m = child(workload, &work, runs)?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        None => benchmark(&cli.run),
+    }
+}
+
+fn output_path(work: &Path, side: &str, workload: Workload) -> PathBuf {
+    work.join("outputs")
+        .join(side)
+        .join(format!("{}.safetensors", workload.name()))
+}
+
+/// Loads, resets the peak, warms up, times `runs` runs and saves the last output.
+fn child(workload: Workload, work: &Path, runs: usize) -> anyhow::Result<Measurement> {
+    let device = Device::Cpu;
+    let paths = CheckpointPaths::new(work);
+    let (run, flops): (Box<dyn Fn() -> anyhow::Result<Tensor>>, Option<f64>) = match workload {
+        Workload::Matmul4096 => {
+            let m = MatrixProduct::new(4096, &device)?;
+            let f = m.flops();
+            (Box::new(move || Ok(m.run()?)), Some(f))
+        }
+        Workload::Transformer512 | Workload::Transformer1024 => {
+            let side = if workload == Workload::Transformer512 {
+                512
+            } else {
+                1024
+            };
+            let t = TransformerCall::load(&paths, side, &device)?;
+            let f = t.flops();
+            (Box::new(move || Ok(t.run()?)), Some(f))
+        }
+        Workload::VaeDecode1024 => {
+            let v = VaeDecode::load(&paths, 1024, &device)?;
+            let f = v.flops()?;
+            (Box::new(move || Ok(v.run()?)), Some(f))
+        }
+        Workload::Generation1024 => {
+            let t = TransformerCall::load(&paths, 1024, &device)?;
+            let v = VaeDecode::load(&paths, 1024, &device)?;
+            let f = t.flops() + v.flops()?;
+            (Box::new(move || Ok(v.decode_packed(&t.run()?)?)), Some(f))
+        }
+        Workload::DemoGeneration => {
+            let dir = Path::new(kiln::config::BUNDLED_DEMO_CHECKPOINT);
+            let p = Flux1Pipeline::load(dir, &EngineOptions::default(), &mut |_| {})?;
+            let req = PipelineRequest {
+                prompt: DEMO_PROMPT.into(),
+                width: 64,
+                height: 64,
+                steps: None,
+                guidance: None,
+                seed: 0,
+                max_sequence_length: None,
+                initial_latents: None,
+                preview_interval: 0,
+            };
+            (
+                Box::new(move || Ok(p.run(&req, &mut ())?.final_latents)),
+                None,
+            )
+        }
+    };
+    reset_peak_memory()?;
+    run()?;
+    let mut seconds = Vec::with_capacity(runs);
+    let mut out = None;
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        out = Some(run()?);
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    let peak_bytes = peak_memory()?;
+    if let Some(out) = out {
+        let path = output_path(work, "kiln", workload);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        out.save_safetensors("output", &path)?;
+    }
+    Ok(Measurement {
+        seconds,
+        flops,
+        peak_bytes,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// Resets the kernel's record of this process's peak resident memory (Linux 4.0+).
+fn reset_peak_memory() -> anyhow::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("resetting the peak memory (/proc/self/clear_refs)")
+}
+
+/// This process's peak resident memory since the last reset.
+fn peak_memory() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(kb * 1024)
+}
+
+fn python(args: &RunArgs) -> PathBuf {
+    args.python
+        .clone()
+        .or_else(|| std::env::var_os("KILN_BENCH_PYTHON").map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from("/tmp/venv-ref/bin/python")).filter(|p| p.exists()))
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn peer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/diffusers_bench.py")
+}
+
+/// Runs a child command and reads its last line as a [`Measurement`].
+fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measurement> {
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    let last = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{what} printed nothing"))?;
+    serde_json::from_str(last).with_context(|| format!("{what} printed {last:?}"))
+}
+
+struct Row {
+    workload: Workload,
+    kiln: Measurement,
+    peer: Option<Measurement>,
+    /// Largest absolute difference between the outputs, and the largest absolute output.
+    difference: Option<(f32, f32)>,
+}
+
+fn benchmark(args: &RunArgs) -> anyhow::Result<()> {
+    let workloads: Vec<Workload> = if args.only.is_empty() {
+        ALL.to_vec()
+    } else {
+        args.only.clone()
+    };
+    eprintln!(
+        "writing (once) the random full-size checkpoint to {}",
+        args.work.display()
+    );
+    write_checkpoint(&args.work, &SIDES)?;
+    let python = python(args);
+    let peer = if args.no_peer {
+        None
+    } else {
+        let probe = Command::new(&python)
+            .args(["-c", "import torch, diffusers"])
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => Some(python),
+            _ => {
+                eprintln!(
+                    "diffusers: SKIPPED ({} cannot import torch and diffusers; see tools/bench/README.md)",
+                    python.display()
+                );
+                None
+            }
+        }
+    };
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for &w in &workloads {
+        eprintln!("{}: kiln", w.name());
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "child",
+            &w.name(),
+            "--runs",
+            &args.runs.to_string(),
+            "--work",
+        ])
+        .arg(&args.work);
+        let kiln = measure(cmd, &format!("kiln {}", w.name()))?;
+        let peer = match &peer {
+            Some(py) => {
+                eprintln!("{}: diffusers", w.name());
+                let mut cmd = Command::new(py);
+                cmd.arg(peer_script())
+                    .args([
+                        &w.name(),
+                        "--runs",
+                        &args.runs.to_string(),
+                        "--threads",
+                        &kiln.threads.to_string(),
+                    ])
+                    .arg("--work")
+                    .arg(&args.work)
+                    .arg("--demo")
+                    .arg(kiln::config::BUNDLED_DEMO_CHECKPOINT);
+                let mut m = measure(cmd, &format!("diffusers {}", w.name()))?;
+                // The same work: GFLOP/s from kiln's count.
+                m.flops = kiln.flops;
+                Some(m)
+            }
+            None => None,
+        };
+        let difference = match (&peer, w.comparable()) {
+            (Some(_), true) => Some(compare(&args.work, w)?),
+            _ => None,
+        };
+        rows.push(Row {
+            workload: w,
+            kiln,
+            peer,
+            difference,
+        });
+    }
+    let table = render(&rows);
+    println!("{table}");
+    if let Some(path) = &args.markdown {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{table}")?;
+    }
+    Ok(())
+}
+
+fn compare(work: &Path, w: Workload) -> anyhow::Result<(f32, f32)> {
+    let load = |side| -> anyhow::Result<Tensor> {
+        let path = output_path(work, side, w);
+        let mut t = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        t.remove("output")
+            .with_context(|| format!("{} holds no output", path.display()))
+    };
+    let (k, d) = (load("kiln")?, load("diffusers")?);
+    if k.dims() != d.dims() {
+        bail!(
+            "{}: kiln's output is {:?}, diffusers' {:?}",
+            w.name(),
+            k.dims(),
+            d.dims()
+        );
+    }
+    let max_abs =
+        |t: &Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar()?) };
+    Ok((max_abs(&(&k - &d)?)?, max_abs(&d)?))
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// A Markdown table; the peak is the fastest matrix product measured in this run.
+fn render(rows: &[Row]) -> String {
+    let peak = rows
+        .iter()
+        .filter(|r| r.workload == Workload::Matmul4096)
+        .flat_map(|r| std::iter::once(&r.kiln).chain(r.peer.as_ref()))
+        .filter_map(Measurement::gflops)
+        .fold(None, |a: Option<f64>, g| Some(a.map_or(g, |a| a.max(g))));
+    let threads = rows.first().map_or(0, |r| r.kiln.threads);
+    let date = time::OffsetDateTime::now_utc().date();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{date}, {}, {threads} threads, f32, median of the timed runs",
+        cpu_name()
+    );
+    if let Some(p) = peak {
+        let _ = writeln!(
+            s,
+            "f32 matrix-product peak (fastest 4096^3 product of this run): {p:.0} GFLOP/s"
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| workload | kiln s | diffusers s | kiln/diffusers | kiln GFLOP/s | diffusers GFLOP/s | kiln peak MiB | diffusers peak MiB | max abs diff (of max abs) |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let rate = |m: &Measurement| match (m.gflops(), peak) {
+        (Some(g), Some(p)) => format!("{g:.0} ({:.0}%)", 100.0 * g / p),
+        (Some(g), None) => format!("{g:.0}"),
+        _ => "-".into(),
+    };
+    let mib = |m: &Measurement| format!("{:.0}", m.peak_bytes as f64 / (1 << 20) as f64);
+    for r in rows {
+        let (peer_s, ratio, peer_rate, peer_mib) = match &r.peer {
+            Some(p) => (
+                format!("{:.2}", p.median()),
+                format!("**{:.2}**", r.kiln.median() / p.median()),
+                rate(p),
+                mib(p),
+            ),
+            None => ("skipped".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let diff = r
+            .difference
+            .map_or("-".into(), |(d, m)| format!("{d:.1e} (of {m:.1})"));
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {peer_s} | {ratio} | {} | {peer_rate} | {} | {peer_mib} | {diff} |",
+            &r.workload.name(),
+            r.kiln.median(),
+            rate(&r.kiln),
+            mib(&r.kiln),
+        );
+    }
+    s
+}
