@@ -105,9 +105,11 @@ const DEMO_PROMPT: &str = "a red circle in the top left on a blue background";
 impl Workload {
     fn name(self) -> String {
         use clap::ValueEnum;
-        self.to_possible_value().expect("every workload has a name").get_name().to_string()
+        self.to_possible_value()
+            .expect("every workload has a name")
+            .get_name()
+            .to_string()
     }
-
 
     /// Whether both sides compute the same tensor from the same inputs (the matrix product's
     /// operands and the demo's noise come from each side's own generator).

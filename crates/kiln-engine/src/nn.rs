@@ -44,6 +44,31 @@ impl Linear {
     }
 }
 
+/// A 2-D convolution: kiln's CPU kernel for stride 1 in f32, candle's otherwise.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv2d(candle_nn::Conv2d);
+
+impl Conv2d {
+    pub(crate) fn new(weight: Tensor, bias: Tensor, padding: usize, stride: usize) -> Self {
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Self(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let cfg = self.0.config();
+        match self.0.bias() {
+            Some(b) if cfg.stride == 1 && on_cpu_in_f32(x) => {
+                kiln_kernels::ops::conv2d(x, self.0.weight(), b, cfg.padding)
+            }
+            _ => self.0.forward(x),
+        }
+    }
+}
+
 /// Whether kiln's own CPU kernels take this tensor.
 fn on_cpu_in_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32

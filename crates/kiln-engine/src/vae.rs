@@ -1,11 +1,11 @@
 //! The decoder half of FLUX.1's VAE (diffusers' `AutoencoderKL`, 16 latent channels).
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, Linear};
+use crate::nn::{attention, Conv2d, Linear};
 use crate::transformer::count_indexed;
 use crate::weights::Weights;
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm};
+use candle_nn::GroupNorm;
 use serde::Deserialize;
 
 const EPS: f64 = 1e-6;
@@ -72,15 +72,11 @@ fn conv(w: &Weights, p: &str, padding: usize) -> Result<Conv2d> {
 }
 
 fn conv_strided(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
     Ok(Conv2d::new(
         w.tensor(&format!("{p}.weight"))?,
-        Some(w.tensor(&format!("{p}.bias"))?),
-        cfg,
+        w.tensor(&format!("{p}.bias"))?,
+        padding,
+        stride,
     ))
 }
 

@@ -6,6 +6,7 @@ use crate::attention::attend;
 use crate::gemm::{matmul, Matrix, Threads};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// The f32 elements of a contiguous tensor's storage.
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -149,4 +150,183 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             scale: scale as f32,
         },
     )
+}
+
+/// Bytes of the unfolded input (im2col) a convolution builds at once.
+const UNFOLD_BUDGET: usize = 32 << 20;
+
+/// A stride-1 convolution of `x (n, cin, h, w)` by `weight (cout, cin, kh, kw)` with zero
+/// padding `padding` and a bias `(cout)`.
+struct Conv2dOp {
+    padding: usize,
+    unfold_budget: usize,
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (
+            contiguous(s1, l1, "conv2d")?,
+            contiguous(s2, l2, "conv2d")?,
+            contiguous(s3, l3, "conv2d")?,
+        );
+        let (n, cin, h, wd) = l1.shape().dims4()?;
+        let (cout, wcin, kh, kw) = l2.shape().dims4()?;
+        let p = self.padding;
+        if wcin != cin || bias.len() != cout || h + 2 * p < kh || wd + 2 * p < kw {
+            candle_core::bail!(
+                "conv2d: input {:?}, weight {:?}, bias {}",
+                l1.shape(),
+                l2.shape(),
+                bias.len()
+            );
+        }
+        let (ho, wo) = (h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw);
+        let plane = ho * wo;
+        let k_size = cin * kh * kw;
+        let mut out = vec![0f32; n * cout * plane];
+        out.chunks_mut(plane)
+            .enumerate()
+            .for_each(|(i, c)| c.fill(bias[i % cout]));
+        let weights = Matrix::row_major(w, cout, k_size, k_size);
+        let rows_per_block = (self.unfold_budget / (4 * k_size * wo)).clamp(1, ho);
+        let mut unfolded = if kh * kw == 1 && p == 0 {
+            Vec::new()
+        } else {
+            vec![0f32; k_size * rows_per_block * wo]
+        };
+        for (img, dst) in x.chunks(cin * h * wd).zip(out.chunks_mut(cout * plane)) {
+            if unfolded.is_empty() {
+                // A 1x1 convolution is the weight times the input planes.
+                matmul(
+                    weights,
+                    Matrix::row_major(img, cin, plane, plane),
+                    dst,
+                    plane,
+                    true,
+                    Threads::All,
+                );
+                continue;
+            }
+            for y0 in (0..ho).step_by(rows_per_block) {
+                let rows = rows_per_block.min(ho - y0);
+                let pixels = rows * wo;
+                let cols = &mut unfolded[..k_size * pixels];
+                // Row (ci, ky, kx) of the unfolded block holds input channel ci shifted by
+                // (ky - p, kx - p) at every output pixel of the block, zero outside the image.
+                cols.par_chunks_mut(pixels)
+                    .enumerate()
+                    .for_each(|(r, line)| {
+                        let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                        let channel = &img[ci * h * wd..(ci + 1) * h * wd];
+                        for (yy, seg) in line.chunks_mut(wo).enumerate() {
+                            let iy = (y0 + yy + ky) as isize - p as isize;
+                            if iy < 0 || iy >= h as isize {
+                                seg.fill(0.0);
+                                continue;
+                            }
+                            let src = &channel[iy as usize * wd..(iy as usize + 1) * wd];
+                            // Output column xx reads input column xx + kx - p.
+                            let lo = p.saturating_sub(kx).min(wo);
+                            let hi = (wd + p).saturating_sub(kx).min(wo).max(lo);
+                            seg[..lo].fill(0.0);
+                            seg[lo..hi].copy_from_slice(&src[lo + kx - p..hi + kx - p]);
+                            seg[hi..].fill(0.0);
+                        }
+                    });
+                let start = y0 * wo;
+                let end = start + (cout - 1) * plane + pixels;
+                matmul(
+                    weights,
+                    Matrix::row_major(cols, k_size, pixels, pixels),
+                    &mut dst[start..end],
+                    plane,
+                    true,
+                    Threads::All,
+                );
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+    }
+}
+
+/// A stride-1 2-D convolution with zero padding on the CPU in f32, by unfolding a block of
+/// output rows at a time (at most 32 MB) and one whole-machine product per block, written
+/// straight into the output planes.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &Conv2dOp {
+            padding,
+            unfold_budget: UNFOLD_BUDGET,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn conv2d_matches_candles() {
+        let dev = &Device::Cpu;
+        for (cin, cout, h, w, k, p) in [
+            (3, 5, 9, 7, 3, 1),
+            (4, 2, 6, 6, 1, 0),
+            (2, 3, 5, 8, 3, 0),
+            (6, 4, 4, 5, 3, 2),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, dev).unwrap();
+            // Two output rows per unfolded block: several blocks, the last one partial.
+            let k_size = cin * k * k;
+            let op = Conv2dOp {
+                padding: p,
+                unfold_budget: 4 * k_size * (w + 2 * p + 1 - k) * 2,
+            };
+            let got = x.apply_op3_no_bwd(&wt, &b, &op).unwrap();
+            let whole = conv2d(&x, &wt, &b, p).unwrap();
+            let want = x
+                .conv2d(&wt, p, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err: f32 = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(err < 1e-4, "{cin} {cout} {h} {w} {k} {p}: {err}");
+            let blocks: f32 = (got - whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(blocks, 0.0, "blocks change the result");
+        }
+    }
 }
