@@ -593,10 +593,11 @@ fn quantization_summary(files: &CheckpointFiles) -> Option<String> {
     gguf_quantization(&files.transformer[0])
 }
 
-/// "cpu", or the accelerator's location (e.g. "Cuda { gpu_id: 0 }").
+/// "cpu" with what runs its matrix products, or the accelerator's location (e.g.
+/// "Cuda { gpu_id: 0 }").
 pub(crate) fn device_name(device: &Device) -> String {
     match device {
-        Device::Cpu => "cpu".to_string(),
+        Device::Cpu => format!("cpu, matrix products by {}", kiln_kernels::gemm::describe()),
         d => format!("{:?}", d.location()),
     }
 }
