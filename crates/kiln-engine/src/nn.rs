@@ -80,8 +80,8 @@ const SCORES_BUDGET: usize = 256 << 20;
 
 /// Softmax attention over `(batch, heads, seq, head_dim)` tensors, with an optional additive
 /// bias (`(1 or batch, heads, seq, seq)` or broadcastable) on the scores. The softmax runs in
-/// f32, as PyTorch's kernels do for bf16. Without a bias, f32 on the CPU runs kiln's tiled
-/// kernel, whose result is a view of `(batch, seq, heads, head_dim)` memory, so merging the
+/// f32, as PyTorch's kernels do for bf16. Without a bias, f32 on the CPU runs kiln's kernel
+/// (a block of queries at a time, `kiln_kernels::ops::attention`), whose result is a view of `(batch, seq, heads, head_dim)` memory, so merging the
 /// heads afterwards copies nothing.
 pub(crate) fn attention(
     q: &Tensor,

@@ -69,15 +69,6 @@ pub enum Backend {
     Builtin,
 }
 
-/// How many threads a product may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Threads {
-    /// The whole machine (products issued one at a time, as layers do).
-    All,
-    /// The calling thread only (products issued from inside a parallel loop).
-    One,
-}
-
 type Sgemm = unsafe extern "C" fn(
     c_int,
     c_int,
@@ -153,14 +144,11 @@ pub fn describe() -> String {
 }
 
 /// `C = A B`, or `C += A B` when `accumulate`, with `C` row-major `a.rows x b.cols`, rows
-/// `ldc` apart, using [`backend`].
-pub fn matmul(a: Matrix, b: Matrix, c: &mut [f32], ldc: usize, accumulate: bool, threads: Threads) {
-    let backend = match threads {
-        // OpenBLAS's own thread pool must not be entered from several threads at once.
-        Threads::One => Backend::Builtin,
-        Threads::All => backend(),
-    };
-    matmul_with(backend, a, b, c, ldc, accumulate, threads)
+/// `ldc` apart, using [`backend`] and every thread of the machine. Call it from one thread at
+/// a time (the layers issue their products one after the other): OpenBLAS's thread pool must
+/// not be entered from several threads at once.
+pub fn matmul(a: Matrix, b: Matrix, c: &mut [f32], ldc: usize, accumulate: bool) {
+    matmul_with(backend(), a, b, c, ldc, accumulate)
 }
 
 /// [`matmul`] with a chosen implementation ([`Backend::OpenBlas`] falls back to the builtin
@@ -172,7 +160,6 @@ pub fn matmul_with(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    threads: Threads,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ");
@@ -221,12 +208,9 @@ pub fn matmul_with(
             }
         }
     }
-    let parallelism = match threads {
-        Threads::One => gemm::Parallelism::None,
-        Threads::All => match rayon::current_num_threads() {
-            1 => gemm::Parallelism::None,
-            n => gemm::Parallelism::Rayon(n),
-        },
+    let parallelism = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
     };
     // SAFETY: as above; gemm reads `c` only when accumulating.
     unsafe {
@@ -257,6 +241,7 @@ pub fn matmul_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::{max_abs_diff, values};
 
     fn naive(a: Matrix, b: Matrix) -> Vec<f32> {
         let mut c = vec![0.0; a.rows * b.cols];
@@ -273,21 +258,13 @@ mod tests {
         c
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
-    }
-
     #[test]
     fn every_backend_and_layout_matches_the_definition() {
         let (m, k, n) = (37, 53, 29);
-        let a_rows = values(m * k, 1); // m x k row-major
-        let a_cols = values(k * m, 2); // its transpose stored: k x m row-major
-        let b_rows = values(k * n, 3);
-        let b_cols = values(n * k, 4);
+        let a_rows = values(m * k, 1, 2.0); // m x k row-major
+        let a_cols = values(k * m, 2, 2.0); // its transpose stored: k x m row-major
+        let b_rows = values(k * n, 3, 2.0);
+        let b_cols = values(n * k, 4, 2.0);
         let views_a = [
             Matrix::row_major(&a_rows, m, k, k),
             Matrix::transposed(&a_cols, m, k, m),
@@ -297,26 +274,17 @@ mod tests {
             Matrix::transposed(&b_cols, k, n, k),
         ];
         for backend in [Backend::OpenBlas, Backend::Builtin] {
-            for threads in [Threads::All, Threads::One] {
-                for a in views_a {
-                    for b in views_b {
-                        let expected = naive(a, b);
-                        let mut c = vec![0.5; m * n];
-                        matmul_with(backend, a, b, &mut c, n, false, threads);
-                        let err = c
-                            .iter()
-                            .zip(&expected)
-                            .map(|(x, y)| (x - y).abs())
-                            .fold(0.0, f32::max);
-                        assert!(err < 1e-4, "{backend:?} {threads:?}: {err}");
-                        matmul_with(backend, a, b, &mut c, n, true, threads);
-                        let err = c
-                            .iter()
-                            .zip(&expected)
-                            .map(|(x, y)| (x - 2.0 * y).abs())
-                            .fold(0.0, f32::max);
-                        assert!(err < 1e-4, "{backend:?} {threads:?} accumulating: {err}");
-                    }
+            for a in views_a {
+                for b in views_b {
+                    let expected = naive(a, b);
+                    let mut c = vec![0.5; m * n];
+                    matmul_with(backend, a, b, &mut c, n, false);
+                    let err = max_abs_diff(&c, &expected);
+                    assert!(err < 1e-4, "{backend:?}: {err}");
+                    matmul_with(backend, a, b, &mut c, n, true);
+                    let doubled: Vec<f32> = expected.iter().map(|y| 2.0 * y).collect();
+                    let err = max_abs_diff(&c, &doubled);
+                    assert!(err < 1e-4, "{backend:?} accumulating: {err}");
                 }
             }
         }

@@ -12,3 +12,5 @@
 mod attention;
 pub mod gemm;
 pub mod ops;
+#[cfg(test)]
+mod test_data;

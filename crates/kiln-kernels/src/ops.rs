@@ -1,9 +1,10 @@
-//! candle ops on the CPU kernels: a linear layer with its bias fused into the product, and
-//! attention that never holds more than a tile of scores. Both take f32 tensors on the CPU;
-//! callers keep candle's own ops for other devices and dtypes.
+//! candle ops on the CPU kernels: a linear layer with its bias fused into the product,
+//! attention a block of queries at a time, and stride-1 convolutions by unfolded blocks of
+//! rows. All take f32 tensors on the CPU; callers keep candle's own ops for other devices and
+//! dtypes.
 
 use crate::attention::attend;
-use crate::gemm::{matmul, Matrix, Threads};
+use crate::gemm::{matmul, Matrix};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -38,14 +39,10 @@ impl LinearOp {
             candle_core::bail!("linear: input {:?} for a weight of {n} x {k}", dims);
         }
         let m = xs.len() / k;
-        let mut y = vec![0f32; m * n];
-        let accumulate = match b {
-            Some((bs, bl)) => {
-                let bias = contiguous(bs, bl, "linear")?;
-                y.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
-                true
-            }
-            None => false,
+        // The product accumulates onto the bias rows.
+        let (mut y, accumulate) = match b {
+            Some((bs, bl)) => (contiguous(bs, bl, "linear")?.repeat(m), true),
+            None => (vec![0f32; m * n], false),
         };
         matmul(
             Matrix::row_major(xs, m, k, k),
@@ -53,7 +50,6 @@ impl LinearOp {
             &mut y,
             n,
             accumulate,
-            Threads::All,
         );
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked above") = n;
@@ -194,19 +190,20 @@ impl CustomOp3 for Conv2dOp {
         let (ho, wo) = (h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw);
         let plane = ho * wo;
         let k_size = cin * kh * kw;
-        let mut out = vec![0f32; n * cout * plane];
-        out.chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, c)| c.fill(bias[i % cout]));
+        // The products accumulate onto each output plane filled with its channel's bias.
+        let mut out: Vec<f32> = (0..n * cout)
+            .flat_map(|i| std::iter::repeat_n(bias[i % cout], plane))
+            .collect();
         let weights = Matrix::row_major(w, cout, k_size, k_size);
+        let pointwise = kh * kw == 1 && p == 0;
         let rows_per_block = (self.unfold_budget / (4 * k_size * wo)).clamp(1, ho);
-        let mut unfolded = if kh * kw == 1 && p == 0 {
+        let mut unfolded = if pointwise {
             Vec::new()
         } else {
             vec![0f32; k_size * rows_per_block * wo]
         };
         for (img, dst) in x.chunks(cin * h * wd).zip(out.chunks_mut(cout * plane)) {
-            if unfolded.is_empty() {
+            if pointwise {
                 // A 1x1 convolution is the weight times the input planes.
                 matmul(
                     weights,
@@ -214,7 +211,6 @@ impl CustomOp3 for Conv2dOp {
                     dst,
                     plane,
                     true,
-                    Threads::All,
                 );
                 continue;
             }
@@ -252,7 +248,6 @@ impl CustomOp3 for Conv2dOp {
                     &mut dst[start..end],
                     plane,
                     true,
-                    Threads::All,
                 );
             }
         }
@@ -277,6 +272,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -305,27 +301,10 @@ mod tests {
                 .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
             assert_eq!(got.dims(), want.dims());
-            let err: f32 = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let elements = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = max_abs_diff(&elements(&got), &elements(&want));
             assert!(err < 1e-4, "{cin} {cout} {h} {w} {k} {p}: {err}");
-            let blocks: f32 = (got - whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let blocks = max_abs_diff(&elements(&got), &elements(&whole));
             assert_eq!(blocks, 0.0, "blocks change the result");
         }
     }
