@@ -8,6 +8,7 @@
 //! loads the very same weights and inputs: the two outputs can be compared at full size.
 
 use crate::error::{Error, Result};
+use crate::nn::Linear;
 use crate::sampling;
 use crate::transformer::{FluxTransformer, Rope, TransformerConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
@@ -438,22 +439,25 @@ fn decoder_flops(cfg: &VaeConfig, latent_pixels: usize) -> f64 {
 
 /// `n x n` by `n x n` f32 matrices, multiplied the way the engine's layers multiply.
 pub struct MatrixProduct {
-    a: Tensor,
-    b: Tensor,
+    x: Tensor,
+    /// `x W^T` through the engine's own linear layer (no bias): the product the transformer's
+    /// layers run, not candle's generic matmul.
+    layer: Linear,
     n: usize,
 }
 
 impl MatrixProduct {
     pub fn new(n: usize, device: &Device) -> Result<Self> {
+        let weight = normal(INPUT_SEED + 1, &[n, n], 1.0)?.to_device(device)?;
         Ok(Self {
-            a: normal(INPUT_SEED, &[n, n], 1.0)?.to_device(device)?,
-            b: normal(INPUT_SEED + 1, &[n, n], 1.0)?.to_device(device)?,
+            x: normal(INPUT_SEED, &[n, n], 1.0)?.to_device(device)?,
+            layer: Linear::dense(weight, None),
             n,
         })
     }
 
     pub fn run(&self) -> Result<Tensor> {
-        Ok(self.a.matmul(&self.b)?)
+        Ok(self.layer.forward(&self.x)?)
     }
 
     pub fn flops(&self) -> f64 {
