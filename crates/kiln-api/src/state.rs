@@ -47,7 +47,7 @@ impl ApiSettings {
             public_url: public_url.into(),
             signing_key,
             retention: DAY,
-            max_body_bytes: 256 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
             max_prompt_chars: 10_000,
             max_queued: 1_000,
             rate_limit_per_minute: 60,

@@ -13,6 +13,9 @@ pub enum Route {
     Flux11ProTextToImage,
     /// `blackforestlabs/flux-2/flex/text-to-image`, served by a FLUX.2 checkpoint.
     Flux2FlexTextToImage,
+    /// `blackforestlabs/flux-2/flex/edit`: FLUX.2 [flex] conditioned on reference images, served
+    /// by the same FLUX.2 checkpoint as the text-to-image route.
+    Flux2FlexEdit,
 }
 
 /// Which engine family runs a route.
@@ -24,12 +27,17 @@ pub enum ModelFamily {
 }
 
 impl Route {
-    pub const ALL: [Route; 2] = [Route::Flux11ProTextToImage, Route::Flux2FlexTextToImage];
+    pub const ALL: [Route; 3] = [
+        Route::Flux11ProTextToImage,
+        Route::Flux2FlexTextToImage,
+        Route::Flux2FlexEdit,
+    ];
 
     pub fn id(self) -> &'static str {
         match self {
             Route::Flux11ProTextToImage => "blackforestlabs/flux-1-1-pro/text-to-image",
             Route::Flux2FlexTextToImage => "blackforestlabs/flux-2/flex/text-to-image",
+            Route::Flux2FlexEdit => "blackforestlabs/flux-2/flex/edit",
         }
     }
 
@@ -37,13 +45,20 @@ impl Route {
         match self {
             Route::Flux11ProTextToImage => "FLUX 1.1 [pro] text-to-image",
             Route::Flux2FlexTextToImage => "FLUX.2 [flex] text-to-image",
+            Route::Flux2FlexEdit => "FLUX.2 [flex] edit",
         }
+    }
+
+    /// Whether the route's input has reference images (`image_urls`), so that only an engine
+    /// that conditions on images can serve it.
+    pub fn takes_reference_images(self) -> bool {
+        matches!(self, Route::Flux2FlexEdit)
     }
 
     pub fn family(self) -> ModelFamily {
         match self {
             Route::Flux11ProTextToImage => ModelFamily::Flux1,
-            Route::Flux2FlexTextToImage => ModelFamily::Flux2,
+            Route::Flux2FlexTextToImage | Route::Flux2FlexEdit => ModelFamily::Flux2,
         }
     }
 }

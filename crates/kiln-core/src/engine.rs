@@ -69,9 +69,14 @@ pub trait Engine: Send + Sync {
     /// Says which checkpoint, on which device, for logs and result metadata.
     fn describe(&self) -> String;
 
+    /// One image for `params`. `references` are the decoded `params.reference_images`, in the
+    /// same order (the worker fetches them; the engine never touches the network); an engine
+    /// that cannot condition on images refuses a non-empty slice with
+    /// [`EngineError::InvalidInput`].
     fn generate(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage, EngineError>;
 }

@@ -74,12 +74,124 @@ pub struct ImageSize {
     pub height: u32,
 }
 
+/// The size of the result: given in pixels, or (an edit's `image_size: "auto"`) the size the
+/// engine makes of the first reference image.
+// Untagged, so records written before edits existed (`{"width", "height"}`) read back as
+// `Pixels`; `FirstReference` is stored as `null`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OutputSize {
+    Pixels(ImageSize),
+    FirstReference,
+}
+
+/// Where a reference image comes from: an `http(s)` URL that a worker fetches, or a `data:`
+/// URI carrying the image itself. Parsed at the edge: the scheme is one of these, a URL has a
+/// host, and a data URI names an image media type and carries valid base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageSource(String);
+
+/// An [`ImageSource`], taken apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageLocation<'a> {
+    Url(&'a str),
+    Data {
+        media_type: &'a str,
+        base64: &'a str,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageSourceError {
+    #[error("must be an http:// or https:// URL or a data: URI")]
+    Scheme,
+    #[error("must be a URL with a host (at most {max} characters)")]
+    Url { max: usize },
+    #[error("a data: URI must be data:image/<type>;base64,<payload>")]
+    DataUri,
+    #[error("the data: URI's payload is not valid base64")]
+    Base64,
+}
+
+/// Longer URLs are refused: no real image address needs more, and the job record keeps it.
+const MAX_URL_CHARS: usize = 8192;
+
+impl ImageSource {
+    pub fn parse(raw: &str) -> Result<Self, ImageSourceError> {
+        let raw = raw.trim();
+        let scheme_end = raw.find(':').ok_or(ImageSourceError::Scheme)?;
+        match raw[..scheme_end].to_ascii_lowercase().as_str() {
+            "http" | "https" => {
+                let host_ok = url::Url::parse(raw)
+                    .ok()
+                    .is_some_and(|u| u.host_str().is_some_and(|h| !h.is_empty()));
+                if !host_ok || raw.len() > MAX_URL_CHARS {
+                    return Err(ImageSourceError::Url { max: MAX_URL_CHARS });
+                }
+            }
+            "data" => {
+                let source = Self(raw.to_string());
+                let ImageLocation::Data { base64, .. } = source.location() else {
+                    return Err(ImageSourceError::DataUri);
+                };
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(base64)
+                    .map_err(|_| ImageSourceError::Base64)?;
+                return Ok(source);
+            }
+            _ => return Err(ImageSourceError::Scheme),
+        }
+        Ok(Self(raw.to_string()))
+    }
+
+    /// The source taken apart. A `data:` URI that is not `data:image/...;base64,...` reads as a
+    /// URL here; [`ImageSource::parse`] never lets one through.
+    pub fn location(&self) -> ImageLocation<'_> {
+        let data = self
+            .0
+            .get(..5)
+            .filter(|s| s.eq_ignore_ascii_case("data:"))
+            .and_then(|_| self.0[5..].split_once(','))
+            .and_then(|(header, payload)| {
+                let media_type = header
+                    .strip_suffix(";base64")
+                    .or_else(|| header.strip_suffix(";BASE64"))?;
+                let is_image =
+                    media_type.len() > 6 && media_type[..6].eq_ignore_ascii_case("image/");
+                is_image.then_some(ImageLocation::Data {
+                    media_type,
+                    base64: payload,
+                })
+            });
+        data.unwrap_or(ImageLocation::Url(&self.0))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ImageSource {
+    type Error = ImageSourceError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ImageSource> for String {
+    fn from(s: ImageSource) -> String {
+        s.0
+    }
+}
+
 /// Everything an engine needs for one generation, in the route's vocabulary mapped to the
 /// engine's: `None` means "the checkpoint's configured default".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationParams {
     pub prompt: Prompt,
-    pub size: ImageSize,
+    pub size: OutputSize,
     pub seed: u32,
     pub num_inference_steps: Option<u32>,
     pub guidance_scale: Option<f32>,
@@ -88,11 +200,63 @@ pub struct GenerationParams {
     pub raw: bool,
     /// FLUX.2's prompt expansion by the text encoder's own language model.
     pub enable_prompt_expansion: bool,
+    /// An edit's reference images, in the request's order; empty for text-to-image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_images: Vec<ImageSource>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_sources_are_urls_or_image_data_uris() {
+        let url = ImageSource::parse(" https://example.com/a.png ").unwrap();
+        assert_eq!(
+            url.location(),
+            ImageLocation::Url("https://example.com/a.png")
+        );
+        let data = ImageSource::parse("data:image/png;base64,iVBORw0KGgo=").unwrap();
+        assert_eq!(
+            data.location(),
+            ImageLocation::Data {
+                media_type: "image/png",
+                base64: "iVBORw0KGgo="
+            }
+        );
+        for (raw, err) in [
+            ("ftp://example.com/a.png", ImageSourceError::Scheme),
+            ("example.com/a.png", ImageSourceError::Scheme),
+            ("https://", ImageSourceError::Url { max: MAX_URL_CHARS }),
+            ("data:text/plain;base64,aGk=", ImageSourceError::DataUri),
+            ("data:image/png,rawbytes", ImageSourceError::DataUri),
+            (
+                "data:image/png;base64,not base64!",
+                ImageSourceError::Base64,
+            ),
+        ] {
+            assert_eq!(ImageSource::parse(raw), Err(err), "{raw}");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
+        assert!(ImageSource::parse(&long).is_err());
+    }
+
+    #[test]
+    fn sizes_stored_before_edits_read_back() {
+        let old: OutputSize = serde_json::from_str(r#"{"width": 64, "height": 48}"#).unwrap();
+        assert_eq!(
+            old,
+            OutputSize::Pixels(ImageSize {
+                width: 64,
+                height: 48
+            })
+        );
+        let auto = serde_json::to_string(&OutputSize::FirstReference).unwrap();
+        assert_eq!(
+            serde_json::from_str::<OutputSize>(&auto).unwrap(),
+            OutputSize::FirstReference
+        );
+    }
 
     #[test]
     fn prompt_is_trimmed_and_bounded() {

@@ -1,12 +1,12 @@
 //! [`Flux1Engine`]: a loaded FLUX.1 pipeline and its configuration, behind kiln-core's
 //! [`Engine`] trait (the `blackforestlabs/flux-1-1-pro/text-to-image` route).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pipeline::{
     DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest, Precision,
 };
-use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepObserver};
-use kiln_core::params::GenerationParams;
+use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
+use kiln_core::params::{GenerationParams, OutputSize};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -108,8 +108,17 @@ impl Flux1Engine {
     fn generate_inner(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage> {
+        let size = match params.size {
+            OutputSize::Pixels(size) if references.is_empty() => size,
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "FLUX.1 checkpoints cannot take reference images".into(),
+                ))
+            }
+        };
         let mut notes = Vec::new();
         let raw = match (&self.config.raw, params.raw) {
             (Some(r), true) => Some(r),
@@ -153,6 +162,7 @@ impl Flux1Engine {
         }
         let request = PipelineRequest::from_params(
             params,
+            size,
             raw.and_then(|r| r.steps).or(self.config.steps),
             raw.and_then(|r| r.guidance).or(self.config.guidance),
             self.config.max_sequence_length,
@@ -179,8 +189,9 @@ impl Engine for Flux1Engine {
     fn generate(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> std::result::Result<GeneratedImage, EngineError> {
-        Ok(self.generate_inner(params, observer)?)
+        Ok(self.generate_inner(params, references, observer)?)
     }
 }

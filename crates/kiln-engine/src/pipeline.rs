@@ -13,7 +13,7 @@ use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
-use kiln_core::params::GenerationParams;
+use kiln_core::params::{GenerationParams, ImageSize};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -136,10 +136,12 @@ pub struct PipelineRequest {
 }
 
 impl PipelineRequest {
-    /// A worker's request: the parameters, with the model configuration's choices where they
-    /// leave something out; seeded noise.
+    /// A worker's request: the parameters at `size` (the engine resolves an edit's
+    /// first-reference size), with the model configuration's choices where they leave
+    /// something out; seeded noise.
     pub(crate) fn from_params(
         params: &GenerationParams,
+        size: ImageSize,
         steps: Option<u32>,
         guidance: Option<f32>,
         max_sequence_length: Option<usize>,
@@ -147,8 +149,8 @@ impl PipelineRequest {
     ) -> Self {
         Self {
             prompt: params.prompt.as_str().to_string(),
-            width: params.size.width,
-            height: params.size.height,
+            width: size.width,
+            height: size.height,
             steps: params.num_inference_steps.or(steps),
             guidance: params.guidance_scale.or(guidance),
             seed: u64::from(params.seed),

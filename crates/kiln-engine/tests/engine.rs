@@ -3,7 +3,7 @@
 
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_engine::flux2::{TokenChoice, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
 use kiln_engine::{
     CheckpointFiles, Error, Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, RawModeConfig,
@@ -24,16 +24,17 @@ fn config(checkpoint: &str) -> Flux1Config {
 fn params(seed: u32) -> GenerationParams {
     GenerationParams {
         prompt: Prompt::parse("a lighthouse in a storm", 1000).unwrap(),
-        size: ImageSize {
+        size: OutputSize::Pixels(ImageSize {
             width: 32,
             height: 16,
-        },
+        }),
         seed,
         num_inference_steps: None,
         guidance_scale: None,
         output_format: OutputFormat::Png,
         raw: false,
         enable_prompt_expansion: false,
+        reference_images: Vec::new(),
     }
 }
 
@@ -83,7 +84,7 @@ fn defaults_steps_previews_and_reproducible_seeds() {
     );
 
     let mut rec = Recorder::default();
-    let a = engine.generate(&params(7), &mut rec).unwrap();
+    let a = engine.generate(&params(7), &[], &mut rec).unwrap();
     assert_eq!(a.applied.num_inference_steps, 4, "schnell's default");
     assert_eq!(a.applied.guidance, None);
     assert_eq!(rec.steps, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
@@ -92,7 +93,7 @@ fn defaults_steps_previews_and_reproducible_seeds() {
     assert_eq!((a.image.width, a.image.height), (32, 16));
 
     let b = engine
-        .generate(&params(7), &mut Recorder::default())
+        .generate(&params(7), &[], &mut Recorder::default())
         .unwrap();
     assert_eq!(a.image, b.image, "same seed, same device: same pixels");
     assert_eq!(
@@ -100,7 +101,7 @@ fn defaults_steps_previews_and_reproducible_seeds() {
         encode_image(&b.image, OutputFormat::Png).unwrap()
     );
     let c = engine
-        .generate(&params(8), &mut Recorder::default())
+        .generate(&params(8), &[], &mut Recorder::default())
         .unwrap();
     assert_ne!(a.image, c.image, "another seed, another image");
 }
@@ -132,7 +133,7 @@ fn observer_break_interrupts() {
         stop_after: Some(2),
         ..Default::default()
     };
-    let err = engine.generate(&params(1), &mut rec).unwrap_err();
+    let err = engine.generate(&params(1), &[], &mut rec).unwrap_err();
     assert!(matches!(err, EngineError::Interrupted), "{err:?}");
     assert_eq!(rec.steps.len(), 2);
 }
@@ -141,11 +142,13 @@ fn observer_break_interrupts() {
 fn sizes_must_fit_the_vae() {
     let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
     let mut p = params(1);
-    p.size = ImageSize {
+    p.size = OutputSize::Pixels(ImageSize {
         width: 36,
         height: 16,
-    };
-    let err = engine.generate(&p, &mut Recorder::default()).unwrap_err();
+    });
+    let err = engine
+        .generate(&p, &[], &mut Recorder::default())
+        .unwrap_err();
     assert!(
         matches!(&err, EngineError::InvalidInput(m) if m.contains("multiples of 8")),
         "{err:?}"
@@ -170,7 +173,7 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
     );
 
     let normal = engine
-        .generate(&params(3), &mut Recorder::default())
+        .generate(&params(3), &[], &mut Recorder::default())
         .unwrap();
     assert_eq!(
         normal.applied.num_inference_steps, 3,
@@ -179,11 +182,13 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
 
     let mut raw = params(3);
     raw.raw = true;
-    raw.size = ImageSize {
+    raw.size = OutputSize::Pixels(ImageSize {
         width: 16,
         height: 16,
-    };
-    let out = engine.generate(&raw, &mut Recorder::default()).unwrap();
+    });
+    let out = engine
+        .generate(&raw, &[], &mut Recorder::default())
+        .unwrap();
     assert_eq!(out.applied.num_inference_steps, 2);
     assert_eq!(
         out.applied.guidance,
@@ -201,7 +206,9 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
 
     // A request's own values win over raw mode's.
     raw.num_inference_steps = Some(1);
-    let out = engine.generate(&raw, &mut Recorder::default()).unwrap();
+    let out = engine
+        .generate(&raw, &[], &mut Recorder::default())
+        .unwrap();
     assert_eq!(out.applied.num_inference_steps, 1);
 }
 
@@ -212,7 +219,7 @@ fn raw_without_configuration_is_noted() {
     p.raw = true;
     p.num_inference_steps = Some(1);
     p.guidance_scale = Some(5.0);
-    let out = engine.generate(&p, &mut Recorder::default()).unwrap();
+    let out = engine.generate(&p, &[], &mut Recorder::default()).unwrap();
     let notes = out.applied.notes.join("; ");
     assert!(notes.contains("raw mode requested"), "{notes}");
     assert!(notes.contains("guidance ignored"), "{notes}");
@@ -294,7 +301,7 @@ fn checkpoint_settings_give_defaults_and_a_maximum_size() {
 
     // 32x16 is over 256 pixels: generated at 16x8 (VAE scale 4, multiples of 8), upscaled.
     let mut rec = Recorder::default();
-    let big = engine.generate(&params(3), &mut rec).unwrap();
+    let big = engine.generate(&params(3), &[], &mut rec).unwrap();
     assert_eq!(big.applied.num_inference_steps, 2);
     assert_eq!(rec.steps, vec![(1, 2), (2, 2)]);
     assert_eq!((big.image.width, big.image.height), (32, 16));
@@ -312,11 +319,11 @@ fn checkpoint_settings_give_defaults_and_a_maximum_size() {
     // The same seed at 16x8 itself: no upscaling, and the same picture at a quarter the pixels
     // (the mean colour within a few levels).
     let mut p = params(3);
-    p.size = ImageSize {
+    p.size = OutputSize::Pixels(ImageSize {
         width: 16,
         height: 8,
-    };
-    let small = engine.generate(&p, &mut Recorder::default()).unwrap();
+    });
+    let small = engine.generate(&p, &[], &mut Recorder::default()).unwrap();
     assert!(!small.applied.notes.join("; ").contains("upscaled"));
     assert_eq!((small.image.width, small.image.height), (16, 8));
     let mean = |px: &[u8]| px.iter().map(|&v| v as f64).sum::<f64>() / px.len() as f64;
@@ -341,7 +348,7 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         Flux2Engine::load(Flux2Config::new(fixture("klein-diffusers")), &mut |_| {}).unwrap();
     assert!(engine.describe().starts_with("FLUX.2 klein (distilled)"));
     let mut rec = Recorder::default();
-    let plain = engine.generate(&params(3), &mut rec).unwrap();
+    let plain = engine.generate(&params(3), &[], &mut rec).unwrap();
     assert_eq!(plain.applied.num_inference_steps, 4);
     assert_eq!(plain.applied.guidance, None);
     assert_eq!((plain.image.width, plain.image.height), (32, 16));
@@ -355,7 +362,9 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         guidance_scale: Some(5.0),
         ..params(3)
     };
-    let out = engine.generate(&asked, &mut Recorder::default()).unwrap();
+    let out = engine
+        .generate(&asked, &[], &mut Recorder::default())
+        .unwrap();
     // Guidance does not reach a distilled model, so the image is the plain one.
     assert_eq!(out.image.pixels, plain.image.pixels);
     let notes = out.applied.notes.join("\n");
@@ -367,8 +376,12 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         enable_prompt_expansion: true,
         ..params(3)
     };
-    let expanded = engine.generate(&expand, &mut Recorder::default()).unwrap();
-    let again = engine.generate(&expand, &mut Recorder::default()).unwrap();
+    let expanded = engine
+        .generate(&expand, &[], &mut Recorder::default())
+        .unwrap();
+    let again = engine
+        .generate(&expand, &[], &mut Recorder::default())
+        .unwrap();
     assert_eq!(expanded.image.pixels, again.image.pixels);
     assert_ne!(expanded.image.pixels, plain.image.pixels);
     let rewrite = engine
@@ -400,7 +413,9 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         &mut |_| {},
     )
     .unwrap();
-    let unexpanded = off.generate(&expand, &mut Recorder::default()).unwrap();
+    let unexpanded = off
+        .generate(&expand, &[], &mut Recorder::default())
+        .unwrap();
     assert_eq!(unexpanded.image.pixels, plain.image.pixels);
     assert_eq!(unexpanded.applied.prompt, "a lighthouse in a storm");
     assert!(
@@ -420,7 +435,7 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         pixels: (0..64 * 64 * 3).map(|i| (i * 7 % 256) as u8).collect(),
     };
     let edited = engine
-        .generate_with_references(&params(3), &[reference], &mut Recorder::default())
+        .generate(&params(3), &[reference.clone()], &mut Recorder::default())
         .unwrap();
     assert_ne!(edited.image.pixels, plain.image.pixels);
     assert!(
@@ -433,15 +448,57 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         edited.applied.notes
     );
 
+    // `image_size: "auto"`: the first reference's size. One above a megapixel is scaled down
+    // to it as diffusers does (1500x1000 -> 1254x836 -> 1248x832 in multiples of 16).
+    let auto = GenerationParams {
+        size: OutputSize::FirstReference,
+        ..params(3)
+    };
+    let square = GenerationParams {
+        size: OutputSize::Pixels(ImageSize {
+            width: 64,
+            height: 64,
+        }),
+        ..params(3)
+    };
+    let explicit = engine
+        .generate(&square, &[reference.clone()], &mut Recorder::default())
+        .unwrap();
+    let same = engine
+        .generate(&auto, &[reference], &mut Recorder::default())
+        .unwrap();
+    assert_eq!((same.image.width, same.image.height), (64, 64));
+    assert_eq!(same.image.pixels, explicit.image.pixels);
+    let large = kiln_core::engine::RgbImage {
+        width: 1500,
+        height: 1000,
+        pixels: (0..1500 * 1000 * 3).map(|i| (i % 253) as u8).collect(),
+    };
+    let sized = engine
+        .generate(&auto, &[large], &mut Recorder::default())
+        .unwrap();
+    assert_eq!((sized.image.width, sized.image.height), (1248, 832));
+    let notes = sized.applied.notes.join("\n");
+    assert!(
+        notes.contains("reference image 1 resized from 1500x1000 to 1254x836")
+            && notes.contains("centre-cropped from 1254x836 to 1248x832")
+            && notes.contains("image size 1248x832 from the first reference image"),
+        "{notes}"
+    );
+    assert!(matches!(
+        engine.generate(&auto, &[], &mut Recorder::default()),
+        Err(EngineError::InvalidInput(_))
+    ));
+
     let odd = GenerationParams {
-        size: ImageSize {
+        size: OutputSize::Pixels(ImageSize {
             width: 30,
             height: 16,
-        },
+        }),
         ..params(3)
     };
     assert!(matches!(
-        engine.generate(&odd, &mut Recorder::default()),
+        engine.generate(&odd, &[], &mut Recorder::default()),
         Err(EngineError::InvalidInput(_))
     ));
 }

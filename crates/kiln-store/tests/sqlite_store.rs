@@ -6,7 +6,7 @@ use kiln_core::job::{
     CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, NewJob, OutputMetadata, Progress,
     Timings,
 };
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_core::store::{ClaimPolicy, Idempotency, JobStore, KeyStore, StoreError};
 use kiln_store::SqliteStore;
 use std::time::Duration;
@@ -29,16 +29,17 @@ async fn fresh() -> (tempfile::TempDir, SqliteStore) {
 fn params(prompt: &str) -> GenerationParams {
     GenerationParams {
         prompt: Prompt::parse(prompt, 100).unwrap(),
-        size: ImageSize {
+        size: OutputSize::Pixels(ImageSize {
             width: 1024,
             height: 768,
-        },
+        }),
         seed: 7,
         num_inference_steps: None,
         guidance_scale: None,
         output_format: OutputFormat::Jpeg,
         raw: false,
         enable_prompt_expansion: false,
+        reference_images: Vec::new(),
     }
 }
 

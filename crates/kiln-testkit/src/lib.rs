@@ -7,7 +7,7 @@
 use kiln_core::engine::{
     AppliedSettings, Engine, EngineError, GeneratedImage, RgbImage, StepEvent, StepObserver,
 };
-use kiln_core::params::GenerationParams;
+use kiln_core::params::{GenerationParams, OutputSize};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -60,6 +60,7 @@ impl Engine for ScriptedEngine {
     fn generate(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage, EngineError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
@@ -94,7 +95,13 @@ impl Engine for ScriptedEngine {
                 return Err(EngineError::Interrupted);
             }
         }
-        let (width, height) = (params.size.width, params.size.height);
+        let (width, height) = match (params.size, references.first()) {
+            (OutputSize::Pixels(size), _) => (size.width, size.height),
+            (OutputSize::FirstReference, Some(first)) => (first.width, first.height),
+            (OutputSize::FirstReference, None) => {
+                return Err(EngineError::InvalidInput("no reference image".into()))
+            }
+        };
         let pixels = Self::color_of(params.seed).repeat((width * height) as usize);
         Ok(GeneratedImage {
             image: RgbImage {
@@ -106,7 +113,10 @@ impl Engine for ScriptedEngine {
                 num_inference_steps: total,
                 guidance: params.guidance_scale,
                 prompt: prompt.to_string(),
-                notes: vec!["scripted test engine".to_string()],
+                notes: vec![
+                    "scripted test engine".to_string(),
+                    format!("{} reference image(s)", references.len()),
+                ],
             },
         })
     }

@@ -4,6 +4,8 @@
 //! - [`pool`]: [`run_pool`], N worker slots claiming jobs until the shutdown token fires.
 //! - `run`: one job from lease to terminal state (engine on a blocking thread, heartbeats,
 //!   panics caught, image encoded and stored, job finished under its fencing token).
+//! - [`references`]: an edit's reference images, fetched (guarded against internal addresses,
+//!   bounded in redirects, time and size) or read from data URIs, and decoded.
 //! - [`maintenance`]: the periodic sweep (jobs abandoned by dead workers, expired records and files).
 //! - `metrics`: Prometheus series the worker records (in the default registry).
 //!
@@ -13,6 +15,8 @@
 pub mod maintenance;
 mod metrics;
 pub mod pool;
+pub mod references;
 mod run;
 
 pub use pool::{run_pool, EngineSet, WorkerSettings};
+pub use references::{FetchPolicy, ReferenceFetcher};

@@ -1,5 +1,6 @@
 //! Worker slots: each claims a job, runs it to its end, and claims the next, until shutdown.
 
+use crate::references::{FetchPolicy, ReferenceFetcher};
 use crate::run::run_job;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
@@ -50,6 +51,8 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// On shutdown, how long a running job may go on before it is interrupted and released.
     pub drain_timeout: Duration,
+    /// How an edit's reference images are fetched.
+    pub fetch: FetchPolicy,
 }
 
 impl WorkerSettings {
@@ -73,6 +76,7 @@ pub(crate) struct WorkerContext {
     pub blobs: Arc<dyn BlobStore>,
     pub engines: EngineSet,
     pub settings: WorkerSettings,
+    pub fetcher: ReferenceFetcher,
     pub shutdown: CancellationToken,
 }
 
@@ -94,6 +98,7 @@ pub async fn run_pool(
         jobs,
         blobs,
         engines,
+        fetcher: ReferenceFetcher::new(settings.fetch.clone()),
         settings,
         shutdown,
     });

@@ -106,16 +106,26 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
 
     let signals = Arc::new(RunSignals::default());
     let inference_started = Instant::now();
+    // Fetching the reference images is part of the run: the lease is beaten meanwhile, and an
+    // image that cannot be had fails the job as the input's fault.
     let mut generation = {
         let (engine, params, signals) = (engine.clone(), job.params.clone(), signals.clone());
+        let fetcher = context.fetcher.clone();
         let model = job.route.id();
-        tokio::task::spawn_blocking(move || {
-            let mut observer = ProgressObserver {
-                signals,
-                model,
-                last_step: Instant::now(),
+        Box::pin(async move {
+            let references = match fetcher.fetch_all(&params.reference_images).await {
+                Ok(images) => images,
+                Err(e) => return Ok(Err(EngineError::InvalidInput(e.to_string()))),
             };
-            engine.generate(&params, &mut observer)
+            tokio::task::spawn_blocking(move || {
+                let mut observer = ProgressObserver {
+                    signals,
+                    model,
+                    last_step: Instant::now(),
+                };
+                engine.generate(&params, &references, &mut observer)
+            })
+            .await
         })
     };
 

@@ -6,11 +6,11 @@ use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{KeyId, RequestId, WorkerId};
 use kiln_core::job::{Job, JobErrorCode, JobState, NewJob};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_core::store::{ClaimPolicy, JobStore};
 use kiln_store::SqliteStore;
 use kiln_testkit::ScriptedEngine;
-use kiln_worker::{run_pool, EngineSet, WorkerSettings};
+use kiln_worker::{run_pool, EngineSet, FetchPolicy, WorkerSettings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -52,6 +52,7 @@ impl Harness {
             max_attempts: 3,
             poll_interval: Duration::from_millis(20),
             drain_timeout: Duration::ZERO,
+            fetch: FetchPolicy::default(),
         }
     }
 
@@ -72,16 +73,17 @@ impl Harness {
         let now = OffsetDateTime::now_utc();
         let params = GenerationParams {
             prompt: Prompt::parse(prompt, 1000).unwrap(),
-            size: ImageSize {
+            size: OutputSize::Pixels(ImageSize {
                 width: 64,
                 height: 48,
-            },
+            }),
             seed,
             num_inference_steps: Some(3),
             guidance_scale: Some(3.5),
             output_format: format,
             raw: false,
             enable_prompt_expansion: false,
+            reference_images: Vec::new(),
         };
         let job = NewJob {
             id: RequestId::new(),
@@ -276,16 +278,17 @@ async fn the_sweep_purges_expired_records_with_their_files() {
     let now = OffsetDateTime::now_utc();
     let params = GenerationParams {
         prompt: Prompt::parse("short-lived", 1000).unwrap(),
-        size: ImageSize {
+        size: OutputSize::Pixels(ImageSize {
             width: 16,
             height: 16,
-        },
+        }),
         seed: 1,
         num_inference_steps: Some(1),
         guidance_scale: None,
         output_format: OutputFormat::Png,
         raw: false,
         enable_prompt_expansion: false,
+        reference_images: Vec::new(),
     };
     let job = NewJob {
         id: RequestId::new(),

@@ -13,6 +13,7 @@ use kiln_core::image_file::encode_image;
 use kiln_core::params::OutputFormat;
 use kiln_engine::{write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest};
 use kiln_worker::run_pool;
+use kiln_worker::ReferenceFetcher;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -173,9 +174,12 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
     let engine = engines.get(route).with_context(|| {
         format!("no checkpoint is configured for {route} and serve_demo is off: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
     })?;
+    let fetcher = ReferenceFetcher::new(settings.fetch.policy());
+    let references =
+        tokio::runtime::Runtime::new()?.block_on(fetcher.fetch_all(&params.reference_images))?;
     let bar = step_bar();
     let started = Instant::now();
-    let generated = engine.generate(&params, &mut BarObserver(bar.clone()))?;
+    let generated = engine.generate(&params, &references, &mut BarObserver(bar.clone()))?;
     bar.finish_and_clear();
     write_image(&request.output, &generated.image, params.output_format)?;
     report(

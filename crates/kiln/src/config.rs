@@ -9,6 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use kiln_core::catalog::Route;
 use kiln_engine::{Flux1Config, Flux2Config};
+use kiln_worker::FetchPolicy;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,8 @@ pub struct Settings {
     pub sweep_interval_secs: u64,
     pub limits: Limits,
     pub workers: WorkerConfig,
+    /// How workers fetch an edit's reference images (`image_urls`).
+    pub fetch: FetchConfig,
     /// Per route: the checkpoint that serves it and how to run it.
     pub models: ModelsConfig,
     /// Serve every route that has no checkpoint configured with kiln's own demo checkpoint, so
@@ -85,6 +88,19 @@ pub struct WorkerConfig {
     pub metrics_bind: Option<SocketAddr>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Let image URLs reach private, loopback and link-local addresses (images on the
+    /// deployment's own network). Off: such URLs fail the job, whatever name they use.
+    pub allow_private_addresses: bool,
+    /// The largest image, fetched or inline, in bytes.
+    pub max_image_bytes: u64,
+    /// The most time one image's download may take, redirects included.
+    pub timeout_secs: u64,
+    pub max_redirects: usize,
+}
+
 /// The `[models."ROUTE"]` tables: each names the checkpoint that serves a route, in the
 /// configuration type of that route's engine (its fields are documented in README.md).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -108,7 +124,7 @@ impl Default for Settings {
             idempotency_hours: 24,
             sweep_interval_secs: 60,
             limits: Limits {
-                max_body_bytes: 256 * 1024,
+                max_body_bytes: 16 * 1024 * 1024,
                 max_prompt_chars: 10_000,
                 max_queued: 1_000,
                 rate_limit_per_minute: 60,
@@ -122,6 +138,12 @@ impl Default for Settings {
                 drain_timeout_secs: 30,
                 metrics_bind: None,
             },
+            fetch: FetchConfig {
+                allow_private_addresses: false,
+                max_image_bytes: 50 * 1000 * 1000,
+                timeout_secs: 30,
+                max_redirects: 5,
+            },
             models: ModelsConfig::default(),
             serve_demo: true,
             demo_checkpoint: PathBuf::from(BUNDLED_DEMO_CHECKPOINT),
@@ -132,6 +154,23 @@ impl Default for Settings {
 impl Default for Limits {
     fn default() -> Self {
         Settings::default().limits
+    }
+}
+
+impl FetchConfig {
+    pub fn policy(&self) -> FetchPolicy {
+        FetchPolicy {
+            allow_private_addresses: self.allow_private_addresses,
+            max_image_bytes: self.max_image_bytes,
+            timeout: Duration::from_secs(self.timeout_secs),
+            max_redirects: self.max_redirects,
+        }
+    }
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Settings::default().fetch
     }
 }
 
@@ -227,7 +266,7 @@ impl Settings {
     pub fn served_routes(&self) -> Vec<Route> {
         Route::ALL
             .into_iter()
-            .filter(|r| self.serve_demo || self.has_checkpoint(*r))
+            .filter(|r| self.has_checkpoint(*r) || (self.serve_demo && !r.takes_reference_images()))
             .collect()
     }
 
@@ -235,7 +274,7 @@ impl Settings {
     pub fn has_checkpoint(&self, route: Route) -> bool {
         match route {
             Route::Flux11ProTextToImage => self.models.flux11_pro.is_some(),
-            Route::Flux2FlexTextToImage => self.models.flux2_flex.is_some(),
+            Route::Flux2FlexTextToImage | Route::Flux2FlexEdit => self.models.flux2_flex.is_some(),
         }
     }
 }
@@ -297,8 +336,8 @@ mod tests {
             );
             assert_eq!(
                 s.served_routes(),
-                Route::ALL.to_vec(),
-                "the demo serves the rest"
+                vec![Route::Flux11ProTextToImage, Route::Flux2FlexTextToImage],
+                "the demo serves the other text-to-image route, and no edits"
             );
             assert_eq!(
                 s.limits.max_queued, 1_000,

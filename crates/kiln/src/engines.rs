@@ -1,6 +1,8 @@
-//! Loads the engines the configuration names, once, to keep them resident. A route with no
-//! checkpoint configured is served by the demo checkpoint, or (with `serve_demo = false`) has no
-//! engine: the API then refuses its submits with a clear error, and workers do not claim it.
+//! Loads the engines the configuration names, once, to keep them resident. A text-to-image
+//! route with no checkpoint configured is served by the demo checkpoint, or (with
+//! `serve_demo = false`) has no engine: the API then refuses its submits with a clear error, and
+//! workers do not claim it. The FLUX.2 [flex] edit route is served by the FLUX.2 checkpoint of
+//! the text-to-image route, and only by it (the demo checkpoint cannot condition on images).
 
 use crate::config::Settings;
 use kiln_core::catalog::Route;
@@ -22,15 +24,20 @@ pub struct EngineLoadError {
 pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
     let mut engines = EngineSet::new();
     let mut demo: Option<Arc<Flux1Engine>> = None;
+    // The FLUX.2 checkpoint serves both FLUX.2 [flex] routes, loaded once.
+    let mut flux2: Option<Arc<Flux2Engine>> = None;
     for route in settings.served_routes() {
         let models = &settings.models;
         let engine: Arc<dyn Engine> = match (route, &models.flux11_pro, &models.flux2_flex) {
             (Route::Flux11ProTextToImage, Some(config), _) => {
                 Arc::new(load_flux1(route, config.clone())?)
             }
-            (Route::Flux2FlexTextToImage, _, Some(config)) => {
-                Arc::new(load_flux2(route, config.clone())?)
-            }
+            (Route::Flux2FlexTextToImage | Route::Flux2FlexEdit, _, Some(config)) => match &flux2 {
+                Some(engine) => engine.clone(),
+                None => flux2
+                    .insert(Arc::new(load_flux2(route, config.clone())?))
+                    .clone(),
+            },
             _ => {
                 tracing::warn!(
                     %route,

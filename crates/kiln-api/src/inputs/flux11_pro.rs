@@ -3,7 +3,7 @@
 
 use super::read_prompt;
 use super::reader::{rounded_side, within, Choice, FieldReader};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use utoipa::ToSchema;
 
 /// The seed page's example prompt, which its schema gives as the default.
@@ -128,13 +128,14 @@ impl Flux11ProInput {
         });
         GenerationParams {
             prompt: self.prompt,
-            size,
+            size: OutputSize::Pixels(size),
             seed: self.seed,
             num_inference_steps: None,
             guidance_scale: None,
             output_format: OutputFormat::Jpeg,
             raw: self.raw,
             enable_prompt_expansion: false,
+            reference_images: Vec::new(),
         }
     }
 }

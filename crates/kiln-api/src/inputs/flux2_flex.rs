@@ -3,17 +3,17 @@
 
 use super::read_prompt;
 use super::reader::{one_of, rounded_side, within, Choice, FieldReader};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, Prompt};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use serde_json::Value;
 use utoipa::ToSchema;
 
 /// The seed page's example prompt, which its schema gives as the default.
 const DEFAULT_PROMPT: &str = "High-resolution iPhone photograph tightly composed to capture two fashionable women standing mid-distance from a pristine white gallery wall adorned with a large whimsical modern artwork. The scene shows a candid moment mid-discussion, their relaxed postures conveying natural engagement with the art and each other. One woman, seen from a slight side angle at three-quarter rear view, wears a dark gray corset-style top paired with relaxed black jeans that gently crease at the ankle, her arms loosely at her sides. Her hair, softly catching the ambient light, frames her face as she directs her gaze thoughtfully toward the painting. The other woman, captured from behind and slightly to the side, dons a sleek black dress with subtle texture, complemented by a delicate gingham ribbon tied neatly in her hair, which cascades softly over her shoulders. Her hands rest casually by her sides as she leans slightly forward, visibly engaged in the conversation. Soft, diffuse ambient gallery lighting gently sculpts fabric textures—the corset's structured sheen and the dress's smooth flow—while creating a natural compression between figure and whimsical artwork. The expansive white wall behind them provides a clean, graphic background, establishing a calm horizontal rhythm that anchors this intimate, fashion-forward moment of contemporary art appreciation within a serene minimalist museum setting.";
-const DEFAULT_SEED: u32 = 0;
-const DEFAULT_GUIDANCE: f32 = 3.5;
+pub(super) const DEFAULT_SEED: u32 = 0;
+pub(super) const DEFAULT_GUIDANCE: f32 = 3.5;
 const GUIDANCE_MIN: f64 = 1.5;
 const GUIDANCE_MAX: f64 = 10.0;
-const DEFAULT_STEPS: u32 = 28;
+pub(super) const DEFAULT_STEPS: u32 = 28;
 const STEPS_MIN: u32 = 2;
 const STEPS_MAX: u32 = 50;
 /// Custom sides: multiples of 16 (the latent patch size), 64 to 2048, at most 4 MP in all.
@@ -161,24 +161,16 @@ impl Choice for ImageFormat {
 impl Flux2FlexInput {
     /// In the engine's vocabulary: pixels and the core's output format.
     pub fn into_params(self) -> GenerationParams {
-        let size = match self.image_size {
-            Flux2ImageSize::Preset(preset) => preset.pixels(),
-            Flux2ImageSize::Custom(CustomImageSize { width, height }) => {
-                ImageSize { width, height }
-            }
-        };
         GenerationParams {
             prompt: self.prompt,
-            size,
+            size: OutputSize::Pixels(self.image_size.pixels()),
             seed: self.seed,
             num_inference_steps: Some(self.num_inference_steps),
             guidance_scale: Some(self.guidance_scale),
-            output_format: match self.output_format {
-                ImageFormat::Jpeg => OutputFormat::Jpeg,
-                ImageFormat::Png => OutputFormat::Png,
-            },
+            output_format: self.output_format.to_core(),
             raw: false,
             enable_prompt_expansion: self.enable_prompt_expansion,
+            reference_images: Vec::new(),
         }
     }
 }
@@ -188,8 +180,31 @@ pub(super) fn read(r: &mut FieldReader<'_>, max_prompt_chars: usize) -> Option<F
     let prompt = read_prompt(r, max_prompt_chars);
     let image_size = match r.take("image_size") {
         None => Some(Flux2ImageSize::Preset(SizePreset::default())),
-        Some(value) => read_image_size(r, value),
+        Some(value) => read_image_size(r, value, ""),
     };
+    let options = read_options(r);
+    Some(Flux2FlexInput {
+        prompt: prompt?,
+        image_size: image_size?,
+        enable_prompt_expansion: options.enable_prompt_expansion,
+        seed: options.seed,
+        output_format: options.output_format?,
+        guidance_scale: options.guidance_scale,
+        num_inference_steps: options.num_inference_steps,
+    })
+}
+
+/// The sampling fields FLUX.2 [flex]'s text-to-image and edit inputs share, defaults applied.
+pub(super) struct Flux2Options {
+    pub enable_prompt_expansion: bool,
+    pub seed: u32,
+    /// `None` when invalid (a violation was recorded).
+    pub output_format: Option<ImageFormat>,
+    pub guidance_scale: f32,
+    pub num_inference_steps: u32,
+}
+
+pub(super) fn read_options(r: &mut FieldReader<'_>) -> Flux2Options {
     let enable_prompt_expansion = r.boolean("enable_prompt_expansion").unwrap_or(true);
     let seed = r
         .integer("seed", |n| within(n, 0, u32::MAX))
@@ -213,24 +228,48 @@ pub(super) fn read(r: &mut FieldReader<'_>, max_prompt_chars: usize) -> Option<F
     let num_inference_steps = r
         .integer("num_inference_steps", |n| within(n, STEPS_MIN, STEPS_MAX))
         .unwrap_or(DEFAULT_STEPS);
-    Some(Flux2FlexInput {
-        prompt: prompt?,
-        image_size: image_size?,
+    Flux2Options {
         enable_prompt_expansion,
         seed,
-        output_format: output_format?,
+        output_format,
         guidance_scale,
         num_inference_steps,
-    })
+    }
 }
 
-fn read_image_size(r: &mut FieldReader<'_>, value: Value) -> Option<Flux2ImageSize> {
+impl ImageFormat {
+    pub(super) fn to_core(self) -> OutputFormat {
+        match self {
+            ImageFormat::Jpeg => OutputFormat::Jpeg,
+            ImageFormat::Png => OutputFormat::Png,
+        }
+    }
+}
+
+impl Flux2ImageSize {
+    pub(super) fn pixels(self) -> ImageSize {
+        match self {
+            Flux2ImageSize::Preset(preset) => preset.pixels(),
+            Flux2ImageSize::Custom(CustomImageSize { width, height }) => {
+                ImageSize { width, height }
+            }
+        }
+    }
+}
+
+/// A preset name or custom sides. `other_names` lists further accepted names for the rule's
+/// text (the edit route also takes `"auto"`, which its caller reads first).
+pub(super) fn read_image_size(
+    r: &mut FieldReader<'_>,
+    value: Value,
+    other_names: &str,
+) -> Option<Flux2ImageSize> {
     match value {
         Value::String(name) => match SizePreset::ALL.iter().find(|p| p.name() == name) {
             Some(preset) => Some(Flux2ImageSize::Preset(*preset)),
             None => {
                 let rule = format!(
-                    "{} or an object {{\"width\", \"height\"}}",
+                    "{}{other_names} or an object {{\"width\", \"height\"}}",
                     one_of::<SizePreset>()
                 );
                 r.violate("image_size", rule, Some(&Value::String(name)));
@@ -263,7 +302,7 @@ fn read_image_size(r: &mut FieldReader<'_>, value: Value) -> Option<Flux2ImageSi
         }
         other => {
             let rule = format!(
-                "must be a string ({}) or an object {{\"width\", \"height\"}}",
+                "must be a string ({}{other_names}) or an object {{\"width\", \"height\"}}",
                 one_of::<SizePreset>()
             );
             r.violate("image_size", rule, Some(&other));

@@ -6,10 +6,12 @@
 //! derived from the same input structs the parser fills, so the two cannot drift apart.
 
 mod flux11_pro;
+mod flux2_edit;
 mod flux2_flex;
 mod reader;
 
 pub use flux11_pro::{AspectRatio, Flux11ProInput};
+pub use flux2_edit::{AutoSize, EditImageSize, Flux2EditInput};
 pub use flux2_flex::{CustomImageSize, Flux2FlexInput, Flux2ImageSize, ImageFormat, SizePreset};
 
 use kiln_core::catalog::Route;
@@ -95,6 +97,9 @@ pub fn parse_input(
         Route::Flux2FlexTextToImage => {
             flux2_flex::read(&mut reader, max_prompt_chars).map(Flux2FlexInput::into_params)
         }
+        Route::Flux2FlexEdit => {
+            flux2_edit::read(&mut reader, max_prompt_chars).map(Flux2EditInput::into_params)
+        }
     };
     reader.finish(|| allowed_fields(route));
     match params {
@@ -103,7 +108,7 @@ pub fn parse_input(
     }
 }
 
-/// The rule both routes share: required, 1..=`max_chars` characters after trimming.
+/// The rule every route shares: required, 1..=`max_chars` characters after trimming.
 fn read_prompt(r: &mut FieldReader<'_>, max_chars: usize) -> Option<Prompt> {
     if r.missing("prompt", "a non-empty string") {
         return None;
@@ -123,6 +128,7 @@ pub(crate) fn schema_name(route: Route) -> String {
     match route {
         Route::Flux11ProTextToImage => Flux11ProInput::name().into_owned(),
         Route::Flux2FlexTextToImage => Flux2FlexInput::name().into_owned(),
+        Route::Flux2FlexEdit => Flux2EditInput::name().into_owned(),
     }
 }
 
@@ -131,6 +137,7 @@ pub(crate) fn schema_object(route: Route) -> RefOr<Schema> {
     let (schema, titles) = match route {
         Route::Flux11ProTextToImage => (Flux11ProInput::schema(), flux11_pro::FIELD_TITLES),
         Route::Flux2FlexTextToImage => (Flux2FlexInput::schema(), flux2_flex::FIELD_TITLES),
+        Route::Flux2FlexEdit => (Flux2EditInput::schema(), flux2_edit::FIELD_TITLES),
     };
     with_field_titles(schema, titles)
 }
@@ -174,7 +181,8 @@ fn with_field_titles(schema: RefOr<Schema>, titles: &[(&str, &str)]) -> RefOr<Sc
         match schema {
             Schema::Object(o) => o.title = title,
             Schema::OneOf(o) => o.title = title,
-            _ => unreachable!("input field {field} is an object or a choice of them"),
+            Schema::Array(a) => a.title = title,
+            _ => unreachable!("input field {field} is an object, an array or a choice of them"),
         }
     }
     RefOr::T(Schema::Object(object))

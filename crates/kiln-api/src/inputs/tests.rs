@@ -1,12 +1,14 @@
-//! Every rule of both schemas, and the schemas' agreement with the parser.
+//! Every rule of the routes' schemas, and the schemas' agreement with the parser.
 
 use super::*;
-use kiln_core::params::{ImageSize, OutputFormat};
+use kiln_core::params::{ImageSize, OutputFormat, OutputSize};
 use serde_json::json;
 
 const MAX_PROMPT: usize = 10_000;
 const PRO: Route = Route::Flux11ProTextToImage;
 const FLEX: Route = Route::Flux2FlexTextToImage;
+const EDIT: Route = Route::Flux2FlexEdit;
+const IMAGE_URL: &str = "https://example.com/cup.png";
 
 fn ok(route: Route, body: Value) -> GenerationParams {
     parse_input(route, &body, MAX_PROMPT).unwrap_or_else(|e| panic!("{body} should pass: {e}"))
@@ -27,8 +29,18 @@ fn violation(route: Route, body: Value) -> (String, String) {
 }
 
 fn size(route: Route, body: Value) -> (u32, u32) {
-    let ImageSize { width, height } = ok(route, body).size;
+    let OutputSize::Pixels(ImageSize { width, height }) = ok(route, body.clone()).size else {
+        panic!("{body} should give a size in pixels")
+    };
     (width, height)
+}
+
+/// `body` with what `route` requires besides the prompt (an edit's `image_urls`).
+fn with_required(route: Route, mut body: Value) -> Value {
+    if let (true, Value::Object(fields)) = (route.takes_reference_images(), &mut body) {
+        fields.insert("image_urls".into(), json!([IMAGE_URL]));
+    }
+    body
 }
 
 mod flux11_pro {
@@ -40,10 +52,10 @@ mod flux11_pro {
         assert_eq!(p.prompt.as_str(), "a cat");
         assert_eq!(
             p.size,
-            ImageSize {
+            OutputSize::Pixels(ImageSize {
                 width: 1344,
                 height: 768
-            }
+            })
         );
         assert_eq!(p.seed, 81_048_285);
         assert!(!p.raw);
@@ -206,10 +218,10 @@ mod flux2_flex {
         let p = ok(FLEX, json!({"prompt": "a cat"}));
         assert_eq!(
             p.size,
-            ImageSize {
+            OutputSize::Pixels(ImageSize {
                 width: 1024,
                 height: 768
-            }
+            })
         );
         assert!(p.enable_prompt_expansion);
         assert_eq!(p.seed, 0);
@@ -228,10 +240,10 @@ mod flux2_flex {
         );
         assert_eq!(
             p.size,
-            ImageSize {
+            OutputSize::Pixels(ImageSize {
                 width: 512,
                 height: 512
-            }
+            })
         );
         assert!(!p.enable_prompt_expansion);
         assert_eq!(p.seed, 7);
@@ -437,30 +449,174 @@ mod flux2_flex {
     }
 }
 
+mod flux2_edit {
+    use super::*;
+    use kiln_core::params::ImageLocation;
+
+    #[test]
+    fn defaults_follow_the_text_to_image_route_with_an_auto_size() {
+        let p = ok(
+            EDIT,
+            json!({"prompt": "make the cup red", "image_urls": [IMAGE_URL]}),
+        );
+        assert_eq!(p.size, OutputSize::FirstReference);
+        assert_eq!(p.reference_images.len(), 1);
+        assert_eq!(
+            p.reference_images[0].location(),
+            ImageLocation::Url(IMAGE_URL)
+        );
+        let flex = ok(FLEX, json!({"prompt": "make the cup red"}));
+        assert_eq!(
+            (
+                p.seed,
+                p.guidance_scale,
+                p.num_inference_steps,
+                p.output_format
+            ),
+            (
+                flex.seed,
+                flex.guidance_scale,
+                flex.num_inference_steps,
+                flex.output_format
+            )
+        );
+        assert!(p.enable_prompt_expansion);
+    }
+
+    #[test]
+    fn sizes_are_auto_a_preset_or_custom() {
+        let with_size =
+            |size| json!({"prompt": "x", "image_urls": [IMAGE_URL], "image_size": size});
+        assert_eq!(
+            ok(EDIT, with_size(json!("auto"))).size,
+            OutputSize::FirstReference
+        );
+        assert_eq!(size(EDIT, with_size(json!("square"))), (512, 512));
+        assert_eq!(
+            size(EDIT, with_size(json!({"width": 100, "height": 72}))),
+            (96, 80)
+        );
+        let (field, rule) = violation(EDIT, with_size(json!("huge")));
+        assert_eq!(field, "image_size");
+        assert!(
+            rule.contains("\"landscape_16_9\", \"auto\" or an object"),
+            "{rule}"
+        );
+    }
+
+    #[test]
+    fn image_urls_are_required_and_each_is_checked() {
+        assert_eq!(
+            violation(EDIT, json!({"prompt": "x"})),
+            (
+                "image_urls".into(),
+                "required: an array of 1 to 10 image URLs or data URIs".into()
+            )
+        );
+        assert_eq!(
+            violation(EDIT, json!({"prompt": "x", "image_urls": IMAGE_URL})).1,
+            "must be an array of 1 to 10 image URLs or data URIs"
+        );
+        assert_eq!(
+            violation(EDIT, json!({"prompt": "x", "image_urls": []})).1,
+            "must hold 1 to 10 images (got 0)"
+        );
+        let eleven: Vec<&str> = vec![IMAGE_URL; 11];
+        assert_eq!(
+            violation(EDIT, json!({"prompt": "x", "image_urls": eleven})).1,
+            "must hold 1 to 10 images (got 11)"
+        );
+        let v = violations(
+            EDIT,
+            json!({"prompt": "x", "image_urls": [IMAGE_URL, "file:///etc/passwd", 3,
+                   "data:text/plain;base64,aGk=", "data:image/png;base64,iVBORw0KGgo="]}),
+        );
+        let found: Vec<(&str, &str)> = v
+            .iter()
+            .map(|v| (v.field.as_str(), v.rule.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "image_urls[1]",
+                    "must be an http:// or https:// URL or a data: URI"
+                ),
+                ("image_urls[2]", "must be a string"),
+                (
+                    "image_urls[3]",
+                    "a data: URI must be data:image/<type>;base64,<payload>"
+                ),
+            ]
+        );
+        let two = ok(
+            EDIT,
+            json!({"prompt": "x", "image_urls": [IMAGE_URL, "data:image/png;base64,iVBORw0KGgo="]}),
+        );
+        assert!(matches!(
+            two.reference_images[1].location(),
+            ImageLocation::Data {
+                media_type: "image/png",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_the_allowed_ones() {
+        let (field, rule) = violation(
+            EDIT,
+            json!({"prompt": "x", "image_urls": [IMAGE_URL], "image_url": IMAGE_URL}),
+        );
+        assert_eq!(field, "image_url");
+        assert!(
+            rule.contains("prompt, image_urls, image_size, enable_prompt_expansion, seed"),
+            "{rule}"
+        );
+    }
+
+    #[test]
+    fn the_schema_lists_the_images_and_the_auto_size() {
+        let urls = &input_schema(EDIT)["properties"]["image_urls"];
+        assert_eq!(urls["type"], "array");
+        assert_eq!(
+            (urls["minItems"].clone(), urls["maxItems"].clone()),
+            (json!(1), json!(10))
+        );
+        assert_eq!(urls["title"], "Image URLs");
+        let size = &input_schema(EDIT)["properties"]["image_size"];
+        assert_eq!(size["default"], "auto");
+        assert_eq!(size["oneOf"][0]["enum"], json!(["auto"]));
+    }
+}
+
 mod shared_rules {
     use super::*;
 
     #[test]
     fn the_prompt_is_required_trimmed_and_bounded() {
         for route in Route::ALL {
+            let body = |b| with_required(route, b);
             assert_eq!(
-                violation(route, json!({})),
+                violation(route, body(json!({}))),
                 ("prompt".into(), "required: a non-empty string".into())
             );
             assert_eq!(
-                ok(route, json!({"prompt": "  a cat\n"})).prompt.as_str(),
+                ok(route, body(json!({"prompt": "  a cat\n"})))
+                    .prompt
+                    .as_str(),
                 "a cat"
             );
             assert_eq!(
-                violation(route, json!({"prompt": " \t "})).1,
+                violation(route, body(json!({"prompt": " \t "}))).1,
                 "must not be empty or only white space"
             );
             assert_eq!(
-                violation(route, json!({"prompt": 42})).1,
+                violation(route, body(json!({"prompt": 42}))).1,
                 "must be a string"
             );
             assert_eq!(
-                violation(route, json!({"prompt": null})).1,
+                violation(route, body(json!({"prompt": null}))).1,
                 "must be a string"
             );
         }
@@ -547,12 +703,17 @@ mod schemas {
     }
 
     #[test]
-    fn schemas_are_strict_objects_requiring_only_the_prompt() {
+    fn schemas_are_strict_objects_requiring_the_prompt_and_an_edits_images() {
         for route in Route::ALL {
             let schema = input_schema(route);
             assert_eq!(schema["type"], "object");
             assert_eq!(schema["title"], "Input");
-            assert_eq!(schema["required"], json!(["prompt"]));
+            let required = if route.takes_reference_images() {
+                json!(["prompt", "image_urls"])
+            } else {
+                json!(["prompt"])
+            };
+            assert_eq!(schema["required"], required);
             assert_eq!(schema["additionalProperties"], json!(false));
             assert_eq!(property(route, "prompt")["type"], "string");
         }

@@ -7,7 +7,7 @@ use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{JobOutput, OutputMetadata, Timings};
-use kiln_core::params::OutputFormat;
+use kiln_core::params::{OutputFormat, OutputSize};
 use kiln_core::store::{ClaimPolicy, JobStore, KeyStore, Lease};
 use kiln_store::SqliteStore;
 use reqwest::{Method, StatusCode};
@@ -207,11 +207,14 @@ impl TestServer {
         };
         self.blobs.put(&key, blob).await.unwrap();
         let params = &lease.job.params;
+        let OutputSize::Pixels(size) = params.size else {
+            panic!("the harness completes text-to-image jobs only")
+        };
         let metadata = OutputMetadata {
             model: lease.job.route,
             seed: params.seed,
-            width: params.size.width,
-            height: params.size.height,
+            width: size.width,
+            height: size.height,
             num_inference_steps: params.num_inference_steps.unwrap_or(28),
             guidance: params.guidance_scale,
             output_format: OutputFormat::Png,

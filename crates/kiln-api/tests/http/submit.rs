@@ -4,7 +4,7 @@ use crate::harness::{TestServer, FLEX, PRO};
 use kiln_core::catalog::Route;
 use kiln_core::ids::RequestId;
 use kiln_core::job::JobState;
-use kiln_core::params::ImageSize;
+use kiln_core::params::{ImageSize, OutputSize};
 use kiln_core::store::JobStore;
 use reqwest::Method;
 use serde_json::json;
@@ -44,10 +44,10 @@ async fn a_submit_is_queued_durably_and_answers_absolute_urls() {
     assert_eq!(job.route, Route::Flux11ProTextToImage);
     assert_eq!(
         job.params.size,
-        ImageSize {
+        OutputSize::Pixels(ImageSize {
             width: 1024,
             height: 1024
-        }
+        })
     );
     assert_eq!(job.params.seed, 7);
     assert_eq!(job.params.prompt.as_str(), "a lighthouse");

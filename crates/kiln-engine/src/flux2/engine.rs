@@ -3,10 +3,10 @@
 
 use super::lm::TokenChoice;
 use super::pipeline::{Flux2Pipeline, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pipeline::{DeviceSpec, EngineOptions, LoadProgress, PipelineRequest, Precision};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
-use kiln_core::params::GenerationParams;
+use kiln_core::params::{GenerationParams, OutputSize};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -91,17 +91,6 @@ impl Flux2Engine {
         &self.config
     }
 
-    /// An edit: the generation conditioned on `references` (the `image_urls` of the
-    /// `flux-2/flex/edit` route, fetched and decoded by the caller).
-    pub fn generate_with_references(
-        &self,
-        params: &GenerationParams,
-        references: &[RgbImage],
-        observer: &mut dyn StepObserver,
-    ) -> std::result::Result<GeneratedImage, EngineError> {
-        Ok(self.generate_inner(params, references, observer)?)
-    }
-
     fn generate_inner(
         &self,
         params: &GenerationParams,
@@ -112,8 +101,26 @@ impl Flux2Engine {
         if params.raw {
             notes.push("raw mode is a FLUX 1.1 [pro] option; FLUX.2 ignores it".into());
         }
+        let size = match (params.size, references.first()) {
+            (OutputSize::Pixels(size), _) => size,
+            (OutputSize::FirstReference, Some(first)) => {
+                let size = self.pipeline.reference_size(first)?;
+                notes.push(format!(
+                    "image size {}x{} from the first reference image",
+                    size.width, size.height
+                ));
+                size
+            }
+            (OutputSize::FirstReference, None) => {
+                return Err(Error::InvalidRequest(
+                    "the image size comes from the first reference image, and none was given"
+                        .into(),
+                ))
+            }
+        };
         let mut request = PipelineRequest::from_params(
             params,
+            size,
             self.config.steps,
             self.config.guidance,
             self.config.max_sequence_length,
@@ -167,11 +174,14 @@ impl Engine for Flux2Engine {
         self.pipeline.describe()
     }
 
+    /// Text-to-image, or an edit conditioned on `references` (the `image_urls` of the
+    /// `flux-2/flex/edit` route, fetched and decoded by the worker).
     fn generate(
         &self,
         params: &GenerationParams,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> std::result::Result<GeneratedImage, EngineError> {
-        Ok(self.generate_inner(params, &[], observer)?)
+        Ok(self.generate_inner(params, references, observer)?)
     }
 }

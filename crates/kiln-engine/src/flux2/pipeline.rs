@@ -22,6 +22,7 @@ use crate::transformer::Rope;
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
+use kiln_core::params::ImageSize;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -72,6 +73,28 @@ pub struct Flux2PromptEmbeddings {
 }
 
 /// Reference images as the transformer takes them.
+/// Larger reference images are scaled down to this many pixels (diffusers: 1024 * 1024).
+pub const REFERENCE_MAX_PIXELS: u64 = 1024 * 1024;
+
+/// `img` resampled to `(width, height)` with a Lanczos filter (PIL's LANCZOS, as diffusers).
+fn resize(img: &RgbImage, (width, height): (u32, u32)) -> Result<RgbImage> {
+    let buffer =
+        image::RgbImage::from_raw(img.width, img.height, img.pixels.clone()).ok_or_else(|| {
+            Error::InvalidRequest("a reference image's pixels do not match its size".into())
+        })?;
+    let out = image::imageops::resize(
+        &buffer,
+        width,
+        height,
+        image::imageops::FilterType::Lanczos3,
+    );
+    Ok(RgbImage {
+        width,
+        height,
+        pixels: out.into_raw(),
+    })
+}
+
 struct References {
     /// All images' packed normalised tokens, in order; `None` for no image.
     tokens: Option<Tensor>,
@@ -448,35 +471,33 @@ impl Flux2Pipeline {
     }
 
     /// Reference images as packed normalised tokens, concatenated, and each one's token grid.
-    /// An image whose sides are not multiples of [`Self::size_multiple`] is centre-cropped to
-    /// them (diffusers resamples it slightly instead); one above 1024x1024 pixels is refused.
+    /// Each is prepared as diffusers' `Flux2Pipeline` prepares it (see
+    /// [`Self::reference_size`]); where that changes its size, the notes say so.
     fn encode_references(
         &self,
         images: &[RgbImage],
         notes: &mut Vec<String>,
     ) -> Result<References> {
-        let m = self.size_multiple();
         let f = self.vae.config().scale_factor() as u32;
         let mut tokens = Vec::with_capacity(images.len());
         let mut grids = Vec::with_capacity(images.len());
         for (i, img) in images.iter().enumerate() {
-            if u64::from(img.width) * u64::from(img.height) > 1024 * 1024 {
-                return Err(Error::InvalidRequest(format!(
-                    "reference image {} is {}x{}: at most 1024x1024 pixels are supported",
+            let (area_fit, (w, h)) = self.reference_sizes(i, img)?;
+            let resized;
+            let img = if area_fit != (img.width, img.height) {
+                notes.push(format!(
+                    "reference image {} resized from {}x{} to {}x{} (at most {REFERENCE_MAX_PIXELS} pixels)",
                     i + 1,
                     img.width,
-                    img.height
-                )));
-            }
-            let (w, h) = (img.width / m * m, img.height / m * m);
-            if w == 0 || h == 0 {
-                return Err(Error::InvalidRequest(format!(
-                    "reference image {} is {}x{}: each side needs at least {m} pixels",
-                    i + 1,
-                    img.width,
-                    img.height
-                )));
-            }
+                    img.height,
+                    area_fit.0,
+                    area_fit.1
+                ));
+                resized = resize(img, area_fit)?;
+                &resized
+            } else {
+                img
+            };
             if (w, h) != (img.width, img.height) {
                 notes.push(format!(
                     "reference image {} centre-cropped from {}x{} to {w}x{h}",
@@ -509,6 +530,39 @@ impl Flux2Pipeline {
             Some(Tensor::cat(&tokens, 1)?)
         };
         Ok(References { tokens, grids })
+    }
+
+    /// The size the first reference image is encoded at: what an edit with
+    /// `image_size: "auto"` generates, as diffusers' `Flux2Pipeline` does without a size.
+    pub fn reference_size(&self, img: &RgbImage) -> Result<ImageSize> {
+        let (_, (width, height)) = self.reference_sizes(0, img)?;
+        Ok(ImageSize { width, height })
+    }
+
+    /// The `index`th reference image's sizes as diffusers prepares it: scaled down to
+    /// [`REFERENCE_MAX_PIXELS`] of area when larger (aspect ratio kept, sides floored), then
+    /// each side cut down to a multiple of [`Self::size_multiple`]. (diffusers resamples to that
+    /// last size where kiln centre-crops: the two differ by at most 15 pixels a side.)
+    fn reference_sizes(&self, index: usize, img: &RgbImage) -> Result<((u32, u32), (u32, u32))> {
+        let m = self.size_multiple();
+        let area = u64::from(img.width) * u64::from(img.height);
+        let fit = if area > REFERENCE_MAX_PIXELS {
+            let scale = (REFERENCE_MAX_PIXELS as f64 / area as f64).sqrt();
+            let side = |s: u32| (f64::from(s) * scale) as u32;
+            (side(img.width), side(img.height))
+        } else {
+            (img.width, img.height)
+        };
+        let (w, h) = (fit.0 / m * m, fit.1 / m * m);
+        if w == 0 || h == 0 {
+            return Err(Error::InvalidRequest(format!(
+                "reference image {} is {}x{}: each side needs at least {m} pixels after scaling to at most {REFERENCE_MAX_PIXELS} pixels",
+                index + 1,
+                img.width,
+                img.height
+            )));
+        }
+        Ok((fit, (w, h)))
     }
 
     /// Packed latents as diffusers' `output_type="latent"` returns them: batch-norm statistics
