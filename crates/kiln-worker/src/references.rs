@@ -127,6 +127,17 @@ impl ReferenceFetcher {
             .await
             .map_err(|e| describe_request_error(e, &self.policy))?;
         let status = response.status();
+        if status.is_redirection() {
+            // reqwest hands back a redirect it cannot follow (to another scheme) unfollowed.
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere");
+            return Err(format!(
+                "redirected to {location}, which is not followed (http and https only)"
+            ));
+        }
         if !status.is_success() {
             return Err(format!("the server answered {status}"));
         }
@@ -310,10 +321,7 @@ fn shown(source: &ImageSource) -> String {
         }
         ImageLocation::Url(url) => url.to_string(),
         ImageLocation::Data { media_type, base64 } => {
-            format!(
-                "a {media_type} data URI of {} base64 characters",
-                base64.len()
-            )
+            format!("data URI, {media_type}, {} base64 characters", base64.len())
         }
     }
 }

@@ -6,7 +6,9 @@ use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{KeyId, RequestId, WorkerId};
 use kiln_core::job::{Job, JobErrorCode, JobState, NewJob};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::params::{
+    GenerationParams, ImageSize, ImageSource, OutputFormat, OutputSize, Prompt,
+};
 use kiln_core::store::{ClaimPolicy, JobStore};
 use kiln_store::SqliteStore;
 use kiln_testkit::ScriptedEngine;
@@ -70,21 +72,11 @@ impl Harness {
     }
 
     async fn submit(&self, prompt: &str, seed: u32, format: OutputFormat) -> RequestId {
+        self.enqueue(params(prompt, seed, format)).await
+    }
+
+    async fn enqueue(&self, params: GenerationParams) -> RequestId {
         let now = OffsetDateTime::now_utc();
-        let params = GenerationParams {
-            prompt: Prompt::parse(prompt, 1000).unwrap(),
-            size: OutputSize::Pixels(ImageSize {
-                width: 64,
-                height: 48,
-            }),
-            seed,
-            num_inference_steps: Some(3),
-            guidance_scale: Some(3.5),
-            output_format: format,
-            raw: false,
-            enable_prompt_expansion: false,
-            reference_images: Vec::new(),
-        };
         let job = NewJob {
             id: RequestId::new(),
             owner: self.owner,
@@ -106,6 +98,23 @@ impl Harness {
             assert!(Instant::now() < deadline, "job {id} still {:?}", job.state);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+fn params(prompt: &str, seed: u32, format: OutputFormat) -> GenerationParams {
+    GenerationParams {
+        prompt: Prompt::parse(prompt, 1000).unwrap(),
+        size: OutputSize::Pixels(ImageSize {
+            width: 64,
+            height: 48,
+        }),
+        seed,
+        num_inference_steps: Some(3),
+        guidance_scale: Some(3.5),
+        output_format: format,
+        raw: false,
+        enable_prompt_expansion: false,
+        reference_images: Vec::new(),
     }
 }
 
@@ -314,4 +323,62 @@ async fn the_sweep_purges_expired_records_with_their_files() {
         "the file is gone with its record"
     );
     assert!(h.jobs.get(h.owner, id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn an_edit_gets_its_reference_images_and_one_that_cannot_be_had_fails_it() {
+    use base64::Engine as _;
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let reference = kiln_core::engine::RgbImage {
+        width: 40,
+        height: 24,
+        pixels: vec![200; 40 * 24 * 3],
+    };
+    let png = kiln_core::image_file::encode_image(&reference, OutputFormat::Png).unwrap();
+    let inline = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    );
+    let edit = GenerationParams {
+        size: OutputSize::FirstReference,
+        reference_images: vec![ImageSource::parse(&inline).unwrap()],
+        ..params("an edit", 9, OutputFormat::Png)
+    };
+    let edited = h.enqueue(edit.clone()).await;
+    let internal = GenerationParams {
+        reference_images: vec![ImageSource::parse("http://127.0.0.1:9/cup.png").unwrap()],
+        ..edit
+    };
+    let refused = h.enqueue(internal).await;
+    let (edited, refused) = (
+        h.wait_terminal(edited).await,
+        h.wait_terminal(refused).await,
+    );
+    shutdown.cancel();
+    pool.await.unwrap();
+
+    assert_eq!(edited.state, JobState::Succeeded, "{:?}", edited.error);
+    let meta = edited.output.unwrap().metadata;
+    assert_eq!(
+        (meta.width, meta.height),
+        (40, 24),
+        "the first reference's size"
+    );
+    assert!(
+        meta.notes.iter().any(|n| n == "1 reference image(s)"),
+        "{:?}",
+        meta.notes
+    );
+
+    assert_eq!(refused.state, JobState::Failed);
+    let error = refused.error.unwrap();
+    assert_eq!(error.code, JobErrorCode::InvalidInput);
+    assert!(
+        error
+            .message
+            .starts_with("reference image 1 (http://127.0.0.1:9/cup.png): 127.0.0.1 is a private"),
+        "{}",
+        error.message
+    );
 }
