@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub const PRO: &str = "blackforestlabs/flux-1-1-pro/text-to-image";
 pub const FLEX: &str = "blackforestlabs/flux-2/flex/text-to-image";
+pub const EDIT: &str = "blackforestlabs/flux-2/flex/edit";
 
 /// The FLUX.1 engine's tiny schnell-like checkpoint (diffusers layout), made by
 /// `tools/reference` with random weights: real loading and inference, in about a second.

@@ -2,7 +2,8 @@
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
 use crate::harness::{
-    bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, FLEX, PRO,
+    bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, EDIT,
+    FLEX, PRO,
 };
 use serde_json::Value;
 use std::collections::HashSet;
@@ -347,12 +348,13 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
+async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let klein = crate::harness::tiny_checkpoint().join("../klein-diffusers");
     let config = dir.path().join("kiln.toml");
+    // The edit below fetches a result of this same server, on loopback.
     let toml = format!(
-        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n",
+        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n[fetch]\nallow_private_addresses = true\n",
         klein.display().to_string()
     );
     std::fs::write(&config, toml).unwrap();
@@ -392,4 +394,74 @@ async fn the_flux2_route_runs_a_configured_flux2_klein_checkpoint() {
         .await;
     assert_eq!((code, content_type.as_deref()), (200, Some("image/png")));
     assert_eq!(decoded_size(&bytes), (80, 64));
+
+    // The edit route, served by the same checkpoint: the image just made (by its URL) and a
+    // small image inline (a data URI) condition a new one, whose size is the first's.
+    let (code, models) = client.call(reqwest::Method::GET, "/v1/models", None).await;
+    assert_eq!(code, 200);
+    assert!(models.to_string().contains(EDIT), "{models}");
+    let inline = png_data_uri(32, [200, 30, 30]);
+    let first_image = result["output"]["image"].as_str().unwrap();
+    let edit = serde_json::json!({
+        "prompt": "the fox in red",
+        "image_urls": [first_image, inline],
+        "num_inference_steps": 2,
+        "enable_prompt_expansion": false,
+        "output_format": "png",
+    });
+    let (code, submitted) = client.submit(EDIT, edit).await;
+    assert_eq!(code, 200, "{submitted}");
+    let edited = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(edited["status"], "succeeded", "{edited}");
+    let notes = edited["metadata"]["notes"].to_string();
+    assert!(
+        notes.contains("2 reference image(s)")
+            && notes.contains("image size 80x64 from the first reference image"),
+        "{notes}"
+    );
+    let (code, _, bytes) = client
+        .download(edited["output"]["image"].as_str().unwrap())
+        .await;
+    assert_eq!((code, decoded_size(&bytes)), (200, (80, 64)));
+
+    // An image that cannot be had ends the job failed, saying which and why.
+    let missing = format!("{}/files/no-such-file.png", kiln.base);
+    let (code, submitted) = client
+        .submit(
+            EDIT,
+            serde_json::json!({"prompt": "x", "image_urls": [png_data_uri(16, [0, 0, 0]), missing]}),
+        )
+        .await;
+    assert_eq!(code, 200, "{submitted}");
+    let failed = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "invalid_input");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("reference image 2 (") && message.contains("the server answered 4"),
+        "{message}"
+    );
+}
+
+/// A square PNG of one colour as a data URI.
+fn png_data_uri(side: u32, rgb: [u8; 3]) -> String {
+    use base64::Engine as _;
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(side, side, image::Rgb(rgb))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
 }
