@@ -23,7 +23,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from diffusers import Flux2Pipeline
-from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers, convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE, SYSTEM_MESSAGE_UPSAMPLING_T2I
 from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
@@ -397,20 +397,71 @@ def add_expansion_reference(name: str, out_root: Path):
     print(f"{name}: expansion of {ids.shape[1]} prompt tokens, {len(new)} new tokens")
 
 
+def vae_to_bfl(sd: dict, up_blocks: int) -> dict:
+    """diffusers -> BFL names for an AutoencoderKLFlux2 (BFL's `ae.safetensors`): the original
+    latent-diffusion names, decoder levels numbered in reverse, attention projections as 1x1
+    convolutions, `quant_conv` inside the encoder and `post_quant_conv` inside the decoder."""
+    out = {}
+    for name, t in sd.items():
+        if name == "bn.num_batches_tracked":
+            continue
+        new = name.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        new = new.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            new = new.replace(f"mid_block.attentions.0.{a}.", f"mid.attn_1.{b}.")
+        if "mid.attn_1." in new and new.endswith("weight") and t.ndim == 2:
+            t = t[:, :, None, None]
+        if new.startswith("encoder.down_blocks."):
+            new = new.replace("encoder.down_blocks.", "encoder.down.").replace(".resnets.", ".block.")
+            new = new.replace(".downsamplers.0.", ".downsample.")
+        if new.startswith("decoder.up_blocks."):
+            i, rest = new[len("decoder.up_blocks."):].split(".", 1)
+            rest = rest.replace("resnets.", "block.").replace("upsamplers.0.", "upsample.")
+            new = f"decoder.up.{up_blocks - 1 - int(i)}.{rest}"
+        new = {"quant_conv.weight": "encoder.quant_conv.weight", "quant_conv.bias": "encoder.quant_conv.bias",
+               "post_quant_conv.weight": "decoder.post_quant_conv.weight",
+               "post_quant_conv.bias": "decoder.post_quant_conv.bias"}.get(new, new)
+        out[new] = t.contiguous()
+    return out
+
+
+def add_bfl_autoencoder(out_root: Path):
+    """klein's VAE as BFL's `ae.safetensors` beside the BFL-named transformer, checked against
+    diffusers' own latent-diffusion VAE conversion back (which knows the FLUX.1 layout: the
+    quant convolutions at the top and no batch norm, so those are moved and compared apart)."""
+    vae = AutoencoderKLFlux2.from_pretrained(out_root / "klein-diffusers" / "vae")
+    ref = {k: v for k, v in vae.state_dict().items() if k != "bn.num_batches_tracked"}
+    bfl = vae_to_bfl(ref, len(vae.config.block_out_channels))
+    ldm = {k.replace("encoder.quant_conv", "quant_conv").replace("decoder.post_quant_conv", "post_quant_conv"): v
+           for k, v in bfl.items() if not k.startswith("bn.")}
+    back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    back.update({k: v for k, v in bfl.items() if k.startswith("bn.")})
+    assert set(back) == set(ref), set(back) ^ set(ref)
+    assert all(torch.equal(back[k], ref[k]) for k in ref), "BFL autoencoder mapping does not round-trip"
+    save_file(bfl, out_root / "klein-bfl" / "ae.safetensors")
+    print(f"klein-bfl/ae.safetensors: {len(bfl)} tensors")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "crates/kiln-engine/tests/fixtures"))
     p.add_argument("--only-expansion", action="store_true",
                    help="only add the prompt-expansion reference runs to the fixtures already in --out")
+    p.add_argument("--only-bfl-autoencoder", action="store_true",
+                   help="only write klein-bfl/ae.safetensors from the klein VAE already in --out")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    if args.only_bfl_autoencoder:
+        add_bfl_autoencoder(out)
+        return
     if not args.only_expansion:
         build_klein(out)
         build_dev(out)
     add_expansion_reference("klein", out)
     add_expansion_reference("flux2-dev", out)
+    add_bfl_autoencoder(out)
 
 
 if __name__ == "__main__":

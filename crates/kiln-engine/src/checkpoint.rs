@@ -74,9 +74,26 @@ pub struct CheckpointSettings {
     /// of the reference sizes (klein's Qwen3 uses 9, 18, 27; dev's Mistral 10, 20, 30).
     #[serde(default)]
     pub text_encoder_out_layers: Option<Vec<usize>>,
+    /// BFL layouts only: the autoencoder's GroupNorm groups, for one smaller than BFL's (whose
+    /// are 32; the weights do not say).
+    #[serde(default)]
+    pub autoencoder_norm_groups: Option<usize>,
 }
 
+/// Where a checkpoint without `model_index.json` (BFL's single files) keeps its `_kiln`
+/// settings, as a JSON object of the same fields.
+pub const BFL_SETTINGS_FILE: &str = "kiln.json";
+
 impl CheckpointSettings {
+    /// A BFL layout's [`BFL_SETTINGS_FILE`], or the defaults where there is none.
+    pub(crate) fn from_bfl_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join(BFL_SETTINGS_FILE);
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        Self::deserialize(read_json(&path)?).map_err(|e| Error::checkpoint(&path, e.to_string()))
+    }
+
     /// The `_kiln` entry of a `model_index.json`, or the defaults where there is none.
     pub(crate) fn from_index(index: &Value, index_path: &Path) -> Result<Self> {
         match index.get("_kiln") {
@@ -172,35 +189,12 @@ impl CheckpointFiles {
 
     fn bfl(dir: &Path) -> Result<Self> {
         let ae = dir.join("ae.safetensors");
-        let gguf = gguf_files(dir)?;
-        let singles: Vec<PathBuf> = list(dir)?
-            .into_iter()
-            .filter(|p| {
-                p.extension().is_some_and(|e| e == "safetensors")
-                    && p.file_name().is_some_and(|n| n != "ae.safetensors")
-            })
-            .collect();
-        let (transformer_format, transformer) = match (gguf, singles.as_slice()) {
-            (Some(g), []) => (WeightFormat::Gguf, g),
-            (None, [one]) => (WeightFormat::Safetensors, one.clone()),
-            (None, []) => {
-                return Err(Error::checkpoint(
-                    dir,
-                    "no checkpoint found: expected a diffusers folder (model_index.json) or BFL single \
-                     files (flux1-*.safetensors or a .gguf transformer, ae.safetensors, and the \
-                     text_encoder, text_encoder_2, tokenizer, tokenizer_2 folders)",
-                ))
-            }
-            _ => {
-                return Err(Error::checkpoint(
-                    dir,
-                    format!(
-                        "more than one transformer file; keep one of: {}",
-                        singles.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                    ),
-                ))
-            }
-        };
+        let (transformer_format, transformer) = bfl_transformer_file(
+            dir,
+            "no checkpoint found: expected a diffusers folder (model_index.json) or BFL single \
+             files (flux1-*.safetensors or a .gguf transformer, ae.safetensors, and the \
+             text_encoder, text_encoder_2, tokenizer, tokenizer_2 folders)",
+        )?;
         if !ae.is_file() {
             return Err(Error::checkpoint(
                 dir,
@@ -228,8 +222,37 @@ impl CheckpointFiles {
             text_encoder_2: dir.join("text_encoder_2"),
             tokenizer: dir.join("tokenizer"),
             tokenizer_2: dir.join("tokenizer_2"),
-            settings: CheckpointSettings::default(),
+            settings: CheckpointSettings::from_bfl_dir(dir)?,
         })
+    }
+}
+
+/// The one transformer file of a BFL layout: a `.gguf`, or the one `.safetensors` file that
+/// is not `ae.safetensors`; `none_found` says what was expected where there is none.
+pub(crate) fn bfl_transformer_file(dir: &Path, none_found: &str) -> Result<(WeightFormat, PathBuf)> {
+    let gguf = gguf_files(dir)?;
+    let singles: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "safetensors")
+                && p.file_name().is_some_and(|n| n != "ae.safetensors")
+        })
+        .collect();
+    match (gguf, singles.as_slice()) {
+        (Some(g), []) => Ok((WeightFormat::Gguf, g)),
+        (None, [one]) => Ok((WeightFormat::Safetensors, one.clone())),
+        (None, []) => Err(Error::checkpoint(dir, none_found)),
+        _ => Err(Error::checkpoint(
+            dir,
+            format!(
+                "more than one transformer file; keep one of: {}",
+                singles
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
     }
 }
 

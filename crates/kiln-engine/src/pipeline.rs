@@ -9,7 +9,7 @@ use crate::sampling::{self, ScheduleConfig};
 use crate::t5::{T5Config, T5Encoder};
 use crate::tokenizer::PromptTokenizer;
 use crate::transformer::{FluxTransformer, TransformerConfig};
-use crate::vae::{VaeConfig, VaeDecoder};
+use crate::vae::{groups, VaeConfig, VaeDecoder};
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
@@ -250,7 +250,8 @@ impl Flux1Pipeline {
         let (vcfg, vw) = match &files.vae_config {
             Some(p) => (config::<VaeConfig>(p)?, vw),
             None => {
-                let c = VaeConfig::infer_bfl(&vw)?;
+                let groups = files.settings.autoencoder_norm_groups.unwrap_or(groups());
+                let c = VaeConfig::infer_bfl(&vw, groups)?;
                 let up_blocks = c.block_out_channels.len();
                 (c, vw.with_map(NameMap::BflVae { up_blocks }))
             }

@@ -37,13 +37,15 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
-    pub(crate) fn infer_bfl(w: &Weights) -> Result<Self> {
+    /// The configuration of BFL's `ae.safetensors` (FLUX.1's or FLUX.2's), read from the
+    /// tensors; the GroupNorm groups cannot be, so they are given (BFL's: [`groups`]).
+    pub(crate) fn infer_bfl(w: &Weights, norm_groups: usize) -> Result<Self> {
         let names = w.stored_names();
         let levels = count_indexed(&names, "decoder.up.");
         let conv_in = w.stored_shape("decoder.conv_in.weight").ok_or_else(|| {
             Error::checkpoint(
                 w.path(),
-                "not a FLUX.1 autoencoder: no decoder.conv_in.weight",
+                "not a FLUX autoencoder: no decoder.conv_in.weight",
             )
         })?;
         let block_out_channels = (0..levels)
@@ -59,7 +61,7 @@ impl VaeConfig {
             latent_channels: conv_in[1],
             block_out_channels,
             layers_per_block: count_indexed(&names, "decoder.up.0.block.") - 1,
-            norm_num_groups: groups(),
+            norm_num_groups: norm_groups,
             scaling_factor: 0.3611,
             shift_factor: Some(0.1159),
             use_post_quant_conv: Some(false),

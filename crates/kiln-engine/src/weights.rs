@@ -61,8 +61,9 @@ pub(crate) enum NameMap {
         prefix: String,
         hidden: usize,
     },
-    /// BFL's `ae.safetensors` (the original latent-diffusion names); `up_blocks` is the number
-    /// of decoder levels, whose order BFL reverses.
+    /// BFL's `ae.safetensors` of FLUX.1 or FLUX.2 (the original latent-diffusion names, FLUX.2's
+    /// quant convolutions inside the coders); `up_blocks` is the number of decoder levels, whose
+    /// order BFL reverses.
     BflVae {
         up_blocks: usize,
     },
@@ -505,11 +506,12 @@ fn bfl_flux2_transformer_source(name: &str, hidden: usize) -> Option<Source> {
 /// `convert_ldm_vae_checkpoint`, inverted).
 fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
     let resnet = |s: &str| s.replace("conv_shortcut", "nin_shortcut");
-    let mapped = if let Some(rest) = name.strip_prefix("decoder.mid_block.") {
+    let (coder, rest) = name.split_once('.')?;
+    let mapped = if let Some(rest) = rest.strip_prefix("mid_block.") {
         if let Some(r) = rest.strip_prefix("resnets.") {
             let (i, inner) = r.split_once('.')?;
             let block = if i == "0" { "block_1" } else { "block_2" };
-            format!("decoder.mid.{block}.{}", resnet(inner))
+            format!("{coder}.mid.{block}.{}", resnet(inner))
         } else {
             let inner = rest.strip_prefix("attentions.0.")?;
             let (stem, suffix) = inner.rsplit_once('.')?;
@@ -521,7 +523,7 @@ fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
                 "to_out.0" => "proj_out",
                 _ => return None,
             };
-            format!("decoder.mid.attn_1.{to}.{suffix}")
+            format!("{coder}.mid.attn_1.{to}.{suffix}")
         }
     } else if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
         let (i, inner) = rest.split_once('.')?;
@@ -534,8 +536,21 @@ fn bfl_vae_source(name: &str, up_blocks: usize) -> Option<Source> {
             let r = inner.strip_prefix("upsamplers.0.")?;
             format!("decoder.up.{level}.upsample.{r}")
         }
-    } else if let Some(rest) = name.strip_prefix("decoder.conv_norm_out.") {
-        format!("decoder.norm_out.{rest}")
+    } else if let Some(rest) = name.strip_prefix("encoder.down_blocks.") {
+        let (i, inner) = rest.split_once('.')?;
+        if let Some(r) = inner.strip_prefix("resnets.") {
+            format!("encoder.down.{i}.block.{}", resnet(r))
+        } else {
+            let r = inner.strip_prefix("downsamplers.0.")?;
+            format!("encoder.down.{i}.downsample.{r}")
+        }
+    } else if let Some(rest) = rest.strip_prefix("conv_norm_out.") {
+        format!("{coder}.norm_out.{rest}")
+    } else if coder == "quant_conv" {
+        // FLUX.2's autoencoder keeps its quant convolutions inside the coders.
+        format!("encoder.quant_conv.{rest}")
+    } else if coder == "post_quant_conv" {
+        format!("decoder.post_quant_conv.{rest}")
     } else {
         name.to_string()
     };

@@ -331,8 +331,11 @@ fn klein_base_guidance_matches_diffusers() {
 /// Flux2KleinPipeline(image=...) does it.
 #[test]
 fn klein_edit_with_a_reference_image_matches_diffusers() {
+    assert_edit_matches_reference(&load("klein"));
+}
+
+fn assert_edit_matches_reference(p: &Flux2Pipeline) {
     let r = Reference::load("klein");
-    let p = load("klein");
     let (w, h) = (r.u32("width"), r.u32("height"));
     let ref_dims = r.t("ref_image").dims().to_vec();
     let reference = kiln_core::engine::RgbImage {
@@ -368,6 +371,56 @@ fn klein_edit_with_a_reference_image_matches_diffusers() {
     eprintln!("klein edit: final latents {final_err:e}, image {image_err}/255");
     assert!(final_err <= TOL, "final latents");
     assert!(image_err <= 2, "image");
+}
+
+/// BFL's single files: the klein transformer in BFL's names and its autoencoder as BFL's
+/// `ae.safetensors` (written by `make_flux2_fixtures.py`, its names checked there against
+/// diffusers' own conversion), beside the text encoder's and tokenizer's folders, with no
+/// `model_index.json` and no scheduler. The tiny model's settings BFL's files cannot carry are
+/// in `kiln.json`.
+fn klein_bfl_layout(transformer_name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let link = |from: PathBuf, name: &str| {
+        std::os::unix::fs::symlink(from, dir.path().join(name)).unwrap()
+    };
+    link(bfl_transformer_file(), transformer_name);
+    link(fixtures().join("klein-bfl/ae.safetensors"), "ae.safetensors");
+    for part in ["text_encoder", "tokenizer"] {
+        link(fixtures().join("klein-diffusers").join(part), part);
+    }
+    std::fs::write(
+        dir.path().join("kiln.json"),
+        r#"{"text_encoder_out_layers": [1, 2, 3], "autoencoder_norm_groups": 8}"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn klein_bfl_single_files_match_diffusers() {
+    let dir = klein_bfl_layout("flux-2-klein-tiny.safetensors");
+    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: true });
+    let diffusers = load("klein");
+    // Both configurations are read from the tensors: the same as diffusers' config.json files.
+    assert_eq!(p.transformer_config(), diffusers.transformer_config());
+    assert_eq!(p.vae_config(), diffusers.vae_config());
+    assert_matches_reference("klein", &p, None);
+    // The encoder's names too (reference images).
+    assert_edit_matches_reference(&p);
+
+    // Nothing in klein's weights tells the undistilled base; BFL's file name does.
+    let base = klein_bfl_layout("flux-2-klein-base-tiny.safetensors");
+    let p = Flux2Pipeline::load(base.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: false });
+
+    // A BFL folder without its autoencoder says so.
+    std::fs::remove_file(base.path().join("ae.safetensors")).unwrap();
+    let err = Flux2Pipeline::load(base.path(), &EngineOptions::default(), &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("without ae.safetensors"), "{err}");
 }
 
 #[test]

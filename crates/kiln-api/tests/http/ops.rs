@@ -15,18 +15,27 @@ async fn health_and_readiness_need_no_token() {
 }
 
 #[tokio::test]
-async fn the_catalog_lists_both_models_and_which_are_served() {
+async fn the_catalog_lists_every_model_and_which_are_served() {
     let server =
         TestServer::start_with(|s| s.served_routes = vec![Route::Flux2FlexTextToImage]).await;
     let answer = server.call(Method::GET, "/v1/models", None, None).await;
     let models = answer.ok()["models"].as_array().unwrap().clone();
-    assert_eq!(models.len(), 2);
+    assert_eq!(models.len(), 3);
     let pro = models.iter().find(|m| m["id"] == PRO).unwrap();
     let flex = models.iter().find(|m| m["id"] == FLEX).unwrap();
+    let edit = models
+        .iter()
+        .find(|m| m["id"] == "blackforestlabs/flux-2/flex/edit")
+        .unwrap();
     assert_eq!(
-        (pro["served"].clone(), flex["served"].clone()),
-        (json!(false), json!(true))
+        (
+            pro["served"].clone(),
+            flex["served"].clone(),
+            edit["served"].clone()
+        ),
+        (json!(false), json!(true), json!(false))
     );
+    assert_eq!(edit["family"], "flux2");
     assert_eq!(pro["family"], "flux1");
     assert_eq!(flex["title"], "FLUX.2 [flex] text-to-image");
     // The schema URL works as given.

@@ -8,7 +8,8 @@ use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::checkpoint::{
-    diffusers_transformer, read_json, safetensors_files, CheckpointSettings, WeightFormat,
+    bfl_transformer_file, diffusers_transformer, read_json, safetensors_files,
+    CheckpointSettings, WeightFormat,
 };
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
@@ -19,6 +20,7 @@ use crate::pipeline::{
 use crate::sampling::{self, ScheduleConfig};
 use crate::tokenizer::PromptTokenizer;
 use crate::transformer::Rope;
+use crate::vae::groups;
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
@@ -163,20 +165,43 @@ fn transformer_config(xdir: &Path, w: Weights) -> Result<(Flux2TransformerConfig
     Ok((cfg, w.with_map(map)))
 }
 
-impl Flux2Pipeline {
-    /// Loads a FLUX.2 checkpoint (dev or klein) in diffusers' layout from `dir`.
-    pub fn load(
-        dir: &Path,
-        options: &EngineOptions,
-        progress: &mut dyn FnMut(LoadProgress),
-    ) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        if !index_path.is_file() {
-            return Err(Error::checkpoint(
-                dir,
-                "no model_index.json: FLUX.2 loads diffusers folders only so far",
-            ));
+/// Where a FLUX.2 checkpoint's parts are, by its layout: a diffusers folder (`model_index.json`,
+/// whose pipeline class names the variant), or BFL's single files (a transformer file, which
+/// may be a GGUF, and `ae.safetensors`, beside the text encoder's and tokenizer's folders),
+/// whose variant the weights and the file's name tell.
+struct Flux2Files {
+    /// `None` for BFL files until the transformer's weights are read.
+    variant: Option<Flux2Variant>,
+    settings: CheckpointSettings,
+    transformer_format: WeightFormat,
+    transformer: Vec<PathBuf>,
+    /// Where a diffusers transformer's `config.json` is (BFL-named weights carry their own).
+    transformer_dir: PathBuf,
+    vae: Vec<PathBuf>,
+    /// diffusers' `vae/config.json`; BFL's `ae.safetensors` is read from its tensors.
+    vae_config: Option<PathBuf>,
+    scheduler_config: Option<PathBuf>,
+    text_encoder: PathBuf,
+    tokenizer: PathBuf,
+    /// BFL's name for klein's undistilled base (`flux-2-klein-base-4b.safetensors`): nothing
+    /// in its weights tells it from the distilled one.
+    named_base: bool,
+}
+
+impl Flux2Files {
+    fn detect(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "not a directory"));
         }
+        if dir.join("model_index.json").is_file() {
+            Self::diffusers(dir)
+        } else {
+            Self::bfl(dir)
+        }
+    }
+
+    fn diffusers(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
         let index = read_json(&index_path)?;
         let variant = match index["_class_name"].as_str().unwrap_or("") {
             "Flux2Pipeline" => Flux2Variant::Dev,
@@ -204,7 +229,102 @@ impl Flux2Pipeline {
                 ));
             }
         }
-        let settings = CheckpointSettings::from_index(&index, &index_path)?;
+        let transformer_dir = dir.join("transformer");
+        let (transformer_format, transformer) = diffusers_transformer(&transformer_dir)?;
+        let vdir = dir.join("vae");
+        Ok(Self {
+            variant: Some(variant),
+            settings: CheckpointSettings::from_index(&index, &index_path)?,
+            transformer_format,
+            transformer,
+            transformer_dir,
+            vae: safetensors_files(&vdir, "diffusion_pytorch_model")?,
+            vae_config: Some(vdir.join("config.json")),
+            scheduler_config: Some(dir.join("scheduler/scheduler_config.json")),
+            text_encoder: dir.join("text_encoder"),
+            tokenizer: dir.join("tokenizer"),
+            named_base: false,
+        })
+    }
+
+    fn bfl(dir: &Path) -> Result<Self> {
+        let (transformer_format, transformer) = bfl_transformer_file(
+            dir,
+            "no FLUX.2 checkpoint found: expected a diffusers folder (model_index.json) or BFL \
+             single files (flux2-dev.safetensors, flux-2-klein-*.safetensors or a .gguf \
+             transformer, ae.safetensors, and the text_encoder and tokenizer folders)",
+        )?;
+        let ae = dir.join("ae.safetensors");
+        if !ae.is_file() {
+            return Err(Error::checkpoint(
+                dir,
+                "BFL layout without ae.safetensors (the autoencoder)",
+            ));
+        }
+        for part in ["text_encoder", "tokenizer"] {
+            if !dir.join(part).is_dir() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("BFL layout without the `{part}` folder (transformers' format) beside the single files"),
+                ));
+            }
+        }
+        let scheduler = dir.join("scheduler/scheduler_config.json");
+        let named_base = transformer
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().to_lowercase().contains("base"));
+        Ok(Self {
+            variant: None,
+            settings: CheckpointSettings::from_bfl_dir(dir)?,
+            transformer_format,
+            transformer: vec![transformer],
+            transformer_dir: dir.to_path_buf(),
+            vae: vec![ae],
+            vae_config: None,
+            scheduler_config: scheduler.is_file().then_some(scheduler),
+            text_encoder: dir.join("text_encoder"),
+            tokenizer: dir.join("tokenizer"),
+            named_base,
+        })
+    }
+
+    /// The variant: the diffusers pipeline's, or for BFL files dev when the transformer embeds
+    /// guidance, else klein (distilled unless the file is named as the base).
+    fn variant(&self, transformer: &Flux2TransformerConfig) -> Flux2Variant {
+        self.variant.unwrap_or(if transformer.guidance_embeds {
+            Flux2Variant::Dev
+        } else {
+            Flux2Variant::Klein {
+                distilled: !self.named_base,
+            }
+        })
+    }
+}
+
+/// The scheduler of diffusers' FLUX.2 pipelines, for BFL files that carry none (only the
+/// fields the empirical-mu schedule reads matter).
+fn default_flux2_schedule() -> ScheduleConfig {
+    serde_json::from_value(serde_json::json!({
+        "use_dynamic_shifting": true,
+        "shift": 3.0,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }))
+    .expect("a valid scheduler configuration")
+}
+
+impl Flux2Pipeline {
+    /// Loads a FLUX.2 checkpoint (dev or klein) from `dir`: a diffusers folder or BFL's single
+    /// files.
+    pub fn load(
+        dir: &Path,
+        options: &EngineOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let files = Flux2Files::detect(dir)?;
+        let settings = files.settings.clone();
         let device = options.device()?;
         let dtype = options.dtype();
         let mut report = |component, done, total| {
@@ -215,9 +335,29 @@ impl Flux2Pipeline {
             })
         };
 
-        let tokenizer = PromptTokenizer::chat(&dir.join("tokenizer"))?;
+        // The transformer's configuration first (mapping its file costs nothing yet): for BFL
+        // files it is what tells the variant, which chooses the text encoder's layers.
+        let xw = match files.transformer_format {
+            WeightFormat::Safetensors => {
+                Weights::open_safetensors(&files.transformer, &device, dtype)?
+            }
+            WeightFormat::Gguf => Weights::open_gguf(&files.transformer[0], &device, dtype)?,
+        };
+        let bfl_names = xw.stored_shape("x_embedder.weight").is_none();
+        let (xcfg, xw) = transformer_config(&files.transformer_dir, xw)?;
+        let variant = files.variant(&xcfg);
+        let transformer_weights = match files.transformer_format {
+            WeightFormat::Gguf => format!(
+                "GGUF {} transformer",
+                gguf_quantization(&files.transformer[0]).unwrap_or_else(|| "unreadable".into())
+            ),
+            WeightFormat::Safetensors if bfl_names => "BFL-named transformer".into(),
+            WeightFormat::Safetensors => "diffusers transformer".into(),
+        };
+
+        let tokenizer = PromptTokenizer::chat(&files.tokenizer)?;
         report("tokenizer", 1, 1);
-        let tdir = dir.join("text_encoder");
+        let tdir = &files.text_encoder;
         let text_cfg = LmConfig::read(&tdir.join("config.json"))?;
         let text_layers = settings.text_encoder_out_layers.clone().unwrap_or_else(|| {
             match variant {
@@ -227,39 +367,30 @@ impl Flux2Pipeline {
             .to_vec()
         });
         let depth = text_layers.iter().copied().max().unwrap_or(0);
-        let tw = Weights::open_safetensors(&safetensors_files(&tdir, "model")?, &device, dtype)?;
+        let tw = Weights::open_safetensors(&safetensors_files(tdir, "model")?, &device, dtype)?;
         let text = TextModel::load(text_cfg, depth, &tw)?;
-        let stop_tokens = stop_tokens(&tdir)?;
+        let stop_tokens = stop_tokens(tdir)?;
         report("text_encoder", 1, 1);
 
-        let xdir = dir.join("transformer");
-        let (format, files) = diffusers_transformer(&xdir)?;
-        let xw = match format {
-            WeightFormat::Safetensors => Weights::open_safetensors(&files, &device, dtype)?,
-            WeightFormat::Gguf => Weights::open_gguf(&files[0], &device, dtype)?,
-        };
-        let bfl_names = xw.stored_shape("x_embedder.weight").is_none();
-        let (xcfg, xw) = transformer_config(&xdir, xw)?;
-        let transformer_weights = match format {
-            WeightFormat::Gguf => format!(
-                "GGUF {} transformer",
-                gguf_quantization(&files[0]).unwrap_or_else(|| "unreadable".into())
-            ),
-            WeightFormat::Safetensors if bfl_names => "BFL-named transformer".into(),
-            WeightFormat::Safetensors => "diffusers transformer".into(),
-        };
         let transformer =
             Flux2Transformer::load(xcfg, &xw, &mut |d, t| report("transformer", d, t))?;
 
-        let vdir = dir.join("vae");
-        let vw = Weights::open_safetensors(
-            &safetensors_files(&vdir, "diffusion_pytorch_model")?,
-            &device,
-            dtype,
-        )?;
-        let vae = Flux2Vae::load(config(&vdir.join("config.json"))?, &vw)?;
+        let vw = Weights::open_safetensors(&files.vae, &device, dtype)?;
+        let (vcfg, vw) = match &files.vae_config {
+            Some(path) => (config(path)?, vw),
+            None => {
+                let groups = settings.autoencoder_norm_groups.unwrap_or(groups());
+                let cfg = Flux2VaeConfig::infer_bfl(&vw, groups)?;
+                let up_blocks = cfg.block_out_channels.len();
+                (cfg, vw.with_map(NameMap::BflVae { up_blocks }))
+            }
+        };
+        let vae = Flux2Vae::load(vcfg, &vw)?;
         report("vae", 1, 1);
-        let schedule = config(&dir.join("scheduler/scheduler_config.json"))?;
+        let schedule = match &files.scheduler_config {
+            Some(path) => config(path)?,
+            None => default_flux2_schedule(),
+        };
         Ok(Self {
             root: dir.to_path_buf(),
             settings,

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::sampling;
-use crate::vae::{groups, Decoder, Encoder};
+use crate::vae::{groups, Decoder, Encoder, VaeConfig};
 use crate::weights::Weights;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -41,6 +41,23 @@ fn patch() -> Vec<usize> {
 }
 
 impl Flux2VaeConfig {
+    /// The configuration of BFL's FLUX.2 `ae.safetensors`, read from its tensors (the
+    /// GroupNorm groups excepted: BFL's are 32).
+    pub(crate) fn infer_bfl(w: &Weights, norm_groups: usize) -> Result<Self> {
+        let shared = VaeConfig::infer_bfl(w, norm_groups)?;
+        Ok(Self {
+            latent_channels: shared.latent_channels,
+            block_out_channels: shared.block_out_channels,
+            decoder_block_out_channels: None,
+            layers_per_block: shared.layers_per_block,
+            norm_num_groups: norm_groups,
+            batch_norm_eps: bn_eps(),
+            use_post_quant_conv: w.contains("decoder.post_quant_conv.weight"),
+            use_quant_conv: w.contains("encoder.quant_conv.weight"),
+            patch_size: patch(),
+        })
+    }
+
     /// Pixels per (un-patchified) latent pixel.
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
