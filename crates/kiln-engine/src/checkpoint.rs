@@ -227,9 +227,34 @@ impl CheckpointFiles {
     }
 }
 
+/// Which family a checkpoint directory holds, from what is on disk: a diffusers folder's
+/// pipeline class (`Flux2Pipeline`, `Flux2KleinPipeline`: FLUX.2), or for BFL's single files
+/// the text encoders (FLUX.1 has a second one, T5, in `text_encoder_2/`; FLUX.2 one).
+pub fn checkpoint_family(dir: &Path) -> Result<kiln_core::catalog::ModelFamily> {
+    use kiln_core::catalog::ModelFamily;
+    let index_path = dir.join("model_index.json");
+    if index_path.is_file() {
+        let index = read_json(&index_path)?;
+        let class = index["_class_name"].as_str().unwrap_or("");
+        return Ok(if class.starts_with("Flux2") {
+            ModelFamily::Flux2
+        } else {
+            ModelFamily::Flux1
+        });
+    }
+    Ok(if dir.join("text_encoder_2").is_dir() {
+        ModelFamily::Flux1
+    } else {
+        ModelFamily::Flux2
+    })
+}
+
 /// The one transformer file of a BFL layout: a `.gguf`, or the one `.safetensors` file that
 /// is not `ae.safetensors`; `none_found` says what was expected where there is none.
-pub(crate) fn bfl_transformer_file(dir: &Path, none_found: &str) -> Result<(WeightFormat, PathBuf)> {
+pub(crate) fn bfl_transformer_file(
+    dir: &Path,
+    none_found: &str,
+) -> Result<(WeightFormat, PathBuf)> {
     let gguf = gguf_files(dir)?;
     let singles: Vec<PathBuf> = list(dir)?
         .into_iter()

@@ -38,7 +38,9 @@ mod vae;
 mod weights;
 
 pub use candle_core::Tensor;
-pub use checkpoint::{CheckpointFiles, CheckpointSettings, Layout, WeightFormat};
+pub use checkpoint::{
+    checkpoint_family, CheckpointFiles, CheckpointSettings, Layout, WeightFormat,
+};
 pub use clip::ClipTextConfig;
 pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
 pub use error::{Error, Result};

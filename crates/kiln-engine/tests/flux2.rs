@@ -384,7 +384,10 @@ fn klein_bfl_layout(transformer_name: &str) -> tempfile::TempDir {
         std::os::unix::fs::symlink(from, dir.path().join(name)).unwrap()
     };
     link(bfl_transformer_file(), transformer_name);
-    link(fixtures().join("klein-bfl/ae.safetensors"), "ae.safetensors");
+    link(
+        fixtures().join("klein-bfl/ae.safetensors"),
+        "ae.safetensors",
+    );
     for part in ["text_encoder", "tokenizer"] {
         link(fixtures().join("klein-diffusers").join(part), part);
     }

@@ -7,13 +7,15 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api::auth::{hash_token, new_token, token_prefix};
 use kiln_api::inputs::parse_input;
-use kiln_core::catalog::Route;
+use kiln_core::catalog::{ModelFamily, Route};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
 use kiln_core::params::OutputFormat;
-use kiln_engine::{write_latents, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest};
-use kiln_worker::run_pool;
-use kiln_worker::ReferenceFetcher;
+use kiln_engine::{
+    checkpoint_family, write_latents, EngineOptions, Flux1Pipeline, Flux2Pipeline, LoadProgress,
+    PipelineRequest,
+};
+use kiln_worker::{run_pool, ReferenceFetcher};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -203,23 +205,35 @@ pub struct DirectRequest {
     pub output: PathBuf,
 }
 
-/// `kiln generate --model-dir DIR ...`: for comparing kiln with other implementations.
+/// `kiln generate --model-dir DIR ...`: for comparing kiln with other implementations. The
+/// directory may hold a FLUX.1 or a FLUX.2 checkpoint, in any layout the engine reads.
 pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
     let format = format_of_path(&request.output).unwrap_or_default();
     let loading = ProgressBar::new_spinner();
-    let pipeline = Flux1Pipeline::load(
-        &request.model_dir,
-        &request.options,
-        &mut |p: LoadProgress| {
-            loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
-            loading.tick();
-        },
-    )?;
-    loading.finish_and_clear();
-    eprintln!("loaded {}", pipeline.describe());
+    let mut on_load = |p: LoadProgress| {
+        loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
+        loading.tick();
+    };
     let bar = step_bar();
-    let started = Instant::now();
-    let output = pipeline.run(&request.pipeline, &mut BarObserver(bar.clone()))?;
+    let mut observer = BarObserver(bar.clone());
+    let (dir, options) = (&request.model_dir, &request.options);
+    let started;
+    let output = match checkpoint_family(dir)? {
+        ModelFamily::Flux1 => {
+            let pipeline = Flux1Pipeline::load(dir, options, &mut on_load)?;
+            loading.finish_and_clear();
+            eprintln!("loaded {}", pipeline.describe());
+            started = Instant::now();
+            pipeline.run(&request.pipeline, &mut observer)?
+        }
+        ModelFamily::Flux2 => {
+            let pipeline = Flux2Pipeline::load(dir, options, &mut on_load)?;
+            loading.finish_and_clear();
+            eprintln!("loaded {}", pipeline.describe());
+            started = Instant::now();
+            pipeline.run(&request.pipeline, &mut observer)?
+        }
+    };
     bar.finish_and_clear();
     if let Some(path) = &request.dump_latents {
         write_latents(path, &output.final_latents)?;

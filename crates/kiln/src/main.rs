@@ -73,7 +73,7 @@ struct GenerateArgs {
     /// The image file to write (.jpeg/.jpg or .png decides the format).
     #[arg(short, long, default_value = "out.jpeg")]
     output: PathBuf,
-    /// A FLUX.1 checkpoint directory (diffusers folder, BFL files, or GGUF transformer).
+    /// A FLUX.1 or FLUX.2 checkpoint directory (diffusers folder, BFL files, or GGUF transformer).
     #[arg(long, value_name = "DIR")]
     model_dir: Option<PathBuf>,
     /// Pixels; a multiple of the checkpoint's VAE scale factor times 2 (with --model-dir).
@@ -81,15 +81,16 @@ struct GenerateArgs {
     width: u32,
     #[arg(long, default_value_t = 1024, requires = "model_dir")]
     height: u32,
-    /// Default: the checkpoint's (dev 28, schnell 4).
+    /// Default: the checkpoint's (FLUX.1 dev 28, schnell 4; FLUX.2 klein 4, klein base and dev 50).
     #[arg(long, requires = "model_dir")]
     steps: Option<u32>,
-    /// Default: the checkpoint's (dev 3.5; schnell has none).
+    /// Default: the checkpoint's (FLUX.1 dev 3.5, FLUX.2 klein base and dev 4; schnell and
+    /// distilled klein have none).
     #[arg(long, requires = "model_dir")]
     guidance: Option<f32>,
     #[arg(long, default_value_t = 0, requires = "model_dir")]
     seed: u64,
-    /// T5 tokens (default dev 512, schnell 256).
+    /// Text tokens (default FLUX.1 dev 512, schnell 256; FLUX.2 512).
     #[arg(long, requires = "model_dir")]
     max_sequence_length: Option<usize>,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -98,7 +99,8 @@ struct GenerateArgs {
     /// `f32`, `bf16` or `f16` (default: f32 on CPU, bf16 on CUDA).
     #[arg(long, requires = "model_dir")]
     precision: Option<String>,
-    /// Initial packed latents (safetensors, tensor `latents`), as diffusers' `latents=` takes them.
+    /// Initial latents (safetensors, tensor `latents`), as diffusers' `latents=` takes them:
+    /// packed for FLUX.1, patchified for FLUX.2.
     #[arg(long, value_name = "FILE", requires = "model_dir")]
     latents: Option<PathBuf>,
     /// Write the final packed latents before the VAE (safetensors, tensor `latents`).

@@ -1,6 +1,7 @@
 //! `kiln generate --model-dir` as one compares it with diffusers: given diffusers' initial
 //! latents, the dumped final latents and the image match what diffusers produced for the engine's
-//! committed fixture checkpoints (made by `tools/reference/make_fixtures.py`).
+//! committed fixture checkpoints (made by `tools/reference/make_fixtures.py` and, for FLUX.2,
+//! `make_flux2_fixtures.py`).
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -112,4 +113,61 @@ fn dev_checkpoint_reproduces_diffusers_from_its_latents() {
 #[test]
 fn schnell_checkpoint_reproduces_diffusers_from_its_latents() {
     generate_like_diffusers("schnell");
+}
+
+/// FLUX.2 klein from the same command: diffusers' `latents=` (patchified, as its FLUX.2
+/// pipelines take them) in, its image out.
+#[test]
+fn klein_checkpoint_reproduces_diffusers_from_its_latents() {
+    let fixtures = fixtures();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("klein-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let want =
+        candle_core::safetensors::load(fixtures.join("klein-reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let latents_in = dir.path().join("latents-in.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", want["latents_in"].clone())]),
+        &latents_in,
+    )
+    .unwrap();
+    let image_out = dir.path().join("image.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("generate")
+        .arg("--model-dir")
+        .arg(fixtures.join("klein-diffusers"))
+        .args(["--prompt", reference["prompt"].as_str().unwrap()])
+        .args(["--width", &reference["width"].to_string()])
+        .args(["--height", &reference["height"].to_string()])
+        .args(["--steps", &reference["steps"].to_string()])
+        .arg("--latents")
+        .arg(&latents_in)
+        .arg("-o")
+        .arg(&image_out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("FLUX.2 klein"), "{stderr}");
+    let image = image::open(&image_out).unwrap().to_rgb8();
+    let want_pixels = want["image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(image.as_raw().len(), want_pixels.len(), "image size");
+    let pixel_error = image
+        .as_raw()
+        .iter()
+        .zip(&want_pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        pixel_error <= 2,
+        "image differs from diffusers by {pixel_error}/255"
+    );
 }

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct Flux2Config {
     /// A diffusers FLUX.2 folder (`model_index.json` naming `Flux2Pipeline` for dev or
-    /// `Flux2KleinPipeline`).
+    /// `Flux2KleinPipeline`), or BFL's single files beside the text encoder's and tokenizer's
+    /// folders.
     pub checkpoint: PathBuf,
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]

@@ -8,8 +8,8 @@ use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::checkpoint::{
-    bfl_transformer_file, diffusers_transformer, read_json, safetensors_files,
-    CheckpointSettings, WeightFormat,
+    bfl_transformer_file, diffusers_transformer, read_json, safetensors_files, CheckpointSettings,
+    WeightFormat,
 };
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
@@ -770,6 +770,15 @@ impl Flux2Pipeline {
         let embedded_guidance = guidance.filter(|_| self.transformer.config().guidance_embeds);
         let latents = match &req.initial_latents {
             Some(l) => {
+                // diffusers' FLUX.2 pipelines take `latents=` patchified but not yet packed,
+                // `(1, 4C, h/2, w/2)`.
+                let packed;
+                let l = if l.rank() == 4 {
+                    packed = pack_channels_last(l)?;
+                    &packed
+                } else {
+                    l
+                };
                 if l.dims() != [1, tokens, channels] {
                     return Err(Error::InvalidRequest(format!(
                         "initial latents have shape {:?}; {}x{} needs [1, {tokens}, {channels}]",
