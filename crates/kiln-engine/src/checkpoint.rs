@@ -128,19 +128,13 @@ pub(crate) fn diffusers_transformer(tdir: &Path) -> Result<(WeightFormat, Vec<Pa
 impl CheckpointFiles {
     /// Looks at `dir` and says which layout it holds, or why it is none this engine loads.
     pub fn detect(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "not a directory"));
-        }
-        if dir.join("model_index.json").is_file() {
-            Self::diffusers(dir)
-        } else {
-            Self::bfl(dir)
+        match model_index(dir)? {
+            Some((index_path, index)) => Self::diffusers(dir, &index_path, &index),
+            None => Self::bfl(dir),
         }
     }
 
-    fn diffusers(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        let index: Value = read_json(&index_path)?;
+    fn diffusers(dir: &Path, index_path: &Path, index: &Value) -> Result<Self> {
         let class = index["_class_name"].as_str().unwrap_or("");
         if class.starts_with("Flux2") || class.contains("Kontext") || class.contains("Fill") {
             return Err(Error::checkpoint(
@@ -165,7 +159,7 @@ impl CheckpointFiles {
                 ));
             }
         }
-        let settings = CheckpointSettings::from_index(&index, &index_path)?;
+        let settings = CheckpointSettings::from_index(index, index_path)?;
         let tdir = dir.join("transformer");
         let (transformer_format, transformer) = diffusers_transformer(&tdir)?;
         let vdir = dir.join("vae");
@@ -232,21 +226,31 @@ impl CheckpointFiles {
 /// the text encoders (FLUX.1 has a second one, T5, in `text_encoder_2/`; FLUX.2 one).
 pub fn checkpoint_family(dir: &Path) -> Result<kiln_core::catalog::ModelFamily> {
     use kiln_core::catalog::ModelFamily;
-    let index_path = dir.join("model_index.json");
-    if index_path.is_file() {
-        let index = read_json(&index_path)?;
-        let class = index["_class_name"].as_str().unwrap_or("");
-        return Ok(if class.starts_with("Flux2") {
-            ModelFamily::Flux2
-        } else {
-            ModelFamily::Flux1
-        });
-    }
-    Ok(if dir.join("text_encoder_2").is_dir() {
-        ModelFamily::Flux1
-    } else {
+    let flux2 = match model_index(dir)? {
+        Some((_, index)) => index["_class_name"]
+            .as_str()
+            .is_some_and(|class| class.starts_with("Flux2")),
+        None => !dir.join("text_encoder_2").is_dir(),
+    };
+    Ok(if flux2 {
         ModelFamily::Flux2
+    } else {
+        ModelFamily::Flux1
     })
+}
+
+/// A checkpoint directory's `model_index.json` (its path and contents) where it is a diffusers
+/// folder, `None` where it is not (BFL's single files), or why it is no directory at all.
+pub(crate) fn model_index(dir: &Path) -> Result<Option<(PathBuf, Value)>> {
+    if !dir.is_dir() {
+        return Err(Error::checkpoint(dir, "not a directory"));
+    }
+    let path = dir.join("model_index.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let index = read_json(&path)?;
+    Ok(Some((path, index)))
 }
 
 /// The one transformer file of a BFL layout: a `.gguf`, or the one `.safetensors` file that

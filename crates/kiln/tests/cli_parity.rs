@@ -81,16 +81,17 @@ fn generate_like_diffusers(config: &str) {
         "{config}: final latents differ from diffusers by {latents_error}"
     );
 
-    let image = image::open(&image_out).unwrap().to_rgb8();
-    let want_pixels = want["image"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
+    assert_image_matches(&image_out, &want["image"], config);
+}
+
+/// The image kiln wrote is diffusers' `want` (HWC u8) within 2/255 per channel.
+fn assert_image_matches(written: &Path, want: &Tensor, what: &str) {
+    let image = image::open(written).unwrap().to_rgb8();
+    let want_pixels = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
     assert_eq!(
         image.as_raw().len(),
         want_pixels.len(),
-        "{config}: image size"
+        "{what}: image size"
     );
     let pixel_error = image
         .as_raw()
@@ -101,7 +102,7 @@ fn generate_like_diffusers(config: &str) {
         .unwrap();
     assert!(
         pixel_error <= 2,
-        "{config}: image differs from diffusers by {pixel_error}/255"
+        "{what}: image differs from diffusers by {pixel_error}/255"
     );
 }
 
@@ -152,22 +153,5 @@ fn klein_checkpoint_reproduces_diffusers_from_its_latents() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("FLUX.2 klein"), "{stderr}");
-    let image = image::open(&image_out).unwrap().to_rgb8();
-    let want_pixels = want["image"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
-    assert_eq!(image.as_raw().len(), want_pixels.len(), "image size");
-    let pixel_error = image
-        .as_raw()
-        .iter()
-        .zip(&want_pixels)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    assert!(
-        pixel_error <= 2,
-        "image differs from diffusers by {pixel_error}/255"
-    );
+    assert_image_matches(&image_out, &want["image"], "klein");
 }

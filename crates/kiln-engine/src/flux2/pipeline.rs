@@ -8,8 +8,8 @@ use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::checkpoint::{
-    bfl_transformer_file, diffusers_transformer, read_json, safetensors_files, CheckpointSettings,
-    WeightFormat,
+    bfl_transformer_file, diffusers_transformer, model_index, read_json, safetensors_files,
+    CheckpointSettings, WeightFormat,
 };
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
 use kiln_core::params::ImageSize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// klein's Qwen3 layers whose hidden states are stacked (of 36).
@@ -190,19 +191,13 @@ struct Flux2Files {
 
 impl Flux2Files {
     fn detect(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "not a directory"));
-        }
-        if dir.join("model_index.json").is_file() {
-            Self::diffusers(dir)
-        } else {
-            Self::bfl(dir)
+        match model_index(dir)? {
+            Some((index_path, index)) => Self::diffusers(dir, &index_path, &index),
+            None => Self::bfl(dir),
         }
     }
 
-    fn diffusers(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        let index = read_json(&index_path)?;
+    fn diffusers(dir: &Path, index_path: &Path, index: &Value) -> Result<Self> {
         let variant = match index["_class_name"].as_str().unwrap_or("") {
             "Flux2Pipeline" => Flux2Variant::Dev,
             "Flux2KleinPipeline" => Flux2Variant::Klein {
@@ -234,7 +229,7 @@ impl Flux2Files {
         let vdir = dir.join("vae");
         Ok(Self {
             variant: Some(variant),
-            settings: CheckpointSettings::from_index(&index, &index_path)?,
+            settings: CheckpointSettings::from_index(index, index_path)?,
             transformer_format,
             transformer,
             transformer_dir,
