@@ -116,18 +116,19 @@ fn schnell_checkpoint_reproduces_diffusers_from_its_latents() {
     generate_like_diffusers("schnell");
 }
 
-/// FLUX.2 klein from the same command: diffusers' `latents=` (patchified, as its FLUX.2
-/// pipelines take them) in, its image out.
-#[test]
-fn klein_checkpoint_reproduces_diffusers_from_its_latents() {
+/// FLUX.2 from the same command: diffusers' `latents=` (patchified, as its FLUX.2 pipelines
+/// take them) in, its image out; `variant` is what the loaded checkpoint must say it is.
+fn flux2_generate_like_diffusers(config: &str, variant: &str) {
     let fixtures = fixtures();
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join("klein-reference.json")).unwrap(),
+        &std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap(),
     )
     .unwrap();
-    let want =
-        candle_core::safetensors::load(fixtures.join("klein-reference.safetensors"), &Device::Cpu)
-            .unwrap();
+    let want = candle_core::safetensors::load(
+        fixtures.join(format!("{config}-reference.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let latents_in = dir.path().join("latents-in.safetensors");
     candle_core::safetensors::save(
@@ -136,10 +137,11 @@ fn klein_checkpoint_reproduces_diffusers_from_its_latents() {
     )
     .unwrap();
     let image_out = dir.path().join("image.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
         .arg("generate")
         .arg("--model-dir")
-        .arg(fixtures.join("klein-diffusers"))
+        .arg(fixtures.join(format!("{config}-diffusers")))
         .args(["--prompt", reference["prompt"].as_str().unwrap()])
         .args(["--width", &reference["width"].to_string()])
         .args(["--height", &reference["height"].to_string()])
@@ -147,11 +149,23 @@ fn klein_checkpoint_reproduces_diffusers_from_its_latents() {
         .arg("--latents")
         .arg(&latents_in)
         .arg("-o")
-        .arg(&image_out)
-        .output()
-        .unwrap();
+        .arg(&image_out);
+    if let Some(guidance) = reference["guidance"].as_f64() {
+        command.args(["--guidance", &guidance.to_string()]);
+    }
+    let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("FLUX.2 klein"), "{stderr}");
-    assert_image_matches(&image_out, &want["image"], "klein");
+    assert!(stderr.contains(variant), "{stderr}");
+    assert_image_matches(&image_out, &want["image"], config);
+}
+
+#[test]
+fn flux2_klein_checkpoint_reproduces_diffusers_from_its_latents() {
+    flux2_generate_like_diffusers("klein", "FLUX.2 klein");
+}
+
+#[test]
+fn flux2_dev_checkpoint_reproduces_diffusers_from_its_latents() {
+    flux2_generate_like_diffusers("flux2-dev", "FLUX.2 dev");
 }

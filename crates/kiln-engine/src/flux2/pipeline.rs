@@ -79,6 +79,26 @@ pub struct Flux2PromptEmbeddings {
 /// Larger reference images are scaled down to this many pixels (diffusers: 1024 * 1024).
 pub const REFERENCE_MAX_PIXELS: u64 = 1024 * 1024;
 
+/// A `width x height` reference image's size after scaling down to [`REFERENCE_MAX_PIXELS`] of
+/// area (aspect ratio kept, sides floored, as diffusers' `_resize_to_target_area`), and after
+/// cutting each side down to a multiple of `multiple`; `None` where a side is then empty.
+fn prepared_reference_size(
+    width: u32,
+    height: u32,
+    multiple: u32,
+) -> Option<((u32, u32), (u32, u32))> {
+    let area = u64::from(width) * u64::from(height);
+    let fit = if area > REFERENCE_MAX_PIXELS {
+        let scale = (REFERENCE_MAX_PIXELS as f64 / area as f64).sqrt();
+        let side = |s: u32| (f64::from(s) * scale) as u32;
+        (side(width), side(height))
+    } else {
+        (width, height)
+    };
+    let cut = (fit.0 / multiple * multiple, fit.1 / multiple * multiple);
+    (cut.0 > 0 && cut.1 > 0).then_some((fit, cut))
+}
+
 /// `img` resampled to `(width, height)` with a Lanczos filter (PIL's LANCZOS, as diffusers).
 fn resize(img: &RgbImage, (width, height): (u32, u32)) -> Result<RgbImage> {
     let buffer =
@@ -671,24 +691,14 @@ impl Flux2Pipeline {
     /// last size where kiln centre-crops: the two differ by at most 15 pixels a side.)
     fn reference_sizes(&self, index: usize, img: &RgbImage) -> Result<((u32, u32), (u32, u32))> {
         let m = self.size_multiple();
-        let area = u64::from(img.width) * u64::from(img.height);
-        let fit = if area > REFERENCE_MAX_PIXELS {
-            let scale = (REFERENCE_MAX_PIXELS as f64 / area as f64).sqrt();
-            let side = |s: u32| (f64::from(s) * scale) as u32;
-            (side(img.width), side(img.height))
-        } else {
-            (img.width, img.height)
-        };
-        let (w, h) = (fit.0 / m * m, fit.1 / m * m);
-        if w == 0 || h == 0 {
-            return Err(Error::InvalidRequest(format!(
+        prepared_reference_size(img.width, img.height, m).ok_or_else(|| {
+            Error::InvalidRequest(format!(
                 "reference image {} is {}x{}: each side needs at least {m} pixels after scaling to at most {REFERENCE_MAX_PIXELS} pixels",
                 index + 1,
                 img.width,
                 img.height
-            )));
-        }
-        Ok((fit, (w, h)))
+            ))
+        })
     }
 
     /// Packed latents as diffusers' `output_type="latent"` returns them: batch-norm statistics
@@ -829,5 +839,46 @@ impl Flux2Pipeline {
                 notes,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_scaled_to_a_megapixel_then_cut_to_the_size_multiple() {
+        // A 12 MP photo: about 1 MP with its aspect ratio, then multiples of 16.
+        assert_eq!(
+            prepared_reference_size(4000, 3000, 16),
+            Some(((1182, 886), (1168, 880)))
+        );
+        assert_eq!(
+            prepared_reference_size(1500, 1000, 16),
+            Some(((1254, 836), (1248, 832)))
+        );
+        // Up to a megapixel only the cut applies.
+        assert_eq!(
+            prepared_reference_size(1024, 1024, 16),
+            Some(((1024, 1024), (1024, 1024)))
+        );
+        assert_eq!(
+            prepared_reference_size(70, 50, 16),
+            Some(((70, 50), (64, 48)))
+        );
+        assert_eq!(prepared_reference_size(10, 500, 16), None);
+        assert_eq!(prepared_reference_size(20000, 10, 16), None);
+    }
+
+    #[test]
+    fn resizing_keeps_a_flat_image_flat() {
+        let flat = RgbImage {
+            width: 40,
+            height: 30,
+            pixels: [10, 200, 90].repeat(40 * 30),
+        };
+        let out = resize(&flat, (20, 15)).unwrap();
+        assert_eq!((out.width, out.height), (20, 15));
+        assert!(out.pixels.chunks(3).all(|p| p == [10, 200, 90]));
     }
 }
