@@ -465,3 +465,49 @@ fn png_data_uri(side: u32, rgb: [u8; 3]) -> String {
         base64::engine::general_purpose::STANDARD.encode(png)
     )
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_flux2_route_runs_a_configured_flux2_dev_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = crate::harness::tiny_checkpoint().join("../flux2-dev-diffusers");
+    let config = dir.path().join("kiln.toml");
+    let toml = format!(
+        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n",
+        dev.display().to_string()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let input = serde_json::json!({
+        "prompt": "a lighthouse in a storm",
+        "image_size": {"width": 64, "height": 80},
+        "num_inference_steps": 2,
+        "guidance_scale": 4,
+        "enable_prompt_expansion": false,
+    });
+    let (code, submitted) = client.submit(FLEX, input).await;
+    assert_eq!(code, 200, "{submitted}");
+    let result = client
+        .wait_result(
+            submitted["request_id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let meta = &result["metadata"];
+    assert!(
+        meta["engine"].as_str().unwrap().contains("FLUX.2 dev"),
+        "{meta}"
+    );
+    assert_eq!(
+        (
+            meta["guidance"].as_f64(),
+            meta["num_inference_steps"].as_u64()
+        ),
+        (Some(4.0), Some(2))
+    );
+    let (code, _, bytes) = client
+        .download(result["output"]["image"].as_str().unwrap())
+        .await;
+    assert_eq!((code, decoded_size(&bytes)), (200, (64, 80)));
+}
