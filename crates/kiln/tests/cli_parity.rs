@@ -25,63 +25,90 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn generate_like_diffusers(config: &str) {
-    let fixtures = fixtures();
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap(),
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (latents_out, image_out) = (
-        dir.path().join("latents.safetensors"),
-        dir.path().join("image.png"),
-    );
+/// One fixture's reference run: its settings and diffusers' tensors.
+struct Reference {
+    json: Value,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn load(config: &str) -> Self {
+        let fixtures = fixtures();
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap(),
+        )
+        .unwrap();
+        let tensors = candle_core::safetensors::load(
+            fixtures.join(format!("{config}-reference.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        Self { json, tensors }
+    }
+}
+
+/// Runs `kiln generate --model-dir` on `config`'s fixture with the reference run's settings
+/// and `latents` as the initial noise, writing `out_dir/image.png` and the final latents to
+/// `out_dir/latents.safetensors`; returns what it printed on stderr.
+fn generate(config: &str, r: &Reference, latents: &Path, out_dir: &Path) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .arg("generate")
         .arg("--model-dir")
-        .arg(fixtures.join(format!("{config}-diffusers")))
-        .args(["--prompt", reference["prompt"].as_str().unwrap()])
-        .args([
-            "--width",
-            &reference["width"].to_string(),
-            "--height",
-            &reference["height"].to_string(),
-        ])
-        .args(["--steps", &reference["steps"].to_string()])
+        .arg(fixtures().join(format!("{config}-diffusers")))
+        .args(["--prompt", r.json["prompt"].as_str().unwrap()])
+        .args(["--width", &r.json["width"].to_string()])
+        .args(["--height", &r.json["height"].to_string()])
+        .args(["--steps", &r.json["steps"].to_string()])
         .args([
             "--max-sequence-length",
-            &reference["max_sequence_length"].to_string(),
+            &r.json["max_sequence_length"].to_string(),
         ])
         .arg("--latents")
-        .arg(fixtures.join(format!("{config}-latents-in.safetensors")))
+        .arg(latents)
         .arg("--dump-latents")
-        .arg(&latents_out)
+        .arg(out_dir.join("latents.safetensors"))
         .arg("-o")
-        .arg(&image_out);
-    if let Some(guidance) = reference["guidance"].as_f64() {
+        .arg(out_dir.join("image.png"));
+    if let Some(guidance) = r.json["guidance"].as_f64() {
         command.args(["--guidance", &guidance.to_string()]);
     }
     let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{config}: {stderr}");
+    stderr
+}
 
-    let want = candle_core::safetensors::load(
-        fixtures.join(format!("{config}-reference.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let got = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
-    let latents_error = max_abs_diff(&got["latents"], &want["final_latents"]);
+/// FLUX.1: diffusers' packed `latents=` in; its final latents and image out.
+fn generate_like_diffusers(config: &str) {
+    let r = Reference::load(config);
+    let dir = tempfile::tempdir().unwrap();
+    let latents_in = fixtures().join(format!("{config}-latents-in.safetensors"));
+    generate(config, &r, &latents_in, dir.path());
+    let got = candle_core::safetensors::load(dir.path().join("latents.safetensors"), &Device::Cpu)
+        .unwrap();
+    let latents_error = max_abs_diff(&got["latents"], &r.tensors["final_latents"]);
     assert!(
         latents_error <= 1e-4,
         "{config}: final latents differ from diffusers by {latents_error}"
     );
+    assert_image_matches(&dir.path().join("image.png"), &r.tensors["image"], config);
+}
 
-    assert_image_matches(&image_out, &want["image"], config);
+/// FLUX.2: diffusers' `latents=` (patchified, as its FLUX.2 pipelines take them) in, its image
+/// out; `variant` is what the loaded checkpoint must say it is.
+fn flux2_generate_like_diffusers(config: &str, variant: &str) {
+    let r = Reference::load(config);
+    let dir = tempfile::tempdir().unwrap();
+    let latents_in = dir.path().join("latents-in.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", r.tensors["latents_in"].clone())]),
+        &latents_in,
+    )
+    .unwrap();
+    let stderr = generate(config, &r, &latents_in, dir.path());
+    assert!(stderr.contains(variant), "{stderr}");
+    assert_image_matches(&dir.path().join("image.png"), &r.tensors["image"], config);
 }
 
 /// The image kiln wrote is diffusers' `want` (HWC u8) within 2/255 per channel.
@@ -114,50 +141,6 @@ fn dev_checkpoint_reproduces_diffusers_from_its_latents() {
 #[test]
 fn schnell_checkpoint_reproduces_diffusers_from_its_latents() {
     generate_like_diffusers("schnell");
-}
-
-/// FLUX.2 from the same command: diffusers' `latents=` (patchified, as its FLUX.2 pipelines
-/// take them) in, its image out; `variant` is what the loaded checkpoint must say it is.
-fn flux2_generate_like_diffusers(config: &str, variant: &str) {
-    let fixtures = fixtures();
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join(format!("{config}-reference.json"))).unwrap(),
-    )
-    .unwrap();
-    let want = candle_core::safetensors::load(
-        fixtures.join(format!("{config}-reference.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let latents_in = dir.path().join("latents-in.safetensors");
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents", want["latents_in"].clone())]),
-        &latents_in,
-    )
-    .unwrap();
-    let image_out = dir.path().join("image.png");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    command
-        .arg("generate")
-        .arg("--model-dir")
-        .arg(fixtures.join(format!("{config}-diffusers")))
-        .args(["--prompt", reference["prompt"].as_str().unwrap()])
-        .args(["--width", &reference["width"].to_string()])
-        .args(["--height", &reference["height"].to_string()])
-        .args(["--steps", &reference["steps"].to_string()])
-        .arg("--latents")
-        .arg(&latents_in)
-        .arg("-o")
-        .arg(&image_out);
-    if let Some(guidance) = reference["guidance"].as_f64() {
-        command.args(["--guidance", &guidance.to_string()]);
-    }
-    let out = command.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains(variant), "{stderr}");
-    assert_image_matches(&image_out, &want["image"], config);
 }
 
 #[test]

@@ -70,14 +70,7 @@ async fn generate(
     model: &str,
     input: serde_json::Value,
 ) -> (serde_json::Value, image::RgbImage) {
-    let (code, submitted) = client.submit(model, input).await;
-    assert_eq!(code, 200, "{submitted}");
-    let result = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(120),
-        )
-        .await;
+    let result = client.run(model, input, Duration::from_secs(120)).await;
     assert_eq!(result["status"], "succeeded", "{result}");
     let (code, _, bytes) = client
         .download(result["output"]["image"].as_str().unwrap())

@@ -353,6 +353,14 @@ impl Client {
         body
     }
 
+    /// Submits `input` (which must be accepted) and waits for its job to end: the result.
+    pub async fn run(&self, model: &str, input: Value, timeout: Duration) -> Value {
+        let (code, submitted) = self.submit(model, input).await;
+        assert_eq!(code, 200, "{submitted}");
+        self.wait_result(submitted["request_id"].as_str().unwrap(), timeout)
+            .await
+    }
+
     /// Polls the result until the job has ended.
     pub async fn wait_result(&self, id: &str, timeout: Duration) -> Value {
         self.wait_status(id, &["succeeded", "failed", "cancelled"], timeout)

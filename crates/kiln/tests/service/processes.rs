@@ -251,13 +251,8 @@ async fn the_service_runs_bfl_single_files_and_gguf_transformers() {
         let config = write_config_for(dir.path(), &checkpoint, 2, "");
         let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
         let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
-        let (code, submitted) = client.submit(PRO, input("a blue star")).await;
-        assert_eq!(code, 200, "{submitted}");
         let result = client
-            .wait_result(
-                submitted["request_id"].as_str().unwrap(),
-                Duration::from_secs(60),
-            )
+            .run(PRO, input("a blue star"), Duration::from_secs(60))
             .await;
         assert_eq!(result["status"], "succeeded", "{layout}: {result}");
         let engine = result["metadata"]["engine"].as_str().unwrap();
@@ -277,12 +272,8 @@ async fn a_separate_worker_exports_its_step_and_job_metrics() {
     let api = KilnProcess::serve(&config, &data, &["--workers", "0"]);
     let worker = KilnProcess::worker_with_metrics(&config, &data);
     let client = Client::new(&api.base, api.first_key.as_deref().unwrap());
-    let (_, submitted) = client.submit(PRO, input("a purple circle")).await;
     let result = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
+        .run(PRO, input("a purple circle"), Duration::from_secs(60))
         .await;
     assert_eq!(result["status"], "succeeded", "{result}");
 
@@ -324,14 +315,7 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
         ),
         (PRO, serde_json::json!({"prompt": prompt}), (1344, 768)),
     ] {
-        let (code, submitted) = client.submit(model, input).await;
-        assert_eq!(code, 200, "{submitted}");
-        let result = client
-            .wait_result(
-                submitted["request_id"].as_str().unwrap(),
-                Duration::from_secs(120),
-            )
-            .await;
+        let result = client.run(model, input, Duration::from_secs(120)).await;
         assert_eq!(result["status"], "succeeded", "{model}: {result}");
         let engine = result["metadata"]["engine"].as_str().unwrap();
         assert!(engine.contains("demo-checkpoint"), "{model}: {engine}");
@@ -349,31 +333,15 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let klein = crate::harness::tiny_checkpoint().join("../klein-diffusers");
-    let config = dir.path().join("kiln.toml");
     // The edit below fetches a result of this same server, on loopback.
-    let toml = format!(
-        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n[fetch]\nallow_private_addresses = true\n",
-        klein.display().to_string()
-    );
-    std::fs::write(&config, toml).unwrap();
-    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
-    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let (_dir, kiln, client) = serve_flux2("klein", "[fetch]\nallow_private_addresses = true\n");
     let input = serde_json::json!({
         "prompt": "a red fox in the snow",
         "image_size": {"width": 80, "height": 64},
         "num_inference_steps": 3,
         "output_format": "png",
     });
-    let (code, submitted) = client.submit(FLEX, input).await;
-    assert_eq!(code, 200, "{submitted}");
-    let result = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let result = client.run(FLEX, input, Duration::from_secs(60)).await;
     assert_eq!(result["status"], "succeeded", "{result}");
     let meta = &result["metadata"];
     assert!(
@@ -409,14 +377,7 @@ async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
         "enable_prompt_expansion": false,
         "output_format": "png",
     });
-    let (code, submitted) = client.submit(EDIT, edit).await;
-    assert_eq!(code, 200, "{submitted}");
-    let edited = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let edited = client.run(EDIT, edit, Duration::from_secs(60)).await;
     assert_eq!(edited["status"], "succeeded", "{edited}");
     let notes = edited["metadata"]["notes"].to_string();
     assert!(
@@ -431,19 +392,9 @@ async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
 
     // An image that cannot be had ends the job failed, saying which and why.
     let missing = format!("{}/files/no-such-file.png", kiln.base);
-    let (code, submitted) = client
-        .submit(
-            EDIT,
-            serde_json::json!({"prompt": "x", "image_urls": [png_data_uri(16, [0, 0, 0]), missing]}),
-        )
-        .await;
-    assert_eq!(code, 200, "{submitted}");
-    let failed = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let inputs =
+        serde_json::json!({"prompt": "x", "image_urls": [png_data_uri(16, [0, 0, 0]), missing]});
+    let failed = client.run(EDIT, inputs, Duration::from_secs(60)).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["error"]["code"], "invalid_input");
     let message = failed["error"]["message"].as_str().unwrap();
@@ -451,6 +402,22 @@ async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
         message.starts_with("reference image 2 (") && message.contains("the server answered 4"),
         "{message}"
     );
+}
+
+/// `kiln serve` with the engine's `{fixture}-diffusers` checkpoint configured for the FLUX.2
+/// route (and `extra` configuration), and a client with its first key.
+fn serve_flux2(fixture: &str, extra: &str) -> (tempfile::TempDir, KilnProcess, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = crate::harness::tiny_checkpoint().join(format!("../{fixture}-diffusers"));
+    let config = dir.path().join("kiln.toml");
+    let toml = format!(
+        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n{extra}",
+        checkpoint.display().to_string()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    (dir, kiln, client)
 }
 
 /// A square PNG of one colour as a data URI.
@@ -468,16 +435,7 @@ fn png_data_uri(side: u32, rgb: [u8; 3]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_flux2_route_runs_a_configured_flux2_dev_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let dev = crate::harness::tiny_checkpoint().join("../flux2-dev-diffusers");
-    let config = dir.path().join("kiln.toml");
-    let toml = format!(
-        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n",
-        dev.display().to_string()
-    );
-    std::fs::write(&config, toml).unwrap();
-    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
-    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let (_dir, _kiln, client) = serve_flux2("flux2-dev", "");
     let input = serde_json::json!({
         "prompt": "a lighthouse in a storm",
         "image_size": {"width": 64, "height": 80},
@@ -485,14 +443,7 @@ async fn the_flux2_route_runs_a_configured_flux2_dev_checkpoint() {
         "guidance_scale": 4,
         "enable_prompt_expansion": false,
     });
-    let (code, submitted) = client.submit(FLEX, input).await;
-    assert_eq!(code, 200, "{submitted}");
-    let result = client
-        .wait_result(
-            submitted["request_id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let result = client.run(FLEX, input, Duration::from_secs(60)).await;
     assert_eq!(result["status"], "succeeded", "{result}");
     let meta = &result["metadata"];
     assert!(
