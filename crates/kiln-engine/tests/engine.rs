@@ -435,7 +435,11 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         pixels: (0..64 * 64 * 3).map(|i| (i * 7 % 256) as u8).collect(),
     };
     let edited = engine
-        .generate(&params(3), &[reference.clone()], &mut Recorder::default())
+        .generate(
+            &params(3),
+            std::slice::from_ref(&reference),
+            &mut Recorder::default(),
+        )
         .unwrap();
     assert_ne!(edited.image.pixels, plain.image.pixels);
     assert!(
@@ -461,7 +465,11 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         ..params(3)
     };
     let explicit = engine
-        .generate(&square, &[reference.clone()], &mut Recorder::default())
+        .generate(
+            &square,
+            std::slice::from_ref(&reference),
+            &mut Recorder::default(),
+        )
         .unwrap();
     let same = engine
         .generate(&auto, &[reference], &mut Recorder::default())
