@@ -45,11 +45,6 @@ KL_WEIGHT = 1e-4
 # A caption dropped (trained as the empty prompt) this often teaches the model the
 # unconditional velocity that classifier-free guidance subtracts.
 CAPTION_DROPOUT = 0.1
-# Objects cover a few percent of a scene's pixels, so an unweighted loss is mostly background:
-# the models learned positions and backgrounds well and object colours poorly. Object pixels
-# (and the latent tokens over them) weigh 1 + OBJECT_WEIGHT in both the VAE's and the
-# transformer's losses.
-OBJECT_WEIGHT = 4.0
 DESCRIPTION = ("kiln's demo checkpoint, a small model trained only on simple coloured shapes at 64x64 pixels "
                "(assets/demo-checkpoint/MODEL_CARD.md)")
 
@@ -126,26 +121,16 @@ def make_transformer():
 # --- data -------------------------------------------------------------------------------------
 
 def scene_batch(seed: int, step: int, n: int, size=None):
-    """`n` scenes rendered at one bucket size (random unless given), as [-1, 1] NCHW, with captions
-    and each pixel's loss weight (N1HW): 1 on the background, 1 + OBJECT_WEIGHT on objects."""
+    """`n` scenes rendered at one bucket size (random unless given), as [-1, 1] NCHW, with captions."""
     rng = np.random.default_rng([seed, step])
     w, h = size or scenes.BUCKETS[rng.integers(len(scenes.BUCKETS))]
-    imgs, caps, masks = [], [], []
+    imgs, caps = [], []
     for _ in range(n):
         scene, caption = scenes.sample_scene(rng)
-        img = scenes.render(scene, w, h)
-        imgs.append(img)
-        masks.append(np.any(img != np.array(scenes.COLORS[scene["background"]], np.uint8), axis=-1))
+        imgs.append(scenes.render(scene, w, h))
         caps.append(caption)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    weights = 1.0 + OBJECT_WEIGHT * torch.from_numpy(np.stack(masks)).float()[:, None]
-    return x, caps, weights
-
-
-def weighted_mean(values, weights):
-    """The mean of `values` with `weights` broadcast over them."""
-    weights = weights.expand_as(values)
-    return (values * weights).sum() / weights.sum()
+    return x, caps
 
 
 # --- training loops ---------------------------------------------------------------------------
@@ -175,14 +160,13 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, every: int):
     t0, first = time.time(), state["step"]
     vae.train()
     for step in range(state["step"], steps):
-        x, _, weights = scene_batch(seed, 10_000_000 + step, batch, (64, 64))
+        x, _ = scene_batch(seed, 10_000_000 + step, batch, (64, 64))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        error = rec - x
-        loss = weighted_mean(error.pow(2) + 0.5 * error.abs(), weights) + KL_WEIGHT * kl
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + KL_WEIGHT * kl
         lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -202,7 +186,7 @@ def train_vae(work: Path, seed: int, steps: int, batch: int, every: int):
         zs = []
         with torch.no_grad():
             for i in range(16):
-                x, _, _ = scene_batch(seed, 20_000_000 + i, 64)
+                x, _ = scene_batch(seed, 20_000_000 + i, 64)
                 zs.append(vae.encode(x).latent_dist.mean)
         z = torch.cat([t.flatten() for t in zs])
         state["stats"] = dict(shift=float(z.mean()), scale=float(1.0 / z.std()), step=state["step"])
@@ -250,7 +234,7 @@ def train_flow(work: Path, root: Path, vae, vae_step: int, seed: int, steps: int
     t0, first = time.time(), state["step"]
     modules.train()
     for step in range(state["step"], steps):
-        x, caps, weights = scene_batch(seed, step, batch)
+        x, caps = scene_batch(seed, step, batch)
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + step)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
@@ -264,9 +248,7 @@ def train_flow(work: Path, root: Path, vae, vae_step: int, seed: int, steps: int
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         pooled, t5_states = encode_text(clip, t5, *texts.batch(caps))
         pred = velocity(transformer, xt, t, pooled, t5_states, h, w)
-        # A packed token covers 16x16 pixels: its weight is the mean of theirs.
-        token_weights = F.avg_pool2d(weights, 16).flatten(1)[:, :, None]
-        loss = weighted_mean((pred - (noise - x0)).pow(2), token_weights)
+        loss = F.mse_loss(pred, noise - x0)
         for group in opt.param_groups:
             group["lr"] = lr_max * min(1.0, (step + 1) / 200)
         opt.zero_grad()
@@ -368,7 +350,7 @@ def main():
     plot(vae_losses, flow_losses, out / "loss.png")
     (out / "training.json").write_text(json.dumps(dict(
         seed=args.seed, vae_steps=args.vae_steps, steps=args.steps, batch=args.batch, lr=args.lr,
-        caption_dropout=CAPTION_DROPOUT, object_weight=OBJECT_WEIGHT, cfg_scale=args.cfg_scale,
+        caption_dropout=CAPTION_DROPOUT, cfg_scale=args.cfg_scale,
         final_vae_loss=float(np.mean([l for _, l in vae_losses[-100:]])),
         final_flow_loss=float(np.mean([l for _, l in flow_losses[-100:]])),
     ), indent=1) + "\n")
