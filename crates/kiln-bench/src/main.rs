@@ -140,6 +140,8 @@ impl Measurement {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The engine runs as it does in the service.
+    kiln::allocator::reuse_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Some(Mode::Child {

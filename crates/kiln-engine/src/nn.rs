@@ -165,6 +165,93 @@ pub(crate) fn layer_norm(
     }
 }
 
+/// FLUX's adaLN: `layer_norm(x) * (1 + scale) + shift`, the norm without affine parameters;
+/// one fused pass on the CPU in f32.
+pub(crate) fn modulated_layer_norm(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if on_cpu_in_f32(x) {
+        return kiln_kernels::ops::modulated_layer_norm(x, shift, scale, eps);
+    }
+    layer_norm(x, None, eps)?
+        .broadcast_mul(&(scale + 1.0)?)?
+        .broadcast_add(shift)
+}
+
+/// `x + gate * y`, a gated residual connection; one fused pass on the CPU in f32.
+pub(crate) fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if on_cpu_in_f32(x) {
+        return kiln_kernels::ops::gated_residual(x, gate, y);
+    }
+    x + gate.broadcast_mul(y)?
+}
+
+/// tanh-approximated GELU of a layer's fresh output. On the CPU in f32 it is computed in
+/// place, so `x` must not share its storage with a tensor that is still used.
+pub(crate) fn gelu_of_fresh(x: Tensor) -> Result<Tensor> {
+    if on_cpu_in_f32(&x) && x.is_contiguous() {
+        kiln_kernels::ops::gelu_tanh_in_place(&x)?;
+        return Ok(x);
+    }
+    x.gelu()
+}
+
+/// GroupNorm with a per-channel affine over `(images, channels, ...)`, optionally followed by
+/// the SiLU that nearly always comes next in a VAE; one fused pass on the CPU in f32.
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composite: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        let composite =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+            composite,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// `silu(group_norm(x))`.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if on_cpu_in_f32(x) {
+            return kiln_kernels::ops::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let y = self.composite.forward(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 /// Splits the last dimension into `n` equal chunks (adaLN modulation vectors).
 pub(crate) fn chunks(x: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     let size = x.dim(D::Minus1)? / n;

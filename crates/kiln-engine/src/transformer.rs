@@ -1,7 +1,9 @@
 //! The FLUX.1 transformer (diffusers' `FluxTransformer2DModel`), in diffusers' tensor names.
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, chunks, layer_norm, rms_norm, Linear};
+use crate::nn::{
+    attention, chunks, gated_residual, gelu_of_fresh, modulated_layer_norm, rms_norm, Linear,
+};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -182,7 +184,7 @@ struct GeluMlp(Mlp2);
 
 impl FeedForward for GeluMlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.l2.forward(&self.0.l1.forward(x)?.gelu()?)
+        self.0.l2.forward(&gelu_of_fresh(self.0.l1.forward(x)?)?)
     }
 }
 
@@ -247,8 +249,8 @@ impl<F: FeedForward> DoubleStreams<F> {
         rope: &Rope,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let txt_len = txt.dim(1)?;
-        let img_n = modulate(&layer_norm(img, None, NORM_EPS)?, &im[0], &im[1])?;
-        let txt_n = modulate(&layer_norm(txt, None, NORM_EPS)?, &tm[0], &tm[1])?;
+        let img_n = modulated_layer_norm(img, &im[0], &im[1], NORM_EPS)?;
+        let txt_n = modulated_layer_norm(txt, &tm[0], &tm[1], NORM_EPS)?;
         let (iq, ik, iv) = self.img_qkv.forward(&img_n, heads)?;
         let (tq, tk, tv) = self.txt_qkv.forward(&txt_n, heads)?;
         let scale = 1.0 / (iq.dim(3)? as f64).sqrt();
@@ -259,13 +261,13 @@ impl<F: FeedForward> DoubleStreams<F> {
         let txt_a = a.narrow(1, 0, txt_len)?;
         let img_a = a.narrow(1, txt_len, a.dim(1)? - txt_len)?;
 
-        let img = (img + im[2].broadcast_mul(&self.img_out.forward(&img_a)?)?)?;
-        let img_n = modulate(&layer_norm(&img, None, NORM_EPS)?, &im[3], &im[4])?;
-        let img = (&img + im[5].broadcast_mul(&self.img_ff.forward(&img_n)?)?)?;
+        let img = gated_residual(img, &im[2], &self.img_out.forward(&img_a)?)?;
+        let img_n = modulated_layer_norm(&img, &im[3], &im[4], NORM_EPS)?;
+        let img = gated_residual(&img, &im[5], &self.img_ff.forward(&img_n)?)?;
 
-        let txt = (txt + tm[2].broadcast_mul(&self.txt_out.forward(&txt_a)?)?)?;
-        let txt_n = modulate(&layer_norm(&txt, None, NORM_EPS)?, &tm[3], &tm[4])?;
-        let txt = (&txt + tm[5].broadcast_mul(&self.txt_ff.forward(&txt_n)?)?)?;
+        let txt = gated_residual(txt, &tm[2], &self.txt_out.forward(&txt_a)?)?;
+        let txt_n = modulated_layer_norm(&txt, &tm[3], &tm[4], NORM_EPS)?;
+        let txt = gated_residual(&txt, &tm[5], &self.txt_ff.forward(&txt_n)?)?;
         Ok((img, txt))
     }
 }
@@ -461,8 +463,8 @@ impl FluxTransformer {
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         for b in &self.single {
             let m = chunks(&b.modulation.forward(&temb_act)?.unsqueeze(1)?, 3)?;
-            let n = modulate(&layer_norm(&x, None, NORM_EPS)?, &m[0], &m[1])?;
-            let mlp = b.proj_mlp.forward(&n)?.gelu()?;
+            let n = modulated_layer_norm(&x, &m[0], &m[1], NORM_EPS)?;
+            let mlp = gelu_of_fresh(b.proj_mlp.forward(&n)?)?;
             let (q, k, v) = b.qkv.forward(&n, heads)?;
             let a = attention(
                 &apply_rope(&q, rope)?,
@@ -474,19 +476,14 @@ impl FluxTransformer {
             let y = b
                 .proj_out
                 .forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
-            x = (&x + m[2].broadcast_mul(&y)?)?;
+            x = gated_residual(&x, &m[2], &y)?;
         }
         let img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = chunks(&self.norm_out.forward(&temb_act)?.unsqueeze(1)?, 2)?;
-        let img = modulate(&layer_norm(&img, None, NORM_EPS)?, &m[1], &m[0])?;
+        let img = modulated_layer_norm(&img, &m[1], &m[0], NORM_EPS)?;
         Ok(self.proj_out.forward(&img)?)
     }
-}
-
-/// `x * (1 + scale) + shift`.
-pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
 /// `(batch, heads, seq, d)` to `(batch, seq, heads * d)`.

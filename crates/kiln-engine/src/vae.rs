@@ -1,11 +1,10 @@
 //! The decoder half of FLUX.1's VAE (diffusers' `AutoencoderKL`, 16 latent channels).
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, Conv2d, Linear};
+use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 use crate::transformer::count_indexed;
 use crate::weights::Weights;
-use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
+use candle_core::Tensor;
 use serde::Deserialize;
 
 const EPS: f64 = 1e-6;
@@ -83,10 +82,16 @@ fn conv_strided(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<C
 }
 
 fn group_norm(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
+    let weight = w.tensor(&format!("{p}.weight"))?;
+    if weight.dims() != [channels] {
+        return Err(Error::checkpoint(
+            w.path(),
+            format!("{p}.weight is {:?}, expected [{channels}]", weight.dims()),
+        ));
+    }
     Ok(GroupNorm::new(
-        w.tensor(&format!("{p}.weight"))?,
+        weight,
         w.tensor(&format!("{p}.bias"))?,
-        channels,
         groups,
         EPS,
     )?)
@@ -116,8 +121,8 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -269,7 +274,7 @@ impl Encoder {
             }
         }
         h = self.mid.forward(&h)?;
-        h = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -354,7 +359,7 @@ impl Decoder {
                 x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 }

@@ -8,10 +8,10 @@
 //! FlashAttention-style loop over small tiles was measured first: its small per-tile products
 //! ran at well under half the speed of these.)
 //!
-//! Everything is f32; the exponential is a polynomial accurate to about 2 ulp, written so that
-//! the compiler vectorises it (AVX-512 where the CPU has it, chosen at run time).
+//! Everything is f32; the softmax vectorises (AVX-512 or AVX2, chosen at run time).
 
 use crate::gemm::{matmul, Matrix};
+use crate::simd::{exp, vectorised};
 use rayon::prelude::*;
 
 /// Bytes of scores per block of queries.
@@ -66,39 +66,24 @@ pub(crate) fn attend(
 
 /// `row = softmax(row * scale)`, in place.
 fn softmax(row: &mut [f32], scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { softmax_avx512(row, scale) };
-    }
-    softmax_body(row, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn softmax_avx512(row: &mut [f32], scale: f32) {
-    softmax_body(row, scale)
-}
-
-#[inline(always)]
-fn softmax_body(row: &mut [f32], scale: f32) {
-    let max = lane_max(row) * scale;
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (x, l) in chunk.iter_mut().zip(&mut lanes) {
-            *x = exp(*x * scale - max);
-            *l += *x;
+    vectorised(|| {
+        let max = lane_max(row) * scale;
+        let mut lanes = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (x, l) in chunk.iter_mut().zip(&mut lanes) {
+                *x = exp(*x * scale - max);
+                *l += *x;
+            }
         }
-    }
-    let mut sum: f32 = lanes.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x * scale - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+        let mut sum: f32 = lanes.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp(*x * scale - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    })
 }
 
 #[inline(always)]
@@ -115,27 +100,6 @@ fn lane_max(row: &[f32]) -> f32 {
         .iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-}
-
-/// `e^x` for f32 (Cephes' `expf`): `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6
-/// polynomial for `e^r`, and `2^n` built in the exponent bits. Below -87 it returns
-/// `e^-87` (~1.6e-38) rather than a denormal or 0, which no softmax weight notices.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2_E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -197,17 +161,5 @@ mod tests {
             let err = max_abs_diff(&got, &want);
             assert!(err < 2e-5, "{dims:?}: {err}");
         }
-    }
-
-    #[test]
-    fn exp_is_accurate_where_softmax_uses_it() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + 87.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp(x) as f64) - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "{worst}");
-        assert_eq!(exp(0.0), 1.0);
     }
 }

@@ -3,9 +3,15 @@
 //! Two implementations: OpenBLAS's `cblas_sgemm`, loaded at run time from the system's
 //! `libopenblas.so.0` when there is one (Debian: `libopenblas0`), and the gemm crate (what
 //! candle itself uses) otherwise. Loading at run time keeps the build free of system libraries
-//! while a machine that has OpenBLAS gets its AVX-512 kernels: measured on the 2-core AMD EPYC
-//! development machine, a 4096^3 product runs at about 180 GFLOP/s with Debian's OpenBLAS
-//! 0.3.21, 95 with the gemm crate and 140-165 in PyTorch (MKL); see BENCHMARKS.md.
+//! while a machine that has OpenBLAS gets its kernels for the CPU at hand: measured on the
+//! 2-core AMD EPYC development machines, a 4096^3 product runs at about 180 GFLOP/s with
+//! Debian's OpenBLAS 0.3.21 where the CPU has AVX-512 (155 with AVX2 alone, its peak), 95 with
+//! the gemm crate and 140-165 in PyTorch; see BENCHMARKS.md.
+//!
+//! OpenBLAS runs single-threaded: each product is split over rayon's threads here, so the
+//! machine's threads are one pool shared with kiln's other kernels. (OpenBLAS's own pool spins
+//! in `sched_yield` for a while after each product, which took 6% of a transformer call's
+//! CPU time from the layers that ran next.)
 
 use std::ffi::{c_char, c_int, CStr};
 use std::sync::OnceLock;
@@ -40,6 +46,17 @@ impl<'a> Matrix<'a> {
             cols,
             row_stride: 1,
             col_stride: stride,
+        }
+    }
+
+    /// The `rows x cols` block whose first element is `(row, col)`.
+    fn offset(&self, row: usize, col: usize, rows: usize, cols: usize) -> Matrix<'a> {
+        let start = (row * self.row_stride + col * self.col_stride).min(self.data.len());
+        Matrix {
+            data: &self.data[start..],
+            rows,
+            cols,
+            ..*self
         }
     }
 
@@ -92,6 +109,37 @@ struct OpenBlas {
     _library: libloading::Library,
 }
 
+impl OpenBlas {
+    /// `C = A B` (or `C += A B`) with `C` at `c`, rows `ldc` apart, on the calling thread.
+    ///
+    /// # Safety
+    /// `c` must hold `a.rows` rows of `b.cols` elements `ldc` apart; both views must fit their
+    /// data and be readable by BLAS ([`Matrix::blas_layout`]); every size must fit a C int.
+    unsafe fn product(&self, a: Matrix, b: Matrix, c: *mut f32, ldc: usize, accumulate: bool) {
+        let ((ta, lda), (tb, ldb)) = (
+            a.blas_layout().expect("checked by the caller"),
+            b.blas_layout().expect("checked by the caller"),
+        );
+        let t = |transposed| if transposed { TRANS } else { NO_TRANS };
+        (self.sgemm)(
+            ROW_MAJOR,
+            t(ta),
+            t(tb),
+            a.rows as c_int,
+            b.cols as c_int,
+            a.cols as c_int,
+            1.0,
+            a.data.as_ptr(),
+            lda as c_int,
+            b.data.as_ptr(),
+            ldb as c_int,
+            if accumulate { 1.0 } else { 0.0 },
+            c,
+            ldc as c_int,
+        )
+    }
+}
+
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
@@ -108,6 +156,13 @@ fn openblas() -> Option<&'static OpenBlas> {
                     unsafe {
                         let library = libloading::Library::new(*name).ok()?;
                         let sgemm = *library.get::<Sgemm>(b"cblas_sgemm\0").ok()?;
+                        // One thread per call: kiln splits each product over rayon's threads
+                        // itself (see `split_product`), so OpenBLAS's own pool would only spin.
+                        if let Ok(set_threads) = library
+                            .get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0")
+                        {
+                            set_threads(1);
+                        }
                         let config = library
                             .get::<unsafe extern "C" fn() -> *const c_char>(
                                 b"openblas_get_config\0",
@@ -144,9 +199,7 @@ pub fn describe() -> String {
 }
 
 /// `C = A B`, or `C += A B` when `accumulate`, with `C` row-major `a.rows x b.cols`, rows
-/// `ldc` apart, using [`backend`] and every thread of the machine. Call it from one thread at
-/// a time (the layers issue their products one after the other): OpenBLAS's thread pool must
-/// not be entered from several threads at once.
+/// `ldc` apart, using [`backend`] and every thread of rayon's pool.
 pub fn matmul(a: Matrix, b: Matrix, c: &mut [f32], ldc: usize, accumulate: bool) {
     matmul_with(backend(), a, b, c, ldc, accumulate)
 }
@@ -179,31 +232,36 @@ pub fn matmul_with(
     }
     if backend == Backend::OpenBlas {
         let small = |x: usize| c_int::try_from(x).is_ok();
-        if let (Some(blas), Some((ta, lda)), Some((tb, ldb))) =
-            (openblas(), a.blas_layout(), b.blas_layout())
-        {
-            if [m, n, k, lda, ldb, ldc].into_iter().all(small) {
-                let t = |transposed| if transposed { TRANS } else { NO_TRANS };
-                // SAFETY: the views and the output were checked to hold every element read or
-                // written, and the sizes fit a C int.
-                unsafe {
-                    (blas.sgemm)(
-                        ROW_MAJOR,
-                        t(ta),
-                        t(tb),
-                        m as c_int,
-                        n as c_int,
-                        k as c_int,
-                        1.0,
-                        a.data.as_ptr(),
-                        lda as c_int,
-                        b.data.as_ptr(),
-                        ldb as c_int,
-                        if accumulate { 1.0 } else { 0.0 },
-                        c.as_mut_ptr(),
-                        ldc as c_int,
-                    )
-                };
+        if let (Some(blas), Some(_), Some(_)) = (openblas(), a.blas_layout(), b.blas_layout()) {
+            if [
+                m,
+                n,
+                k,
+                a.row_stride,
+                a.col_stride,
+                b.row_stride,
+                b.col_stride,
+                ldc,
+            ]
+            .into_iter()
+            .all(small)
+            {
+                let output = Output(c.as_mut_ptr());
+                split_product(m, n, k, |rows, cols| {
+                    let a = a.offset(rows.start, 0, rows.len(), k);
+                    let b = b.offset(0, cols.start, k, cols.len());
+                    // SAFETY: the views and the output were checked to hold every element read
+                    // or written and the sizes fit a C int; the parts write disjoint blocks.
+                    unsafe {
+                        blas.product(
+                            a,
+                            b,
+                            output.at(rows.start * ldc + cols.start),
+                            ldc,
+                            accumulate,
+                        )
+                    }
+                });
                 return;
             }
         }
@@ -236,6 +294,61 @@ pub fn matmul_with(
             parallelism,
         )
     }
+}
+
+/// The output pointer of a product whose parts run on several threads, each writing its own
+/// block of `C`.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+
+// SAFETY: the parts of a product write disjoint blocks of `C`.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: offsets stay within the checked output.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Products below this many multiply-adds run on the calling thread alone.
+const SPLIT_MIN_WORK: usize = 1 << 21;
+/// Parts are whole multiples of this many rows or columns (a microkernel's width).
+const SPLIT_ALIGN: usize = 16;
+
+/// Runs `part(rows, cols)` for one block of `C` per rayon thread, the larger of `C`'s two
+/// dimensions split in contiguous, aligned ranges. Each part repacks the operand it shares
+/// with the others, which costs `1 / (other dimension)` of its work: nothing at layer sizes.
+fn split_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    part: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    let along = m.max(n);
+    let size = along.div_ceil(threads).next_multiple_of(SPLIT_ALIGN);
+    if threads == 1 || m * n * k < SPLIT_MIN_WORK || size >= along {
+        part(0..m, 0..n);
+        return;
+    }
+    let parts: Vec<std::ops::Range<usize>> = (0..along)
+        .step_by(size)
+        .map(|start| start..(start + size).min(along))
+        .collect();
+    rayon::scope(|scope| {
+        for range in parts {
+            let part = &part;
+            scope.spawn(move |_| {
+                if m >= n {
+                    part(range, 0..n)
+                } else {
+                    part(0..m, range)
+                }
+            });
+        }
+    });
 }
 
 #[cfg(test)]

@@ -3,14 +3,20 @@
 //! # Layout
 //! - [`gemm`]: f32 matrix products on strided views, by OpenBLAS when the machine has
 //!   `libopenblas.so.0` (loaded at run time) and by the gemm crate otherwise.
-//! - `attention`: softmax attention a tile of queries against a tile of keys at a time, with
-//!   the running maximum and sum of the online softmax, so memory stays linear in the tokens.
-//! - [`ops`]: both as candle ops ([`ops::linear`], [`ops::attention`]).
+//! - `attention`: softmax attention a block of queries at a time, so memory stays linear in
+//!   the tokens, both of its products on [`gemm`].
+//! - `pointwise`: the memory-bound layers between the products, fused into one parallel pass
+//!   each (GELU, adaLN, gated residual, GroupNorm + SiLU).
+//! - `simd`: run-time AVX-512 / AVX2 dispatch for those loops, and their exponential.
+//! - [`ops`]: all of them as candle ops ([`ops::linear`], [`ops::attention`], [`ops::conv2d`],
+//!   [`ops::group_norm`], ...).
 //!
 //! Everything here is exercised by the engine's parity tests as well as its own.
 
 mod attention;
 pub mod gemm;
 pub mod ops;
+mod pointwise;
+mod simd;
 #[cfg(test)]
 mod test_data;

@@ -1,12 +1,13 @@
 //! candle ops on the CPU kernels: a linear layer with its bias fused into the product,
-//! attention a block of queries at a time, and stride-1 convolutions by unfolded blocks of
-//! rows. All take f32 tensors on the CPU; callers keep candle's own ops for other devices and
-//! dtypes.
+//! attention a block of queries at a time, stride-1 convolutions by unfolded blocks of rows,
+//! and the fused pointwise layers of [`crate::pointwise`]. All take f32 tensors on the CPU;
+//! callers keep candle's own ops for other devices and dtypes.
 
 use crate::attention::attend;
 use crate::gemm::{matmul, Matrix};
+use crate::pointwise::{self, Groups};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The f32 elements of a contiguous tensor's storage.
@@ -266,6 +267,205 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Res
             padding,
             unfold_budget: UNFOLD_BUDGET,
         },
+    )
+}
+
+struct GeluOp;
+
+impl InplaceOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "kiln-gelu-tanh"
+    }
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(range) => range,
+            None => candle_core::bail!("gelu: the input must be contiguous"),
+        };
+        match storage {
+            CpuStorage::F32(v) => pointwise::gelu_tanh_in_place(&mut v[start..end]),
+            other => candle_core::bail!("gelu: f32 only, got {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// tanh-approximated GELU of a contiguous f32 CPU tensor, in place: every tensor sharing its
+/// storage sees the change, so call it on a tensor the caller alone holds (a layer's fresh
+/// output).
+pub fn gelu_tanh_in_place(x: &Tensor) -> Result<()> {
+    x.inplace_op1(&GeluOp)
+}
+
+/// `(width, rows per batch)` of a `(batch, ..., width)` input whose per-batch vectors hold
+/// `vector_len` values (one vector for all batches, or one per batch).
+fn batched_rows(l: &Layout, vector_len: usize, op: &str) -> Result<(usize, usize)> {
+    let dims = l.shape().dims();
+    let (batch, width) = match dims {
+        [batch, .., width] if dims.len() >= 2 => (*batch, *width),
+        _ => candle_core::bail!("{op}: input {dims:?} has no batch and width"),
+    };
+    if vector_len != width && vector_len != batch * width {
+        candle_core::bail!("{op}: {vector_len} modulation values for input {dims:?}");
+    }
+    Ok((width, l.shape().elem_count() / width / batch.max(1)))
+}
+
+/// `layer_norm(x) * (1 + scale) + shift` over the last dimension.
+struct ModulatedLayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for ModulatedLayerNormOp {
+    fn name(&self) -> &'static str {
+        "kiln-modulated-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "modulated layer norm";
+        let (x, shift, scale) = (
+            contiguous(s1, l1, op)?,
+            contiguous(s2, l2, op)?,
+            contiguous(s3, l3, op)?,
+        );
+        let (width, rows) = batched_rows(l1, shift.len(), op)?;
+        if scale.len() != shift.len() {
+            candle_core::bail!(
+                "{op}: {} shift and {} scale values",
+                shift.len(),
+                scale.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        pointwise::modulated_layer_norm(x, width, rows, shift, scale, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// FLUX's adaLN on the CPU in f32: `layer_norm(x) * (1 + scale) + shift` over the last
+/// dimension of `x (batch, ..., width)`, without the norm's own affine parameters; `shift`
+/// and `scale` hold one `width` vector, or one per batch.
+pub fn modulated_layer_norm(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &shift.contiguous()?,
+        &scale.contiguous()?,
+        &ModulatedLayerNormOp { eps: eps as f32 },
+    )
+}
+
+struct GatedResidualOp;
+
+impl CustomOp3 for GatedResidualOp {
+    fn name(&self) -> &'static str {
+        "kiln-gated-residual"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "gated residual";
+        let (x, gate, y) = (
+            contiguous(s1, l1, op)?,
+            contiguous(s2, l2, op)?,
+            contiguous(s3, l3, op)?,
+        );
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("{op}: x {:?} and y {:?}", l1.shape(), l3.shape());
+        }
+        let (width, rows) = batched_rows(l1, gate.len(), op)?;
+        let mut out = vec![0f32; x.len()];
+        pointwise::gated_residual(x, gate, y, width, rows, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x + gate * y` on the CPU in f32 for `x, y (batch, ..., width)` and a `gate` of one
+/// `width` vector or one per batch: the gated residual of FLUX's blocks.
+pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&gate.contiguous()?, &y.contiguous()?, &GatedResidualOp)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "kiln-group-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "group norm";
+        let (x, weight, bias) = (
+            contiguous(s1, l1, op)?,
+            contiguous(s2, l2, op)?,
+            contiguous(s3, l3, op)?,
+        );
+        let dims = l1.shape().dims();
+        let channels = dims.get(1).copied().unwrap_or(0);
+        if dims.len() < 3
+            || channels % self.groups.max(1) != 0
+            || weight.len() != channels
+            || bias.len() != channels
+        {
+            candle_core::bail!(
+                "{op}: input {dims:?}, {} groups, {} weights, {} biases",
+                self.groups,
+                weight.len(),
+                bias.len()
+            );
+        }
+        let shape = Groups {
+            channels,
+            pixels: dims[2..].iter().product(),
+            groups: self.groups,
+        };
+        let mut out = vec![0f32; x.len()];
+        pointwise::group_norm(x, shape, weight, bias, self.eps, self.silu, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// GroupNorm of `x (images, channels, ...)` in `groups` groups with a per-channel affine, and
+/// SiLU after it when `silu`, on the CPU in f32.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &GroupNormOp { groups, eps, silu },
     )
 }
 

@@ -1,6 +1,7 @@
 //! The `kiln` binary's library: configuration, wiring, and the commands.
 //!
 //! # Layout
+//! - [`allocator`]: the allocator tuning `main` applies before anything else.
 //! - [`config`]: [`config::Settings`], the one typed configuration (defaults, TOML, `KILN_…`, flags).
 //! - [`app`]: [`app::Application`]: opens the stores, binds the listener, runs the HTTP API, the
 //!   in-process worker pool and the maintenance sweeper until its shutdown token fires.
@@ -11,6 +12,7 @@
 //!
 //! `main.rs` only parses the command line, hands in the shutdown signal, and calls a command.
 
+pub mod allocator;
 pub mod app;
 pub mod commands;
 pub mod config;

@@ -122,6 +122,7 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
+    kiln::allocator::reuse_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -41,6 +41,9 @@ struct RopeParameters {
     rope_theta: f64,
 }
 
+/// Picks the next token from a step's logits.
+type TokenChooser = Box<dyn FnMut(&[f32]) -> u32>;
+
 impl LmConfig {
     /// The text model's configuration in a `config.json`: at the top level (Qwen3) or under
     /// `text_config` (Mistral3, whose top level describes the vision-language wrapper).
@@ -222,7 +225,7 @@ impl TextModel {
             ));
         }
         let dev = self.embed.device();
-        let mut choose: Box<dyn FnMut(&[f32]) -> u32> = match choice {
+        let mut choose: TokenChooser = match choice {
             TokenChoice::Greedy => Box::new(argmax),
             TokenChoice::Sampled { temperature, seed } => {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

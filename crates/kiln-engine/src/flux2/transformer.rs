@@ -3,10 +3,10 @@
 //! blocks with fused qkv+MLP projections, 4-axis RoPE.
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, chunks, layer_norm, rms_norm, Linear};
+use crate::nn::{attention, chunks, gated_residual, modulated_layer_norm, rms_norm, Linear};
 use crate::transformer::{
-    apply_rope, count_indexed, merge_heads, modulate, timestep_embedding, DoubleStreams,
-    FeedForward, Mlp2, Qkv, Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
+    apply_rope, count_indexed, merge_heads, timestep_embedding, DoubleStreams, FeedForward, Mlp2,
+    Qkv, Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
 };
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, D};
@@ -307,7 +307,7 @@ impl Flux2Transformer {
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         let (bsz, seq, _) = x.dims3()?;
         for b in &self.single {
-            let n = modulate(&layer_norm(&x, None, NORM_EPS)?, &sm[0], &sm[1])?;
+            let n = modulated_layer_norm(&x, &sm[0], &sm[1], NORM_EPS)?;
             let proj = b.qkv_mlp.forward(&n)?;
             let split = |i: usize| {
                 proj.narrow(D::Minus1, i * inner, inner)?.reshape((
@@ -329,12 +329,12 @@ impl Flux2Transformer {
                 None,
             )?;
             let y = b.out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
-            x = (&x + sm[2].broadcast_mul(&y)?)?;
+            x = gated_residual(&x, &sm[2], &y)?;
         }
         let img = x.narrow(1, txt_len, seq - txt_len)?;
         // AdaLayerNormContinuous: (scale, shift) in that order.
         let m = chunks(&self.norm_out.forward(&temb_act)?.unsqueeze(1)?, 2)?;
-        let img = modulate(&layer_norm(&img, None, NORM_EPS)?, &m[1], &m[0])?;
+        let img = modulated_layer_norm(&img, &m[1], &m[0], NORM_EPS)?;
         Ok(self.proj_out.forward(&img)?.to_dtype(dtype)?)
     }
 }
