@@ -7,6 +7,7 @@
 //!   the tokens, both of its products on [`gemm`].
 //! - `pointwise`: the memory-bound layers between the products, fused into one parallel pass
 //!   each (GELU, adaLN, gated residual, GroupNorm + SiLU).
+//! - `winograd`: 3x3 convolutions by Winograd's F(2x2, 3x3), 4/9 of the direct products.
 //! - `simd`: run-time AVX-512 / AVX2 dispatch for those loops, and their exponential.
 //! - [`ops`]: all of them as candle ops ([`ops::linear`], [`ops::attention`], [`ops::conv2d`],
 //!   [`ops::group_norm`], ...).
@@ -20,3 +21,4 @@ mod pointwise;
 mod simd;
 #[cfg(test)]
 mod test_data;
+mod winograd;
