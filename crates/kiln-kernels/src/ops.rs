@@ -23,6 +23,19 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> 
     }
 }
 
+/// [`contiguous`] of a three-input op's inputs.
+fn contiguous3<'a>(
+    inputs: [(&'a CpuStorage, &Layout); 3],
+    op: &str,
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let [a, b, c] = inputs;
+    Ok((
+        contiguous(a.0, a.1, op)?,
+        contiguous(b.0, b.1, op)?,
+        contiguous(c.0, c.1, op)?,
+    ))
+}
+
 /// `y = x W^T + b` for `x (..., in)`, `W (out, in)`, `b (out)`.
 struct LinearOp;
 
@@ -117,11 +130,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            contiguous(s1, l1, "attention")?,
-            contiguous(s2, l2, "attention")?,
-            contiguous(s3, l3, "attention")?,
-        );
+        let (q, k, v) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], "attention")?;
         let (b, h, sq, d) = l1.shape().dims4()?;
         let (bk, hk, sk, dk) = l2.shape().dims4()?;
         if (bk, hk, dk) != (b, h, d) || l3.shape().dims4()? != (b, h, sk, d) {
@@ -183,11 +192,7 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, bias) = (
-            contiguous(s1, l1, "conv2d")?,
-            contiguous(s2, l2, "conv2d")?,
-            contiguous(s3, l3, "conv2d")?,
-        );
+        let (x, w, bias) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], "conv2d")?;
         let (n, cin, h, wd) = l1.shape().dims4()?;
         let (cout, wcin, kh, kw) = l2.shape().dims4()?;
         let p = self.padding;
@@ -369,11 +374,7 @@ impl CustomOp3 for ModulatedLayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "modulated layer norm";
-        let (x, shift, scale) = (
-            contiguous(s1, l1, op)?,
-            contiguous(s2, l2, op)?,
-            contiguous(s3, l3, op)?,
-        );
+        let (x, shift, scale) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
         let (width, rows) = batched_rows(l1, shift.len(), op)?;
         if scale.len() != shift.len() {
             candle_core::bail!(
@@ -420,11 +421,7 @@ impl CustomOp3 for GatedResidualOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "gated residual";
-        let (x, gate, y) = (
-            contiguous(s1, l1, op)?,
-            contiguous(s2, l2, op)?,
-            contiguous(s3, l3, op)?,
-        );
+        let (x, gate, y) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
         if l3.shape() != l1.shape() {
             candle_core::bail!("{op}: x {:?} and y {:?}", l1.shape(), l3.shape());
         }
@@ -462,11 +459,7 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "group norm";
-        let (x, weight, bias) = (
-            contiguous(s1, l1, op)?,
-            contiguous(s2, l2, op)?,
-            contiguous(s3, l3, op)?,
-        );
+        let (x, weight, bias) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
         let dims = l1.shape().dims();
         let channels = dims.get(1).copied().unwrap_or(0);
         if dims.len() < 3
