@@ -11,13 +11,11 @@
 //! Everything is f32; the softmax vectorises (AVX-512 or AVX2, chosen at run time).
 
 use crate::gemm::{matmul, Matrix};
-use crate::simd::{exp, vectorised};
+use crate::simd::{exp, vectorised, LANES};
 use rayon::prelude::*;
 
 /// Bytes of scores per block of queries.
 const SCORES_BUDGET: usize = 32 << 20;
-/// Lanes of the manual reductions: one AVX-512 register of f32.
-const LANES: usize = 16;
 
 /// `softmax(q k^T * scale) v` for contiguous `q (b, h, sq, d)`, `k, v (b, h, sk, d)`; the
 /// result is `(b, sq, h, d)`.

@@ -204,28 +204,25 @@ impl CustomOp3 for Conv2dOp {
                 bias.len()
             );
         }
-        if let ConvAlgorithm::Winograd { budget } = self.algorithm {
-            if (kh, kw, p) != (3, 3, 1) {
-                candle_core::bail!("conv2d: Winograd F(2x2, 3x3) takes 3x3 kernels, padding 1");
+        let unfold_budget = match self.algorithm {
+            ConvAlgorithm::Unfold { budget } => budget,
+            ConvAlgorithm::Winograd { budget } => {
+                if (kh, kw, p) != (3, 3, 1) {
+                    candle_core::bail!("conv2d: Winograd F(2x2, 3x3) takes 3x3 kernels, padding 1");
+                }
+                let filters = winograd::transform_filters(w, cout, cin);
+                let shape = winograd::Planes {
+                    cin,
+                    cout,
+                    height: h,
+                    width: wd,
+                };
+                let mut out = vec![0f32; n * cout * h * wd];
+                for (img, dst) in x.chunks(cin * h * wd).zip(out.chunks_mut(cout * h * wd)) {
+                    winograd::conv3x3(img, &filters, bias, shape, budget, dst);
+                }
+                return Ok((CpuStorage::F32(out), Shape::from((n, cout, h, wd))));
             }
-            let filters = winograd::transform_filters(w, cout, cin);
-            let shape = winograd::Planes {
-                cin,
-                cout,
-                height: h,
-                width: wd,
-            };
-            let mut out = vec![0f32; n * cout * h * wd];
-            for (img, dst) in x.chunks(cin * h * wd).zip(out.chunks_mut(cout * h * wd)) {
-                winograd::conv3x3(img, &filters, bias, shape, budget, dst);
-            }
-            return Ok((CpuStorage::F32(out), Shape::from((n, cout, h, wd))));
-        }
-        let ConvAlgorithm::Unfold {
-            budget: unfold_budget,
-        } = self.algorithm
-        else {
-            unreachable!("Winograd returned above")
         };
         let (ho, wo) = (h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw);
         let plane = ho * wo;

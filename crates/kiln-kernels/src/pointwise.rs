@@ -6,7 +6,7 @@
 //! Rows are batched: a `(batch, rows, width)` input whose per-batch vectors (shift, scale,
 //! gate) are `(batch or 1, width)`.
 
-use crate::simd::{exp, vectorised};
+use crate::simd::{exp, vectorised, LANES};
 use rayon::prelude::*;
 
 /// Rows handed to one task: enough work to amortise a task, few enough to balance threads.
@@ -39,7 +39,7 @@ pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
 }
 
 /// Mean and `1 / sqrt(variance + eps)` of a row, the variance from the centred values (as
-/// PyTorch's layer norm), summed in 16 lanes.
+/// PyTorch's layer norm), summed in [`LANES`] lanes.
 #[inline(always)]
 fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
@@ -50,9 +50,9 @@ fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
 
 #[inline(always)]
 fn lane_sum(values: impl Iterator<Item = f32>) -> f32 {
-    let mut lanes = [0f32; 16];
+    let mut lanes = [0f32; LANES];
     for (i, v) in values.enumerate() {
-        lanes[i % 16] += v;
+        lanes[i % LANES] += v;
     }
     lanes.iter().sum()
 }

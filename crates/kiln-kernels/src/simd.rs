@@ -2,6 +2,10 @@
 //! AVX2 with FMA (8 lanes), chosen at run time so that the build stays portable; and the
 //! exponential they need.
 
+/// Lanes of the manual reductions (independent partial sums the compiler keeps in vector
+/// registers): one AVX-512 register of f32, two AVX2 ones.
+pub(crate) const LANES: usize = 16;
+
 /// Runs `f` compiled for AVX-512 or for AVX2 and FMA when the CPU has them, as it is otherwise.
 /// The closure is inlined into the chosen instance, so its loops vectorise with those
 /// instructions (and `floor` becomes one instruction rather than a call into libm).
