@@ -142,6 +142,7 @@ impl Measurement {
 fn main() -> anyhow::Result<()> {
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
+    let matrix_products = kiln_engine::load_cpu_kernels();
     let cli = Cli::parse();
     match cli.command {
         Some(Mode::Child {
@@ -153,7 +154,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
-        None => benchmark(&cli.run),
+        None => benchmark(&cli.run, &matrix_products),
     }
 }
 
@@ -292,7 +293,7 @@ struct Row {
     difference: Option<(f32, f32)>,
 }
 
-fn benchmark(args: &RunArgs) -> anyhow::Result<()> {
+fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
     let workloads: Vec<Workload> = if args.only.is_empty() {
         ALL.to_vec()
     } else {
@@ -369,7 +370,7 @@ fn benchmark(args: &RunArgs) -> anyhow::Result<()> {
             difference,
         });
     }
-    let table = render(&rows);
+    let table = render(&rows, matrix_products);
     println!("{table}");
     if let Some(path) = &args.markdown {
         use std::io::Write;
@@ -415,7 +416,7 @@ fn cpu_name() -> String {
 }
 
 /// A Markdown table; the peak is the fastest matrix product measured in this run.
-fn render(rows: &[Row]) -> String {
+fn render(rows: &[Row], matrix_products: &str) -> String {
     let peak = rows
         .iter()
         .filter(|r| r.workload == Workload::Matmul4096)
@@ -430,6 +431,7 @@ fn render(rows: &[Row]) -> String {
         "\n{date}, {}, {threads} threads, f32, median of the timed runs",
         cpu_name()
     );
+    let _ = writeln!(s, "kiln's matrix products: {matrix_products}");
     if let Some(p) = peak {
         let _ = writeln!(
             s,

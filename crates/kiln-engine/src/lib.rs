@@ -52,3 +52,11 @@ pub use pipeline::{
 pub use t5::T5Config;
 pub use transformer::TransformerConfig;
 pub use vae::VaeConfig;
+
+/// Loads the CPU's matrix-product library (OpenBLAS where the machine has it) now rather than
+/// at the first product, and says which it is and with which kernels. Binaries call it first
+/// thing in `main`, before other threads exist: loading may set an environment variable for
+/// OpenBLAS (see `kiln_kernels::gemm`).
+pub fn load_cpu_kernels() -> String {
+    kiln_kernels::gemm::describe()
+}

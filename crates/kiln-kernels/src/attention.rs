@@ -64,24 +64,27 @@ pub(crate) fn attend(
 
 /// `row = softmax(row * scale)`, in place.
 fn softmax(row: &mut [f32], scale: f32) {
-    vectorised(|| {
-        let max = lane_max(row) * scale;
-        let mut lanes = [0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (x, l) in chunk.iter_mut().zip(&mut lanes) {
-                *x = exp(*x * scale - max);
-                *l += *x;
+    vectorised(
+        #[inline(always)]
+        || {
+            let max = lane_max(row) * scale;
+            let mut lanes = [0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for chunk in &mut chunks {
+                for (x, l) in chunk.iter_mut().zip(&mut lanes) {
+                    *x = exp(*x * scale - max);
+                    *l += *x;
+                }
             }
-        }
-        let mut sum: f32 = lanes.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = exp(*x * scale - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
-    })
+            let mut sum: f32 = lanes.iter().sum();
+            for x in chunks.into_remainder() {
+                *x = exp(*x * scale - max);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        },
+    )
 }
 
 #[inline(always)]

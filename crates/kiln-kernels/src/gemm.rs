@@ -4,9 +4,10 @@
 //! `libopenblas.so.0` when there is one (Debian: `libopenblas0`), and the gemm crate (what
 //! candle itself uses) otherwise. Loading at run time keeps the build free of system libraries
 //! while a machine that has OpenBLAS gets its kernels for the CPU at hand: measured on the
-//! 2-core AMD EPYC development machines, a 4096^3 product runs at about 180 GFLOP/s with
-//! Debian's OpenBLAS 0.3.21 where the CPU has AVX-512 (155 with AVX2 alone, its peak), 95 with
-//! the gemm crate and 140-165 in PyTorch; see BENCHMARKS.md.
+//! 2-core AMD EPYC development machines, a 4096^3 product runs at 150-213 GFLOP/s with Debian's
+//! OpenBLAS 0.3.21 and its AVX2 (Haswell) kernels, about 370 with its AVX-512 (Skylake-X)
+//! kernels where the CPU has AVX-512 (see [`choose_avx512_kernels`]), 95 with the gemm crate
+//! and 140-165 in PyTorch; see BENCHMARKS.md.
 //!
 //! OpenBLAS runs single-threaded: each product is split over rayon's threads here, so the
 //! machine's threads are one pool shared with kiln's other kernels. (OpenBLAS's own pool spins
@@ -151,6 +152,7 @@ fn openblas() -> Option<&'static OpenBlas> {
             ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"]
                 .iter()
                 .find_map(|name| {
+                    choose_avx512_kernels();
                     // SAFETY: OpenBLAS's initialisers only set up its thread pool and CPU dispatch;
                     // the two symbols are used with their documented C signatures.
                     unsafe {
@@ -163,16 +165,18 @@ fn openblas() -> Option<&'static OpenBlas> {
                         {
                             set_threads(1);
                         }
-                        let config = library
-                            .get::<unsafe extern "C" fn() -> *const c_char>(
-                                b"openblas_get_config\0",
-                            )
-                            .ok()
-                            .map(|f| CStr::from_ptr(f()).to_string_lossy().trim().to_string())
-                            .unwrap_or_default();
+                        let text = |symbol: &[u8]| {
+                            library
+                                .get::<unsafe extern "C" fn() -> *const c_char>(symbol)
+                                .ok()
+                                .map(|f| CStr::from_ptr(f()).to_string_lossy().trim().to_string())
+                                .unwrap_or_default()
+                        };
+                        let config = text(b"openblas_get_config\0");
+                        let core = text(b"openblas_get_corename\0");
                         Some(OpenBlas {
                             sgemm,
-                            config: format!("OpenBLAS ({name}: {config})"),
+                            config: format!("OpenBLAS ({name}: {config}; {core} kernels)"),
                             _library: library,
                         })
                     }
@@ -181,7 +185,37 @@ fn openblas() -> Option<&'static OpenBlas> {
         .as_ref()
 }
 
-/// The implementation [`matmul`] uses for whole-machine products.
+/// The environment variable with which a run-time-dispatching OpenBLAS build (Debian's) is
+/// told which CPU's kernels to use instead of detecting it.
+const OPENBLAS_CORETYPE: &str = "OPENBLAS_CORETYPE";
+
+/// Asks OpenBLAS for its AVX-512 kernels (Skylake-X's) when the CPU has the AVX-512 subsets
+/// they use and the user has not chosen a core type (a set `OPENBLAS_CORETYPE` is kept: the
+/// development machines' environment sets `Haswell`, for instance).
+///
+/// Why: OpenBLAS picks kernels by CPU model, and a release older than the CPU does not know
+/// the model's vector width. Debian 12's OpenBLAS 0.3.21 runs its AVX2 (Haswell) kernels on
+/// the AVX-512 AMD EPYC development machine; with the Skylake-X kernels a 4096^3 product took
+/// 0.36-0.39 s instead of 0.68-0.71 s (BENCHMARKS.md). OpenBLAS reads the variable when it
+/// is loaded, so this runs just before; binaries load it at startup, before other threads
+/// exist ([`backend`]).
+fn choose_avx512_kernels() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx512 = has!("avx512f")
+            && has!("avx512cd")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        if avx512 && std::env::var_os(OPENBLAS_CORETYPE).is_none() {
+            std::env::set_var(OPENBLAS_CORETYPE, "SKYLAKEX");
+        }
+    }
+}
+
+/// The implementation [`matmul`] uses for whole-machine products. The first call loads
+/// OpenBLAS; binaries make it at startup, before starting other threads.
 pub fn backend() -> Backend {
     if openblas().is_some() {
         Backend::OpenBlas

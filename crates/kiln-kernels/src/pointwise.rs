@@ -27,14 +27,17 @@ fn for_row(v: &[f32], width: usize, row: usize, rows_per_batch: usize) -> &[f32]
 pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     x.par_chunks_mut(1 << 14).for_each(|chunk| {
-        vectorised(|| {
-            for v in chunk.iter_mut() {
-                let u = SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v);
-                // tanh(u) = 1 - 2 / (e^(2u) + 1); exp saturates, so |u| large gives +-1.
-                let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
-                *v = 0.5 * *v * (1.0 + tanh);
-            }
-        })
+        vectorised(
+            #[inline(always)]
+            || {
+                for v in chunk.iter_mut() {
+                    let u = SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v);
+                    // tanh(u) = 1 - 2 / (e^(2u) + 1); exp saturates, so |u| large gives +-1.
+                    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+                    *v = 0.5 * *v * (1.0 + tanh);
+                }
+            },
+        )
     });
 }
 
@@ -72,17 +75,20 @@ pub(crate) fn modulated_layer_norm(
         .zip(x.par_chunks(width * ROWS_PER_TASK))
         .enumerate()
         .for_each(|(task, (out, x))| {
-            vectorised(|| {
-                for (i, (o, row)) in out.chunks_mut(width).zip(x.chunks(width)).enumerate() {
-                    let r = task * ROWS_PER_TASK + i;
-                    let shift = for_row(shift, width, r, rows_per_batch);
-                    let scale = for_row(scale, width, r, rows_per_batch);
-                    let (mean, inv_std) = row_statistics(row, eps);
-                    for (((o, v), s), t) in o.iter_mut().zip(row).zip(scale).zip(shift) {
-                        *o = (v - mean) * inv_std * (1.0 + s) + t;
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (i, (o, row)) in out.chunks_mut(width).zip(x.chunks(width)).enumerate() {
+                        let r = task * ROWS_PER_TASK + i;
+                        let shift = for_row(shift, width, r, rows_per_batch);
+                        let scale = for_row(scale, width, r, rows_per_batch);
+                        let (mean, inv_std) = row_statistics(row, eps);
+                        for (((o, v), s), t) in o.iter_mut().zip(row).zip(scale).zip(shift) {
+                            *o = (v - mean) * inv_std * (1.0 + s) + t;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -100,18 +106,21 @@ pub(crate) fn gated_residual(
         .zip(y.par_chunks(width * ROWS_PER_TASK))
         .enumerate()
         .for_each(|(task, ((out, x), y))| {
-            vectorised(|| {
-                let rows = out
-                    .chunks_mut(width)
-                    .zip(x.chunks(width))
-                    .zip(y.chunks(width));
-                for (i, ((o, x), y)) in rows.enumerate() {
-                    let gate = for_row(gate, width, task * ROWS_PER_TASK + i, rows_per_batch);
-                    for (((o, x), y), g) in o.iter_mut().zip(x).zip(y).zip(gate) {
-                        *o = x + g * y;
+            vectorised(
+                #[inline(always)]
+                || {
+                    let rows = out
+                        .chunks_mut(width)
+                        .zip(x.chunks(width))
+                        .zip(y.chunks(width));
+                    for (i, ((o, x), y)) in rows.enumerate() {
+                        let gate = for_row(gate, width, task * ROWS_PER_TASK + i, rows_per_batch);
+                        for (((o, x), y), g) in o.iter_mut().zip(x).zip(y).zip(gate) {
+                            *o = x + g * y;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -166,12 +175,15 @@ pub(crate) fn group_norm(
             let (mean, inv_std) = statistics[plane / (channels / groups)];
             let a = inv_std * weight[channel];
             let b = bias[channel] - mean * a;
-            vectorised(|| {
-                for (o, v) in out.iter_mut().zip(x) {
-                    let y = v * a + b;
-                    *o = if silu { y / (1.0 + exp(-y)) } else { y };
-                }
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (o, v) in out.iter_mut().zip(x) {
+                        let y = v * a + b;
+                        *o = if silu { y / (1.0 + exp(-y)) } else { y };
+                    }
+                },
+            )
         });
 }
 

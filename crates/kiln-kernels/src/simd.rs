@@ -8,7 +8,9 @@ pub(crate) const LANES: usize = 16;
 
 /// Runs `f` compiled for AVX-512 or for AVX2 and FMA when the CPU has them, as it is otherwise.
 /// The closure is inlined into the chosen instance, so its loops vectorise with those
-/// instructions (and `floor` becomes one instruction rather than a call into libm).
+/// instructions (and `floor` becomes one instruction rather than a call into libm). Callers
+/// mark the closure `#[inline(always)]`: without it LLVM left the larger ones (the softmax,
+/// the norms) out of line, compiled for the baseline CPU, SSE code calling libm's `floorf`.
 #[inline(always)]
 pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

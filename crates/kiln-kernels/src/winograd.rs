@@ -107,44 +107,51 @@ pub(crate) fn conv3x3(
                         }
                     }
                     let t0 = r * tile_cols;
-                    vectorised(|| {
-                        // B^T d, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-                        // [0, 1, 0, -1]], along the rows at every column at once ...
-                        let (r0, rest) = rows.split_at(padded);
-                        let (r1, rest) = rest.split_at(padded);
-                        let (r2, r3) = rest.split_at(padded);
-                        let mut c = combined.chunks_mut(padded);
-                        let (c0, c1, c2, c3) = (
-                            c.next().unwrap(),
-                            c.next().unwrap(),
-                            c.next().unwrap(),
-                            c.next().unwrap(),
-                        );
-                        for k in 0..padded {
-                            c0[k] = r0[k] - r2[k];
-                            c1[k] = r1[k] + r2[k];
-                            c2[k] = r2[k] - r1[k];
-                            c3[k] = r1[k] - r3[k];
-                        }
-                        // ... then (B^T d) B along the columns of each tile.
-                        for (i, c) in combined.chunks(padded).enumerate() {
-                            if let [v0, v1, v2, v3] = &mut v[i * TILE..(i + 1) * TILE] {
-                                let out = v0[t0..t0 + tile_cols]
-                                    .iter_mut()
-                                    .zip(&mut v1[t0..t0 + tile_cols])
-                                    .zip(&mut v2[t0..t0 + tile_cols])
-                                    .zip(&mut v3[t0..t0 + tile_cols]);
-                                for (tx, (((o0, o1), o2), o3)) in out.enumerate() {
-                                    let (a, b, e, d) =
-                                        (c[2 * tx], c[2 * tx + 1], c[2 * tx + 2], c[2 * tx + 3]);
-                                    *o0 = a - e;
-                                    *o1 = b + e;
-                                    *o2 = e - b;
-                                    *o3 = b - d;
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            // B^T d, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
+                            // [0, 1, 0, -1]], along the rows at every column at once ...
+                            let (r0, rest) = rows.split_at(padded);
+                            let (r1, rest) = rest.split_at(padded);
+                            let (r2, r3) = rest.split_at(padded);
+                            let mut c = combined.chunks_mut(padded);
+                            let (c0, c1, c2, c3) = (
+                                c.next().unwrap(),
+                                c.next().unwrap(),
+                                c.next().unwrap(),
+                                c.next().unwrap(),
+                            );
+                            for k in 0..padded {
+                                c0[k] = r0[k] - r2[k];
+                                c1[k] = r1[k] + r2[k];
+                                c2[k] = r2[k] - r1[k];
+                                c3[k] = r1[k] - r3[k];
+                            }
+                            // ... then (B^T d) B along the columns of each tile.
+                            for (i, c) in combined.chunks(padded).enumerate() {
+                                if let [v0, v1, v2, v3] = &mut v[i * TILE..(i + 1) * TILE] {
+                                    let out = v0[t0..t0 + tile_cols]
+                                        .iter_mut()
+                                        .zip(&mut v1[t0..t0 + tile_cols])
+                                        .zip(&mut v2[t0..t0 + tile_cols])
+                                        .zip(&mut v3[t0..t0 + tile_cols]);
+                                    for (tx, (((o0, o1), o2), o3)) in out.enumerate() {
+                                        let (a, b, e, d) = (
+                                            c[2 * tx],
+                                            c[2 * tx + 1],
+                                            c[2 * tx + 2],
+                                            c[2 * tx + 3],
+                                        );
+                                        *o0 = a - e;
+                                        *o1 = b + e;
+                                        *o2 = e - b;
+                                        *o3 = b - d;
+                                    }
                                 }
                             }
-                        }
-                    });
+                        },
+                    );
                 }
             });
         // 2. M_xi = U_xi V_xi, [cout][16][tiles].
@@ -169,22 +176,25 @@ pub(crate) fn conv3x3(
                 for r in 0..block_rows {
                     let t0 = r * tile_cols;
                     let at = |i: usize, j: usize| &m[i * TILE + j][t0..t0 + tile_cols];
-                    vectorised(|| {
-                        let (top, bottom) = pair.split_at_mut(2 * tile_cols);
-                        for tx in 0..tile_cols {
-                            // A^T M along the rows, then (A^T M) A along the columns.
-                            let s = |j: usize| {
-                                let (m0, m1, m2, m3) =
-                                    (at(0, j)[tx], at(1, j)[tx], at(2, j)[tx], at(3, j)[tx]);
-                                (m0 + m1 + m2, m1 - m2 - m3)
-                            };
-                            let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
-                            top[2 * tx] = s0.0 + s1.0 + s2.0 + b;
-                            top[2 * tx + 1] = s1.0 - s2.0 - s3.0 + b;
-                            bottom[2 * tx] = s0.1 + s1.1 + s2.1 + b;
-                            bottom[2 * tx + 1] = s1.1 - s2.1 - s3.1 + b;
-                        }
-                    });
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            let (top, bottom) = pair.split_at_mut(2 * tile_cols);
+                            for tx in 0..tile_cols {
+                                // A^T M along the rows, then (A^T M) A along the columns.
+                                let s = |j: usize| {
+                                    let (m0, m1, m2, m3) =
+                                        (at(0, j)[tx], at(1, j)[tx], at(2, j)[tx], at(3, j)[tx]);
+                                    (m0 + m1 + m2, m1 - m2 - m3)
+                                };
+                                let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+                                top[2 * tx] = s0.0 + s1.0 + s2.0 + b;
+                                top[2 * tx + 1] = s1.0 - s2.0 - s3.0 + b;
+                                bottom[2 * tx] = s0.1 + s1.1 + s2.1 + b;
+                                bottom[2 * tx + 1] = s1.1 - s2.1 - s3.1 + b;
+                            }
+                        },
+                    );
                     for (i, row) in pair.chunks(2 * tile_cols).enumerate() {
                         let oy = 2 * (row0 + r) + i;
                         if oy < height {

@@ -123,6 +123,8 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     kiln::allocator::reuse_freed_memory();
+    // Which library it is goes into the engine's log line when a checkpoint loads.
+    let _ = kiln_engine::load_cpu_kernels();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
