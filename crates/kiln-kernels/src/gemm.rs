@@ -5,7 +5,7 @@
 //! candle itself uses) otherwise. Loading at run time keeps the build free of system libraries
 //! while a machine that has OpenBLAS gets its kernels for the CPU at hand: measured on the
 //! 2-core AMD EPYC development machines, a 4096^3 product runs at 150-213 GFLOP/s with Debian's
-//! OpenBLAS 0.3.21 and its AVX2 (Haswell) kernels, about 370 with its AVX-512 (Skylake-X)
+//! OpenBLAS 0.3.21 and its AVX2 (Haswell) kernels, 290-390 with its AVX-512 (Skylake-X)
 //! kernels where the CPU has AVX-512 (see [`choose_avx512_kernels`]), 95 with the gemm crate
 //! and 140-165 in PyTorch; see BENCHMARKS.md.
 //!
@@ -149,10 +149,10 @@ fn openblas() -> Option<&'static OpenBlas> {
     static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
     OPENBLAS
         .get_or_init(|| {
+            choose_avx512_kernels();
             ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"]
                 .iter()
                 .find_map(|name| {
-                    choose_avx512_kernels();
                     // SAFETY: OpenBLAS's initialisers only set up its thread pool and CPU dispatch;
                     // the two symbols are used with their documented C signatures.
                     unsafe {
@@ -200,18 +200,24 @@ const OPENBLAS_CORETYPE: &str = "OPENBLAS_CORETYPE";
 /// is loaded, so this runs just before; binaries load it at startup, before other threads
 /// exist ([`backend`]).
 fn choose_avx512_kernels() {
+    if cpu_has_avx512() && std::env::var_os(OPENBLAS_CORETYPE).is_none() {
+        std::env::set_var(OPENBLAS_CORETYPE, "SKYLAKEX");
+    }
+}
+
+/// Whether the CPU has the AVX-512 subsets OpenBLAS's Skylake-X kernels use.
+fn cpu_has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let avx512 = has!("avx512f")
+        has!("avx512f")
             && has!("avx512cd")
             && has!("avx512bw")
             && has!("avx512dq")
-            && has!("avx512vl");
-        if avx512 && std::env::var_os(OPENBLAS_CORETYPE).is_none() {
-            std::env::set_var(OPENBLAS_CORETYPE, "SKYLAKEX");
-        }
+            && has!("avx512vl")
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The implementation [`matmul`] uses for whole-machine products. The first call loads
@@ -445,6 +451,70 @@ mod tests {
             Some(o) => assert!(o.config.starts_with("OpenBLAS"), "{}", o.config),
             None if std::env::var_os("REQUIRE_OPENBLAS").is_some() => panic!("REQUIRE_OPENBLAS is set but no libopenblas.so.0 loads"),
             None => eprintln!("SKIPPED: no libopenblas.so.0 on this machine; only the builtin products were tested"),
+        }
+    }
+
+    /// Set in the environment of a child run of [`avx512_kernels_unless_a_core_type_is_set`].
+    const CHILD: &str = "KILN_KERNELS_TEST_OPENBLAS_CHILD";
+
+    /// OpenBLAS reads `OPENBLAS_CORETYPE` once, when it is loaded, so each case runs this test
+    /// binary again as a child with the environment the case needs. The child reports the
+    /// kernels it loaded and the error of a product that blocks and packs like a large one.
+    #[test]
+    fn avx512_kernels_unless_a_core_type_is_set() {
+        if std::env::var_os(CHILD).is_some() {
+            let (m, k, n) = (301, 257, 283);
+            let a = values(m * k, 5, 2.0);
+            let b = values(k * n, 6, 2.0);
+            let (a, b) = (
+                Matrix::row_major(&a, m, k, k),
+                Matrix::row_major(&b, k, n, n),
+            );
+            let mut c = vec![0.0; m * n];
+            matmul_with(Backend::OpenBlas, a, b, &mut c, n, false);
+            println!("kernels: {}", describe());
+            println!("error: {}", max_abs_diff(&c, &naive(a, b)));
+            return;
+        }
+        if openblas().is_none() {
+            // openblas_is_found_where_installed fails where REQUIRE_OPENBLAS is set.
+            eprintln!("SKIPPED: no libopenblas.so.0 on this machine");
+            return;
+        }
+        let child = |core_type: Option<&str>| {
+            let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+            command
+                .args([
+                    "gemm::tests::avx512_kernels_unless_a_core_type_is_set",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1");
+            match core_type {
+                Some(c) => command.env(OPENBLAS_CORETYPE, c),
+                None => command.env_remove(OPENBLAS_CORETYPE),
+            };
+            let out = command.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{stdout}");
+            let line = |prefix: &str| {
+                stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .unwrap_or_else(|| panic!("no {prefix:?} in {stdout}"))
+                    .to_string()
+            };
+            let error: f32 = line("error: ").parse().unwrap();
+            assert!(error < 1e-3, "{core_type:?}: error {error}");
+            line("kernels: ")
+        };
+        let chosen = child(Some("Haswell"));
+        assert!(chosen.ends_with("Haswell kernels)"), "{chosen}");
+        let detected = child(None);
+        if cpu_has_avx512() {
+            assert!(detected.ends_with("SkylakeX kernels)"), "{detected}");
+        } else {
+            eprintln!("no AVX-512 on this CPU: OpenBLAS detected {detected}");
         }
     }
 }
