@@ -79,7 +79,10 @@ impl ApiError {
             }
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, 405001),
             BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 413001),
-            MalformedJson(_) | InvalidInput(_) | IdempotencyConflict | InvalidIdempotencyKey => {
+            // The input is valid; the key's state is what conflicts (RFC 9110's 409: resubmit
+            // with a new key).
+            IdempotencyConflict => (StatusCode::CONFLICT, 409001),
+            MalformedJson(_) | InvalidInput(_) | InvalidIdempotencyKey => {
                 (StatusCode::UNPROCESSABLE_ENTITY, 422001)
             }
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, 429001),
@@ -237,7 +240,7 @@ mod tests {
         assert_eq!(code(ApiError::BodyTooLarge { limit: 1 }), 413001);
         assert_eq!(code(ApiError::RateLimited { retry_after_s: 1 }), 429001);
         assert_eq!(code(StoreError::QueueFull { depth: 1 }.into()), 503001);
-        assert_eq!(code(StoreError::IdempotencyConflict.into()), 422001);
+        assert_eq!(code(StoreError::IdempotencyConflict.into()), 409001);
         assert_eq!(code(StoreError::Backend("x".into()).into()), 500001);
         assert_eq!(code(BlobError::Backend("x".into()).into()), 500001);
         assert_eq!(code(ApiError::Draining), 503001);

@@ -36,7 +36,7 @@ mod wire;
 pub use state::{ApiSettings, AppState};
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use std::future::Future;
 use tower::ServiceBuilder;
@@ -48,10 +48,7 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/v1/models", get(models::list))
         // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
-        .route(
-            "/v1/models/{*model_id}",
-            post(models::submit).get(models::schema),
-        )
+        .route("/v1/models/{*model_id}", any(models::by_path))
         .route("/v1/requests/{id}/status", get(requests::status))
         .route("/v1/requests/{id}/result", get(requests::result))
         .route("/v1/requests/{id}/cancel", post(requests::cancel))

@@ -7,8 +7,10 @@ use crate::state::AppState;
 use crate::wire::{ErrorBody, ModelList, ModelSchemas, ModelSummary, ResultOutput, SubmitResponse};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_core::catalog::Route;
 use kiln_core::ids::RequestId;
@@ -26,24 +28,24 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
 
 /// Submit a generation request. It is durably queued when this answers.
 ///
-/// `model_id` contains slashes; the OpenAPI document lists one path per model, each with its
-/// input schema.
+/// `model_id` contains slashes; the OpenAPI document lists one path per model this server
+/// serves, each with its input schema.
 #[utoipa::path(
     post,
     path = "/v1/models/{model_id}",
     tag = "requests",
     params(
         ("model_id" = String, Path, description = "The model id"),
-        ("Idempotency-Key" = Option<String>, Header,
-            description = "Repeating a submit with the same key (within 24 h) answers the original request instead of queueing another"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$",
+            description = "Repeating a submit with the same key (within 24 h) answers the original request instead of queueing another; 1 to 255 visible ASCII characters"),
     ),
     request_body(content = Object, description = "The model's input"),
     responses(
         (status = 200, description = "Queued", body = SubmitResponse),
-        (status = 400, description = "Unknown model, or none served here (400001)", body = ErrorBody),
         (status = 401, description = "Missing or invalid token (401001)", body = ErrorBody),
         (status = 413, description = "Body too large (413001)", body = ErrorBody),
-        (status = 422, description = "Input does not match the model's schema, or an Idempotency-Key reused for another input (422001)", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key was already used for another input (409001)", body = ErrorBody),
+        (status = 422, description = "Input does not match the model's schema, or a malformed Idempotency-Key (422001)", body = ErrorBody),
         (status = 429, description = "Rate limited (429001); see Retry-After", body = ErrorBody),
         (status = 503, description = "Queue full or shutting down (503001); see Retry-After", body = ErrorBody),
     ),
@@ -51,7 +53,7 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
 )]
 pub(crate) async fn submit(
     State(state): State<AppState>,
-    Caller(owner): Caller,
+    Caller { id: owner, .. }: Caller,
     Path(model_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -60,19 +62,7 @@ pub(crate) async fn submit(
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
-    state
-        .rate_limiter
-        .take(owner, Instant::now())
-        .map_err(|retry_after_s| ApiError::RateLimited { retry_after_s })?;
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
-            limit: state.settings.max_body_bytes,
-        },
-        _ => ApiError::MalformedJson(rejection.body_text()),
-    })?;
-    let input: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let params = parse_input(route, &input, state.settings.max_prompt_chars)?;
+    let params = read_input(&state, route, body)?;
     let idempotency = idempotency(&headers, route, &params, &state)?;
     let now = OffsetDateTime::now_utc();
     let job = NewJob {
@@ -83,11 +73,20 @@ pub(crate) async fn submit(
         created_at: now,
         expires_at: now + state.settings.retention,
     };
-    // A replay answers exactly as the original did: the same request id and URLs.
+    // Only a valid submit reaches the budget, and only new work keeps its token: a replay
+    // answers exactly as the original did (the same request id and URLs) and costs nothing.
+    state
+        .rate_limiter
+        .take(owner, Instant::now())
+        .map_err(|retry_after_s| ApiError::RateLimited { retry_after_s })?;
     let enqueued = state
         .jobs
         .enqueue(job, idempotency, state.settings.max_queued)
-        .await?;
+        .await;
+    if !enqueued.as_ref().is_ok_and(|e| !e.replayed) {
+        state.rate_limiter.refund(owner);
+    }
+    let enqueued = enqueued?;
     let id = enqueued.view.job.id;
     let settings = &state.settings;
     Ok(Json(SubmitResponse {
@@ -96,6 +95,23 @@ pub(crate) async fn submit(
         result_url: settings.request_url(id, "result"),
         cancel_url: settings.request_url(id, "cancel"),
     }))
+}
+
+/// The body as `route`'s validated input.
+fn read_input(
+    state: &AppState,
+    route: Route,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<GenerationParams, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
+            limit: state.settings.max_body_bytes,
+        },
+        _ => ApiError::MalformedJson(rejection.body_text()),
+    })?;
+    let input: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(parse_input(route, &input, state.settings.max_prompt_chars)?)
 }
 
 /// The route named `model_id`, if this server runs it.
@@ -160,8 +176,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList { models })
 }
 
-/// A model's input and output JSON schemas. (Served under the wildcard route that also takes
-/// submits; only the `/schema` suffix is a GET.)
+/// A model's input and output JSON schemas.
 #[utoipa::path(
     get,
     path = "/v1/models/{model_id}/schema",
@@ -172,17 +187,46 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<ModelList> {
         (status = 400, description = "Unknown model (400001)", body = ErrorBody),
     )
 )]
-pub(crate) async fn schema(Path(path): Path<String>) -> Result<Json<ModelSchemas>, ApiError> {
-    let model_id = path
-        .strip_suffix("/schema")
-        .ok_or_else(|| ApiError::NoSuchEndpoint {
-            method: "GET".into(),
-            path: format!("/v1/models/{path}"),
-        })?;
+pub(crate) async fn schema(
+    State(state): State<AppState>,
+    model_id: &str,
+) -> Result<Json<ModelSchemas>, ApiError> {
     let route: Route = model_id.parse()?;
     Ok(Json(ModelSchemas {
         model_id: route.id(),
-        input: inputs::schema_object(route),
+        input: inputs::input_schema(route, state.settings.max_prompt_chars),
         output: ResultOutput::schema(),
     }))
+}
+
+/// `/v1/models/{*path}`. Model ids contain slashes, so one wildcard route takes both the submits
+/// (`POST /v1/models/{model_id}`) and the schemas (`GET /v1/models/{model_id}/schema`): the
+/// suffix and the method choose, and another method is 405 with the `Allow` of that path.
+pub(crate) async fn by_path(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    request: Request,
+) -> Response {
+    let method = request.method().clone();
+    let (allow, served) = match path.strip_suffix("/schema") {
+        Some(model_id) => {
+            if method == Method::GET || method == Method::HEAD {
+                return schema(State(state), model_id).await.into_response();
+            }
+            ("GET, HEAD", false)
+        }
+        None => ("POST", method == Method::POST),
+    };
+    if served {
+        return submit.call(request, state).await;
+    }
+    let refusal = ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: format!("/v1/models/{path}"),
+    };
+    let mut response = refusal.into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
 }

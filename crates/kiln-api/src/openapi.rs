@@ -1,13 +1,14 @@
 //! The OpenAPI document at `/openapi.json`, generated from the handlers' `#[utoipa::path]`
-//! annotations and the wire types.
+//! annotations and the wire types, then completed as JSON with what depends on the server's
+//! settings (its URL, the models it serves, the prompt limit) and what every operation shares.
 
 use crate::inputs;
+use crate::state::ApiSettings;
 use crate::{files, models, ops, requests};
 use kiln_core::catalog::Route;
-use utoipa::openapi::path::{HttpMethod, Operation, PathItem};
-use utoipa::openapi::request_body::RequestBodyBuilder;
+use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, Required};
+use utoipa::openapi::OpenApi as Document;
 use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
@@ -29,12 +30,19 @@ use utoipa::{Modify, OpenApi};
         ops::metrics,
         ops::openapi_json,
     ),
-    modifiers(&BearerToken, &OnePathPerModel)
+    modifiers(&BearerToken)
 )]
 struct ApiDoc;
 
-pub(crate) fn document() -> Document {
-    ApiDoc::openapi()
+/// The document this server publishes: its public URL as the server, and submit operations
+/// only for the models it serves (the catalog and every model's schema stay documented: they
+/// answer for every model).
+pub(crate) fn document(settings: &ApiSettings) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    doc["servers"] = json!([{"url": settings.public_url.trim_end_matches('/')}]);
+    one_path_per_model(&mut doc, settings);
+    declare_common_answers(&mut doc);
+    doc
 }
 
 /// The `bearer` scheme the authenticated operations name.
@@ -51,70 +59,113 @@ impl Modify for BearerToken {
     }
 }
 
-/// Model ids contain slashes, which an OpenAPI path parameter cannot; and each model takes its
-/// own input. So the handlers' `{model_id}` operations become one concrete path per model, the
-/// submit carrying that model's input schema.
-struct OnePathPerModel;
-
 const SUBMIT_TEMPLATE: &str = "/v1/models/{model_id}";
 const SCHEMA_TEMPLATE: &str = "/v1/models/{model_id}/schema";
 
-impl Modify for OnePathPerModel {
-    fn modify(&self, api: &mut Document) {
-        let paths = &mut api.paths.paths;
-        let submit = paths
-            .remove(SUBMIT_TEMPLATE)
-            .and_then(|item| item.post)
-            .expect("submit is documented");
-        let schema = paths
-            .remove(SCHEMA_TEMPLATE)
-            .and_then(|item| item.get)
-            .expect("schema is documented");
-        let components = api.components.get_or_insert_with(Default::default);
-        for route in Route::ALL {
-            let slug: String = route
-                .id()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect();
-
-            let mut submit = for_model(&submit, format!("submit_{slug}"));
-            submit.summary = Some(format!("Submit a {} request", route.title()));
-            let input = ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name(inputs::schema_name(route))))
-                .build();
-            submit.request_body = Some(
-                RequestBodyBuilder::new()
-                    .content("application/json", input)
-                    .required(Some(Required::True))
-                    .build(),
-            );
-            paths.insert(
-                format!("/v1/models/{}", route.id()),
-                PathItem::new(HttpMethod::Post, submit),
-            );
-
-            let mut schema = for_model(&schema, format!("schema_{slug}"));
-            schema.summary = Some(format!("The input and output schemas of {}", route.title()));
-            paths.insert(
-                format!("/v1/models/{}/schema", route.id()),
-                PathItem::new(HttpMethod::Get, schema),
-            );
-
-            // The derived component would lack the field titles; the served schema has them.
-            components
-                .schemas
-                .insert(inputs::schema_name(route), inputs::schema_object(route));
+/// Model ids contain slashes, which an OpenAPI path parameter cannot; and each model takes its
+/// own input. So the handlers' `{model_id}` operations become one concrete path per model, the
+/// submit carrying that model's input schema.
+fn one_path_per_model(doc: &mut Value, settings: &ApiSettings) {
+    let paths = doc["paths"]
+        .as_object_mut()
+        .expect("the document has paths");
+    let mut submit = paths
+        .remove(SUBMIT_TEMPLATE)
+        .map(|mut item| item["post"].take())
+        .expect("submit is documented");
+    let mut schema = paths
+        .remove(SCHEMA_TEMPLATE)
+        .map(|mut item| item["get"].take())
+        .expect("schema is documented");
+    for template in [&mut submit, &mut schema] {
+        let parameters = template["parameters"].as_array_mut();
+        if let Some(parameters) = parameters {
+            parameters.retain(|p| p["name"] != "model_id");
         }
+    }
+    let mut inputs = Map::new();
+    for route in Route::ALL {
+        let slug: String = route
+            .id()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let mut get = schema.clone();
+        get["operationId"] = json!(format!("schema_{slug}"));
+        get["summary"] = json!(format!("The input and output schemas of {}", route.title()));
+        paths.insert(
+            format!("/v1/models/{}/schema", route.id()),
+            json!({ "get": get }),
+        );
+        if !settings.served_routes.contains(&route) {
+            continue;
+        }
+        let name = inputs::schema_name(route);
+        let mut post = submit.clone();
+        post["operationId"] = json!(format!("submit_{slug}"));
+        post["summary"] = json!(format!("Submit a {} request", route.title()));
+        post["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{name}")}}},
+        });
+        paths.insert(
+            format!("/v1/models/{}", route.id()),
+            json!({ "post": post }),
+        );
+        inputs.insert(name, inputs::input_schema(route, settings.max_prompt_chars));
+    }
+    let schemas = &mut doc["components"]["schemas"];
+    for (name, input) in inputs {
+        schemas[name] = input;
     }
 }
 
-/// `template` with the `model_id` parameter filled in.
-fn for_model(template: &Operation, operation_id: String) -> Operation {
-    let mut operation = template.clone();
-    if let Some(parameters) = &mut operation.parameters {
-        parameters.retain(|p| p.name != "model_id");
+/// What any operation may answer besides its own outcomes, declared on each: every answer's
+/// `x-request-id`; `Retry-After` on 429 and 503; 405 (with `Allow`) and 500 anywhere; 413
+/// wherever a body is taken.
+fn declare_common_answers(doc: &mut Value) {
+    let error = json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
+    let request_id = json!({
+        "description": "This request's id: the client's own if it sent one, else a new UUID; the server log names it",
+        "required": true,
+        "schema": {"type": "string"},
+    });
+    let retry_after = json!({
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer", "minimum": 1},
+    });
+    let allow = json!({
+        "description": "The methods this path takes",
+        "schema": {"type": "string"},
+    });
+    let paths = doc["paths"]
+        .as_object_mut()
+        .expect("the document has paths");
+    for operation in paths
+        .values_mut()
+        .flat_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+    {
+        let takes_body = operation.get("requestBody").is_some();
+        let responses = &mut operation["responses"];
+        responses["405"] = json!({
+            "description": "Method not allowed on this path (405001); `Allow` lists the methods it takes",
+            "headers": {"Allow": allow},
+            "content": error,
+        });
+        responses["500"] = json!({
+            "description": "Internal error (500001); the message names only the request id",
+            "content": error,
+        });
+        if takes_body {
+            responses["413"] = json!({"description": "Body too large (413001)", "content": error});
+        }
+        for (status, response) in responses.as_object_mut().into_iter().flatten() {
+            let headers = &mut response["headers"];
+            headers["x-request-id"] = request_id.clone();
+            if status == "429" || status == "503" {
+                headers["Retry-After"] = retry_after.clone();
+            }
+        }
     }
-    operation.operation_id = Some(operation_id);
-    operation
 }

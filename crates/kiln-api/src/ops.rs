@@ -64,8 +64,8 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<impl IntoRe
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, body = Object)))]
-pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(openapi::document())
+pub(crate) async fn openapi_json(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(openapi::document(&state.settings))
 }
 
 pub(crate) async fn no_such_endpoint(method: Method, uri: Uri) -> ApiError {

@@ -1,5 +1,8 @@
 //! Per-key submit rate limiting: a token bucket per API key, in memory (one server process;
 //! a restart forgives everyone, which is harmless).
+//!
+//! Only accepted work spends the budget: the submit takes a token after the input is valid and
+//! gives it back ([`RateLimiter::refund`]) when the store answers a replay or refuses the job.
 
 use kiln_core::ids::KeyId;
 use std::collections::HashMap;
@@ -55,6 +58,21 @@ impl RateLimiter {
             Err((wait_s as u64).max(1))
         }
     }
+
+    /// Gives back a token [`Self::take`] gave `key`, for a submit that queued nothing new (a
+    /// replay of an `Idempotency-Key`, or one the store refused).
+    pub(crate) fn refund(&self, key: KeyId) {
+        if self.refill_per_s == 0.0 {
+            return;
+        }
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(bucket) = buckets.get_mut(&key) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.capacity);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +113,26 @@ mod tests {
         assert_eq!(limiter.take(key, later), Ok(()));
         assert_eq!(limiter.take(key, later), Ok(()));
         assert_eq!(limiter.take(key, later), Err(1));
+    }
+
+    #[test]
+    fn a_refund_gives_a_token_back_up_to_the_burst() {
+        let limiter = RateLimiter::new(60, 2);
+        let (key, t0) = (KeyId::new(), Instant::now());
+        assert_eq!(limiter.take(key, t0), Ok(()));
+        assert_eq!(limiter.take(key, t0), Ok(()));
+        limiter.refund(key);
+        assert_eq!(limiter.take(key, t0), Ok(()));
+        assert_eq!(limiter.take(key, t0), Err(1));
+        // Never above the burst, whatever is refunded.
+        let other = KeyId::new();
+        assert_eq!(limiter.take(other, t0), Ok(()));
+        for _ in 0..5 {
+            limiter.refund(other);
+        }
+        assert_eq!(limiter.take(other, t0), Ok(()));
+        assert_eq!(limiter.take(other, t0), Ok(()));
+        assert_eq!(limiter.take(other, t0), Err(1));
     }
 
     #[test]

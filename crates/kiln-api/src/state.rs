@@ -28,10 +28,14 @@ pub struct ApiSettings {
     pub max_prompt_chars: usize,
     /// How many jobs may wait in the queue before submits are refused (503001).
     pub max_queued: u64,
-    /// Submits per minute per API key, refilled continuously; 0 turns rate limiting off.
-    /// Polling is not limited: it is cheap, and clients poll in loops.
+    /// Submits per minute per API key, refilled continuously; 0 (the default) turns rate
+    /// limiting off. Off by default because the default install is single-tenant: the limit
+    /// serves deployments that share a server among tenants, and `max_queued` is the
+    /// back-pressure either way. Only accepted new jobs spend it (not refused submits, not
+    /// `Idempotency-Key` replays). Polling is not limited: it is cheap, and clients poll in loops.
     pub rate_limit_per_minute: u32,
-    /// How many submits a key may make at once before the per-minute rate applies.
+    /// How many submits a key may make at once before the per-minute rate applies (100 by
+    /// default: a script's batch passes whole).
     pub rate_limit_burst: u32,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_window: Duration,
@@ -50,8 +54,9 @@ impl ApiSettings {
             max_body_bytes: 16 * 1024 * 1024,
             max_prompt_chars: 10_000,
             max_queued: 1_000,
-            rate_limit_per_minute: 60,
-            rate_limit_burst: 10,
+            // Off: see `rate_limit_per_minute`.
+            rate_limit_per_minute: 0,
+            rate_limit_burst: 100,
             idempotency_window: DAY,
             served_routes: Route::ALL.to_vec(),
         }

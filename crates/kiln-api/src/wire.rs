@@ -257,7 +257,7 @@ pub struct ModelSummary {
 pub struct ModelSchemas {
     pub model_id: &'static str,
     #[schema(value_type = Object)]
-    pub input: utoipa::openapi::RefOr<utoipa::openapi::Schema>,
+    pub input: serde_json::Value,
     #[schema(value_type = Object)]
     pub output: utoipa::openapi::RefOr<utoipa::openapi::Schema>,
 }

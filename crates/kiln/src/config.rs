@@ -127,8 +127,10 @@ impl Default for Settings {
                 max_body_bytes: 16 * 1024 * 1024,
                 max_prompt_chars: 10_000,
                 max_queued: 1_000,
-                rate_limit_per_minute: 60,
-                rate_limit_burst: 10,
+                // Off: a single-tenant install has nobody to share with, and `max_queued` is
+                // the back-pressure. Switched on (multi-tenant), a key may burst 100 submits.
+                rate_limit_per_minute: 0,
+                rate_limit_burst: 100,
             },
             workers: WorkerConfig {
                 slots: 1,

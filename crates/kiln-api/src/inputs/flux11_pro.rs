@@ -12,9 +12,9 @@ const DEFAULT_SEED: u32 = 81_048_285;
 /// A custom side that was not given.
 const DEFAULT_SIDE: u32 = 1024;
 /// BFL's FLUX1.1 [pro] API takes sides in multiples of 32 from 256 to 1440.
-const SIDE_STEP: u32 = 32;
-const SIDE_MIN: u32 = 256;
-const SIDE_MAX: u32 = 1440;
+pub(super) const SIDE_STEP: u32 = 32;
+pub(super) const SIDE_MIN: u32 = 256;
+pub(super) const SIDE_MAX: u32 = 1440;
 const SIDES: [&str; 2] = ["width", "height"];
 
 pub(super) const FIELD_TITLES: &[(&str, &str)] = &[

@@ -17,10 +17,10 @@ pub(super) const DEFAULT_STEPS: u32 = 28;
 const STEPS_MIN: u32 = 2;
 const STEPS_MAX: u32 = 50;
 /// Custom sides: multiples of 16 (the latent patch size), 64 to 2048, at most 4 MP in all.
-const SIDE_STEP: u32 = 16;
-const SIDE_MIN: u32 = 64;
-const SIDE_MAX: u32 = 2048;
-const MAX_PIXELS: u64 = 4_000_000;
+pub(super) const SIDE_STEP: u32 = 16;
+pub(super) const SIDE_MIN: u32 = 64;
+pub(super) const SIDE_MAX: u32 = 2048;
+pub(super) const MAX_PIXELS: u64 = 4_000_000;
 
 pub(super) const FIELD_TITLES: &[(&str, &str)] = &[
     ("prompt", "Prompt"),

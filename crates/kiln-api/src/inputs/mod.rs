@@ -9,6 +9,7 @@ mod flux11_pro;
 mod flux2_edit;
 mod flux2_flex;
 mod reader;
+mod schema;
 
 pub use flux11_pro::{AspectRatio, Flux11ProInput};
 pub use flux2_edit::{AutoSize, EditImageSize, Flux2EditInput};
@@ -118,9 +119,13 @@ fn read_prompt(r: &mut FieldReader<'_>, max_chars: usize) -> Option<Prompt> {
     })
 }
 
-/// The JSON schema of `route`'s input, as served at `/v1/models/{model_id}/schema`.
-pub fn input_schema(route: Route) -> Value {
-    serde_json::to_value(schema_object(route)).expect("a schema serializes to JSON")
+/// The JSON schema of `route`'s input, as served at `/v1/models/{model_id}/schema` and in the
+/// OpenAPI document: exactly what [`parse_input`] with `max_prompt_chars` accepts.
+pub fn input_schema(route: Route, max_prompt_chars: usize) -> Value {
+    let mut schema =
+        serde_json::to_value(schema_object(route)).expect("a schema serializes to JSON");
+    schema::refine(route, &mut schema, max_prompt_chars);
+    schema
 }
 
 /// The name of `route`'s input schema among the OpenAPI document's components.
@@ -132,8 +137,9 @@ pub(crate) fn schema_name(route: Route) -> String {
     }
 }
 
-/// `route`'s input schema in utoipa's model, titles included.
-pub(crate) fn schema_object(route: Route) -> RefOr<Schema> {
+/// `route`'s input schema in utoipa's model, titles included (without [`input_schema`]'s
+/// refinements).
+fn schema_object(route: Route) -> RefOr<Schema> {
     let (schema, titles) = match route {
         Route::Flux11ProTextToImage => (Flux11ProInput::schema(), flux11_pro::FIELD_TITLES),
         Route::Flux2FlexTextToImage => (Flux2FlexInput::schema(), flux2_flex::FIELD_TITLES),

@@ -168,6 +168,12 @@ pub(crate) fn within(n: i128, min: u32, max: u32) -> Result<u32, String> {
         .ok_or_else(|| format!("must be an integer between {min} and {max}"))
 }
 
+/// The raw values [`rounded_side`] accepts: those that round into `min..=max` (both multiples
+/// of `step`), half a step wider each way.
+pub(crate) fn rounded_side_bounds(step: u32, min: u32, max: u32) -> (u32, u32) {
+    (min - step / 2, max + step / 2 - 1)
+}
+
 /// Rounds `n` to the nearest multiple of `step` (a tie goes up), then checks `min..=max`. The
 /// hosted API documents rounding rather than refusing sizes that are not multiples.
 pub(crate) fn rounded_side(n: i128, step: u32, min: u32, max: u32) -> Result<u32, String> {
@@ -176,4 +182,22 @@ pub(crate) fn rounded_side(n: i128, step: u32, min: u32, max: u32) -> Result<u32
     u32::try_from(rounded).ok().filter(|v| (min..=max).contains(v)).ok_or_else(|| {
         format!("must be between {min} and {max} after rounding to the nearest multiple of {step} (rounds to {rounded})")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_raw_side_bounds_are_exactly_what_rounds_into_range() {
+        for (step, min, max) in [(32, 256, 1440), (16, 64, 2048)] {
+            let (low, high) = rounded_side_bounds(step, min, max);
+            let accepted: Vec<i128> = (0..3000)
+                .filter(|n| rounded_side(*n, step, min, max).is_ok())
+                .collect();
+            assert_eq!(accepted.first(), Some(&i128::from(low)));
+            assert_eq!(accepted.last(), Some(&i128::from(high)));
+            assert_eq!(accepted.len() as u32, high - low + 1);
+        }
+    }
 }

@@ -577,14 +577,14 @@ mod flux2_edit {
 
     #[test]
     fn the_schema_lists_the_images_and_the_auto_size() {
-        let urls = &input_schema(EDIT)["properties"]["image_urls"];
+        let urls = &input_schema(EDIT, MAX_PROMPT)["properties"]["image_urls"];
         assert_eq!(urls["type"], "array");
         assert_eq!(
             (urls["minItems"].clone(), urls["maxItems"].clone()),
             (json!(1), json!(10))
         );
         assert_eq!(urls["title"], "Image URLs");
-        let size = &input_schema(EDIT)["properties"]["image_size"];
+        let size = &input_schema(EDIT, MAX_PROMPT)["properties"]["image_size"];
         assert_eq!(size["default"], "auto");
         assert_eq!(size["oneOf"][0]["enum"], json!(["auto"]));
     }
@@ -695,7 +695,7 @@ mod schemas {
     use reader::Choice;
 
     fn property(route: Route, field: &str) -> Value {
-        input_schema(route)["properties"][field].clone()
+        input_schema(route, MAX_PROMPT)["properties"][field].clone()
     }
 
     fn names<C: Choice>() -> Vec<Value> {
@@ -705,7 +705,7 @@ mod schemas {
     #[test]
     fn schemas_are_strict_objects_requiring_the_prompt_and_an_edits_images() {
         for route in Route::ALL {
-            let schema = input_schema(route);
+            let schema = input_schema(route, MAX_PROMPT);
             assert_eq!(schema["type"], "object");
             assert_eq!(schema["title"], "Input");
             let required = if route.takes_reference_images() {
@@ -781,6 +781,66 @@ mod schemas {
         assert_eq!(
             property(FLEX, "enable_prompt_expansion")["default"],
             json!(flex.enable_prompt_expansion)
+        );
+    }
+
+    #[test]
+    fn custom_sides_state_the_raw_values_that_round_into_range() {
+        for side in ["width", "height"] {
+            assert_eq!(property(PRO, side)["minimum"], json!(240));
+            assert_eq!(property(PRO, side)["maximum"], json!(1455));
+            ok(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", side: 240}),
+            );
+            ok(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", side: 1455}),
+            );
+            violations(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", side: 239}),
+            );
+            violations(
+                PRO,
+                json!({"prompt": "x", "image_size": "Custom", side: 1456}),
+            );
+        }
+        let custom = &property(FLEX, "image_size")["oneOf"][1];
+        assert_eq!(custom["properties"]["width"]["minimum"], json!(56));
+        assert_eq!(custom["properties"]["height"]["maximum"], json!(2055));
+        // The 4 MP limit: 2048 wide takes at most 1952 high (after rounding).
+        let bands = custom["anyOf"].as_array().unwrap();
+        let widest = bands.last().unwrap();
+        assert_eq!(widest["properties"]["width"]["maximum"], json!(2055));
+        assert_eq!(widest["properties"]["height"]["maximum"], json!(1959));
+        ok(
+            FLEX,
+            json!({"prompt": "x", "image_size": {"width": 2055, "height": 1959}}),
+        );
+        violations(
+            FLEX,
+            json!({"prompt": "x", "image_size": {"width": 2055, "height": 1960}}),
+        );
+    }
+
+    #[test]
+    fn pro_sides_are_allowed_only_with_custom() {
+        let schema = input_schema(PRO, MAX_PROMPT);
+        let [custom, preset] = schema["oneOf"].as_array().unwrap().as_slice() else {
+            panic!("two shapes: {}", schema["oneOf"])
+        };
+        assert_eq!(custom["properties"]["image_size"]["const"], "Custom");
+        assert_eq!(custom["required"], json!(["image_size"]));
+        let presets = names::<AspectRatio>();
+        assert_eq!(
+            preset["properties"]["image_size"]["enum"],
+            json!(presets[..presets.len() - 1])
+        );
+        assert_eq!(preset["properties"]["width"], json!(false));
+        violations(
+            PRO,
+            json!({"prompt": "x", "image_size": "1:1", "width": 512}),
         );
     }
 }

@@ -18,6 +18,7 @@ use tempfile::TempDir;
 
 pub const PRO: &str = "blackforestlabs/flux-1-1-pro/text-to-image";
 pub const FLEX: &str = "blackforestlabs/flux-2/flex/text-to-image";
+pub const EDIT: &str = "blackforestlabs/flux-2/flex/edit";
 pub const SIGNING_KEY: &[u8] = b"integration-test signing key";
 
 pub struct TestServer {

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod conformance;
 mod files;
 mod ops;
 mod requests;

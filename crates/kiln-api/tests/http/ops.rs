@@ -1,6 +1,6 @@
 //! The catalog, schemas, OpenAPI document, health, metrics, and answers for unknown routes.
 
-use crate::harness::{TestServer, FLEX, PRO};
+use crate::harness::{TestServer, EDIT, FLEX, PRO};
 use kiln_core::catalog::Route;
 use reqwest::Method;
 use serde_json::json;
@@ -86,10 +86,73 @@ async fn each_model_serves_its_input_and_output_schema() {
         .call(Method::GET, "/v1/models/acme/nope/schema", None, None)
         .await;
     unknown.error(400, 400001);
-    let not_an_endpoint = server
+    let submit_only = server
         .call(Method::GET, &format!("/v1/models/{FLEX}"), None, None)
         .await;
-    not_an_endpoint.error(404, 404001);
+    submit_only.error(405, 405001);
+    assert_eq!(submit_only.headers["allow"], "POST");
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405001_with_the_paths_own_allow() {
+    let server = TestServer::start().await;
+    for (method, path, allow) in [
+        (
+            Method::POST,
+            format!("/v1/models/{PRO}/schema"),
+            "GET, HEAD",
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/models/{PRO}/schema"),
+            "GET, HEAD",
+        ),
+        (Method::PUT, format!("/v1/models/{PRO}"), "POST"),
+        (Method::OPTIONS, format!("/v1/models/{FLEX}"), "POST"),
+        (Method::PATCH, "/v1/models/acme/nope".to_string(), "POST"),
+    ] {
+        let answer = server
+            .call(method.clone(), &path, Some(&server.token), Some(&json!({})))
+            .await;
+        answer.error(405, 405001);
+        assert_eq!(answer.headers["allow"], allow, "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_this_server_as_configured() {
+    let server = TestServer::start_with(|s| {
+        s.served_routes = vec![Route::Flux11ProTextToImage];
+        s.max_prompt_chars = 500;
+    })
+    .await;
+    let doc = server.call(Method::GET, "/openapi.json", None, None).await;
+    let doc = doc.ok();
+    assert_eq!(doc["servers"], json!([{"url": server.base}]));
+    let paths = &doc["paths"];
+    assert!(paths[format!("/v1/models/{PRO}")]["post"].is_object());
+    assert!(paths.get(format!("/v1/models/{FLEX}")).is_none());
+    assert!(paths.get(format!("/v1/models/{EDIT}")).is_none());
+    // Schemas answer for every model, served or not.
+    assert!(paths[format!("/v1/models/{FLEX}/schema")]["get"].is_object());
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas.get("Flux2FlexInput").is_none());
+    let prompt = &schemas["Flux11ProInput"]["properties"]["prompt"];
+    assert!(
+        prompt["pattern"].as_str().unwrap().contains("{0,498}"),
+        "{prompt}"
+    );
+
+    let submit = &paths[format!("/v1/models/{PRO}")]["post"]["responses"];
+    for status in ["200", "401", "405", "413", "422", "429", "500", "503"] {
+        let response = &submit[status];
+        assert!(response["headers"]["x-request-id"].is_object(), "{status}");
+    }
+    assert!(submit["429"]["headers"]["Retry-After"].is_object());
+    assert!(submit["503"]["headers"]["Retry-After"].is_object());
+    assert!(submit["405"]["headers"]["Allow"].is_object());
+    let status = &paths["/v1/requests/{request_id}/status"]["get"]["responses"];
+    assert!(status["500"].is_object() && status.get("413").is_none());
 }
 
 #[tokio::test]

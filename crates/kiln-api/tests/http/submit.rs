@@ -217,6 +217,82 @@ async fn submits_beyond_the_rate_are_429001_with_retry_after() {
     other.ok();
 }
 
+/// Submits until one is refused; how many passed.
+async fn valid_submits_until_refused(server: &TestServer, at_most: usize) -> usize {
+    for n in 0..at_most {
+        let answer = server.submit(FLEX, json!({"prompt": "a red fox"})).await;
+        if answer.status != 200 {
+            answer.error(429, 429001);
+            return n;
+        }
+    }
+    at_most
+}
+
+#[tokio::test]
+async fn by_default_a_burst_of_100_valid_submits_passes() {
+    let server = TestServer::start().await;
+    assert_eq!(valid_submits_until_refused(&server, 150).await, 150);
+}
+
+#[tokio::test]
+async fn switched_on_the_default_burst_is_100_then_the_rate_applies() {
+    let server = TestServer::start_with(|s| s.rate_limit_per_minute = 1).await;
+    assert_eq!(valid_submits_until_refused(&server, 150).await, 100);
+}
+
+#[tokio::test]
+async fn refused_submits_do_not_spend_the_budget() {
+    let server = TestServer::start_with(|s| {
+        s.rate_limit_per_minute = 1;
+        s.rate_limit_burst = 2;
+    })
+    .await;
+    let url = format!("/v1/models/{FLEX}");
+    for _ in 0..5 {
+        let invalid = server
+            .submit(FLEX, json!({"prompt": "x", "seed": -1}))
+            .await;
+        invalid.error(422, 422001);
+        let unknown_field = server.submit(FLEX, json!({"prompt": "x", "n": 4})).await;
+        unknown_field.error(422, 422001);
+        let bad_token = server
+            .call(
+                Method::POST,
+                &url,
+                Some("kiln_nope"),
+                Some(&json!({"prompt": "x"})),
+            )
+            .await;
+        bad_token.error(401, 401001);
+        let no_token = server
+            .call(Method::POST, &url, None, Some(&json!({"prompt": "x"})))
+            .await;
+        no_token.error(401, 401001);
+    }
+    assert_eq!(valid_submits_until_refused(&server, 5).await, 2);
+}
+
+#[tokio::test]
+async fn a_full_queue_refunds_the_token() {
+    let server = TestServer::start_with(|s| {
+        s.rate_limit_per_minute = 1;
+        s.rate_limit_burst = 2;
+        s.max_queued = 1;
+    })
+    .await;
+    server.submit_ok().await;
+    for _ in 0..5 {
+        let full = server.submit(FLEX, json!({"prompt": "x"})).await;
+        full.error(503, 503001);
+    }
+    server.claim().await;
+    // The refused submits cost nothing: the second token is still there.
+    server.submit_ok().await;
+    server.claim().await;
+    assert_eq!(valid_submits_until_refused(&server, 1).await, 0);
+}
+
 #[tokio::test]
 async fn a_full_queue_is_503001_with_retry_after() {
     let server = TestServer::start_with(|s| s.max_queued = 2).await;
@@ -304,7 +380,31 @@ mod idempotency {
     }
 
     #[tokio::test]
-    async fn a_key_reused_for_another_input_is_422001() {
+    async fn replays_do_not_spend_the_budget() {
+        let server = TestServer::start_with(|s| {
+            s.rate_limit_per_minute = 1;
+            s.rate_limit_burst = 2;
+        })
+        .await;
+        let input = json!({"prompt": "a cat"});
+        let first = submit_with_key(&server, &server.token, "k1", input.clone()).await;
+        for _ in 0..5 {
+            let replay = submit_with_key(&server, &server.token, "k1", input.clone()).await;
+            assert_eq!(replay.ok(), first.ok());
+        }
+        let conflict = submit_with_key(&server, &server.token, "k1", json!({"prompt": "a dog"}));
+        conflict.await.error(409, 409001);
+        // The original spent one token; one is left, then the limit applies.
+        submit_with_key(&server, &server.token, "k2", input.clone())
+            .await
+            .ok();
+        submit_with_key(&server, &server.token, "k3", input)
+            .await
+            .error(429, 429001);
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_for_another_input_is_409001() {
         let server = TestServer::start().await;
         submit_with_key(
             &server,
@@ -322,7 +422,7 @@ mod idempotency {
         )
         .await;
         assert_eq!(
-            answer.error(422, 422001)["detail"][0]["field"],
+            answer.error(409, 409001)["detail"][0]["field"],
             "Idempotency-Key"
         );
     }
