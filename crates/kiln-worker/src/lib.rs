@@ -4,6 +4,8 @@
 //! - [`pool`]: [`run_pool`], N worker slots claiming jobs until the shutdown token fires.
 //! - `run`: one job from lease to terminal state (engine on a blocking thread, heartbeats,
 //!   panics caught, image encoded and stored, job finished under its fencing token).
+//! - [`address`]: which IP addresses are not public and why (IANA's special-purpose
+//!   registries as tables), for everything the worker connects to on a user's behalf.
 //! - [`references`]: an edit's reference images, fetched (guarded against internal addresses,
 //!   bounded in redirects, time and size) or read from data URIs, and decoded.
 //! - [`maintenance`]: the periodic sweep (jobs abandoned by dead workers, expired records and files).
@@ -12,6 +14,7 @@
 //! The worker knows the engine only as [`kiln_core::engine::Engine`], the store only as
 //! [`kiln_core::store::JobStore`] and the files only as [`kiln_core::blob::BlobStore`].
 
+pub mod address;
 pub mod maintenance;
 mod metrics;
 pub mod pool;

@@ -3,15 +3,16 @@
 //!
 //! The URLs are the users' and the worker fetches them from inside the operator's network, so
 //! the fetch is guarded as the API contract's file-input rules ask: only `http`/`https`; no
-//! private, loopback, link-local or otherwise internal address, checked for every address a
-//! name resolves to and for every redirect hop (unless the operator allows them); a bounded
-//! number of redirects; a connect timeout and a whole-fetch timeout; at most
-//! [`FetchPolicy::max_image_bytes`] read; and a bounded decoded size.
+//! private, loopback, link-local or otherwise non-public address (as [`crate::address`] judges
+//! them), checked for every address a name resolves to and for every redirect hop (unless the
+//! operator allows them); a bounded number of redirects; a connect timeout and a whole-fetch
+//! timeout; at most [`FetchPolicy::max_image_bytes`] read; and a bounded decoded size.
 
+use crate::address::{non_public, NonPublic};
 use kiln_core::engine::RgbImage;
 use kiln_core::params::{ImageLocation, ImageSource};
 use std::io::Cursor;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,54 +215,26 @@ fn check_url(url: &reqwest::Url, allow_private: bool) -> Result<(), String> {
         Some(url::Host::Domain(_)) => return Ok(()),
         None => return Err("the URL has no host".into()),
     };
-    if allow_private || is_public(ip) {
-        Ok(())
+    match refusal(ip, allow_private) {
+        None => Ok(()),
+        Some(why) => Err(refused_address(ip, why)),
+    }
+}
+
+/// Why the policy refuses `ip`, or `None` when it allows it.
+fn refusal(ip: IpAddr, allow_private: bool) -> Option<NonPublic> {
+    if allow_private {
+        None
     } else {
-        Err(refused_address(ip))
+        non_public(ip)
     }
 }
 
-fn refused_address(ip: IpAddr) -> String {
-    format!("{ip} is a private, loopback, link-local or otherwise non-public address, which this server does not fetch from")
-}
-
-/// Whether `ip` is an ordinary public unicast address.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public_v4(v4),
-            None => is_public_v6(v6),
-        },
-    }
-}
-
-fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    !(ip.is_private()
-        || ip.is_loopback()
-        || ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || ip.is_documentation()
-        || a == 0
-        // Shared address space (carrier-grade NAT), 100.64.0.0/10.
-        || (a == 100 && (64..128).contains(&b))
-        // Benchmarking, 198.18.0.0/15; reserved, 240.0.0.0/4.
-        || (a == 198 && (18..20).contains(&b))
-        || a >= 240)
-}
-
-fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        // Unique local fc00::/7, link-local fe80::/10, documentation 2001:db8::/32.
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80
-        || (first == 0x2001 && ip.segments()[1] == 0x0db8))
+fn refused_address(ip: IpAddr, why: NonPublic) -> String {
+    format!(
+        "{ip} is a private, loopback, link-local or otherwise non-public address ({why}), \
+         which this server does not fetch from"
+    )
 }
 
 /// Resolves host names like the system does, then drops every address the policy refuses; a
@@ -276,17 +249,20 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let allow_private = self.allow_private;
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = found
-                .iter()
-                .copied()
-                .filter(|a| allow_private || is_public(a.ip()))
-                .collect();
-            match (allowed.is_empty(), found.first()) {
+            let mut allowed: Vec<SocketAddr> = Vec::new();
+            let mut first_refused = None;
+            for address in tokio::net::lookup_host((host.as_str(), 0)).await? {
+                match refusal(address.ip(), allow_private) {
+                    None => allowed.push(address),
+                    Some(why) => {
+                        first_refused.get_or_insert((address.ip(), why));
+                    }
+                }
+            }
+            match (allowed.is_empty(), first_refused) {
                 (false, _) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
-                (true, Some(refused)) => {
-                    Err(format!("{host} resolves to {}", refused_address(refused.ip())).into())
+                (true, Some((ip, why))) => {
+                    Err(format!("{host} resolves to {}", refused_address(ip, why)).into())
                 }
                 (true, None) => Err(format!("{host} has no address").into()),
             }
@@ -322,36 +298,6 @@ fn shown(source: &ImageSource) -> String {
         ImageLocation::Url(url) => url.to_string(),
         ImageLocation::Data { media_type, base64 } => {
             format!("data URI, {media_type}, {} base64 characters", base64.len())
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn internal_addresses_are_not_public() {
-        for internal in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "255.255.255.255",
-            "::1",
-            "::",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(!is_public(internal.parse().unwrap()), "{internal}");
-        }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"] {
-            assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
 }
