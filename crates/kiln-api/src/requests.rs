@@ -12,7 +12,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use kiln_core::ids::{MalformedRequestId, RequestId};
+use kiln_core::ids::{KeyId, MalformedRequestId, RequestId};
 use kiln_core::job::{CancelOutcome, JobState, JobView};
 
 /// The request id in the path. Not a UUID: 400001. A UUID that names no visible request:
@@ -22,10 +22,10 @@ fn request_id(path: Result<Path<String>, PathRejection>) -> Result<RequestId, Ap
     Ok(raw.parse()?)
 }
 
-async fn visible_job(state: &AppState, owner: Caller, id: RequestId) -> Result<JobView, ApiError> {
+async fn visible_job(state: &AppState, owner: KeyId, id: RequestId) -> Result<JobView, ApiError> {
     state
         .jobs
-        .get(owner.0, id)
+        .get(owner, id)
         .await?
         .ok_or(ApiError::RequestNotFound)
 }
@@ -50,7 +50,7 @@ pub(crate) async fn status(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id(path)?;
-    let view = visible_job(&state, caller, id).await?;
+    let view = visible_job(&state, caller.id, id).await?;
     let job = &view.job;
     let settings = &state.settings;
     Ok(Json(StatusResponse {
@@ -88,7 +88,7 @@ pub(crate) async fn result(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let id = request_id(path)?;
-    let job = visible_job(&state, caller, id).await?.job;
+    let job = visible_job(&state, caller.id, id).await?.job;
     let succeeded = job.state == JobState::Succeeded;
     let (output, metadata) = match job.output.filter(|_| succeeded) {
         Some(output) => {
@@ -145,13 +145,13 @@ pub(crate) async fn cancel(
     let id = request_id(path)?;
     let outcome = state
         .jobs
-        .cancel(caller.0, id)
+        .cancel(caller.id, id)
         .await?
         .ok_or(ApiError::RequestNotFound)?;
     let status = match outcome {
         CancelOutcome::Cancelled => RequestStatus::Cancelled,
         // Running or finished: read the state now, it may have moved on since.
-        CancelOutcome::NotCancellable => visible_job(&state, caller, id).await?.job.state.into(),
+        CancelOutcome::NotCancellable => visible_job(&state, caller.id, id).await?.job.state.into(),
     };
     Ok((
         StatusCode::ACCEPTED,

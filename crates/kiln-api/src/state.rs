@@ -1,6 +1,7 @@
 //! What every handler shares: the stores, the settings, and the server's own bookkeeping
-//! (draining flag, rate-limit buckets, metrics).
+//! (draining flag, rate-limit buckets, metrics, cached token lookups).
 
+use crate::auth::KeyCache;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use kiln_core::blob::BlobStore;
@@ -41,6 +42,9 @@ pub struct ApiSettings {
     pub idempotency_window: Duration,
     /// The routes an engine is configured for; submits to the others are refused (400001).
     pub served_routes: Vec<Route>,
+    /// How long a token's lookup is trusted (see [`crate::auth::KEY_CACHE_TTL`]): a key revoked
+    /// elsewhere is refused here within this long. Zero looks every request's token up.
+    pub key_cache_ttl: Duration,
 }
 
 impl ApiSettings {
@@ -59,6 +63,7 @@ impl ApiSettings {
             rate_limit_burst: 100,
             idempotency_window: DAY,
             served_routes: Route::ALL.to_vec(),
+            key_cache_ttl: crate::auth::KEY_CACHE_TTL,
         }
     }
 
@@ -82,6 +87,7 @@ pub struct AppState {
     pub(crate) settings: Arc<ApiSettings>,
     pub(crate) rate_limiter: Arc<RateLimiter>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) key_cache: Arc<KeyCache>,
     draining: Arc<AtomicBool>,
 }
 
@@ -98,6 +104,7 @@ impl AppState {
             jobs,
             keys,
             blobs,
+            key_cache: Arc::new(KeyCache::new(settings.key_cache_ttl)),
             settings: Arc::new(settings),
             rate_limiter: Arc::new(rate_limiter),
             metrics: Arc::new(Metrics::new()),

@@ -4,14 +4,16 @@
 //! client was told about survives a SIGKILL or a power cut. Writes that read before they write take
 //! `BEGIN IMMEDIATE`, so concurrent writers (API and worker processes on one file) queue on the
 //! busy timeout instead of failing on a lock upgrade. Claims are one `UPDATE … RETURNING` and so
-//! atomic by themselves.
+//! atomic by themselves. Concurrent submits are committed together, one sync for the group
+//! (`group_commit`).
 
+use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
 use crate::record::{from_millis, millis, JobRow, JOB_COLUMNS};
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
-    CancelOutcome, Job, JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, Progress,
+    CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, Progress,
 };
 use kiln_core::store::{
     ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, StateCounts, StoreError,
@@ -20,10 +22,12 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
     SqliteSynchronous,
 };
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, SqliteConnection, SqlitePool};
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
 /// A job is visible to its owner while it runs or waits, and after it ends until it expires.
 const VISIBLE: &str = "(state IN ('queued', 'running') OR expires_at > ?)";
@@ -32,12 +36,15 @@ const VISIBLE: &str = "(state IN ('queued', 'running') OR expires_at > ?)";
 /// "now + (expiry − creation)", the retention the job was submitted with.
 const EXPIRE_FROM_NOW: &str = "expires_at = ?1 + (expires_at - created_at)";
 
+/// The store. Clones share the pool and the submit committer; the committer task (spawned on
+/// the Tokio runtime that opened the store) stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    submits: mpsc::Sender<PendingEnqueue>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -54,7 +61,7 @@ fn now_millis() -> i64 {
     millis(OffsetDateTime::now_utc())
 }
 
-fn duration_millis(d: Duration) -> i64 {
+pub(crate) fn duration_millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -98,7 +105,8 @@ impl ApiKeyRow {
 const KEY_COLUMNS: &str = "id, name, prefix, created_at, revoked_at";
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file and brings its schema up to date.
+    /// Opens (creating if needed) the database file and brings its schema up to date. Must be
+    /// called within a Tokio runtime: it starts the task that commits submits.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -106,9 +114,15 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Statements are logged at debug level otherwise: a formatted log record per query
+            // on the polling path, which the service's filter then drops.
+            .disable_statement_logging();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // A pooled connection is a local file handle; pinging it before every use (sqlx's
+            // default) cost a round trip to the connection's thread per query.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
@@ -116,23 +130,28 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(backend)?;
-        Ok(Self { pool })
+        let (submits, waiting) = mpsc::channel(WAITING);
+        tokio::spawn(run_committer(pool.clone(), waiting));
+        Ok(Self { pool, submits })
     }
 
     /// The job `id` with its queue position, if visible at `now`.
-    async fn view(
+    pub(crate) async fn view(
         conn: &mut SqliteConnection,
         id: &str,
         owner: Option<&str>,
         now: i64,
     ) -> Result<Option<JobView>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS}, CASE WHEN state = 'queued' THEN \
-               (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
-               AS queue_position \
-             FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {VISIBLE}"
-        );
-        let row: Option<JobViewRow> = sqlx::query_as(&sql)
+        // Built once: status polls run it more than anything else.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {JOB_COLUMNS}, CASE WHEN state = 'queued' THEN \
+                   (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
+                   AS queue_position \
+                 FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {VISIBLE}"
+            )
+        });
+        let row: Option<JobViewRow> = sqlx::query_as(SQL.as_str())
             .bind(id)
             .bind(owner)
             .bind(owner)
@@ -204,109 +223,19 @@ impl JobStore for SqliteStore {
         idempotency: Option<Idempotency>,
         max_queued: u64,
     ) -> Result<Enqueued, StoreError> {
-        let now = millis(job.created_at);
-        let owner = job.owner.to_string();
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)?;
-
-        if let Some(idem) = &idempotency {
-            sqlx::query(
-                "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND created_at <= ?",
-            )
-            .bind(&owner)
-            .bind(&idem.key)
-            .bind(now - duration_millis(idem.window))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            let earlier: Option<(String, String)> = sqlx::query_as(
-                "SELECT fingerprint, job_id FROM idempotency_keys WHERE owner = ? AND key = ?",
-            )
-            .bind(&owner)
-            .bind(&idem.key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-            if let Some((fingerprint, job_id)) = earlier {
-                if fingerprint != idem.fingerprint {
-                    return Err(StoreError::IdempotencyConflict);
-                }
-                // The key's row dies with its job (cascade), so the original is still visible.
-                if let Some(view) = Self::view(&mut tx, &job_id, Some(&owner), now).await? {
-                    tx.commit().await.map_err(backend)?;
-                    return Ok(Enqueued {
-                        view,
-                        replayed: true,
-                    });
-                }
-            }
-        }
-
-        let depth: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if depth as u64 >= max_queued {
-            return Err(StoreError::QueueFull {
-                depth: depth as u64,
-            });
-        }
-        let id = job.id.to_string();
-        sqlx::query(
-            "INSERT INTO jobs (id, owner, route, params, state, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-        )
-        .bind(&id)
-        .bind(&owner)
-        .bind(job.route.id())
-        .bind(serde_json::to_string(&job.params).map_err(backend)?)
-        .bind(now)
-        .bind(millis(job.expires_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        if let Some(idem) = &idempotency {
-            sqlx::query(
-                "INSERT OR REPLACE INTO idempotency_keys (owner, key, fingerprint, job_id, created_at) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&owner)
-            .bind(&idem.key)
-            .bind(&idem.fingerprint)
-            .bind(&id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-
-        let view = JobView {
-            job: Job {
-                id: job.id,
-                owner: job.owner,
-                route: job.route,
-                params: job.params,
-                state: JobState::Queued,
-                created_at: job.created_at,
-                started_at: None,
-                finished_at: None,
-                expires_at: job.expires_at,
-                progress: None,
-                output: None,
-                error: None,
-                attempts: 0,
-            },
-            // FIFO: everything queued before this insert is ahead of it.
-            queue_position: Some(depth as u64),
+        let params_json = serde_json::to_string(&job.params).map_err(backend)?;
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingEnqueue {
+            job,
+            params_json,
+            idempotency,
+            max_queued,
+            answer,
         };
-        Ok(Enqueued {
-            view,
-            replayed: false,
-        })
+        let stopped = || StoreError::Backend("the store's submit committer has stopped".into());
+        self.submits.send(pending).await.map_err(|_| stopped())?;
+        // Answered only once the batch holding this job has committed (or failed).
+        answered.await.map_err(|_| stopped())?
     }
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {

@@ -599,3 +599,142 @@ async fn concurrent_claims_hand_each_job_to_exactly_one_worker() {
     let unique: std::collections::HashSet<_> = all.iter().collect();
     assert_eq!((all.len(), unique.len()), (20, 20));
 }
+
+/// Group commit: many submits at once share transactions, and each keeps its own outcome.
+mod group_commit {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Submits every job at once (each its own task) and returns their outcomes in order.
+    async fn submit_all(
+        store: &SqliteStore,
+        jobs: Vec<(NewJob, Option<Idempotency>)>,
+        max_queued: u64,
+    ) -> Vec<Result<kiln_core::store::Enqueued, StoreError>> {
+        let tasks: Vec<_> = jobs
+            .into_iter()
+            .map(|(job, idem)| {
+                let store = store.clone();
+                tokio::spawn(async move { store.enqueue(job, idem, max_queued).await })
+            })
+            .collect();
+        let mut outcomes = vec![];
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        outcomes
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_submits_are_all_committed_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let owner = KeyId::new();
+        let store = SqliteStore::open(&path).await.unwrap();
+        let jobs = (0..300)
+            .map(|i| (new_job(owner, &format!("job {i}")), None))
+            .collect();
+        let outcomes = submit_all(&store, jobs, 10_000).await;
+        let accepted: Vec<_> = outcomes.into_iter().map(Result::unwrap).collect();
+        let positions: HashSet<_> = accepted
+            .iter()
+            .map(|e| e.view.queue_position.unwrap())
+            .collect();
+        assert_eq!(positions, (0..300).collect(), "one place in line each");
+        drop(store);
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        for e in &accepted {
+            let view = store.get(owner, e.view.job.id).await.unwrap().unwrap();
+            assert_eq!(view.job.state, JobState::Queued);
+            assert_eq!(view.job.params.prompt, e.view.job.params.prompt);
+            assert_eq!(view.queue_position, e.view.queue_position);
+        }
+        let counts = store.state_counts().await.unwrap().counts;
+        assert!(counts.contains(&(JobState::Queued, 300)), "{counts:?}");
+    }
+
+    // One thread: the tasks run in the order they were spawned, so their jobs reach the
+    // committer in that order and, being all waiting together, share one transaction.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_conflict_a_replay_and_a_full_queue_in_a_batch_fail_only_their_own_jobs() {
+        let (_dir, store) = fresh().await;
+        let owner = KeyId::new();
+        let idem = |key: &str, fingerprint: &str| {
+            Some(Idempotency {
+                key: key.into(),
+                fingerprint: fingerprint.into(),
+                window: Duration::from_secs(86400),
+            })
+        };
+        let original = store
+            .enqueue(new_job(owner, "original"), idem("k", "a"), 100)
+            .await
+            .unwrap();
+        let jobs = vec![
+            (new_job(owner, "conflict"), idem("k", "b")),
+            (new_job(owner, "replay"), idem("k", "a")),
+            (new_job(owner, "new 1"), None),
+            (new_job(owner, "keyed"), idem("n", "x")),
+            (new_job(owner, "keyed again"), idem("n", "x")),
+            (new_job(owner, "over the cap"), None),
+        ];
+        let ids: Vec<_> = jobs.iter().map(|(job, _)| job.id).collect();
+        let outcomes = submit_all(&store, jobs, 3).await;
+
+        assert!(matches!(outcomes[0], Err(StoreError::IdempotencyConflict)));
+        let replay = outcomes[1].as_ref().unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.view.job.id, original.view.job.id);
+        let new_1 = outcomes[2].as_ref().unwrap();
+        assert_eq!(
+            (new_1.replayed, new_1.view.queue_position),
+            (false, Some(1))
+        );
+        let keyed = outcomes[3].as_ref().unwrap();
+        assert_eq!(
+            (keyed.replayed, keyed.view.queue_position),
+            (false, Some(2))
+        );
+        let keyed_again = outcomes[4].as_ref().unwrap();
+        assert!(
+            keyed_again.replayed,
+            "the key's first use in the batch counts"
+        );
+        assert_eq!(keyed_again.view.job.id, keyed.view.job.id);
+        assert!(
+            matches!(outcomes[5], Err(StoreError::QueueFull { depth: 3 })),
+            "{:?}",
+            outcomes[5]
+        );
+
+        for (id, stored) in ids.iter().zip([false, false, true, true, false, false]) {
+            assert_eq!(store.get(owner, *id).await.unwrap().is_some(), stored);
+        }
+        let counts = store.state_counts().await.unwrap().counts;
+        assert!(counts.contains(&(JobState::Queued, 3)), "{counts:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_queue_cap_is_exact_under_concurrent_submits() {
+        let (_dir, store) = fresh().await;
+        let owner = KeyId::new();
+        let jobs = (0..200)
+            .map(|i| (new_job(owner, &format!("job {i}")), None))
+            .collect();
+        let outcomes = submit_all(&store, jobs, 50).await;
+        let mut positions = HashSet::new();
+        let mut refused = 0;
+        for outcome in outcomes {
+            match outcome {
+                Ok(e) => assert!(positions.insert(e.view.queue_position.unwrap())),
+                Err(StoreError::QueueFull { depth: 50 }) => refused += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(positions, (0..50).collect());
+        assert_eq!(refused, 150);
+        let counts = store.state_counts().await.unwrap().counts;
+        assert!(counts.contains(&(JobState::Queued, 50)), "{counts:?}");
+    }
+}

@@ -145,6 +145,7 @@ impl Application {
             rate_limit_per_minute: limits.rate_limit_per_minute,
             rate_limit_burst: limits.rate_limit_burst,
             idempotency_window: Duration::from_secs(settings.idempotency_hours * 3600),
+            key_cache_ttl: kiln_api::auth::KEY_CACHE_TTL,
             served_routes,
         };
         let state = AppState::new(
