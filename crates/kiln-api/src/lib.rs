@@ -14,12 +14,14 @@
 //! - `metrics`: Prometheus metrics and the HTTP metrics middleware.
 //! - `rate_limit`: per-key token buckets for submits.
 //! - `error`: `ApiError`, the layer's one error type, and its table of statuses and codes.
+//! - `access_log`: one `info` line per request (method, path, status, duration, request id, key).
 //! - `wire`: the JSON bodies of the API.
 //!
 //! [`router`] assembles the endpoints and layers; [`serve`] runs them until a shutdown signal.
 //! Catalog, schemas, health, metrics and the OpenAPI document are public metadata and need no
 //! token; files need none either (their signed URL is the permission); everything else does.
 
+mod access_log;
 pub mod auth;
 mod error;
 mod files;
@@ -71,6 +73,7 @@ pub fn router(state: AppState) -> Router {
                 let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
                 tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
             }))
+            .layer(axum::middleware::from_fn(access_log::record))
             .layer(PropagateRequestIdLayer::x_request_id()),
     )
 }

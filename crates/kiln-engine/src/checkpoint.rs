@@ -27,6 +27,8 @@ pub enum WeightFormat {
 #[derive(Debug, Clone)]
 pub struct CheckpointFiles {
     pub root: PathBuf,
+    /// What clients are told the checkpoint is called ([`checkpoint_name`]).
+    pub name: String,
     pub layout: Layout,
     pub transformer_format: WeightFormat,
     /// One file, or a sharded checkpoint's shards.
@@ -166,6 +168,7 @@ impl CheckpointFiles {
         let scheduler = dir.join("scheduler/scheduler_config.json");
         Ok(Self {
             root: dir.to_path_buf(),
+            name: checkpoint_name(dir),
             layout: Layout::Diffusers,
             transformer_format,
             transformer,
@@ -205,6 +208,7 @@ impl CheckpointFiles {
         }
         Ok(Self {
             root: dir.to_path_buf(),
+            name: checkpoint_name(dir),
             layout: Layout::BflSingleFile,
             transformer_format,
             transformer: vec![transformer],
@@ -219,6 +223,44 @@ impl CheckpointFiles {
             settings: CheckpointSettings::from_bfl_dir(dir)?,
         })
     }
+}
+
+/// What clients are told a checkpoint is called: the title of its model card (`MODEL_CARD.md`
+/// or `README.md`, the first `# ` heading after any YAML front matter, as Hugging Face cards
+/// have), else its folder's name. Never a path: result metadata must not show clients where the
+/// server keeps its files (logs may).
+pub fn checkpoint_name(dir: &Path) -> String {
+    ["MODEL_CARD.md", "README.md"]
+        .iter()
+        .filter_map(|card| std::fs::read_to_string(dir.join(card)).ok())
+        .find_map(|text| card_title(&text))
+        .or_else(|| folder_name(dir))
+        .unwrap_or_else(|| "unnamed checkpoint".to_string())
+}
+
+/// A Markdown model card's first level-1 heading, skipping YAML front matter.
+fn card_title(text: &str) -> Option<String> {
+    let mut lines = text.lines();
+    let mut body: Vec<&str> = Vec::new();
+    match lines.next() {
+        // Front matter runs to the next `---`.
+        Some(first) if first.trim() == "---" => {
+            lines.by_ref().find(|l| l.trim() == "---")?;
+        }
+        Some(first) => body.push(first),
+        None => return None,
+    }
+    body.into_iter()
+        .chain(lines)
+        .find_map(|l| l.strip_prefix("# "))
+        .map(|title| title.trim().to_string())
+        .filter(|title| !title.is_empty())
+}
+
+/// The directory's own name (resolving `.` and `..`).
+fn folder_name(dir: &Path) -> Option<String> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    Some(dir.file_name()?.to_string_lossy().into_owned())
 }
 
 /// Which family a checkpoint directory holds, from what is on disk: a diffusers folder's
@@ -338,5 +380,40 @@ pub(crate) fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> 
             dir,
             format!("no {stem}.safetensors (nor a sharded index)"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn a_model_card_title_names_a_checkpoint_else_its_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("FLUX.1-dev");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(checkpoint_name(&dir), "FLUX.1-dev");
+        assert_eq!(
+            checkpoint_name(&dir.join("..").join("FLUX.1-dev")),
+            "FLUX.1-dev"
+        );
+        std::fs::write(
+            dir.join("README.md"),
+            "---\nlicense: other\ntitle: not this\n---\n\n# FLUX.1 [dev]\n\nText.\n# Later\n",
+        )
+        .unwrap();
+        assert_eq!(checkpoint_name(&dir), "FLUX.1 [dev]");
+        std::fs::write(dir.join("MODEL_CARD.md"), "# kiln demo checkpoint\n").unwrap();
+        assert_eq!(
+            checkpoint_name(&dir),
+            "kiln demo checkpoint",
+            "MODEL_CARD.md first"
+        );
+        std::fs::write(dir.join("MODEL_CARD.md"), "no heading here\n").unwrap();
+        assert_eq!(
+            checkpoint_name(&dir),
+            "FLUX.1 [dev]",
+            "a card without a title is skipped"
+        );
     }
 }

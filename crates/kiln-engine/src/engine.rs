@@ -7,11 +7,11 @@ use crate::pipeline::{
 };
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
 use kiln_core::params::{GenerationParams, OutputSize};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// The operator's configuration of a FLUX.1 model.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flux1Config {
     /// A diffusers folder or a folder of BFL single files (see [`crate::CheckpointFiles`]).
@@ -61,7 +61,7 @@ impl Flux1Config {
 
 /// Raw mode ("less processed, more natural images" on the hosted API) as this deployment
 /// defines it: another checkpoint (a fine-tune) and/or other sampling settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModeConfig {
     /// A separate checkpoint for raw requests, loaded and kept resident beside the main one.

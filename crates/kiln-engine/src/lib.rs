@@ -39,7 +39,7 @@ mod weights;
 
 pub use candle_core::Tensor;
 pub use checkpoint::{
-    checkpoint_family, CheckpointFiles, CheckpointSettings, Layout, WeightFormat,
+    checkpoint_family, checkpoint_name, CheckpointFiles, CheckpointSettings, Layout, WeightFormat,
 };
 pub use clip::ClipTextConfig;
 pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};

@@ -15,18 +15,27 @@ use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
 use kiln_core::params::{GenerationParams, ImageSize};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
     #[default]
     Cpu,
     /// A CUDA device by ordinal (`"cuda"` is `"cuda:0"`); needs the `cuda` feature.
     Cuda(usize),
+}
+
+impl From<DeviceSpec> for String {
+    fn from(device: DeviceSpec) -> Self {
+        match device {
+            DeviceSpec::Cpu => "cpu".to_string(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
 }
 
 impl TryFrom<String> for DeviceSpec {
@@ -45,7 +54,7 @@ impl TryFrom<String> for DeviceSpec {
 }
 
 /// Compute precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
@@ -324,7 +333,8 @@ impl Flux1Pipeline {
         (self.vae.config().scale_factor() * 2) as u32
     }
 
-    /// E.g. "FLUX.1 dev, diffusers layout, GGUF Q8_0 transformer, /models/flux on cuda:0 (bf16)".
+    /// E.g. "FLUX.1 dev, diffusers layout, GGUF Q8_0 transformer, FLUX.1-dev on cuda:0 (bf16)":
+    /// the checkpoint by name, never by path (clients see this in result metadata).
     pub fn describe(&self) -> String {
         let variant = match self.variant() {
             Variant::Dev => "dev",
@@ -345,7 +355,7 @@ impl Flux1Pipeline {
         };
         format!(
             "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?}){about}",
-            self.files.root.display(),
+            self.files.name,
             self.dtype
         )
     }

@@ -203,17 +203,19 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
             )
             .await
         }
-        Ok(Err(EngineError::Failed(message))) => {
-            tracing::error!(error = %message, "the engine failed");
-            finish_failed(
-                context,
-                lease,
-                JobError {
-                    code: JobErrorCode::EngineFailed,
-                    message,
-                },
-            )
-            .await
+        Ok(Err(EngineError::Failed(internal))) => {
+            // The engine's own words may name files and devices of this server: they go to
+            // the log under the request id, the client gets the id.
+            tracing::error!(error = %internal, "the engine failed");
+            let error = JobError {
+                code: JobErrorCode::EngineFailed,
+                message: format!(
+                    "the engine failed while generating this image (request id {}); \
+                     the server's logs have the details",
+                    job.id
+                ),
+            };
+            finish_failed(context, lease, error).await
         }
         Ok(Ok(generated)) => {
             store_and_complete(context, lease, generated, engine.describe(), inference).await

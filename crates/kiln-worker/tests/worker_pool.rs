@@ -218,6 +218,11 @@ async fn engine_errors_end_the_job_failed_with_an_actionable_code() {
         )
     );
     assert_eq!(failed.code, JobErrorCode::EngineFailed);
+    assert!(
+        failed.message.contains("request id") && !failed.message.contains("scripted"),
+        "the engine's own words stay in the log: {}",
+        failed.message
+    );
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use anyhow::Context;
 use kiln_api::{ApiSettings, AppState};
 use kiln_blob::LocalBlobStore;
 use kiln_core::blob::BlobStore;
+use kiln_core::catalog::Route;
 use kiln_core::store::{JobStore, KeyStore};
 use kiln_store::SqliteStore;
 use kiln_worker::maintenance::run_sweeper;
@@ -112,6 +113,8 @@ pub fn spawn_sweeper(
 pub struct Application {
     listener: TcpListener,
     address: SocketAddr,
+    public_url: String,
+    served_routes: Vec<Route>,
     state: AppState,
     stores: Stores,
     engines: EngineSet,
@@ -130,10 +133,13 @@ impl Application {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{address}"));
-        let mut served_routes = settings.served_routes();
-        served_routes.extend(engines.routes());
-        served_routes.sort();
-        served_routes.dedup();
+        // With in-process workers, what their engines serve (a demo checkpoint that could not
+        // be had serves nothing); an API node advertises what its configuration names, served
+        // by `kiln worker`s elsewhere.
+        let served_routes = match settings.workers.slots {
+            0 => settings.served_routes(),
+            _ => engines.routes(),
+        };
         let limits = &settings.limits;
         let api = ApiSettings {
             public_url,
@@ -148,6 +154,8 @@ impl Application {
             key_cache_ttl: kiln_api::auth::KEY_CACHE_TTL,
             served_routes,
         };
+        let served_routes = api.served_routes.clone();
+        let public_url = api.public_url.clone();
         let state = AppState::new(
             stores.jobs.clone(),
             stores.keys.clone(),
@@ -157,11 +165,37 @@ impl Application {
         Ok(Self {
             listener,
             address,
+            public_url,
+            served_routes,
             state,
             stores,
             engines,
             settings,
         })
+    }
+
+    /// What an operator checks first: where kiln listens and answers from, where it keeps
+    /// its records and files, and what serves each route.
+    fn log_summary(&self) {
+        let settings = &self.settings;
+        for route in Route::ALL {
+            let served_by = match (self.engines.get(route), settings.workers.slots) {
+                (Some(engine), _) => engine.describe(),
+                (None, 0) if self.served_routes.contains(&route) => {
+                    "`kiln worker` processes".to_string()
+                }
+                (None, _) => "nothing: submits are refused (400001)".to_string(),
+            };
+            tracing::info!(route = %route, served_by = %served_by, "route");
+        }
+        tracing::info!(
+            address = %self.address,
+            public_url = %self.public_url,
+            store = %format!("SQLite {}", settings.database_path().display()),
+            blob_store = %format!("local directory {}", settings.blob_dir().display()),
+            worker_slots = settings.workers.slots,
+            "kiln is listening"
+        );
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -186,7 +220,7 @@ impl Application {
                 shutdown.clone(),
             ))
         });
-        tracing::info!(address = %self.address, "kiln is listening");
+        self.log_summary();
         let served = kiln_api::serve(
             self.listener,
             self.state,

@@ -2,7 +2,7 @@
 
 use crate::app::{open_stores, spawn_sweeper, worker_settings, Application, Stores};
 use crate::config::Settings;
-use crate::engines::load_engines;
+use crate::engines::{load_engine, load_engines};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api::auth::{hash_token, new_token, token_prefix};
@@ -23,7 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 /// `kiln serve`: the HTTP API with an in-process worker pool.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let engines = load_engines_blocking(&settings).await?;
+    // An API node (no worker slots) runs no model, so it loads none.
+    let engines = match settings.workers.slots {
+        0 => kiln_worker::EngineSet::new(),
+        _ => load_engines_blocking(&settings).await?,
+    };
     if engines.routes().is_empty() && settings.workers.slots > 0 {
         tracing::warn!(
             "no model has a checkpoint configured and serve_demo is off: submits will be refused \
@@ -172,10 +176,13 @@ pub fn generate(settings: Settings, request: GenerateRequest) -> anyhow::Result<
     if let Some(format) = format_of_path(&request.output) {
         params.output_format = format;
     }
-    let engines = load_engines(&settings)?;
-    let engine = engines.get(route).with_context(|| {
-        format!("no checkpoint is configured for {route} and serve_demo is off: set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
+    let loading = ProgressBar::new_spinner();
+    let engine = load_engine(&settings, route, &mut spinner_progress(&loading))?;
+    loading.finish_and_clear();
+    let engine = engine.with_context(|| {
+        format!("no checkpoint serves {route} (none configured, and the demo checkpoint is off or could not be had): set [models.\"{route}\"] checkpoint = \"DIR\" in kiln.toml")
     })?;
+    eprintln!("loaded {}", engine.describe());
     let fetcher = ReferenceFetcher::new(settings.fetch.policy());
     let references =
         tokio::runtime::Runtime::new()?.block_on(fetcher.fetch_all(&params.reference_images))?;
@@ -210,10 +217,7 @@ pub struct DirectRequest {
 pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
     let format = format_of_path(&request.output).unwrap_or_default();
     let loading = ProgressBar::new_spinner();
-    let mut on_load = |p: LoadProgress| {
-        loading.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
-        loading.tick();
-    };
+    let mut on_load = spinner_progress(&loading);
     let bar = step_bar();
     let mut observer = BarObserver(bar.clone());
     let (dir, options) = (&request.model_dir, &request.options);
@@ -246,6 +250,20 @@ pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
         request.pipeline.seed,
         started,
     );
+    Ok(())
+}
+
+/// Shows a checkpoint's loading, component by component, on `spinner`.
+fn spinner_progress(spinner: &ProgressBar) -> impl FnMut(LoadProgress) + '_ {
+    move |p: LoadProgress| {
+        spinner.set_message(format!("loading {} {}/{}", p.component, p.done, p.total));
+        spinner.tick();
+    }
+}
+
+/// `kiln config`: the configuration in force (defaults, file, environment), secrets redacted.
+pub fn print_config(settings: &Settings) -> anyhow::Result<()> {
+    print!("{}", settings.to_toml_redacted()?);
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Where the HTTP server listens. Loopback unless told otherwise.
@@ -44,22 +44,24 @@ pub struct Settings {
     /// Serve every route that has no checkpoint configured with kiln's own demo checkpoint, so
     /// that a fresh install makes real images with no download. `false`: refuse such routes.
     pub serve_demo: bool,
-    /// Where the demo checkpoint is (by default the one in this source tree).
-    pub demo_checkpoint: PathBuf,
+    /// A directory holding the demo checkpoint. Unset: the copy embedded in the binary,
+    /// written once to `{data_dir}/demo-checkpoint`.
+    pub demo_checkpoint: Option<PathBuf>,
 }
 
-/// The demo checkpoint shipped in the repository, trained by `tools/demo` (see its MODEL_CARD.md).
+/// The demo checkpoint in the repository, trained by `tools/demo` (see its MODEL_CARD.md): what
+/// the binary embeds, and what benchmarks and tests read in place.
 pub const BUNDLED_DEMO_CHECKPOINT: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/demo-checkpoint");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_body_bytes: usize,
@@ -71,7 +73,7 @@ pub struct Limits {
     pub rate_limit_burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// In-process worker slots of `kiln serve` (0: API only, for separate `kiln worker`s);
@@ -88,7 +90,7 @@ pub struct WorkerConfig {
     pub metrics_bind: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
     /// Let image URLs reach private, loopback and link-local addresses (images on the
@@ -103,7 +105,11 @@ pub struct FetchConfig {
 
 /// The `[models."ROUTE"]` tables: each names the checkpoint that serves a route, in the
 /// configuration type of that route's engine (its fields are documented in README.md).
-#[derive(Debug, Clone, Default, Deserialize)]
+///
+/// Route ids contain `/`, which environment variable names cannot: in `KILN_…` variables a
+/// table is named by its alias ([`ROUTE_TABLE_ALIASES`]), e.g.
+/// `KILN_MODELS__FLUX_1_1_PRO__CHECKPOINT=/models/FLUX.1-dev`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelsConfig {
     #[serde(rename = "blackforestlabs/flux-1-1-pro/text-to-image")]
@@ -148,7 +154,7 @@ impl Default for Settings {
             },
             models: ModelsConfig::default(),
             serve_demo: true,
-            demo_checkpoint: PathBuf::from(BUNDLED_DEMO_CHECKPOINT),
+            demo_checkpoint: None,
         }
     }
 }
@@ -208,6 +214,33 @@ pub struct FlagOverrides {
     pub worker_slots: Option<usize>,
 }
 
+/// What `kiln config` shows in place of a secret.
+const REDACTED: &str = "<redacted>";
+
+/// The environment's names for the `[models."ROUTE"]` tables: `KILN_MODELS__{ALIAS}__…`.
+pub const ROUTE_TABLE_ALIASES: [(&str, Route); 2] = [
+    ("flux_1_1_pro", Route::Flux11ProTextToImage),
+    ("flux_2_flex", Route::Flux2FlexTextToImage),
+];
+
+/// An environment key (lowercased, `__` made `.`) with a route table's alias replaced
+/// by the route id, so `models.flux_1_1_pro.steps` sets what the file's
+/// `[models."blackforestlabs/flux-1-1-pro/text-to-image"] steps` does.
+fn route_table_key(key: &str) -> String {
+    let Some(rest) = key.strip_prefix("models.") else {
+        return key.to_string();
+    };
+    let (table, field) = rest.split_once('.').unwrap_or((rest, ""));
+    match ROUTE_TABLE_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == table)
+    {
+        Some((_, route)) if field.is_empty() => format!("models.{}", route.id()),
+        Some((_, route)) => format!("models.{}.{field}", route.id()),
+        None => key.to_string(),
+    }
+}
+
 impl Settings {
     /// Reads the layers. `file` is the `--config` flag.
     pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Self, ConfigError> {
@@ -226,7 +259,10 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("KILN_").ignore(&["CONFIG"]).split("__"));
+        let env = Env::prefixed("KILN_").ignore(&["CONFIG"]).split("__");
+        // Keys reach maps in their original case; figment lowercases them afterwards anyway.
+        let env = env.map(|key| route_table_key(&key.as_str().to_ascii_lowercase()).into());
+        figment = figment.merge(env);
         figment = figment.merge(Serialized::defaults(flags));
         let mut settings: Settings = figment.extract()?;
         if let Some(slots) = flags.worker_slots {
@@ -250,6 +286,16 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Every setting in force, as a TOML file would set it, with secrets redacted: what
+    /// `kiln config` prints. (Unset optional settings are left out, as TOML has no null.)
+    pub fn to_toml_redacted(&self) -> Result<String, ConfigError> {
+        let mut shown = self.clone();
+        if shown.signing_key.is_some() {
+            shown.signing_key = Some(REDACTED.to_string());
+        }
+        toml::to_string_pretty(&shown).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     pub fn database_path(&self) -> PathBuf {
@@ -294,7 +340,10 @@ mod tests {
             let s = Settings::load(None, &FlagOverrides::default()).unwrap();
             assert!(s.bind.ip().is_loopback());
             assert_eq!(s.retention(), Duration::from_secs(7 * 24 * 3600));
-            assert!(s.serve_demo && s.demo_checkpoint.join("model_index.json").is_file());
+            assert!(
+                s.serve_demo && s.demo_checkpoint.is_none(),
+                "the embedded demo"
+            );
             Ok(())
         });
     }
@@ -369,6 +418,70 @@ mod tests {
                 err.to_string().to_lowercase().contains("workers.slots"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn route_tables_are_set_from_the_environment_by_alias() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KILN_MODELS__FLUX_1_1_PRO__CHECKPOINT", "/models/dev");
+            jail.set_env("KILN_MODELS__FLUX_1_1_PRO__RAW__STEPS", "40");
+            jail.set_env("KILN_MODELS__FLUX_2_FLEX__CHECKPOINT", "/models/klein");
+            jail.set_env("KILN_MODELS__FLUX_2_FLEX__STEPS", "6");
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            let pro = s.models.flux11_pro.as_ref().unwrap();
+            assert_eq!(pro.checkpoint, PathBuf::from("/models/dev"));
+            assert_eq!(pro.raw.as_ref().and_then(|r| r.steps), Some(40));
+            let flex = s.models.flux2_flex.as_ref().unwrap();
+            assert_eq!(
+                (flex.checkpoint.as_path(), flex.steps),
+                (Path::new("/models/klein"), Some(6))
+            );
+
+            // The environment overrides one field of a table the file set.
+            jail.create_file(
+                "kiln.toml",
+                "[models.\"blackforestlabs/flux-2/flex/text-to-image\"]\ncheckpoint = \"/file\"\nguidance = 2.0\n",
+            )?;
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            let flex = s.models.flux2_flex.as_ref().unwrap();
+            assert_eq!(flex.checkpoint, PathBuf::from("/models/klein"));
+            assert_eq!((flex.steps, flex.guidance), (Some(6), Some(2.0)));
+
+            jail.set_env("KILN_MODELS__FLUX_3__CHECKPOINT", "/x");
+            let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
+            assert!(
+                err.to_string().contains("flux_3"),
+                "an unknown alias is named: {err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_printed_configuration_redacts_secrets_and_reads_back() {
+        Jail::expect_with(|jail| {
+            let secret = "ab".repeat(32);
+            jail.set_env("KILN_SIGNING_KEY", &secret);
+            jail.set_env("KILN_MODELS__FLUX_1_1_PRO__CHECKPOINT", "/models/dev");
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            let text = s.to_toml_redacted().unwrap();
+            assert!(!text.contains(&secret), "{text}");
+            assert!(text.contains("signing_key = \"<redacted>\""), "{text}");
+            assert!(
+                text.contains("[models.\"blackforestlabs/flux-1-1-pro/text-to-image\"]"),
+                "{text}"
+            );
+            // What it prints is a configuration file kiln reads, to the same settings.
+            jail.clear_env();
+            jail.create_file(
+                "printed.toml",
+                &text.replace("<redacted>", &"cd".repeat(32)),
+            )?;
+            let back =
+                Settings::load(Some(Path::new("printed.toml")), &FlagOverrides::default()).unwrap();
+            assert_eq!(back.to_toml_redacted().unwrap(), text);
             Ok(())
         });
     }

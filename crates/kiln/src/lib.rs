@@ -6,7 +6,8 @@
 //! - [`app`]: [`app::Application`]: opens the stores, binds the listener, runs the HTTP API, the
 //!   in-process worker pool and the maintenance sweeper until its shutdown token fires.
 //! - [`engines`]: loads the engines the configuration names into a [`kiln_worker::EngineSet`].
-//! - [`commands`]: `serve`, `worker`, `keys`, `generate`.
+//! - [`demo`]: the demo checkpoint embedded in the binary, written into the data directory.
+//! - [`commands`]: `serve`, `worker`, `keys`, `generate`, `config`.
 //! - [`telemetry`]: structured logs.
 //! - [`worker_metrics`]: the optional `/metrics` listener of `kiln worker`.
 //!
@@ -16,6 +17,7 @@ pub mod allocator;
 pub mod app;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod engines;
 pub mod telemetry;
 pub mod worker_metrics;

@@ -57,6 +57,9 @@ enum Command {
     /// validated like the API does) or straight from a checkpoint (`--model-dir DIR`).
     #[command(group = clap::ArgGroup::new("target").required(true).args(["model", "model_dir"]))]
     Generate(GenerateArgs),
+    /// Print the configuration in force (defaults, file, KILN_… environment) as TOML, with
+    /// secrets redacted.
+    Config,
 }
 
 #[derive(clap::Args)]
@@ -151,7 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             flags.worker_slots = *workers;
         }
         Command::Worker { slots } => flags.worker_slots = *slots,
-        Command::Keys { .. } | Command::Generate(_) => {}
+        Command::Keys { .. } | Command::Generate(_) | Command::Config => {}
     }
     let settings = Settings::load(cli.config.as_deref(), &flags)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -173,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runtime.block_on(commands::keys(settings, action))
         }
+        Command::Config => commands::print_config(&settings),
         Command::Generate(args) => {
             telemetry::init(settings.log_format, "warn");
             generate(settings, args)

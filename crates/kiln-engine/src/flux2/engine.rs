@@ -7,11 +7,11 @@ use crate::error::{Error, Result};
 use crate::pipeline::{DeviceSpec, EngineOptions, LoadProgress, PipelineRequest, Precision};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
 use kiln_core::params::{GenerationParams, OutputSize};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// The operator's configuration of a FLUX.2 model.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flux2Config {
     /// A diffusers FLUX.2 folder (`model_index.json` naming `Flux2Pipeline` for dev or

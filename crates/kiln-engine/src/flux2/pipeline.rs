@@ -8,8 +8,8 @@ use super::sampling::{empirical_mu, pack_channels_last};
 use super::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use super::vae::{Flux2Vae, Flux2VaeConfig};
 use crate::checkpoint::{
-    bfl_transformer_file, diffusers_transformer, model_index, read_json, safetensors_files,
-    CheckpointSettings, WeightFormat,
+    bfl_transformer_file, checkpoint_name, diffusers_transformer, model_index, read_json,
+    safetensors_files, CheckpointSettings, WeightFormat,
 };
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
@@ -127,7 +127,8 @@ struct References {
 
 /// A loaded FLUX.2 checkpoint, resident on its device.
 pub struct Flux2Pipeline {
-    root: PathBuf,
+    /// What clients are told the checkpoint is called (never its path).
+    name: String,
     settings: CheckpointSettings,
     device: Device,
     dtype: DType,
@@ -407,7 +408,7 @@ impl Flux2Pipeline {
             None => default_flux2_schedule(),
         };
         Ok(Self {
-            root: dir.to_path_buf(),
+            name: checkpoint_name(dir),
             settings,
             device,
             dtype,
@@ -468,8 +469,8 @@ impl Flux2Pipeline {
         (self.vae.config().scale_factor() * 2) as u32
     }
 
-    /// E.g. "FLUX.2 klein (distilled), diffusers layout, GGUF Q8_0 transformer, /models/klein
-    /// on cpu (F32)".
+    /// E.g. "FLUX.2 klein (distilled), diffusers layout, GGUF Q8_0 transformer, FLUX.2-klein-4B
+    /// on cpu (F32)": the checkpoint by name, never by path (clients see this in metadata).
     pub fn describe(&self) -> String {
         let kind = match self.variant {
             Flux2Variant::Dev => "dev",
@@ -485,7 +486,7 @@ impl Flux2Pipeline {
         format!(
             "FLUX.2 {kind}, diffusers layout, {}, {} on {} ({:?}){about}",
             self.transformer_weights,
-            self.root.display(),
+            self.name,
             device_name(&self.device),
             self.dtype
         )

@@ -66,6 +66,8 @@ pub fn bfl_checkpoint(dir: &Path, transformer: &str) -> PathBuf {
 /// A `kiln` process. Killed (SIGKILL) when dropped.
 pub struct KilnProcess {
     child: Child,
+    /// Its log so far (it logs JSON): one value per line.
+    log: Shared<Vec<Value>>,
     /// `http://127.0.0.1:PORT` once a `serve` process listens.
     pub base: String,
     /// The key a first start printed, if it did.
@@ -90,7 +92,13 @@ impl KilnProcess {
     pub fn serve(config: &Path, data_dir: &Path, extra: &[&str]) -> Self {
         let mut command = kiln_command(config, data_dir);
         command.args(["serve", "--bind", "127.0.0.1:0"]).args(extra);
+        Self::serving(command)
+    }
+
+    /// Starts `command` (a `kiln serve` that logs JSON) and waits until it listens.
+    pub fn serving(command: Command) -> Self {
         let (mut child, listening, stdout) = spawn_watched(command);
+        let log = listening.lock().unwrap().log.clone();
         let base = wait_listening(&mut child, &listening);
         // kiln logs the key's creation (stderr) before it listens, and prints the token on
         // stdout, which another thread reads: wait for that line when a key was made.
@@ -114,18 +122,30 @@ impl KilnProcess {
         };
         KilnProcess {
             child,
+            log,
             base,
             first_key,
         }
+    }
+
+    /// The log lines so far whose `message` is `message`.
+    pub fn logged(&self, message: &str) -> Vec<Value> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|e| e["message"] == message)
+            .cloned()
+            .collect()
     }
 
     /// `kiln worker` (no listener).
     pub fn worker(config: &Path, data_dir: &Path) -> Self {
         let mut command = kiln_command(config, data_dir);
         command.arg("worker");
-        let (child, _, _) = spawn_watched(command);
+        let (child, listening, _) = spawn_watched(command);
+        let log = listening.lock().unwrap().log.clone();
         KilnProcess {
             child,
+            log,
             base: String::new(),
             first_key: None,
         }
@@ -139,8 +159,10 @@ impl KilnProcess {
             .arg("worker");
         let (mut child, listening, _) = spawn_watched(command);
         let base = wait_listening(&mut child, &listening);
+        let log = listening.lock().unwrap().log.clone();
         KilnProcess {
             child,
+            log,
             base,
             first_key: None,
         }
@@ -186,6 +208,7 @@ type Shared<T> = Arc<Mutex<T>>;
 struct Startup {
     address: Option<String>,
     key_made: bool,
+    log: Shared<Vec<Value>>,
 }
 
 /// Waits for the "kiln is listening" log line and returns `http://ADDRESS`.
@@ -225,6 +248,7 @@ fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<St
                     continue;
                 };
                 let mut startup = listening.lock().unwrap();
+                startup.log.lock().unwrap().push(event.clone());
                 if event["message"] == "kiln is listening" {
                     startup.address = event["address"].as_str().map(str::to_string);
                 }
@@ -251,7 +275,19 @@ fn spawn_watched(mut command: Command) -> (Child, Shared<Startup>, Shared<Vec<St
 
 /// Runs `kiln ARGS` to completion: (success, stdout, stderr).
 pub fn kiln_run(config: &Path, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = kiln_command(config, data_dir).args(args).output().unwrap();
+    kiln_run_with_env(config, data_dir, args, &[])
+}
+
+/// [`kiln_run`] with these environment variables set.
+pub fn kiln_run_with_env(
+    config: &Path,
+    data_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let mut command = kiln_command(config, data_dir);
+    command.envs(env.iter().copied());
+    let out = command.args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),

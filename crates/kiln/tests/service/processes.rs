@@ -2,11 +2,12 @@
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
 use crate::harness::{
-    bfl_checkpoint, input, kiln_run, write_config, write_config_for, Client, KilnProcess, EDIT,
-    FLEX, PRO,
+    bfl_checkpoint, input, kiln_run, kiln_run_with_env, write_config, write_config_for, Client,
+    KilnProcess, EDIT, FLEX, PRO,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,26 +310,56 @@ async fn a_separate_worker_exports_its_step_and_job_metrics() {
     assert_eq!(sample("kiln_jobs_finished_total{model=\"blackforestlabs/flux-1-1-pro/text-to-image\",outcome=\"succeeded\"}"), 1.0);
 }
 
+/// The binary as `cargo install` or a copy leaves it: alone in a directory of its own, started
+/// from an empty directory with no configuration at all.
+fn packaged_binary(root: &Path) -> (PathBuf, PathBuf) {
+    let bin = root.join("bin");
+    let cwd = root.join("empty");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&cwd).unwrap();
+    let kiln = bin.join("kiln");
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &kiln).unwrap();
+    (kiln, cwd)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_so() {
+async fn a_copied_binary_serves_the_embedded_demo_checkpoint_from_an_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("empty.toml");
-    std::fs::write(&config, "").unwrap();
-    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let (binary, cwd) = packaged_binary(dir.path());
+    let mut command = std::process::Command::new(&binary);
+    command
+        .current_dir(&cwd)
+        .env_remove("KILN_CONFIG")
+        .env_remove("KILN_DATA_DIR")
+        .env("KILN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdin(std::process::Stdio::null())
+        .args(["serve", "--bind", "127.0.0.1:0"]);
+    let kiln = KilnProcess::serving(command);
     let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    assert!(
+        cwd.join("kiln-data/demo-checkpoint/model_index.json")
+            .is_file(),
+        "the embedded checkpoint is written into the data directory"
+    );
     let prompt = "a red circle in the top left on a blue background";
     for (model, input, size) in [
         (
             FLEX,
-            serde_json::json!({"prompt": prompt, "image_size": "square"}),
+            json!({"prompt": prompt, "image_size": "square"}),
             (512, 512),
         ),
-        (PRO, serde_json::json!({"prompt": prompt}), (1344, 768)),
+        (PRO, json!({"prompt": prompt}), (1344, 768)),
     ] {
         let result = client.run(model, input, Duration::from_secs(120)).await;
         assert_eq!(result["status"], "succeeded", "{model}: {result}");
         let engine = result["metadata"]["engine"].as_str().unwrap();
-        assert!(engine.contains("demo-checkpoint"), "{model}: {engine}");
+        assert!(engine.contains("kiln demo checkpoint"), "{model}: {engine}");
+        let tree = dir.path().to_str().unwrap();
+        assert!(
+            !result.to_string().contains(tree),
+            "no server path reaches the client: {result}"
+        );
         let notes = result["metadata"]["notes"].to_string();
         assert!(
             notes.contains("demo checkpoint") && notes.contains("upscaled"),
@@ -339,6 +370,114 @@ async fn with_no_configuration_the_demo_checkpoint_serves_both_routes_and_says_s
             .await;
         assert_eq!((code, decoded_size(&bytes)), (200, size), "{model}");
     }
+    assert_operator_logs(&kiln);
+}
+
+/// The startup summary names what serves each route and where things are kept; every request
+/// has an access-log line, with its key's name and without a file URL's signature.
+fn assert_operator_logs(kiln: &KilnProcess) {
+    let routes = kiln.logged("route");
+    assert_eq!(routes.len(), 3, "one line per route: {routes:?}");
+    let served_by = |id: &str| {
+        let line = routes.iter().find(|r| r["route"] == id).unwrap();
+        line["served_by"].as_str().unwrap().to_string()
+    };
+    assert!(
+        served_by(PRO).contains("kiln demo checkpoint"),
+        "{routes:?}"
+    );
+    assert!(served_by(EDIT).contains("refused"), "{routes:?}");
+    let listening = &kiln.logged("kiln is listening")[0];
+    for field in ["public_url", "store", "blob_store"] {
+        assert!(listening[field].is_string(), "{field}: {listening}");
+    }
+
+    let requests = kiln.logged("request");
+    let submit = requests
+        .iter()
+        .find(|r| r["method"] == "POST" && r["path"] == format!("/v1/models/{FLEX}"))
+        .unwrap_or_else(|| panic!("no access-log line for the submit: {requests:?}"));
+    assert_eq!(submit["status"], 200, "{submit}");
+    assert_eq!(submit["key"], "default", "{submit}");
+    assert!(submit["request_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert!(submit["duration_ms"]
+        .as_str()
+        .unwrap()
+        .parse::<f64>()
+        .is_ok());
+    let download = requests
+        .iter()
+        .find(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/files/")))
+        .unwrap_or_else(|| panic!("no access-log line for the download: {requests:?}"));
+    assert_eq!(
+        (&download["status"], &download["key"]),
+        (&json!(200), &json!("-"))
+    );
+    assert!(
+        !requests.iter().any(|r| r.to_string().contains("sig=")),
+        "signatures stay out of the log"
+    );
+}
+
+#[test]
+fn generate_loads_only_the_checkpoint_of_its_route() {
+    let dir = tempfile::tempdir().unwrap();
+    // The other route's checkpoint is not even there: loading it would fail.
+    let config = write_config_for(dir.path(), Path::new("/nonexistent/checkpoint"), 2, "");
+    let out = dir.path().join("circle.png");
+    let (ok, _, stderr) = kiln_run(
+        &config,
+        &dir.path().join("data"),
+        &[
+            "generate",
+            "--model",
+            FLEX,
+            "--input",
+            r#"{"prompt": "a red circle", "image_size": "square"}"#,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("loaded FLUX.1 schnell, diffusers layout, kiln demo checkpoint"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("nonexistent"), "{stderr}");
+    let (width, height) = decoded_size(&std::fs::read(&out).unwrap());
+    assert_eq!((width, height), (512, 512), "the square preset");
+}
+
+#[test]
+fn kiln_config_prints_the_settings_in_force_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 3, &format!("\n[limits]\nmax_queued = 77\n"));
+    let secret = "5e".repeat(32);
+    let env = [
+        ("KILN_SIGNING_KEY", secret.as_str()),
+        ("KILN_MODELS__FLUX_2_FLEX__CHECKPOINT", "/models/klein"),
+    ];
+    let (ok, text, stderr) = kiln_run_with_env(&config, dir.path(), &["config"], &env);
+    assert!(ok, "{stderr}");
+    let printed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(
+        printed["limits"]["max_queued"].as_integer(),
+        Some(77),
+        "{text}"
+    );
+    assert_eq!(printed["signing_key"].as_str(), Some("<redacted>"));
+    assert!(!text.contains(&secret));
+    assert_eq!(
+        printed["models"][PRO]["steps"].as_integer(),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        printed["models"][FLEX]["checkpoint"].as_str(),
+        Some("/models/klein")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
