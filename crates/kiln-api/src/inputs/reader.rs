@@ -1,8 +1,9 @@
 //! Reads a JSON object field by field, collecting every violation instead of stopping at the
 //! first, so that one 422001 answer (or one `kiln generate` error) lists everything to fix.
 //!
-//! Types are strict: a string `"5"` is not an integer, `5.5` and `5.0` are not integers, `true` is
-//! not a number, and `null` is not a value of any field (an absent field takes its default).
+//! Types are strict: a string `"5"` is not an integer, `5.5` is not an integer, `true` is not a
+//! number, and `null` is not a value of any field (an absent field takes its default). `5.0` is
+//! the integer 5, as JSON Schema's `integer` says (clients whose numbers are all floats send it).
 
 use super::Violation;
 use serde_json::{Map, Value};
@@ -92,10 +93,12 @@ impl<'v> FieldReader<'v> {
         check: impl FnOnce(i128) -> Result<T, String>,
     ) -> Option<T> {
         let value = self.take(name)?;
+        let whole = |x: f64| (x.is_finite() && x.fract() == 0.0).then_some(x as i128);
         let Some(n) = value
             .as_i64()
             .map(i128::from)
             .or_else(|| value.as_u64().map(i128::from))
+            .or_else(|| value.as_f64().and_then(whole))
         else {
             self.violate(name, "must be an integer", Some(&value));
             return None;

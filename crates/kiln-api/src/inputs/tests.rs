@@ -393,12 +393,19 @@ mod flux2_flex {
             let (_, rule) = violation(FLEX, json!({"prompt": "x", "num_inference_steps": bad}));
             assert_eq!(rule, "must be an integer between 2 and 50");
         }
-        for bad in [json!(28.0), json!(5.5), json!("28"), json!(true)] {
+        for bad in [json!(5.5), json!(28.000001), json!("28"), json!(true)] {
             assert_eq!(
                 violation(FLEX, json!({"prompt": "x", "num_inference_steps": bad})).1,
                 "must be an integer"
             );
         }
+        // JSON Schema's integers include numbers with no fraction.
+        assert_eq!(
+            ok(FLEX, json!({"prompt": "x", "num_inference_steps": 28.0})).num_inference_steps,
+            Some(28)
+        );
+        let (_, rule) = violation(FLEX, json!({"prompt": "x", "num_inference_steps": 1e300}));
+        assert_eq!(rule, "must be an integer between 2 and 50");
     }
 
     #[test]

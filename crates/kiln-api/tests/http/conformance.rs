@@ -49,10 +49,17 @@ async fn schemathesis_finds_no_failure_with_all_checks() {
         "schemathesis found failures ({}); its report is above",
         output.status
     );
-    let summary = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    // "Test cases:" then e.g. "1154 generated, 1154 passed, 10 skipped" ("..., 3 found 3 unique
+    // failures" when any fail); the closing rule names failures and errors, if any.
+    let cases = stdout.lines().find(|l| l.contains(" generated, "));
     assert!(
-        summary.is_some_and(|l| l.contains("passed") && !l.contains("failed")),
-        "unexpected summary: {summary:?}"
+        cases.is_some_and(|l| l.contains(" passed") && !l.contains("found")),
+        "unexpected test case count: {cases:?}"
+    );
+    let closing = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    assert!(
+        closing.is_some_and(|l| !l.contains("failure") && !l.contains("error")),
+        "unexpected summary: {closing:?}"
     );
 }
 
