@@ -122,7 +122,9 @@ impl PromptTokenizer {
             .filter_map(|id| self.inner.id_to_token(id))
             .map(|t| AddedToken::from(t, true))
             .collect();
-        self.inner.add_special_tokens(&specials);
+        self.inner
+            .add_special_tokens(specials)
+            .map_err(|e| self.error(e))?;
         Ok(())
     }
 
@@ -196,7 +198,8 @@ fn build_clip_bpe(dir: &Path, unk: &str) -> Result<Tokenizer> {
         NFC.into(),
         whitespace.into(),
         Lowercase.into(),
-    ])));
+    ])))
+    .map_err(|e| err(e.to_string()))?;
     let split = Split::new(
         SplitPattern::Regex(CLIP_PATTERN.into()),
         SplitDelimiterBehavior::Removed,
