@@ -57,6 +57,9 @@ pub(crate) enum ApiError {
     RateLimited { retry_after_s: u64 },
     #[error("the queue is full ({depth} jobs waiting); retry later")]
     QueueFull { depth: u64 },
+    /// One key may not fill the shared queue: its own waiting jobs must run first.
+    #[error("this API key already has {queued} jobs waiting, the most one key may queue; retry once some have run")]
+    KeyQueueFull { queued: u64 },
     #[error("the server is shutting down; retry shortly")]
     Draining,
     /// Logged with the request id, never shown: the client gets a generic message.
@@ -85,7 +88,7 @@ impl ApiError {
             MalformedJson(_) | InvalidInput(_) | InvalidIdempotencyKey => {
                 (StatusCode::UNPROCESSABLE_ENTITY, 422001)
             }
-            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, 429001),
+            RateLimited { .. } | KeyQueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 429001),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 500001),
             QueueFull { .. } | Draining => (StatusCode::SERVICE_UNAVAILABLE, 503001),
         }
@@ -95,7 +98,9 @@ impl ApiError {
     fn retry_after_s(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_s } => Some(*retry_after_s),
-            ApiError::QueueFull { .. } => Some(QUEUE_FULL_RETRY_AFTER_S),
+            ApiError::QueueFull { .. } | ApiError::KeyQueueFull { .. } => {
+                Some(QUEUE_FULL_RETRY_AFTER_S)
+            }
             ApiError::Draining => Some(DRAINING_RETRY_AFTER_S),
             _ => None,
         }
@@ -167,6 +172,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::QueueFull { depth } => ApiError::QueueFull { depth },
+            StoreError::OwnerQueueFull { queued } => ApiError::KeyQueueFull { queued },
             StoreError::IdempotencyConflict => ApiError::IdempotencyConflict,
             // The rest cannot come from what the HTTP layer calls; if one does, it is a bug.
             other @ (StoreError::Backend(_)
@@ -218,6 +224,7 @@ mod tests {
             ApiError::InvalidIdempotencyKey,
             ApiError::RateLimited { retry_after_s: 3 },
             ApiError::QueueFull { depth: 5 },
+            ApiError::KeyQueueFull { queued: 5 },
             ApiError::Draining,
             ApiError::Internal("disk on fire at /var/lib/kiln".into()),
         ]

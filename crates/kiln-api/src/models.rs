@@ -81,7 +81,7 @@ pub(crate) async fn submit(
         .map_err(|retry_after_s| ApiError::RateLimited { retry_after_s })?;
     let enqueued = state
         .jobs
-        .enqueue(job, idempotency, state.settings.max_queued)
+        .enqueue(job, idempotency, state.settings.queue_limits())
         .await;
     if !enqueued.as_ref().is_ok_and(|e| !e.replayed) {
         state.rate_limiter.refund(owner);

@@ -7,7 +7,7 @@ use crate::rate_limit::RateLimiter;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::RequestId;
-use kiln_core::store::{JobStore, KeyStore};
+use kiln_core::store::{JobStore, KeyStore, QueueLimits};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,9 @@ pub struct ApiSettings {
     pub max_prompt_chars: usize,
     /// How many jobs may wait in the queue before submits are refused (503001).
     pub max_queued: u64,
+    /// How many of those one API key may have waiting (429001 beyond), so that one key cannot
+    /// fill the shared queue for everyone.
+    pub max_queued_per_key: u64,
     /// Submits per minute per API key, refilled continuously; 0 (the default) turns rate
     /// limiting off. Off by default because the default install is single-tenant: the limit
     /// serves deployments that share a server among tenants, and `max_queued` is the
@@ -58,12 +61,20 @@ impl ApiSettings {
             max_body_bytes: 16 * 1024 * 1024,
             max_prompt_chars: 10_000,
             max_queued: 1_000,
+            max_queued_per_key: 500,
             // Off: see `rate_limit_per_minute`.
             rate_limit_per_minute: 0,
             rate_limit_burst: 100,
             idempotency_window: DAY,
             served_routes: Route::ALL.to_vec(),
             key_cache_ttl: crate::auth::KEY_CACHE_TTL,
+        }
+    }
+
+    pub(crate) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            total: self.max_queued,
+            per_owner: self.max_queued_per_key,
         }
     }
 

@@ -19,6 +19,9 @@ pub enum StoreError {
     /// The queue holds as many jobs as it may.
     #[error("the queue is full ({depth} jobs waiting)")]
     QueueFull { depth: u64 },
+    /// The submitting key has as many jobs waiting as one key may.
+    #[error("this API key has {queued} jobs waiting, the most one key may have queued")]
+    OwnerQueueFull { queued: u64 },
     /// This worker's lease was taken over (it expired) or the job has ended.
     #[error("the lease on job {0} is no longer held by this worker")]
     LeaseLost(RequestId),
@@ -32,6 +35,24 @@ pub enum StoreError {
     /// The backend failed (I/O, connection, corrupt row). Not shown to clients.
     #[error("store backend: {0}")]
     Backend(String),
+}
+
+/// How many jobs may wait in the queue: in all (back-pressure for the whole service), and per
+/// API key (so that one key cannot fill the shared queue for everyone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub total: u64,
+    pub per_owner: u64,
+}
+
+impl QueueLimits {
+    /// A limit on the whole queue only (one key may fill it).
+    pub fn total(total: u64) -> Self {
+        Self {
+            total,
+            per_owner: total,
+        }
+    }
 }
 
 /// An idempotency key as the client sent it, scoped to its token.
@@ -78,12 +99,13 @@ pub struct ClaimPolicy {
 #[async_trait]
 pub trait JobStore: Send + Sync {
     /// Commits a new job (or finds the original of a repeated idempotency key). Returns only
-    /// once the job is durable. Fails with `QueueFull` when `max_queued` jobs already wait.
+    /// once the job is durable. Fails with `QueueFull` when `limits.total` jobs already wait, and
+    /// with `OwnerQueueFull` when `limits.per_owner` jobs of the job's owner do.
     async fn enqueue(
         &self,
         job: NewJob,
         idempotency: Option<Idempotency>,
-        max_queued: u64,
+        limits: QueueLimits,
     ) -> Result<Enqueued, StoreError>;
 
     /// The job if it exists, belongs to `owner` and has not expired.

@@ -20,8 +20,9 @@
 use crate::record::millis;
 use crate::sqlite::{backend, duration_millis, SqliteStore};
 use kiln_core::job::{Job, JobState, JobView, NewJob};
-use kiln_core::store::{Enqueued, Idempotency, StoreError};
+use kiln_core::store::{Enqueued, Idempotency, QueueLimits, StoreError};
 use sqlx::{SqliteConnection, SqlitePool};
+use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 /// The most submits one transaction takes. Large enough that the sync is shared widely, small
@@ -35,7 +36,7 @@ pub(crate) struct PendingEnqueue {
     pub job: NewJob,
     pub params_json: String,
     pub idempotency: Option<Idempotency>,
-    pub max_queued: u64,
+    pub limits: QueueLimits,
     pub answer: oneshot::Sender<Outcome>,
 }
 
@@ -79,21 +80,51 @@ async fn commit_batch(
         .fetch_one(&mut *tx)
         .await
         .map_err(backend)?;
-    let mut depth = depth as u64;
+    let mut depths = QueueDepths {
+        total: depth as u64,
+        by_owner: HashMap::new(),
+    };
     let mut outcomes = Vec::with_capacity(batch.len());
     for pending in batch {
-        outcomes.push(enqueue_one(&mut tx, pending, &mut depth).await?);
+        outcomes.push(enqueue_one(&mut tx, pending, &mut depths).await?);
     }
     tx.commit().await.map_err(backend)?;
     Ok(outcomes)
 }
 
-/// One job inside the batch's transaction; `depth` is the queue's length so far in the batch.
-/// The outer error is the backend's (it ends the batch), the inner one this job's own outcome.
+/// The queue's length so far in the batch: in all, and for each owner asked about (read once,
+/// then counted along with the batch's inserts).
+struct QueueDepths {
+    total: u64,
+    by_owner: HashMap<String, u64>,
+}
+
+impl QueueDepths {
+    async fn of_owner(
+        &mut self,
+        conn: &mut SqliteConnection,
+        owner: &str,
+    ) -> Result<&mut u64, StoreError> {
+        if !self.by_owner.contains_key(owner) {
+            let queued: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = ?",
+            )
+            .bind(owner)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend)?;
+            self.by_owner.insert(owner.to_string(), queued as u64);
+        }
+        Ok(self.by_owner.get_mut(owner).expect("inserted above"))
+    }
+}
+
+/// One job inside the batch's transaction. The outer error is the backend's (it ends the
+/// batch), the inner one this job's own outcome.
 async fn enqueue_one(
     conn: &mut SqliteConnection,
     pending: &PendingEnqueue,
-    depth: &mut u64,
+    depths: &mut QueueDepths,
 ) -> Result<Outcome, StoreError> {
     let job = &pending.job;
     if let Some(idem) = &pending.idempotency {
@@ -101,8 +132,16 @@ async fn enqueue_one(
             return Ok(earlier);
         }
     }
-    if *depth >= pending.max_queued {
-        return Ok(Err(StoreError::QueueFull { depth: *depth }));
+    if depths.total >= pending.limits.total {
+        return Ok(Err(StoreError::QueueFull {
+            depth: depths.total,
+        }));
+    }
+    let owner_depth = *depths.of_owner(conn, &job.owner.to_string()).await?;
+    if owner_depth >= pending.limits.per_owner {
+        return Ok(Err(StoreError::OwnerQueueFull {
+            queued: owner_depth,
+        }));
     }
     let (id, owner, now) = (
         job.id.to_string(),
@@ -137,8 +176,9 @@ async fn enqueue_one(
         .map_err(backend)?;
     }
     // FIFO: everything queued before this insert, in earlier batches or this one, is ahead.
-    let position = *depth;
-    *depth += 1;
+    let position = depths.total;
+    depths.total += 1;
+    *depths.of_owner(conn, &owner).await? += 1;
     Ok(Ok(Enqueued {
         view: queued_view(job.clone(), position),
         replayed: false,

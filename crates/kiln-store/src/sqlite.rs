@@ -16,7 +16,8 @@ use kiln_core::job::{
     CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, Progress,
 };
 use kiln_core::store::{
-    ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, StateCounts, StoreError,
+    ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, QueueLimits,
+    StateCounts, StoreError,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
@@ -221,7 +222,7 @@ impl JobStore for SqliteStore {
         &self,
         job: NewJob,
         idempotency: Option<Idempotency>,
-        max_queued: u64,
+        limits: QueueLimits,
     ) -> Result<Enqueued, StoreError> {
         let params_json = serde_json::to_string(&job.params).map_err(backend)?;
         let (answer, answered) = oneshot::channel();
@@ -229,7 +230,7 @@ impl JobStore for SqliteStore {
             job,
             params_json,
             idempotency,
-            max_queued,
+            limits,
             answer,
         };
         let stopped = || StoreError::Backend("the store's submit committer has stopped".into());

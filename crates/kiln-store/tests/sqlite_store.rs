@@ -7,7 +7,7 @@ use kiln_core::job::{
     Timings,
 };
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
-use kiln_core::store::{ClaimPolicy, Idempotency, JobStore, KeyStore, StoreError};
+use kiln_core::store::{ClaimPolicy, Idempotency, JobStore, KeyStore, QueueLimits, StoreError};
 use kiln_store::SqliteStore;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -89,7 +89,11 @@ async fn queue_positions_follow_submission_order() {
     let mut ids = vec![];
     for i in 0..4 {
         let e = store
-            .enqueue(new_job(owner, &format!("job {i}")), None, 100)
+            .enqueue(
+                new_job(owner, &format!("job {i}")),
+                None,
+                QueueLimits::total(100),
+            )
             .await
             .unwrap();
         assert_eq!(e.view.queue_position, Some(i));
@@ -129,7 +133,7 @@ async fn another_owner_sees_nothing() {
     let (_dir, store) = fresh().await;
     let (alice, bob) = (KeyId::new(), KeyId::new());
     let id = store
-        .enqueue(new_job(alice, "mine"), None, 100)
+        .enqueue(new_job(alice, "mine"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
@@ -144,10 +148,16 @@ async fn another_owner_sees_nothing() {
 async fn queue_depth_is_bounded() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
-    store.enqueue(new_job(owner, "a"), None, 2).await.unwrap();
-    store.enqueue(new_job(owner, "b"), None, 2).await.unwrap();
+    store
+        .enqueue(new_job(owner, "a"), None, QueueLimits::total(2))
+        .await
+        .unwrap();
+    store
+        .enqueue(new_job(owner, "b"), None, QueueLimits::total(2))
+        .await
+        .unwrap();
     let err = store
-        .enqueue(new_job(owner, "c"), None, 2)
+        .enqueue(new_job(owner, "c"), None, QueueLimits::total(2))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::QueueFull { depth: 2 }), "{err:?}");
@@ -157,9 +167,78 @@ async fn queue_depth_is_bounded() {
         .unwrap()
         .unwrap();
     store
-        .enqueue(new_job(owner, "c"), None, 2)
+        .enqueue(new_job(owner, "c"), None, QueueLimits::total(2))
         .await
         .expect("a claimed job frees a place");
+}
+
+#[tokio::test]
+async fn one_key_may_not_fill_the_shared_queue() {
+    let (_dir, store) = fresh().await;
+    let (greedy, other) = (KeyId::new(), KeyId::new());
+    let limits = QueueLimits {
+        total: 10,
+        per_owner: 2,
+    };
+    for prompt in ["a", "b"] {
+        store
+            .enqueue(new_job(greedy, prompt), None, limits)
+            .await
+            .unwrap();
+    }
+    let err = store
+        .enqueue(new_job(greedy, "c"), None, limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::OwnerQueueFull { queued: 2 }),
+        "{err:?}"
+    );
+    store
+        .enqueue(new_job(other, "x"), None, limits)
+        .await
+        .expect("another key still has room");
+    store
+        .claim(&worker("w"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue(new_job(greedy, "c"), None, limits)
+        .await
+        .expect("a claimed job frees one of the key's places");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_per_key_cap_is_exact_under_concurrent_submits() {
+    let (_dir, store) = fresh().await;
+    let (a, b) = (KeyId::new(), KeyId::new());
+    let limits = QueueLimits {
+        total: 1_000,
+        per_owner: 7,
+    };
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            let owner = if i % 2 == 0 { a } else { b };
+            tokio::spawn(async move {
+                (
+                    owner,
+                    store.enqueue(new_job(owner, "j"), None, limits).await,
+                )
+            })
+        })
+        .collect();
+    let mut accepted = std::collections::HashMap::new();
+    for task in tasks {
+        let (owner, outcome) = task.await.unwrap();
+        match outcome {
+            Ok(_) => *accepted.entry(owner).or_insert(0) += 1,
+            Err(StoreError::OwnerQueueFull { queued: 7 }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((accepted[&a], accepted[&b]), (7, 7));
 }
 
 #[tokio::test]
@@ -167,14 +246,14 @@ async fn cancel_in_each_state() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
     let queued = store
-        .enqueue(new_job(owner, "q"), None, 100)
+        .enqueue(new_job(owner, "q"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
         .job
         .id;
     let running = store
-        .enqueue(new_job(owner, "r"), None, 100)
+        .enqueue(new_job(owner, "r"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
@@ -223,7 +302,7 @@ async fn cancel_in_each_state() {
 async fn claims_only_the_routes_asked_for() {
     let (_dir, store) = fresh().await;
     store
-        .enqueue(new_job(KeyId::new(), "a"), None, 100)
+        .enqueue(new_job(KeyId::new(), "a"), None, QueueLimits::total(100))
         .await
         .unwrap();
     assert!(store
@@ -248,7 +327,7 @@ async fn a_stale_worker_is_fenced_off_after_its_lease_expires() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
     let id = store
-        .enqueue(new_job(owner, "a"), None, 100)
+        .enqueue(new_job(owner, "a"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
@@ -345,7 +424,7 @@ async fn a_job_that_keeps_killing_workers_is_failed() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
     let id = store
-        .enqueue(new_job(owner, "poison"), None, 100)
+        .enqueue(new_job(owner, "poison"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
@@ -382,14 +461,14 @@ async fn release_puts_the_job_back_first_in_line_without_spending_an_attempt() {
     let (_dir, store) = fresh().await;
     let owner = KeyId::new();
     let first = store
-        .enqueue(new_job(owner, "first"), None, 100)
+        .enqueue(new_job(owner, "first"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
         .job
         .id;
     store
-        .enqueue(new_job(owner, "second"), None, 100)
+        .enqueue(new_job(owner, "second"), None, QueueLimits::total(100))
         .await
         .unwrap();
     let lease = store
@@ -421,23 +500,39 @@ async fn idempotency_keys_replay_and_conflict() {
         window: Duration::from_secs(86400),
     };
     let first = store
-        .enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100)
+        .enqueue(
+            new_job(owner, "a"),
+            Some(idem("fp-a")),
+            QueueLimits::total(100),
+        )
         .await
         .unwrap();
     let again = store
-        .enqueue(new_job(owner, "a"), Some(idem("fp-a")), 100)
+        .enqueue(
+            new_job(owner, "a"),
+            Some(idem("fp-a")),
+            QueueLimits::total(100),
+        )
         .await
         .unwrap();
     assert!(again.replayed);
     assert_eq!(again.view.job.id, first.view.job.id);
     assert!(matches!(
         store
-            .enqueue(new_job(owner, "b"), Some(idem("fp-b")), 100)
+            .enqueue(
+                new_job(owner, "b"),
+                Some(idem("fp-b")),
+                QueueLimits::total(100)
+            )
             .await,
         Err(StoreError::IdempotencyConflict)
     ));
     let other_owner = store
-        .enqueue(new_job(KeyId::new(), "a"), Some(idem("fp-a")), 100)
+        .enqueue(
+            new_job(KeyId::new(), "a"),
+            Some(idem("fp-a")),
+            QueueLimits::total(100),
+        )
         .await
         .unwrap();
     assert!(!other_owner.replayed, "keys are scoped to their token");
@@ -450,12 +545,16 @@ async fn idempotency_keys_replay_and_conflict() {
         window: Duration::from_millis(30),
     };
     let a = store
-        .enqueue(new_job(owner, "c"), Some(short.clone()), 100)
+        .enqueue(
+            new_job(owner, "c"),
+            Some(short.clone()),
+            QueueLimits::total(100),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(60)).await;
     let b = store
-        .enqueue(new_job(owner, "c"), Some(short), 100)
+        .enqueue(new_job(owner, "c"), Some(short), QueueLimits::total(100))
         .await
         .unwrap();
     assert!(
@@ -470,9 +569,15 @@ async fn purge_removes_expired_records_and_reports_their_files() {
     let owner = KeyId::new();
     let mut job = new_job(owner, "short-lived");
     job.expires_at = job.created_at + Duration::from_millis(50);
-    let id = store.enqueue(job, None, 100).await.unwrap().view.job.id;
+    let id = store
+        .enqueue(job, None, QueueLimits::total(100))
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
     let keep = store
-        .enqueue(new_job(owner, "long-lived"), None, 100)
+        .enqueue(new_job(owner, "long-lived"), None, QueueLimits::total(100))
         .await
         .unwrap()
         .view
@@ -523,7 +628,7 @@ async fn accepted_jobs_survive_reopening_the_file() {
     let id = {
         let store = SqliteStore::open(&path).await.unwrap();
         store
-            .enqueue(new_job(owner, "durable"), None, 100)
+            .enqueue(new_job(owner, "durable"), None, QueueLimits::total(100))
             .await
             .unwrap()
             .view
@@ -573,7 +678,11 @@ async fn concurrent_claims_hand_each_job_to_exactly_one_worker() {
     let owner = KeyId::new();
     for i in 0..20 {
         store
-            .enqueue(new_job(owner, &format!("{i}")), None, 100)
+            .enqueue(
+                new_job(owner, &format!("{i}")),
+                None,
+                QueueLimits::total(100),
+            )
             .await
             .unwrap();
     }
@@ -615,7 +724,11 @@ mod group_commit {
             .into_iter()
             .map(|(job, idem)| {
                 let store = store.clone();
-                tokio::spawn(async move { store.enqueue(job, idem, max_queued).await })
+                tokio::spawn(async move {
+                    store
+                        .enqueue(job, idem, QueueLimits::total(max_queued))
+                        .await
+                })
             })
             .collect();
         let mut outcomes = vec![];
@@ -668,7 +781,11 @@ mod group_commit {
             })
         };
         let original = store
-            .enqueue(new_job(owner, "original"), idem("k", "a"), 100)
+            .enqueue(
+                new_job(owner, "original"),
+                idem("k", "a"),
+                QueueLimits::total(100),
+            )
             .await
             .unwrap();
         let jobs = vec![

@@ -9,7 +9,7 @@ use kiln_core::job::{Job, JobErrorCode, JobState, NewJob};
 use kiln_core::params::{
     GenerationParams, ImageSize, ImageSource, OutputFormat, OutputSize, Prompt,
 };
-use kiln_core::store::{ClaimPolicy, JobStore};
+use kiln_core::store::{ClaimPolicy, JobStore, QueueLimits};
 use kiln_store::SqliteStore;
 use kiln_testkit::ScriptedEngine;
 use kiln_worker::{run_pool, EngineSet, FetchPolicy, WorkerSettings};
@@ -85,7 +85,13 @@ impl Harness {
             created_at: now,
             expires_at: now + Duration::from_secs(3600),
         };
-        self.jobs.enqueue(job, None, 100).await.unwrap().view.job.id
+        self.jobs
+            .enqueue(job, None, QueueLimits::total(100))
+            .await
+            .unwrap()
+            .view
+            .job
+            .id
     }
 
     async fn wait_terminal(&self, id: RequestId) -> Job {
@@ -313,7 +319,14 @@ async fn the_sweep_purges_expired_records_with_their_files() {
         // Retention of 100 ms, counted from the end of the job.
         expires_at: now + Duration::from_millis(100),
     };
-    let id = h.jobs.enqueue(job, None, 100).await.unwrap().view.job.id;
+    let id = h
+        .jobs
+        .enqueue(job, None, QueueLimits::total(100))
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
     let (shutdown, pool) = h.start(h.settings());
     let key = h.wait_terminal(id).await.output.unwrap().images[0].clone();
     shutdown.cancel();

@@ -148,6 +148,7 @@ impl Application {
             max_body_bytes: limits.max_body_bytes,
             max_prompt_chars: limits.max_prompt_chars,
             max_queued: limits.max_queued,
+            max_queued_per_key: limits.max_queued_per_key,
             rate_limit_per_minute: limits.rate_limit_per_minute,
             rate_limit_burst: limits.rate_limit_burst,
             idempotency_window: Duration::from_secs(settings.idempotency_hours * 3600),

@@ -68,6 +68,9 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     /// Submits beyond this many waiting jobs answer 503001 with `Retry-After`.
     pub max_queued: u64,
+    /// Submits of a key with this many jobs waiting answer 429001 with `Retry-After`: one key
+    /// cannot fill the queue that every key shares.
+    pub max_queued_per_key: u64,
     /// Submits per minute per token; 0 turns the limit off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
@@ -133,6 +136,7 @@ impl Default for Settings {
                 max_body_bytes: 16 * 1024 * 1024,
                 max_prompt_chars: 10_000,
                 max_queued: 1_000,
+                max_queued_per_key: 500,
                 // Off: a single-tenant install has nobody to share with, and `max_queued` is
                 // the back-pressure. Switched on (multi-tenant), a key may burst 100 submits.
                 rate_limit_per_minute: 0,

@@ -307,6 +307,33 @@ async fn a_full_queue_is_503001_with_retry_after() {
 }
 
 #[tokio::test]
+async fn one_key_with_its_share_of_the_queue_waiting_gets_429001_and_others_still_submit() {
+    let server = TestServer::start_with(|s| s.max_queued_per_key = 2).await;
+    server.submit_ok().await;
+    server.submit_ok().await;
+    let answer = server.submit(FLEX, json!({"prompt": "x"})).await;
+    let body = answer.error(429, 429001);
+    assert!(
+        body["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("2 jobs waiting"),
+        "{body}"
+    );
+    assert!(answer.retry_after() >= 1);
+    let (bob, _) = server.add_key("bob").await;
+    let input = json!({"prompt": "bob's turn"});
+    let path = format!("/v1/models/{FLEX}");
+    let bobs = server
+        .call(Method::POST, &path, Some(&bob), Some(&input))
+        .await;
+    bobs.ok();
+    // Once one of Alice's jobs runs, she has room again.
+    server.claim().await;
+    server.submit_ok().await;
+}
+
+#[tokio::test]
 async fn a_draining_server_refuses_submits_with_503001_and_is_not_ready() {
     let server = TestServer::start().await;
     let id = server.submit_ok().await;
