@@ -12,10 +12,12 @@ use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
+use kiln_core::blob::Blob;
 use kiln_core::catalog::Route;
-use kiln_core::ids::RequestId;
+use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::job::NewJob;
-use kiln_core::params::GenerationParams;
+use kiln_core::params::{GenerationParams, ImageLocation, ImageSource};
 use kiln_core::store::Idempotency;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -62,8 +64,10 @@ pub(crate) async fn submit(
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
-    let params = read_input(&state, route, body)?;
+    let mut params = read_input(&state, route, body)?;
+    // The fingerprint is of the input as sent: a replay stores its images under new keys.
     let idempotency = idempotency(&headers, route, &params, &state)?;
+    let stored = store_inline_images(&state, &mut params).await?;
     let now = OffsetDateTime::now_utc();
     let job = NewJob {
         id: RequestId::new(),
@@ -85,6 +89,8 @@ pub(crate) async fn submit(
         .await;
     if !enqueued.as_ref().is_ok_and(|e| !e.replayed) {
         state.rate_limiter.refund(owner);
+        // No job of this submit holds the images: a replay's original has its own copies.
+        delete_blobs(&state, &stored).await;
     }
     let enqueued = enqueued?;
     let id = enqueued.view.job.id;
@@ -95,6 +101,57 @@ pub(crate) async fn submit(
         result_url: settings.request_url(id, "result"),
         cancel_url: settings.request_url(id, "cancel"),
     }))
+}
+
+/// Moves the input's `data:` images into the blob store, for as long as the job needs them,
+/// and points the parameters at them: a job's record keeps a key, not megabytes of base64
+/// for the whole retention period. Returns the keys written.
+async fn store_inline_images(
+    state: &AppState,
+    params: &mut GenerationParams,
+) -> Result<Vec<BlobKey>, ApiError> {
+    let mut stored = Vec::new();
+    for source in &mut params.reference_images {
+        let ImageLocation::Data { media_type, base64 } = source.location() else {
+            continue;
+        };
+        // The edge checked the payload; decoding it again cannot fail.
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(base64)
+            .map_err(|e| ApiError::Internal(format!("inline image: {e}")))?;
+        let key = BlobKey::random(extension_of(media_type));
+        let blob = Blob {
+            bytes,
+            content_type: media_type.to_string(),
+        };
+        if let Err(e) = state.blobs.put(&key, blob).await {
+            delete_blobs(state, &stored).await;
+            return Err(e.into());
+        }
+        *source = ImageSource::stored(media_type, &key);
+        stored.push(key);
+    }
+    Ok(stored)
+}
+
+/// A file extension for an image media type (for people reading the blob directory).
+fn extension_of(media_type: &str) -> &'static str {
+    match media_type.to_ascii_lowercase().as_str() {
+        "image/png" => "png",
+        "image/jpeg" | "image/jpg" => "jpeg",
+        "image/webp" => "webp",
+        _ => "img",
+    }
+}
+
+/// Best effort: a file left behind is purged with its record, if it has one, or stays an
+/// orphan of no one's; neither changes the answer.
+async fn delete_blobs(state: &AppState, keys: &[BlobKey]) {
+    for key in keys {
+        if let Err(error) = state.blobs.delete(key).await {
+            tracing::warn!(%error, blob = %key, "could not delete an inline image");
+        }
+    }
 }
 
 /// The body as `route`'s validated input.

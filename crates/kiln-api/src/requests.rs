@@ -149,7 +149,16 @@ pub(crate) async fn cancel(
         .await?
         .ok_or(ApiError::RequestNotFound)?;
     let status = match outcome {
-        CancelOutcome::Cancelled => RequestStatus::Cancelled,
+        CancelOutcome::Cancelled => {
+            // No worker will read its stored inline images now.
+            let job = visible_job(&state, caller.id, id).await?.job;
+            for key in job.params.stored_images() {
+                if let Err(error) = state.blobs.delete(&key).await {
+                    tracing::warn!(%error, blob = %key, "could not delete a stored reference image");
+                }
+            }
+            RequestStatus::Cancelled
+        }
         // Running or finished: read the state now, it may have moved on since.
         CancelOutcome::NotCancellable => visible_job(&state, caller.id, id).await?.job.state.into(),
     };

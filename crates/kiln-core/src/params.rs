@@ -1,6 +1,7 @@
 //! Validated generation parameters. A value of these types has passed the route's schema: the
 //! HTTP layer and `kiln generate` parse into them once, and nothing downstream checks again.
 
+use crate::ids::BlobKey;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -88,6 +89,11 @@ pub enum OutputSize {
 /// Where a reference image comes from: an `http(s)` URL that a worker fetches, or a `data:`
 /// URI carrying the image itself. Parsed at the edge: the scheme is one of these, a URL has a
 /// host, and a data URI names an image media type and carries valid base64.
+///
+/// The API node does not keep a data URI in the job's record: it stores the image in the blob
+/// store for as long as the job needs it and records a [`ImageLocation::Stored`] source
+/// instead (`kiln-blob:<media type>;<key>`), which only records read back ([`ImageSource::parse`],
+/// the edge, refuses it; `TryFrom<String>`, the records' reader, takes it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ImageSource(String);
@@ -100,7 +106,15 @@ pub enum ImageLocation<'a> {
         media_type: &'a str,
         base64: &'a str,
     },
+    /// An inline image kept in the blob store under `key` while its job needs it.
+    Stored {
+        media_type: &'a str,
+        key: &'a str,
+    },
 }
+
+/// The scheme of [`ImageLocation::Stored`] sources; no client can send it.
+const STORED_SCHEME: &str = "kiln-blob:";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageSourceError {
@@ -146,9 +160,36 @@ impl ImageSource {
         Ok(Self(raw.to_string()))
     }
 
+    /// An inline image stored in the blob store under `key`.
+    pub fn stored(media_type: &str, key: &BlobKey) -> Self {
+        Self(format!("{STORED_SCHEME}{media_type};{}", key.as_str()))
+    }
+
+    /// A `data:` URI carrying `bytes` (a stored image read back, for the fetcher).
+    pub fn data(media_type: &str, bytes: &[u8]) -> Self {
+        use base64::Engine as _;
+        let payload = base64::engine::general_purpose::STANDARD.encode(bytes);
+        Self(format!("data:{media_type};base64,{payload}"))
+    }
+
+    /// The blob key of a [`ImageLocation::Stored`] source.
+    pub fn stored_key(&self) -> Option<BlobKey> {
+        match self.location() {
+            ImageLocation::Stored { key, .. } => BlobKey::try_from(key.to_string()).ok(),
+            _ => None,
+        }
+    }
+
     /// The source taken apart. A `data:` URI that is not `data:image/...;base64,...` reads as a
     /// URL here; [`ImageSource::parse`] never lets one through.
     pub fn location(&self) -> ImageLocation<'_> {
+        if let Some((media_type, key)) = self
+            .0
+            .strip_prefix(STORED_SCHEME)
+            .and_then(|rest| rest.split_once(';'))
+        {
+            return ImageLocation::Stored { media_type, key };
+        }
         let data = self
             .0
             .get(..5)
@@ -173,10 +214,15 @@ impl ImageSource {
     }
 }
 
+/// How records read sources back: what the edge accepts, and stored images.
 impl TryFrom<String> for ImageSource {
     type Error = ImageSourceError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
+        let stored = Self(s);
+        match stored.stored_key() {
+            Some(_) => Ok(stored),
+            None => Self::parse(&stored.0),
+        }
     }
 }
 
@@ -203,6 +249,16 @@ pub struct GenerationParams {
     /// An edit's reference images, in the request's order; empty for text-to-image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference_images: Vec<ImageSource>,
+}
+
+impl GenerationParams {
+    /// The blob keys of the reference images stored with the job (see [`ImageSource::stored`]).
+    pub fn stored_images(&self) -> Vec<BlobKey> {
+        self.reference_images
+            .iter()
+            .filter_map(ImageSource::stored_key)
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +293,19 @@ mod tests {
         ] {
             assert_eq!(ImageSource::parse(raw), Err(err), "{raw}");
         }
+        let key = BlobKey::random("png");
+        let stored = ImageSource::stored("image/png", &key);
+        assert_eq!(stored.stored_key(), Some(key.clone()));
+        let json = serde_json::to_string(&stored).unwrap();
+        let read: ImageSource = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, stored, "records read stored sources back");
+        assert_eq!(
+            ImageSource::parse(stored.as_str()),
+            Err(ImageSourceError::Scheme),
+            "no client can name a blob"
+        );
+        let forged = format!("\"kiln-blob:image/png;../../etc/passwd\"");
+        assert!(serde_json::from_str::<ImageSource>(&forged).is_err());
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
         assert!(ImageSource::parse(&long).is_err());
     }

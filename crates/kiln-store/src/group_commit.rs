@@ -161,6 +161,16 @@ async fn enqueue_one(
     .execute(&mut *conn)
     .await
     .map_err(backend)?;
+    // Images stored with the job die with its record at the latest (the worker deletes them
+    // when the job ends).
+    for key in job.params.stored_images() {
+        sqlx::query("INSERT INTO job_blobs (blob_key, job_id) VALUES (?, ?)")
+            .bind(key.as_str())
+            .bind(&id)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+    }
     if let Some(idem) = &pending.idempotency {
         sqlx::query(
             "INSERT OR REPLACE INTO idempotency_keys (owner, key, fingerprint, job_id, created_at) \

@@ -7,11 +7,12 @@
 
 use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
 use crate::pool::WorkerContext;
-use kiln_core::blob::Blob;
+use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::engine::{EngineError, GeneratedImage, StepEvent, StepObserver};
 use kiln_core::ids::BlobKey;
 use kiln_core::image_file::encode_image;
 use kiln_core::job::{JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
+use kiln_core::params::{ImageLocation, ImageSource};
 use kiln_core::store::{Lease, StoreError};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,9 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
     async {
         let started = Instant::now();
         let outcome = run_to_end(context, &lease).await;
+        if matches!(outcome, "succeeded" | "failed") {
+            delete_stored_images(context, &lease).await;
+        }
         let model = lease.job.route.id();
         JOBS_FINISHED.with_label_values(&[model, outcome]).inc();
         JOB_SECONDS
@@ -110,10 +114,14 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     // image that cannot be had fails the job as the input's fault.
     let mut generation = {
         let (engine, params, signals) = (engine.clone(), job.params.clone(), signals.clone());
-        let fetcher = context.fetcher.clone();
+        let (fetcher, blobs) = (context.fetcher.clone(), context.blobs.clone());
         let model = job.route.id();
         Box::pin(async move {
-            let references = match fetcher.fetch_all(&params.reference_images).await {
+            let sources = match read_stored_images(blobs.as_ref(), &params.reference_images).await {
+                Ok(sources) => sources,
+                Err(e) => return Ok(Err(e)),
+            };
+            let references = match fetcher.fetch_all(&sources).await {
                 Ok(images) => images,
                 Err(e) => return Ok(Err(EngineError::InvalidInput(e.to_string()))),
             };
@@ -219,6 +227,46 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         }
         Ok(Ok(generated)) => {
             store_and_complete(context, lease, generated, engine.describe(), inference).await
+        }
+    }
+}
+
+/// The job's sources with its stored inline images read back from the blob store (the
+/// fetcher takes them as the data URIs the client sent).
+async fn read_stored_images(
+    blobs: &dyn BlobStore,
+    sources: &[ImageSource],
+) -> Result<Vec<ImageSource>, EngineError> {
+    let mut read = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        let ImageLocation::Stored { media_type, key } = source.location() else {
+            read.push(source.clone());
+            continue;
+        };
+        let gone = |detail: String| {
+            EngineError::Failed(format!(
+                "reference image {} stored with the job: {detail}",
+                i + 1
+            ))
+        };
+        let key = source
+            .stored_key()
+            .ok_or_else(|| gone(format!("bad key {key}")))?;
+        match blobs.get(&key).await {
+            Ok(Some(blob)) => read.push(ImageSource::data(media_type, &blob.bytes)),
+            Ok(None) => return Err(gone("missing from the blob store".into())),
+            Err(e) => return Err(gone(e.to_string())),
+        }
+    }
+    Ok(read)
+}
+
+/// Once the job has ended its stored inline images have served their purpose.
+async fn delete_stored_images(context: &WorkerContext, lease: &Lease) {
+    for key in lease.job.params.stored_images() {
+        if let Err(error) = context.blobs.delete(&key).await {
+            // The record's purge deletes it later.
+            tracing::warn!(%error, blob = %key, "could not delete a stored reference image");
         }
     }
 }

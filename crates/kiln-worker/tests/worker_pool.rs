@@ -400,3 +400,41 @@ async fn an_edit_gets_its_reference_images_and_one_that_cannot_be_had_fails_it()
         error.message
     );
 }
+
+#[tokio::test]
+async fn an_image_stored_with_the_job_is_read_back_and_deleted_when_the_job_ends() {
+    let h = Harness::new().await;
+    let reference = kiln_core::engine::RgbImage {
+        width: 32,
+        height: 48,
+        pixels: vec![90; 32 * 48 * 3],
+    };
+    let png = kiln_core::image_file::encode_image(&reference, OutputFormat::Png).unwrap();
+    let key = kiln_core::ids::BlobKey::random("png");
+    let blob = kiln_core::blob::Blob {
+        bytes: png,
+        content_type: "image/png".into(),
+    };
+    h.blobs.put(&key, blob).await.unwrap();
+    let edit = GenerationParams {
+        size: OutputSize::FirstReference,
+        reference_images: vec![ImageSource::stored("image/png", &key)],
+        ..params("an edit", 9, OutputFormat::Png)
+    };
+    let id = h.enqueue(edit).await;
+    let (shutdown, pool) = h.start(h.settings());
+    let job = h.wait_terminal(id).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let meta = job.output.unwrap().metadata;
+    assert_eq!(
+        (meta.width, meta.height),
+        (32, 48),
+        "the stored image's size"
+    );
+    assert!(
+        h.blobs.get(&key).await.unwrap().is_none(),
+        "the stored image is deleted once the job has ended"
+    );
+}

@@ -128,6 +128,11 @@ impl TestServer {
         (token, key.id)
     }
 
+    /// Where the blob store keeps its files.
+    pub fn blobs_root(&self) -> std::path::PathBuf {
+        self._dir.path().join("blobs")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -1,6 +1,6 @@
 //! POST /v1/models/{model_id}: submitting, validation, limits, idempotency.
 
-use crate::harness::{TestServer, FLEX, PRO};
+use crate::harness::{TestServer, EDIT, FLEX, PRO};
 use kiln_core::catalog::Route;
 use kiln_core::ids::RequestId;
 use kiln_core::job::JobState;
@@ -478,4 +478,95 @@ mod idempotency {
             "Idempotency-Key"
         );
     }
+}
+
+/// A data URI's image lives in the blob store while its job needs it, not in the job's record.
+#[tokio::test]
+async fn inline_images_are_stored_as_blobs_and_cancelling_deletes_them() {
+    use kiln_core::blob::BlobStore;
+    let server = TestServer::start().await;
+    let payload = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+    let input = json!({
+        "prompt": "the same, in red",
+        "image_urls": ["https://example.com/a.png", format!("data:image/png;base64,{payload}")],
+    });
+    let id: RequestId = server.submit(EDIT, input).await.ok()["request_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let job = server
+        .store
+        .get(server.owner, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .job;
+    let record = serde_json::to_string(&job.params).unwrap();
+    assert!(
+        !record.contains(payload),
+        "the record keeps a key, not the image: {record}"
+    );
+    assert!(
+        record.contains("https://example.com/a.png"),
+        "URLs stay as sent"
+    );
+    let stored = job.params.stored_images();
+    assert_eq!(stored.len(), 1, "{record}");
+    let blob = server.blobs.get(&stored[0]).await.unwrap().expect("stored");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .unwrap();
+    assert_eq!(
+        (blob.bytes, blob.content_type.as_str()),
+        (bytes, "image/png")
+    );
+
+    let cancelled = server
+        .post(&format!("/v1/requests/{id}/cancel"), None)
+        .await;
+    assert_eq!(cancelled.status, 202, "{}", cancelled.body);
+    assert!(
+        server.blobs.get(&stored[0]).await.unwrap().is_none(),
+        "a cancelled job's images are deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_submit_leaves_no_second_copy_of_its_images() {
+    let server = TestServer::start().await;
+    let input = json!({
+        "prompt": "the same, in red",
+        "image_urls": ["data:image/png;base64,iVBORw0KGgo="],
+    });
+    let path = format!("/v1/models/{EDIT}");
+    let submit = || async {
+        server
+            .client
+            .post(server.url(&path))
+            .bearer_auth(&server.token)
+            .header("Idempotency-Key", "batch-7")
+            .json(&input)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(submit().await.status(), 200);
+    assert_eq!(submit().await.status(), 200);
+    let files = walk_files(server.blobs_root());
+    assert_eq!(files.len(), 1, "one job, one stored image: {files:?}");
+}
+
+fn walk_files(dir: std::path::PathBuf) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk_files(path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
