@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
 /// An address block: the network address and the number of leading bits that are fixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +54,56 @@ impl Cidr {
 fn same_prefix(a: u128, b: u128, len: u8, bits: u8) -> bool {
     // A zero-length prefix shifts by the whole width, which `>>` refuses for IPv6.
     (a ^ b).checked_shr(u32::from(bits - len)).unwrap_or(0) == 0
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    /// `network/len` with no bits set past the prefix, or one address (`/32`, `/128`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (address, len) = match text.split_once('/') {
+            Some((address, len)) => (address, Some(len)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("'{address}' is not an IP address"))?;
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => bits,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= bits)
+                .ok_or_else(|| format!("the prefix length '{len}' is not 0 to {bits}"))?,
+        };
+        let cidr = match address {
+            IpAddr::V4(network) => Cidr::V4 { network, len },
+            IpAddr::V6(network) => Cidr::V6 { network, len },
+        };
+        let network = cidr.network_of(address);
+        if network != address {
+            return Err(format!(
+                "bits are set past the prefix; the block is {network}/{len}"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    /// `ip` with the bits past the prefix cleared (`ip` is of the block's family).
+    fn network_of(&self, ip: IpAddr) -> IpAddr {
+        let keep = |bits: u8| {
+            u128::MAX
+                .checked_shl(u32::from(bits - self.prefix_len()))
+                .unwrap_or(0)
+        };
+        match ip {
+            IpAddr::V4(ip) => IpAddr::V4(Ipv4Addr::from_bits(ip.to_bits() & keep(32) as u32)),
+            IpAddr::V6(ip) => IpAddr::V6(Ipv6Addr::from_bits(ip.to_bits() & keep(128))),
+        }
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -357,6 +408,28 @@ mod tests {
                 0,
                 "{range}"
             );
+        }
+    }
+
+    #[test]
+    fn blocks_parse_from_text() {
+        let parse = |t: &str| t.parse::<Cidr>();
+        assert_eq!(parse("10.0.0.0/8"), Ok(v4([10, 0, 0, 0], 8)));
+        assert_eq!(parse("127.0.0.1"), Ok(v4([127, 0, 0, 1], 32)));
+        assert_eq!(parse("0.0.0.0/0"), Ok(v4([0; 4], 0)));
+        assert_eq!(
+            parse("fe80::/10"),
+            Ok(v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10))
+        );
+        assert_eq!(parse("::1"), Ok(v6([0, 0, 0, 0, 0, 0, 0, 1], 128)));
+        assert_eq!(parse("::/0"), Ok(v6([0; 8], 0)));
+        assert!(parse("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(parse("fe80::1/10").unwrap_err().contains("fe80::/10"));
+        assert!(parse("10.0.0.0/33").is_err());
+        assert!(parse("10.0.0.0/x").is_err());
+        assert!(parse("images.internal/8").is_err());
+        for cidr in CASES.iter().map(|c| c.0) {
+            assert_eq!(parse(cidr).unwrap().to_string(), cidr);
         }
     }
 

@@ -6,8 +6,11 @@
 //!   panics caught, image encoded and stored, job finished under its fencing token).
 //! - [`address`]: which IP addresses are not public and why (IANA's special-purpose
 //!   registries as tables), for everything the worker connects to on a user's behalf.
-//! - [`references`]: an edit's reference images, fetched (guarded against internal addresses,
-//!   bounded in redirects, time and size) or read from data URIs, and decoded.
+//! - [`allow`]: the operator's allow list of address blocks and host names laid over
+//!   [`address`]'s verdict (link-local and cloud metadata addresses only by explicit block).
+//! - [`references`]: an edit's reference images, fetched concurrently (guarded against internal
+//!   addresses, bounded in redirects, time and size) or read from data URIs, and decoded off
+//!   the async runtime within pixel limits, then scaled to the model's working size.
 //! - [`maintenance`]: the periodic sweep (jobs abandoned by dead workers, expired records and files).
 //! - `metrics`: Prometheus series the worker records (in the default registry).
 //!
@@ -15,11 +18,13 @@
 //! [`kiln_core::store::JobStore`] and the files only as [`kiln_core::blob::BlobStore`].
 
 pub mod address;
+pub mod allow;
 pub mod maintenance;
 mod metrics;
 pub mod pool;
 pub mod references;
 mod run;
 
+pub use allow::{AllowList, AllowListError};
 pub use pool::{run_pool, EngineSet, WorkerSettings};
-pub use references::{FetchPolicy, ReferenceFetcher};
+pub use references::{FetchError, FetchPolicy, Reason, ReferenceFetcher};

@@ -1,30 +1,53 @@
-//! Reference images of an edit: fetched from their URLs or read from their `data:` URIs, and
-//! decoded, before the engine runs.
+//! Reference images of an edit: fetched from their URLs or read from their `data:` URIs,
+//! decoded, and scaled to the model's working size, before the engine runs.
 //!
 //! The URLs are the users' and the worker fetches them from inside the operator's network, so
 //! the fetch is guarded as the API contract's file-input rules ask: only `http`/`https`; no
 //! private, loopback, link-local or otherwise non-public address (as [`crate::address`] judges
-//! them), checked for every address a name resolves to and for every redirect hop (unless the
-//! operator allows them); a bounded number of redirects; a connect timeout and a whole-fetch
-//! timeout; at most [`FetchPolicy::max_image_bytes`] read; and a bounded decoded size.
+//! them), checked for every address a name resolves to and for every redirect hop, unless the
+//! operator's [`AllowList`] opens it; a bounded number of redirects; a connect timeout; at
+//! most [`FetchPolicy::max_image_bytes`] read.
+//!
+//! A job's images are fetched concurrently ([`FETCH_CONCURRENCY`] at a time) within one time
+//! budget, so a request of ten stalling URLs holds a worker slot for [`FetchPolicy::timeout`],
+//! not ten times that; the first image that cannot be had fails the set and cancels the rest.
+//!
+//! Decoding is where a few bytes become gigabytes, so it is bounded before it starts: each
+//! image's header is read first and an image declaring more than [`MAX_IMAGE_PIXELS`], or
+//! taking the request past [`MAX_TOTAL_PIXELS`], is refused without decoding. Decoding runs on
+//! a blocking thread (never the async runtime, which serves `/healthz` and the API), one image
+//! of a job at a time, and each image is scaled down to the model's working size right after,
+//! so a job holds at most one full-size image.
+//!
+//! What the client is told is the image's position, the URL as they sent it and a [`Reason`]
+//! from a short fixed list; what happened (an OS error, the address a name resolved to, the
+//! server's status) goes to the log under the job's request id, so answers cannot be used to
+//! map the network the worker stands in.
 
-use crate::address::{non_public, NonPublic};
+use crate::address::NonPublic;
+use crate::allow::AllowList;
+use image::ImageDecoder as _;
 use kiln_core::engine::RgbImage;
 use kiln_core::params::{ImageLocation, ImageSource};
+use std::error::Error as StdError;
+use std::fmt;
 use std::io::Cursor;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 /// How reference images may be fetched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FetchPolicy {
-    /// Whether URLs may reach private, loopback and link-local addresses (a deployment whose
-    /// images live on its own network; tests on loopback).
-    pub allow_private_addresses: bool,
+    /// Address blocks and host names that may be reached although not public (images on the
+    /// deployment's own network; tests on loopback). Empty: public addresses only.
+    pub allow: AllowList,
     /// The most bytes one image may have, fetched or inline.
     pub max_image_bytes: u64,
-    /// The most time one image's fetch may take, redirects included.
+    /// The most time fetching and decoding all of one job's images may take, redirects
+    /// included: the images are fetched concurrently and share it.
     pub timeout: Duration,
     /// The most redirects one fetch follows.
     pub max_redirects: usize,
@@ -34,7 +57,7 @@ impl Default for FetchPolicy {
     /// The API contract's rules: images up to 50 MB, public addresses only.
     fn default() -> Self {
         Self {
-            allow_private_addresses: false,
+            allow: AllowList::default(),
             max_image_bytes: 50 * 1000 * 1000,
             timeout: Duration::from_secs(30),
             max_redirects: 5,
@@ -42,24 +65,126 @@ impl Default for FetchPolicy {
     }
 }
 
-/// Decoded images larger than this on a side are refused (a few bytes of PNG can claim to be
-/// gigapixels); the engine scales anything above about a megapixel down anyway.
-const MAX_DECODED_SIDE: u32 = 16_384;
-/// The most memory decoding one image may allocate.
-const MAX_DECODE_ALLOC: u64 = 1 << 30;
+/// The most pixels one image may declare: 16 MP (4096 x 4096), a large camera photo. The model
+/// works at about a megapixel, so more buys nothing but decoding time and memory.
+pub const MAX_IMAGE_PIXELS: u64 = 4096 * 4096;
+/// The most pixels all of a request's images may declare together: four images at the
+/// per-image limit (or ten 6 MP photos). It bounds a job's decoding work, about a second of
+/// one core, whatever the number of images.
+pub const MAX_TOTAL_PIXELS: u64 = 4 * MAX_IMAGE_PIXELS;
+/// The most memory decoding one image may allocate: a [`MAX_IMAGE_PIXELS`] image in the widest
+/// layout JPEG, PNG and WebP decode to (16-bit RGBA, 8 bytes a pixel) is 128 MiB; twice that
+/// leaves room for a decoder's working buffers and nothing more.
+const MAX_DECODE_ALLOC: u64 = 256 * 1024 * 1024;
+/// Images above this many pixels are scaled down to it right after decoding: the FLUX.2
+/// engine's own bound for reference images (diffusers: 1024 * 1024), applied the same way.
+pub const WORKING_PIXELS: u64 = 1024 * 1024;
+/// How many of a job's images are downloaded at once.
+pub const FETCH_CONCURRENCY: usize = 4;
 /// A connection that is not up by then will not be.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// URLs are cut to this in messages.
 const SHOWN_URL_CHARS: usize = 120;
 
-/// One image could not be had; the message says which and why, in words for the user.
+/// Why an image could not be had, as the client is told it: a few fixed reasons that say
+/// nothing of the network behind the worker (a closed port, a refused connection, a timeout
+/// and an HTTP error status all read "could not be fetched").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    NotFetched,
+    /// Its host is, or resolves only to, an address that is not public and not allowed.
+    NotPublic,
+    TooLarge {
+        max_bytes: u64,
+    },
+    NotAnImage,
+    BadDataUri,
+    TooManyPixels {
+        width: u32,
+        height: u32,
+    },
+    /// It takes the request's images past [`MAX_TOTAL_PIXELS`] together.
+    TooManyPixelsInAll,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NotFetched => write!(f, "could not be fetched"),
+            Reason::NotPublic => write!(f, "is not a public address"),
+            Reason::TooLarge { max_bytes } => write!(f, "is larger than {max_bytes} bytes"),
+            Reason::NotAnImage => write!(f, "is not an image kiln can read (JPEG, PNG or WebP)"),
+            Reason::BadDataUri => write!(f, "is a data URI whose base64 does not decode"),
+            Reason::TooManyPixels { width, height } => write!(
+                f,
+                "is {width}x{height}, larger than {MAX_IMAGE_PIXELS} pixels"
+            ),
+            Reason::TooManyPixelsInAll => write!(
+                f,
+                "takes the request's images past {MAX_TOTAL_PIXELS} pixels in all"
+            ),
+        }
+    }
+}
+
+/// One image could not be had. The message (what the client sees) names it and gives the
+/// [`Reason`]; the source is what happened, for the log.
 #[derive(Debug, thiserror::Error)]
-#[error("reference image {position} ({shown}): {reason}")]
+#[error("reference image {position} ({shown}) {reason}")]
 pub struct FetchError {
     /// 1-based, in the request's order.
     pub position: usize,
     shown: String,
-    pub reason: String,
+    pub reason: Reason,
+    #[source]
+    detail: Box<dyn StdError + Send + Sync>,
+}
+
+/// Why one image failed, before it is known which: the reason and the detail.
+#[derive(Debug)]
+struct Failure {
+    reason: Reason,
+    detail: Box<dyn StdError + Send + Sync>,
+}
+
+impl Failure {
+    fn new(reason: Reason, detail: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A connection refused because the address is not public and the allow list does not open
+/// it; found again in reqwest's error chain to tell the client "not a public address".
+#[derive(Debug)]
+struct AddressRefused {
+    /// The name that resolved to `ip`; `None` when the URL names the address itself.
+    host: Option<String>,
+    ip: IpAddr,
+    why: NonPublic,
+}
+
+impl fmt::Display for AddressRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(host) = &self.host {
+            write!(f, "{host} resolves to ")?;
+        }
+        write!(
+            f,
+            "{} ({}), which is not public and which fetch.allow does not open",
+            self.ip, self.why
+        )
+    }
+}
+
+impl StdError for AddressRefused {}
+
+/// One image's bytes, fetched, with the size its header declares.
+struct Fetched {
+    bytes: Vec<u8>,
+    pixels: u64,
 }
 
 /// Fetches and decodes reference images under a [`FetchPolicy`]. One per worker process: it
@@ -67,30 +192,30 @@ pub struct FetchError {
 #[derive(Clone)]
 pub struct ReferenceFetcher {
     client: reqwest::Client,
-    policy: FetchPolicy,
+    policy: Arc<FetchPolicy>,
 }
 
 impl ReferenceFetcher {
     pub fn new(policy: FetchPolicy) -> Self {
-        let allow_private = policy.allow_private_addresses;
-        let max_redirects = policy.max_redirects;
+        let policy = Arc::new(policy);
+        let redirect_policy = policy.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            let max_redirects = redirect_policy.max_redirects;
             if attempt.previous().len() > max_redirects {
                 return attempt.error(format!("more than {max_redirects} redirects"));
             }
-            match check_url(attempt.url(), allow_private) {
+            match check_url(attempt.url(), &redirect_policy.allow) {
                 Ok(()) => attempt.follow(),
-                Err(reason) => {
-                    let message = format!("redirected to {}: {reason}", attempt.url());
-                    attempt.error(message)
-                }
+                // The detail is kept whole: an AddressRefused in it tells the client why.
+                Err(failure) => attempt.error(failure.detail),
             }
         });
         let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
             .redirect(redirects)
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(policy.timeout)
             // A proxy from the environment would connect on the worker's behalf, past the
             // address checks.
             .no_proxy()
@@ -100,33 +225,125 @@ impl ReferenceFetcher {
         Self { client, policy }
     }
 
-    /// Every source's image, in order; the first that cannot be had fails them all.
+    /// Every source's image, in order, each scaled to at most [`WORKING_PIXELS`].
+    ///
+    /// The images are fetched concurrently and their headers read; only when all are in and
+    /// within the pixel limits, together too, are they decoded, one at a time (a job holds one
+    /// full-size image and one core). All of it happens within [`FetchPolicy::timeout`]. The
+    /// first image that cannot be had fails them all (the others are cancelled), and what
+    /// happened to it is logged at warn.
     pub async fn fetch_all(&self, sources: &[ImageSource]) -> Result<Vec<RgbImage>, FetchError> {
-        let mut images = Vec::with_capacity(sources.len());
-        for (i, source) in sources.iter().enumerate() {
-            let error = |reason: String| FetchError {
-                position: i + 1,
-                shown: shown(source),
-                reason,
+        let deadline = tokio::time::Instant::now() + self.policy.timeout;
+        let refuse = |(index, failure): (usize, Failure)| refused(index, &sources[index], failure);
+        let fetched = self
+            .fetch_concurrently(sources, deadline)
+            .await
+            .map_err(refuse)?;
+        let mut declared = 0;
+        for (index, image) in fetched.iter().enumerate() {
+            declared += image.pixels;
+            if declared > MAX_TOTAL_PIXELS {
+                let detail = format!("{declared} pixels declared up to this image");
+                return Err(refuse((
+                    index,
+                    Failure::new(Reason::TooManyPixelsInAll, detail),
+                )));
+            }
+        }
+        let mut images = Vec::with_capacity(fetched.len());
+        for (index, image) in fetched.into_iter().enumerate() {
+            let decoding = tokio::task::spawn_blocking(move || decode_and_scale(&image.bytes));
+            let decoded = match tokio::time::timeout_at(deadline, decoding).await {
+                Ok(Ok(decoded)) => decoded,
+                // A decoder that panics on what it was given: the input's fault, not kiln's.
+                Ok(Err(panicked)) => Err(Failure::new(Reason::NotAnImage, panicked)),
+                Err(_) => Err(self.out_of_time()),
             };
-            let bytes = match source.location() {
-                ImageLocation::Url(url) => self.download(url).await.map_err(error)?,
-                ImageLocation::Data { base64, .. } => self.inline_bytes(base64).map_err(error)?,
-            };
-            images.push(decode(&bytes).map_err(error)?);
+            images.push(decoded.map_err(|failure| refuse((index, failure)))?);
         }
         Ok(images)
     }
 
-    async fn download(&self, url: &str) -> Result<Vec<u8>, String> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-        check_url(&parsed, self.policy.allow_private_addresses)?;
+    /// Every source's bytes and declared size, fetched [`FETCH_CONCURRENCY`] at a time until
+    /// `deadline`; or the first failure and the index of the image it is of.
+    async fn fetch_concurrently(
+        &self,
+        sources: &[ImageSource],
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Fetched>, (usize, Failure)> {
+        let downloads = Arc::new(Semaphore::new(FETCH_CONCURRENCY));
+        // Dropping the set (on the first failure, or when the job is dropped) aborts every
+        // fetch still running.
+        let mut tasks = JoinSet::new();
+        for (index, source) in sources.iter().enumerate() {
+            let (fetcher, source, downloads) = (self.clone(), source.clone(), downloads.clone());
+            tasks.spawn(async move { (index, fetcher.fetch_one(&source, &downloads).await) });
+        }
+        let mut fetched: Vec<Option<Fetched>> = sources.iter().map(|_| None).collect();
+        loop {
+            let joined = match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    let index = fetched.iter().position(Option::is_none).unwrap_or(0);
+                    return Err((index, self.out_of_time()));
+                }
+            };
+            match joined {
+                None => return Ok(fetched.into_iter().flatten().collect()),
+                Some(Ok((index, Ok(image)))) => fetched[index] = Some(image),
+                Some(Ok((index, Err(failure)))) => return Err((index, failure)),
+                // A panic in a fetch is a bug of kiln's: it propagates as it would inline.
+                Some(Err(join_error)) => std::panic::resume_unwind(join_error.into_panic()),
+            }
+        }
+    }
+
+    fn out_of_time(&self) -> Failure {
+        let detail = format!(
+            "not fetched and decoded within {} s, the time all of a job's images share",
+            self.policy.timeout.as_secs_f32()
+        );
+        Failure::new(Reason::NotFetched, detail)
+    }
+
+    /// One source's bytes, and its header checked against [`MAX_IMAGE_PIXELS`].
+    async fn fetch_one(
+        &self,
+        source: &ImageSource,
+        downloads: &Semaphore,
+    ) -> Result<Fetched, Failure> {
+        let bytes = match source.location() {
+            ImageLocation::Url(url) => {
+                let _slot = downloads.acquire().await.expect("never closed");
+                self.download(url).await?
+            }
+            ImageLocation::Data { base64, .. } => self.inline_bytes(base64)?,
+            // The worker reads stored inline images back into data URIs before fetching
+            // (run.rs); one that reaches here was not.
+            ImageLocation::Stored { key, .. } => {
+                let detail = format!("stored image {key} was not read back from the blob store");
+                return Err(Failure::new(Reason::NotFetched, detail));
+            }
+        };
+        // Parsing a header is little work, but a hostile one's metadata can be some: not on
+        // the async runtime either.
+        tokio::task::spawn_blocking(move || {
+            let pixels = read_header(&bytes)?.1;
+            Ok(Fetched { bytes, pixels })
+        })
+        .await
+        .unwrap_or_else(|panicked| Err(Failure::new(Reason::NotAnImage, panicked)))
+    }
+
+    async fn download(&self, url: &str) -> Result<Vec<u8>, Failure> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| Failure::new(Reason::NotFetched, e))?;
+        check_url(&parsed, &self.policy.allow)?;
         let mut response = self
             .client
             .get(parsed)
             .send()
             .await
-            .map_err(|e| describe_request_error(e, &self.policy))?;
+            .map_err(request_failed)?;
         let status = response.status();
         if status.is_redirection() {
             // reqwest hands back a redirect it cannot follow (to another scheme) unfollowed.
@@ -135,124 +352,211 @@ impl ReferenceFetcher {
                 .get(reqwest::header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .unwrap_or("nowhere");
-            return Err(format!(
-                "redirected to {location}, which is not followed (http and https only)"
-            ));
+            let detail =
+                format!("redirected to {location}, which is not followed (http and https only)");
+            return Err(Failure::new(Reason::NotFetched, detail));
         }
         if !status.is_success() {
-            return Err(format!("the server answered {status}"));
+            let detail = format!("the server answered {status}");
+            return Err(Failure::new(Reason::NotFetched, detail));
         }
         let max = self.policy.max_image_bytes;
+        let too_large = |detail: String| Failure::new(Reason::TooLarge { max_bytes: max }, detail);
         if let Some(length) = response.content_length().filter(|&n| n > max) {
-            return Err(too_large(length, max));
+            return Err(too_large(format!("the server announced {length} bytes")));
         }
         let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| describe_request_error(e, &self.policy))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(request_failed)? {
             bytes.extend_from_slice(&chunk);
             if bytes.len() as u64 > max {
-                return Err(format!("larger than the limit of {max} bytes"));
+                return Err(too_large(format!("more than {max} bytes sent")));
             }
         }
         Ok(bytes)
     }
 
-    fn inline_bytes(&self, base64: &str) -> Result<Vec<u8>, String> {
+    fn inline_bytes(&self, base64: &str) -> Result<Vec<u8>, Failure> {
         use base64::Engine as _;
         let max = self.policy.max_image_bytes;
         // Base64 is 4 characters for every 3 bytes: refuse before decoding what is too large.
         let decoded_len = base64.len() as u64 / 4 * 3;
         if decoded_len > max {
-            return Err(too_large(decoded_len, max));
+            let detail = format!("the data URI holds {decoded_len} bytes");
+            return Err(Failure::new(Reason::TooLarge { max_bytes: max }, detail));
         }
         base64::engine::general_purpose::STANDARD
             .decode(base64)
-            .map_err(|e| format!("the data URI's base64 does not decode: {e}"))
+            .map_err(|e| Failure::new(Reason::BadDataUri, e))
     }
 }
 
-fn too_large(bytes: u64, max: u64) -> String {
-    format!("{bytes} bytes is larger than the limit of {max} bytes")
+/// The client's error for the image at `index`, after logging what happened.
+fn refused(index: usize, source: &ImageSource, failure: Failure) -> FetchError {
+    let error = FetchError {
+        position: index + 1,
+        shown: shown(source),
+        reason: failure.reason,
+        detail: failure.detail,
+    };
+    // The job's span around this carries the request id.
+    tracing::warn!(
+        image = error.position,
+        source = %error.shown,
+        reason = %error.reason,
+        detail = %chain(&*error.detail),
+        "reference image refused"
+    );
+    error
 }
 
-/// The image in `bytes` (JPEG, PNG or WebP, found from its content) as 8-bit RGB.
-fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
+/// An error and its causes, one after another.
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
+/// reqwest's error as a failure: "not a public address" where the guard refused the address
+/// (in the resolver or on a redirect), "could not be fetched" for everything else.
+fn request_failed(error: reqwest::Error) -> Failure {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
+    let mut refused = false;
+    while let Some(c) = cause {
+        refused |= c.is::<AddressRefused>();
+        cause = c.source();
+    }
+    let reason = if refused {
+        Reason::NotPublic
+    } else {
+        Reason::NotFetched
+    };
+    Failure::new(reason, error)
+}
+
+/// A decoder for the image in `bytes` (JPEG, PNG or WebP, found from its content) that has
+/// read its header only, and the pixels the header declares, refused above
+/// [`MAX_IMAGE_PIXELS`]. Blocking.
+fn read_header(bytes: &[u8]) -> Result<(impl image::ImageDecoder + '_, u64), Failure> {
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| format!("cannot read the image: {e}"))?;
+        .map_err(|e| Failure::new(Reason::NotAnImage, e))?;
     if reader.format().is_none() {
-        return Err("not an image kiln can read (JPEG, PNG or WebP)".into());
+        let detail = "no JPEG, PNG or WebP signature";
+        return Err(Failure::new(Reason::NotAnImage, detail));
     }
+    reader.limits(decode_limits());
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| Failure::new(Reason::NotAnImage, e))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        let detail = format!("the header declares {width}x{height}");
+        return Err(Failure::new(
+            Reason::TooManyPixels { width, height },
+            detail,
+        ));
+    }
+    Ok((decoder, pixels))
+}
+
+fn decode_limits() -> image::Limits {
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_DECODED_SIDE);
-    limits.max_image_height = Some(MAX_DECODED_SIDE);
     limits.max_alloc = Some(MAX_DECODE_ALLOC);
-    reader.limits(limits);
-    let image = reader
-        .decode()
-        .map_err(|e| format!("cannot decode the image: {e}"))?
-        .to_rgb8();
-    let (width, height) = image.dimensions();
-    Ok(RgbImage {
+    limits
+}
+
+/// The image in `bytes` as 8-bit RGB of at most [`WORKING_PIXELS`]; the header is checked
+/// again before anything is decoded. Blocking.
+fn decode_and_scale(bytes: &[u8]) -> Result<RgbImage, Failure> {
+    let not_an_image = |e: image::ImageError| Failure::new(Reason::NotAnImage, e);
+    let (decoder, _) = read_header(bytes)?;
+    // What `ImageReader::decode` checks before allocating the pixel buffer.
+    decode_limits()
+        .reserve(decoder.total_bytes())
+        .map_err(not_an_image)?;
+    let decoded = image::DynamicImage::from_decoder(decoder).map_err(not_an_image)?;
+    Ok(scale_to_working_size(decoded.into_rgb8()))
+}
+
+/// The size a `width x height` image is scaled to: the FLUX.2 engine's rule for reference
+/// images (`kiln_engine::flux2::pipeline::prepared_reference_size`, after diffusers'
+/// `_resize_to_target_area`): above [`WORKING_PIXELS`], both sides times
+/// sqrt(WORKING_PIXELS / area), floored. Done here with the same filter, the engine finds the
+/// image within its bound and encodes exactly what it would have made of the full one; an
+/// image within the bound is left as it is. (A side is kept at least 1 pixel, which the
+/// engine then refuses as too thin, as it would the original.)
+fn working_size(width: u32, height: u32) -> (u32, u32) {
+    let area = u64::from(width) * u64::from(height);
+    if area <= WORKING_PIXELS {
+        return (width, height);
+    }
+    let scale = (WORKING_PIXELS as f64 / area as f64).sqrt();
+    let side = |s: u32| ((f64::from(s) * scale) as u32).max(1);
+    (side(width), side(height))
+}
+
+/// `image` scaled to [`working_size`] with a Lanczos filter (PIL's LANCZOS, as the engine).
+fn scale_to_working_size(image: image::RgbImage) -> RgbImage {
+    let (width, height) = working_size(image.width(), image.height());
+    let image = if (width, height) == image.dimensions() {
+        image
+    } else {
+        image::imageops::resize(&image, width, height, image::imageops::FilterType::Lanczos3)
+    };
+    RgbImage {
         width,
         height,
         pixels: image.into_raw(),
-    })
+    }
 }
 
-/// The scheme is http(s), and a host given as an address is one the policy allows (a host
-/// name is checked when it resolves, by [`GuardedResolver`]).
-fn check_url(url: &reqwest::Url, allow_private: bool) -> Result<(), String> {
+/// The scheme is http(s), and a host given as an address is one the allow list lets through
+/// (a host name is checked when it resolves, by [`GuardedResolver`]).
+fn check_url(url: &reqwest::Url, allow: &AllowList) -> Result<(), Failure> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("the scheme {} is not http or https", url.scheme()));
+        let detail = format!("the scheme {} is not http or https", url.scheme());
+        return Err(Failure::new(Reason::NotFetched, detail));
     }
     let ip = match url.host() {
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
         Some(url::Host::Domain(_)) => return Ok(()),
-        None => return Err("the URL has no host".into()),
+        None => return Err(Failure::new(Reason::NotFetched, "the URL has no host")),
     };
-    match refusal(ip, allow_private) {
+    match allow.refusal(None, ip) {
         None => Ok(()),
-        Some(why) => Err(refused_address(ip, why)),
+        Some(why) => {
+            let refused = AddressRefused {
+                host: None,
+                ip,
+                why,
+            };
+            Err(Failure::new(Reason::NotPublic, refused))
+        }
     }
-}
-
-/// Why the policy refuses `ip`, or `None` when it allows it.
-fn refusal(ip: IpAddr, allow_private: bool) -> Option<NonPublic> {
-    if allow_private {
-        None
-    } else {
-        non_public(ip)
-    }
-}
-
-fn refused_address(ip: IpAddr, why: NonPublic) -> String {
-    format!(
-        "{ip} is a private, loopback, link-local or otherwise non-public address ({why}), \
-         which this server does not fetch from"
-    )
 }
 
 /// Resolves host names like the system does, then drops every address the policy refuses; a
 /// name with none left fails. Checking the addresses actually connected to (not a name looked
 /// up beforehand) leaves no window for a name to change its answer in between.
 struct GuardedResolver {
-    allow_private: bool,
+    policy: Arc<FetchPolicy>,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
+        let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
             let mut allowed: Vec<SocketAddr> = Vec::new();
             let mut first_refused = None;
             for address in tokio::net::lookup_host((host.as_str(), 0)).await? {
-                match refusal(address.ip(), allow_private) {
+                match policy.allow.refusal(Some(&host), address.ip()) {
                     None => allowed.push(address),
                     Some(why) => {
                         first_refused.get_or_insert((address.ip(), why));
@@ -261,35 +565,20 @@ impl reqwest::dns::Resolve for GuardedResolver {
             }
             match (allowed.is_empty(), first_refused) {
                 (false, _) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
-                (true, Some((ip, why))) => {
-                    Err(format!("{host} resolves to {}", refused_address(ip, why)).into())
-                }
+                (true, Some((ip, why))) => Err(Box::new(AddressRefused {
+                    host: Some(host),
+                    ip,
+                    why,
+                })
+                    as Box<dyn StdError + Send + Sync>),
                 (true, None) => Err(format!("{host} has no address").into()),
             }
         })
     }
 }
 
-/// reqwest's error, with its cause (a refused address, a redirect loop) in words.
-fn describe_request_error(error: reqwest::Error, policy: &FetchPolicy) -> String {
-    if error.is_timeout() {
-        return format!(
-            "no complete answer within {} s",
-            policy.timeout.as_secs_f32()
-        );
-    }
-    // reqwest's own text names the URL, which the message around it already shows.
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(&error);
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
-}
-
-/// The source as shown in messages: a URL cut short, or what a data URI holds.
+/// The source as shown in messages: the URL as the client sent it, cut short, or what a data
+/// URI holds.
 fn shown(source: &ImageSource) -> String {
     match source.location() {
         ImageLocation::Url(url) if url.chars().count() > SHOWN_URL_CHARS => {
@@ -299,5 +588,43 @@ fn shown(source: &ImageSource) -> String {
         ImageLocation::Data { media_type, base64 } => {
             format!("data URI, {media_type}, {} base64 characters", base64.len())
         }
+        ImageLocation::Stored { media_type, .. } => format!("inline image, {media_type}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_size_is_the_engines_area_fit() {
+        // The same cases as the engine's `prepared_reference_size` test (before its cut to
+        // multiples of 16).
+        assert_eq!(working_size(4000, 3000), (1182, 886));
+        assert_eq!(working_size(1500, 1000), (1254, 836));
+        assert_eq!(working_size(1024, 1024), (1024, 1024));
+        assert_eq!(working_size(70, 50), (70, 50));
+        assert_eq!(working_size(2000, 1500), (1182, 886));
+        // Too thin for the model: the side floored to nothing stays a pixel, and the engine
+        // refuses the image as it would the original.
+        assert_eq!(working_size(4096 * 4096, 1), (4194304, 1));
+        for (w, h) in [
+            (4000, 3000),
+            (1500, 1000),
+            (2000, 1500),
+            (4096, 4096),
+            (1025, 1024),
+        ] {
+            let (sw, sh) = working_size(w, h);
+            assert!(u64::from(sw) * u64::from(sh) <= WORKING_PIXELS, "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn scaling_keeps_small_images_untouched() {
+        let image = image::RgbImage::from_fn(30, 20, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let scaled = scale_to_working_size(image.clone());
+        assert_eq!((scaled.width, scaled.height), (30, 20));
+        assert_eq!(scaled.pixels, image.into_raw());
     }
 }

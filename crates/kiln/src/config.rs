@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use kiln_core::catalog::Route;
 use kiln_engine::{Flux1Config, Flux2Config};
-use kiln_worker::FetchPolicy;
+use kiln_worker::{AllowList, FetchPolicy};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,12 +96,16 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
-    /// Let image URLs reach private, loopback and link-local addresses (images on the
-    /// deployment's own network). Off: such URLs fail the job, whatever name they use.
-    pub allow_private_addresses: bool,
+    /// Address blocks (`10.0.0.0/8`, `192.168.1.5`, `fd12::/16`) and host names
+    /// (`images.internal`) image URLs may reach although they are not public (images on the
+    /// deployment's own network). Empty: public addresses only. A listed name does not open
+    /// link-local or cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254);
+    /// only a listed block covering them does.
+    pub allow: Vec<String>,
     /// The largest image, fetched or inline, in bytes.
     pub max_image_bytes: u64,
-    /// The most time one image's download may take, redirects included.
+    /// The most time fetching all of a job's images may take (they are fetched concurrently),
+    /// redirects and decoding included.
     pub timeout_secs: u64,
     pub max_redirects: usize,
 }
@@ -151,7 +155,7 @@ impl Default for Settings {
                 metrics_bind: None,
             },
             fetch: FetchConfig {
-                allow_private_addresses: false,
+                allow: Vec::new(),
                 max_image_bytes: 50 * 1000 * 1000,
                 timeout_secs: 30,
                 max_redirects: 5,
@@ -170,9 +174,16 @@ impl Default for Limits {
 }
 
 impl FetchConfig {
+    /// `fetch.allow` parsed; [`Settings::load`] refuses a configuration where it does not.
+    pub fn allow_list(&self) -> Result<AllowList, ConfigError> {
+        AllowList::parse(&self.allow)
+            .map_err(|e| ConfigError::Invalid(format!("fetch.allow: {e}")))
+    }
+
+    /// The fetcher's policy. Settings from [`Settings::load`] have a valid `fetch.allow`.
     pub fn policy(&self) -> FetchPolicy {
         FetchPolicy {
-            allow_private_addresses: self.allow_private_addresses,
+            allow: self.allow_list().expect("Settings::load checked fetch.allow"),
             max_image_bytes: self.max_image_bytes,
             timeout: Duration::from_secs(self.timeout_secs),
             max_redirects: self.max_redirects,
@@ -284,6 +295,7 @@ impl Settings {
                 )));
             }
         }
+        self.fetch.allow_list()?;
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
                 "workers.lease_secs must be at least 3".into(),
@@ -347,6 +359,26 @@ mod tests {
             assert!(
                 s.serve_demo && s.demo_checkpoint.is_none(),
                 "the embedded demo"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn fetch_allow_is_parsed_at_load_and_a_bad_entry_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "kiln.toml",
+                "[fetch]\nallow = [\"10.0.0.0/8\", \"images.internal\"]\n",
+            )?;
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            let expected = AllowList::parse(["10.0.0.0/8", "images.internal"]).unwrap();
+            assert_eq!(s.fetch.policy().allow, expected);
+            jail.create_file("kiln.toml", "[fetch]\nallow = [\"10.0.0.1/8\"]\n")?;
+            let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
+            assert!(
+                err.to_string().contains("fetch.allow: '10.0.0.1/8'"),
+                "{err}"
             );
             Ok(())
         });
