@@ -1,7 +1,7 @@
 //! The HTTP layer's one error type, and the one table ([`ApiError::status_and_code`]) that maps
 //! each error to an HTTP status and the hosted API's six-digit code.
 
-use crate::inputs::{InputErrors, Violation};
+use crate::inputs::{InputErrors, JsonError, Violation};
 use crate::wire::ErrorBody;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -42,11 +42,17 @@ pub(crate) enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// A client too slow to send its body (or one holding the connection open on purpose).
+    #[error("the request body did not arrive within {seconds} s of its headers")]
+    BodyTimeout { seconds: u64 },
     /// The body is not JSON at all. 422001 rather than 400001 (which names a bad model or id):
     /// like a schema violation, it is the input that must change, and FastAPI-based services
     /// such as the hosted one answer a JSON syntax error with their 422 too.
     #[error("the request body is not valid JSON: {0}")]
     MalformedJson(String),
+    /// A submit's body must be declared JSON: anything else is refused before it is read.
+    #[error("the request body must be application/json (got {0})")]
+    UnsupportedMediaType(String),
     #[error(transparent)]
     InvalidInput(#[from] InputErrors),
     #[error("this Idempotency-Key was already used for a different request")]
@@ -81,7 +87,9 @@ impl ApiError {
                 (StatusCode::NOT_FOUND, 404001)
             }
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, 405001),
+            BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, 408001),
             BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 413001),
+            UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 415001),
             // The input is valid; the key's state is what conflicts (RFC 9110's 409: resubmit
             // with a new key).
             IdempotencyConflict => (StatusCode::CONFLICT, 409001),
@@ -118,6 +126,11 @@ impl ApiError {
             ApiError::IdempotencyConflict => vec![Violation::new(
                 "Idempotency-Key",
                 "already used with a different model or input; send a new key for a new request",
+                None,
+            )],
+            ApiError::UnsupportedMediaType(_) => vec![Violation::new(
+                "Content-Type",
+                "must be application/json",
                 None,
             )],
             ApiError::InvalidIdempotencyKey => {
@@ -183,6 +196,21 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<JsonError> for ApiError {
+    fn from(error: JsonError) -> Self {
+        match error {
+            JsonError::Syntax(reason) => ApiError::MalformedJson(reason),
+            JsonError::DuplicateKey(path) => {
+                ApiError::InvalidInput(InputErrors(vec![Violation::new(
+                    path,
+                    "is given more than once; give each field once",
+                    None,
+                )]))
+            }
+        }
+    }
+}
+
 impl From<BlobError> for ApiError {
     fn from(error: BlobError) -> Self {
         ApiError::Internal(error.to_string())
@@ -218,6 +246,7 @@ mod tests {
                 path: "/x".into(),
             },
             ApiError::BodyTooLarge { limit: 10 },
+            ApiError::BodyTimeout { seconds: 30 },
             ApiError::MalformedJson("eof".into()),
             InputErrors(vec![Violation::new("seed", "must be an integer", None)]).into(),
             ApiError::IdempotencyConflict,
@@ -225,6 +254,7 @@ mod tests {
             ApiError::RateLimited { retry_after_s: 3 },
             ApiError::QueueFull { depth: 5 },
             ApiError::KeyQueueFull { queued: 5 },
+            ApiError::UnsupportedMediaType("text/plain".into()),
             ApiError::Draining,
             ApiError::Internal("disk on fire at /var/lib/kiln".into()),
         ]
@@ -245,6 +275,7 @@ mod tests {
         assert_eq!(code(ApiError::MissingToken), 401001);
         assert_eq!(code(ApiError::RequestNotFound), 404001);
         assert_eq!(code(ApiError::BodyTooLarge { limit: 1 }), 413001);
+        assert_eq!(code(ApiError::BodyTimeout { seconds: 1 }), 408001);
         assert_eq!(code(ApiError::RateLimited { retry_after_s: 1 }), 429001);
         assert_eq!(code(StoreError::QueueFull { depth: 1 }.into()), 503001);
         assert_eq!(code(StoreError::IdempotencyConflict.into()), 409001);

@@ -2,7 +2,7 @@
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::inputs::{self, parse_input};
+use crate::inputs::{self, parse_input, parse_json};
 use crate::state::AppState;
 use crate::wire::{ErrorBody, ModelList, ModelSchemas, ModelSummary, ResultOutput, SubmitResponse};
 use axum::body::Bytes;
@@ -19,7 +19,6 @@ use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::job::NewJob;
 use kiln_core::params::{GenerationParams, ImageLocation, ImageSource};
 use kiln_core::store::Idempotency;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::time::Instant;
 use time::OffsetDateTime;
@@ -46,6 +45,7 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
         (status = 200, description = "Queued", body = SubmitResponse),
         (status = 401, description = "Missing or invalid token (401001)", body = ErrorBody),
         (status = 413, description = "Body too large (413001)", body = ErrorBody),
+        (status = 415, description = "The body is not declared application/json (415001)", body = ErrorBody),
         (status = 409, description = "The Idempotency-Key was already used for another input (409001)", body = ErrorBody),
         (status = 422, description = "Input does not match the model's schema, or a malformed Idempotency-Key (422001)", body = ErrorBody),
         (status = 429, description = "Rate limited (429001); see Retry-After", body = ErrorBody),
@@ -64,7 +64,7 @@ pub(crate) async fn submit(
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
-    let mut params = read_input(&state, route, body)?;
+    let mut params = read_input(&state, route, &headers, body)?;
     // The fingerprint is of the input as sent: a replay stores its images under new keys.
     let idempotency = idempotency(&headers, route, &params, &state)?;
     let stored = store_inline_images(&state, &mut params).await?;
@@ -119,28 +119,32 @@ async fn store_inline_images(
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(base64)
             .map_err(|e| ApiError::Internal(format!("inline image: {e}")))?;
-        let key = BlobKey::random(extension_of(media_type));
+        // Stored under the blob store's own name for the type: the client's spelling of it
+        // (`ImaGE/PNG`, or a type nothing knows) is not something to keep.
+        let (extension, content_type) = blob_type(media_type);
+        let key = BlobKey::random(extension);
         let blob = Blob {
             bytes,
-            content_type: media_type.to_string(),
+            content_type: content_type.to_string(),
         };
         if let Err(e) = state.blobs.put(&key, blob).await {
             delete_blobs(state, &stored).await;
             return Err(e.into());
         }
-        *source = ImageSource::stored(media_type, &key);
+        *source = ImageSource::stored(content_type, &key);
         stored.push(key);
     }
     Ok(stored)
 }
 
-/// A file extension for an image media type (for people reading the blob directory).
-fn extension_of(media_type: &str) -> &'static str {
+/// The file extension and content type an inline image is stored under. The decoder tells the
+/// format from the bytes, so an unknown type loses nothing.
+fn blob_type(media_type: &str) -> (&'static str, &'static str) {
     match media_type.to_ascii_lowercase().as_str() {
-        "image/png" => "png",
-        "image/jpeg" | "image/jpg" => "jpeg",
-        "image/webp" => "webp",
-        _ => "img",
+        "image/png" => ("png", "image/png"),
+        "image/jpeg" | "image/jpg" => ("jpeg", "image/jpeg"),
+        "image/webp" => ("webp", "image/webp"),
+        _ => ("bin", "application/octet-stream"),
     }
 }
 
@@ -158,17 +162,37 @@ async fn delete_blobs(state: &AppState, keys: &[BlobKey]) {
 fn read_input(
     state: &AppState,
     route: Route,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<GenerationParams, ApiError> {
+    check_json_content_type(headers)?;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
             limit: state.settings.max_body_bytes,
         },
         _ => ApiError::MalformedJson(rejection.body_text()),
     })?;
-    let input: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let input = parse_json(&body)?;
     Ok(parse_input(route, &input, state.settings.max_prompt_chars)?)
+}
+
+/// `application/json` (any parameters, e.g. a charset) or a `+json` type: a body declared
+/// as anything else (a form, text, none) is not parsed as JSON on a guess.
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = declared
+        .as_deref()
+        .and_then(|v| v.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json") => Ok(()),
+        Some(t) if t.starts_with("application/") && t.ends_with("+json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType(
+            declared.unwrap_or_else(|| "no Content-Type".into()),
+        )),
+    }
 }
 
 /// The route named `model_id`, if this server runs it.

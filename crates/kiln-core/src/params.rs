@@ -186,7 +186,8 @@ impl ImageSource {
         if let Some((media_type, key)) = self
             .0
             .strip_prefix(STORED_SCHEME)
-            .and_then(|rest| rest.split_once(';'))
+            // Keys have no `;`; a media type may.
+            .and_then(|rest| rest.rsplit_once(';'))
         {
             return ImageLocation::Stored { media_type, key };
         }

@@ -215,7 +215,15 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
     }
     let route = args.model.context("--model or --model-dir is required")?;
     let input = match (args.input, args.prompt) {
-        (Some(json), _) => serde_json::from_str(&json).context("--input is not valid JSON")?,
+        (Some(json), _) => match kiln_api::inputs::parse_json(json.as_bytes()) {
+            Ok(input) => input,
+            Err(kiln_api::inputs::JsonError::Syntax(e)) => {
+                anyhow::bail!("--input is not valid JSON: {e}")
+            }
+            Err(kiln_api::inputs::JsonError::DuplicateKey(path)) => {
+                anyhow::bail!("--input gives `{path}` more than once")
+            }
+        },
         (None, Some(prompt)) => serde_json::json!({ "prompt": prompt }),
         (None, None) => anyhow::bail!("--model needs --input JSON or --prompt TEXT"),
     };

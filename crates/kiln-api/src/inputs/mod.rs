@@ -8,12 +8,14 @@
 mod flux11_pro;
 mod flux2_edit;
 mod flux2_flex;
+mod json;
 mod reader;
 mod schema;
 
 pub use flux11_pro::{AspectRatio, Flux11ProInput};
 pub use flux2_edit::{AutoSize, EditImageSize, Flux2EditInput};
 pub use flux2_flex::{CustomImageSize, Flux2FlexInput, Flux2ImageSize, ImageFormat, SizePreset};
+pub use json::{parse_json, JsonError};
 
 use kiln_core::catalog::Route;
 use kiln_core::params::{GenerationParams, Prompt};
