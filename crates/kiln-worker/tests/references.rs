@@ -518,3 +518,126 @@ async fn a_jobs_images_share_one_time_budget() {
         );
     }
 }
+
+/// Set in the copy of this test binary that runs inside a network namespace of its own.
+const IN_NAMESPACE: &str = "KILN_TEST_IN_NETWORK_NAMESPACE";
+const NAMESPACE_TEST: &str = "special_ipv6_forms_of_internal_addresses_are_refused_on_a_network";
+/// Printed by the copy inside: once it runs there, and once it has checked everything.
+const ENTERED: &str = "network namespace: entered";
+const CHECKED: &str = "network namespace: all forms checked";
+
+/// IPv6 forms of internal addresses, put on the loopback of a namespace the test makes: there
+/// each reaches a listener, as a NAT64 translator, a 6to4 relay or a local route would deliver
+/// it on a real network; the guard must refuse each before connecting.
+const SPECIAL_FORMS: &[&str] = &[
+    "64:ff9b::7f00:1",  // NAT64 of 127.0.0.1
+    "64:ff9b:1::1",     // NAT64 local use
+    "2002:7f00:1::1",   // 6to4 of 127.0.0.1
+    "::7f00:1",         // IPv4-compatible 127.0.0.1
+    "2001:0:7f00:1::1", // Teredo
+    "fec0::1",          // site-local
+    "fd00::1",          // unique local
+    "fd00:ec2::254",    // AWS's metadata service over IPv6
+];
+
+/// Runs itself again inside a new network namespace (`unshare --net --map-root-user`), where
+/// it may put addresses on the loopback without touching any other network.
+#[test]
+fn special_ipv6_forms_of_internal_addresses_are_refused_on_a_network() {
+    use std::process::Command;
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return refuse_special_forms_inside_the_namespace();
+    }
+    let missing: Vec<&str> = ["unshare", "ip"]
+        .into_iter()
+        .filter(|tool| Command::new(tool).arg("-V").output().is_err())
+        .collect();
+    if !missing.is_empty() {
+        return skip_namespace_test(&format!("{} not found", missing.join(" and ")));
+    }
+    let output = Command::new("unshare")
+        .args(["--net", "--map-root-user", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([NAMESPACE_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !stdout.contains(ENTERED) {
+        return skip_namespace_test(&format!("no network namespace could be made: {stderr}"));
+    }
+    assert!(
+        output.status.success() && stdout.contains(CHECKED),
+        "inside the namespace:\n{stdout}\n{stderr}"
+    );
+}
+
+fn skip_namespace_test(why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{NAMESPACE_TEST} must run in CI: {why}"
+    );
+    eprintln!("SKIPPED: {NAMESPACE_TEST}: {why}");
+}
+
+/// Inside the namespace: the special forms on the loopback, a listener on each, and for each
+/// a refused fetch that reaches no listener, then (guard opened) one that does.
+fn refuse_special_forms_inside_the_namespace() {
+    println!("{ENTERED}");
+    let ip = |args: &[&str]| {
+        let status = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["link", "set", "lo", "up"]);
+    let mut listeners = Vec::new();
+    for form in SPECIAL_FORMS {
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{form}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        let address: std::net::Ipv6Addr = form.parse().unwrap();
+        let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listeners.push((format!("[{form}]:{port}"), listener));
+    }
+    // An IPv4-mapped address reaches the IPv4 listener on the same host.
+    let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = v4.local_addr().unwrap().port();
+    listeners.push((format!("[::ffff:127.0.0.1]:{port}"), v4));
+
+    let policy = |entries: &[&str]| FetchPolicy {
+        allow: allow(entries),
+        timeout: Duration::from_millis(500),
+        ..FetchPolicy::default()
+    };
+    let guarded = ReferenceFetcher::new(policy(&[]));
+    let opened = ReferenceFetcher::new(policy(&["::/0"]));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        for (authority, listener) in &listeners {
+            listener.set_nonblocking(true).unwrap();
+            let source = ImageSource::parse(&format!("http://{authority}/cup.png")).unwrap();
+            let err = guarded
+                .fetch_all(std::slice::from_ref(&source))
+                .await
+                .unwrap_err();
+            assert_eq!(err.reason, Reason::NotPublic, "{authority}: {err}");
+            assert!(listener.accept().is_err(), "{authority} was connected to");
+            // The guard refused it, not the network: opened, the same URL reaches the listener
+            // (which never answers, so the fetch itself runs out of time).
+            opened.fetch_all(&[source]).await.unwrap_err();
+            assert!(listener.accept().is_ok(), "{authority} is reachable");
+            println!("{authority}: refused without a connection, reachable when allowed");
+        }
+    });
+    println!("{CHECKED}");
+}
