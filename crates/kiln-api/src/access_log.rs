@@ -1,5 +1,6 @@
-//! One log line per HTTP request, at `info`: method, path, status, duration, request id, and
-//! the API key's name when the request carried a valid one.
+//! One log line per HTTP request, at `info`: method, path, status, duration, request id (ours),
+//! the client's own request id when it sent a valid one, and the API key's name when the
+//! request carried a valid one.
 //!
 //! The path is logged without its query: a file URL's query is its signature, a capability
 //! that must not end up in log files. The key's name comes from the bearer-token extractor,
@@ -36,6 +37,7 @@ pub(crate) async fn record(mut request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let client_request_id = crate::request_id::client_request_id(&request);
     let response = next.run(request).await;
     let key = slot.0.get().map_or("-", |name| name.as_ref());
     tracing::info!(
@@ -45,6 +47,7 @@ pub(crate) async fn record(mut request: Request, next: Next) -> Response {
         status = response.status().as_u16(),
         duration_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
         request_id = %request_id,
+        client_request_id = client_request_id.as_deref(),
         key = %key,
         "request"
     );

@@ -14,15 +14,21 @@
 //! - `metrics`: Prometheus metrics and the HTTP metrics middleware.
 //! - `rate_limit`: per-key token buckets for submits.
 //! - `error`: `ApiError`, the layer's one error type, and its table of statuses and codes.
-//! - `access_log`: one `info` line per request (method, path, status, duration, request id, key).
+//! - `access_log`: one `info` line per request (method, path, status, duration, request id,
+//!   the client's own request id, key).
+//! - `request_id`: our `x-request-id` for every request; the client's kept aside.
+//! - `body_deadline`: the body-read timeout (408).
+//! - [`server`]: the accept loop, the connection cap and the header and idle timeouts.
 //! - `wire`: the JSON bodies of the API.
 //!
 //! [`router`] assembles the endpoints and layers; [`serve`] runs them until a shutdown signal.
 //! Catalog, schemas, health, metrics and the OpenAPI document are public metadata and need no
-//! token; files need none either (their signed URL is the permission); everything else does.
+//! API key (`/metrics` takes the metrics token when one is set); files need none either (their
+//! signed URL is the permission); everything else does.
 
 mod access_log;
 pub mod auth;
+mod body_deadline;
 mod error;
 mod files;
 pub mod inputs;
@@ -31,10 +37,13 @@ mod models;
 mod openapi;
 mod ops;
 mod rate_limit;
+mod request_id;
 mod requests;
+pub mod server;
 mod state;
 mod wire;
 
+pub use server::{serve_router, ConnectionLimits};
 pub use state::{ApiSettings, AppState};
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -42,12 +51,13 @@ use axum::routing::{any, get, post};
 use axum::Router;
 use std::future::Future;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::PropagateRequestIdLayer;
 use tower_http::trace::TraceLayer;
 
-/// Every endpoint, with request ids, tracing, metrics and the body limit.
+/// Every endpoint, with request ids, tracing, metrics, the body limit and the body deadline.
+/// `/metrics` is among them unless [`ApiSettings::metrics_on_api_port`] is off.
 pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
+    let mut routes = Router::new()
         .route("/v1/models", get(models::list))
         // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
         .route("/v1/models/{*model_id}", any(models::by_path))
@@ -57,8 +67,11 @@ pub fn router(state: AppState) -> Router {
         .route("/files/{key}", get(files::download))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi_json))
+        .route("/openapi.json", get(ops::openapi_json));
+    if state.settings.metrics_on_api_port {
+        routes = routes.route("/metrics", get(ops::metrics));
+    }
+    let routes = routes
         .fallback(ops::no_such_endpoint)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -66,31 +79,48 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes));
+    let body_timeout = state.settings.connections.body_timeout;
     routes.with_state(state).layer(
         ServiceBuilder::new()
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(axum::middleware::from_fn(request_id::assign))
             .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+                let client_request_id = request_id::client_request_id(request);
+                let client_request_id = client_request_id.as_deref();
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, client_request_id)
             }))
             .layer(axum::middleware::from_fn(access_log::record))
-            .layer(PropagateRequestIdLayer::x_request_id()),
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(axum::middleware::from_fn_with_state(
+                body_timeout,
+                body_deadline::limit,
+            )),
     )
 }
 
-/// Serves `state`'s router on `listener` until `shutdown` completes, then drains: submits get
-/// 503001, and in-flight requests finish before this returns.
+/// `/metrics` alone, for a listener of its own (the binary's `metrics.bind`): scrapers reach it
+/// on an internal address while the API port, behind a public load balancer, does not serve it.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::no_such_endpoint)
+        .with_state(state)
+}
+
+/// Serves `state`'s router on `listener`, within [`ApiSettings::connections`], until `shutdown`
+/// completes, then drains: submits get 503001, no connection is accepted, and in-flight
+/// requests finish before this returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let draining = state.clone();
+    let limits = state.settings.connections;
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            draining.begin_draining();
-        })
-        .await
+    let shutdown = async move {
+        shutdown.await;
+        draining.begin_draining();
+    };
+    serve_router(listener, app, limits, shutdown).await
 }

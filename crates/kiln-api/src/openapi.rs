@@ -41,6 +41,7 @@ pub(crate) fn document(settings: &ApiSettings) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
     doc["servers"] = json!([{"url": settings.public_url.trim_end_matches('/')}]);
     one_path_per_model(&mut doc, settings);
+    ops::document_metrics(&mut doc, settings);
     declare_common_answers(&mut doc);
     doc
 }
@@ -126,7 +127,7 @@ fn one_path_per_model(doc: &mut Value, settings: &ApiSettings) {
 fn declare_common_answers(doc: &mut Value) {
     let error = json!({"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}});
     let request_id = json!({
-        "description": "This request's id: the client's own if it sent one, else a new UUID; the server log names it",
+        "description": "This request's id, a UUID the server makes (a client's own x-request-id is not echoed); the server log names it",
         "required": true,
         "schema": {"type": "string"},
     });

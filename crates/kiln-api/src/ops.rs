@@ -1,14 +1,18 @@
 //! Operations endpoints: liveness, readiness, metrics, the OpenAPI document, and the answers
-//! for paths and methods nothing else takes. None needs a token: they carry no user data.
+//! for paths and methods nothing else takes. None needs an API key: they carry no user data.
+//! `/metrics` takes the operator's metrics token when one is configured.
 
+use crate::auth::bearer_token;
 use crate::error::ApiError;
 use crate::openapi;
-use crate::state::AppState;
+use crate::state::{ApiSettings, AppState};
 use crate::wire::Health;
 use axum::extract::State;
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
+use serde_json::json;
+use sha2::{Digest, Sha256};
 
 /// The process is up and answering.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
@@ -51,7 +55,17 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
     tag = "operations",
     responses((status = 200, content_type = "text/plain; version=0.0.4", body = String))
 )]
-pub(crate) async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    if let Some(expected) = &state.settings.metrics_token {
+        let sent = bearer_token(&headers)?;
+        // Compared as digests, so the time taken says nothing about a prefix of the token.
+        if Sha256::digest(sent.as_bytes()) != Sha256::digest(expected.as_bytes()) {
+            return Err(ApiError::InvalidToken);
+        }
+    }
     let text = state.metrics.render(state.jobs.as_ref()).await?;
     Ok((
         [(
@@ -60,6 +74,28 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<impl IntoRe
         )],
         text,
     ))
+}
+
+/// Fits the OpenAPI document's `/metrics` to how this server exposes it: left out when another
+/// listener serves it, and declared to take the metrics token (401001) when one is set.
+pub(crate) fn document_metrics(doc: &mut serde_json::Value, settings: &ApiSettings) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    if !settings.metrics_on_api_port {
+        paths.remove("/metrics");
+        return;
+    }
+    if settings.metrics_token.is_none() {
+        return;
+    }
+    if let Some(get) = paths.get_mut("/metrics").map(|item| &mut item["get"]) {
+        get["security"] = json!([{"bearer": []}]);
+        get["responses"]["401"] = json!({
+            "description": "Missing or wrong metrics token (401001)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        });
+    }
 }
 
 /// This document.

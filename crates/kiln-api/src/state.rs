@@ -4,6 +4,7 @@
 use crate::auth::KeyCache;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
+use crate::server::ConnectionLimits;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::RequestId;
@@ -48,6 +49,13 @@ pub struct ApiSettings {
     /// How long a token's lookup is trusted (see [`crate::auth::KEY_CACHE_TTL`]): a key revoked
     /// elsewhere is refused here within this long. Zero looks every request's token up.
     pub key_cache_ttl: Duration,
+    /// The connection cap and the header, body and idle timeouts (see [`crate::server`]).
+    pub connections: ConnectionLimits,
+    /// Whether the API port serves `/metrics`. Off when the binary serves it on a listener of
+    /// its own ([`crate::metrics_router`]): the API port then answers it 404.
+    pub metrics_on_api_port: bool,
+    /// When set, `/metrics` (wherever served) requires `Authorization: Bearer <this>`.
+    pub metrics_token: Option<String>,
 }
 
 impl ApiSettings {
@@ -68,6 +76,9 @@ impl ApiSettings {
             idempotency_window: DAY,
             served_routes: Route::ALL.to_vec(),
             key_cache_ttl: crate::auth::KEY_CACHE_TTL,
+            connections: ConnectionLimits::default(),
+            metrics_on_api_port: true,
+            metrics_token: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use crate::config::Settings;
 use anyhow::Context;
-use kiln_api::{ApiSettings, AppState};
+use kiln_api::{ApiSettings, AppState, ConnectionLimits};
 use kiln_blob::LocalBlobStore;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
@@ -109,10 +109,76 @@ pub fn spawn_sweeper(
     ))
 }
 
+/// Descriptors kept back from the HTTP connections: SQLite's pool (the database, its WAL and
+/// shared-memory files per connection), blob writes (a temporary file and its directory), the
+/// workers' reference-image downloads, the checkpoint files, the runtime and the listeners.
+const DESCRIPTOR_RESERVE: u64 = 64;
+
+/// The connection cap in force: `configured`, lowered to leave [`DESCRIPTOR_RESERVE`]
+/// descriptors free, after raising the soft descriptor limit to the hard one.
+fn connection_cap(configured: usize) -> usize {
+    let Some(soft) = raise_descriptor_limit() else {
+        return configured;
+    };
+    let room = usize::try_from(soft.saturating_sub(DESCRIPTOR_RESERVE)).unwrap_or(usize::MAX);
+    let cap = configured.min(room).max(1);
+    if cap < configured {
+        tracing::warn!(
+            descriptor_limit = soft,
+            configured,
+            max_connections = cap,
+            reserved = DESCRIPTOR_RESERVE,
+            "connection cap: lowered to fit the descriptor limit (raise `ulimit -n` for more)"
+        );
+    } else {
+        tracing::info!(
+            descriptor_limit = soft,
+            max_connections = cap,
+            "connection cap"
+        );
+    }
+    cap
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the soft default, often 1024, is far
+/// below what a server needs) and returns the soft limit in force; `None` if it cannot be read.
+fn raise_descriptor_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        // Refused on some systems (macOS will not take an unlimited soft limit): keep the soft.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    // `rlim_t` is u64 on Linux and macOS, but not on every Unix.
+    #[allow(clippy::useless_conversion)]
+    let soft = u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX);
+    Some(soft)
+}
+
+/// `kiln serve`'s `/metrics` listener (`metrics.bind`), bound at build time so that a taken
+/// port fails the start.
+struct MetricsListener {
+    listener: TcpListener,
+    address: SocketAddr,
+}
+
 /// A bound, ready service. Build it, read its address, then [`Application::run`] it.
 pub struct Application {
     listener: TcpListener,
     address: SocketAddr,
+    metrics: Option<MetricsListener>,
     public_url: String,
     served_routes: Vec<Route>,
     state: AppState,
@@ -129,6 +195,16 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.bind))?;
         let address = listener.local_addr()?;
+        let metrics = match settings.metrics.bind {
+            Some(bind) => {
+                let listener = TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("binding metrics.bind {bind}"))?;
+                let address = listener.local_addr()?;
+                Some(MetricsListener { listener, address })
+            }
+            None => None,
+        };
         let public_url = settings
             .public_url
             .clone()
@@ -154,6 +230,14 @@ impl Application {
             idempotency_window: Duration::from_secs(settings.idempotency_hours * 3600),
             key_cache_ttl: kiln_api::auth::KEY_CACHE_TTL,
             served_routes,
+            connections: ConnectionLimits {
+                max_connections: connection_cap(limits.max_connections),
+                header_timeout: Duration::from_secs(limits.header_timeout_secs),
+                body_timeout: Duration::from_secs(limits.body_timeout_secs),
+                idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+            },
+            metrics_on_api_port: metrics.is_none(),
+            metrics_token: settings.metrics.token.clone(),
         };
         let served_routes = api.served_routes.clone();
         let public_url = api.public_url.clone();
@@ -166,6 +250,7 @@ impl Application {
         Ok(Self {
             listener,
             address,
+            metrics,
             public_url,
             served_routes,
             state,
@@ -189,8 +274,10 @@ impl Application {
             };
             tracing::info!(route = %route, served_by = %served_by, "route");
         }
+        let metrics_address = self.metrics.as_ref().map(|m| m.address.to_string());
         tracing::info!(
             address = %self.address,
+            metrics_address = %metrics_address.as_deref().unwrap_or("the API port"),
             public_url = %self.public_url,
             store = %format!("SQLite {}", settings.database_path().display()),
             blob_store = %format!("local directory {}", settings.blob_dir().display()),
@@ -201,6 +288,11 @@ impl Application {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Where `/metrics` is served when `metrics.bind` is set.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.address)
     }
 
     pub fn stores(&self) -> &Stores {
@@ -222,6 +314,13 @@ impl Application {
             ))
         });
         self.log_summary();
+        let metrics = self.metrics.map(|metrics| {
+            tokio::spawn(crate::worker_metrics::serve_router(
+                metrics.listener,
+                kiln_api::metrics_router(self.state.clone()),
+                shutdown.clone(),
+            ))
+        });
         let served = kiln_api::serve(
             self.listener,
             self.state,
@@ -233,6 +332,9 @@ impl Application {
             workers.await.context("worker pool")?;
         }
         sweeper.await.context("sweeper")?;
+        if let Some(metrics) = metrics {
+            metrics.await?.context("metrics listener")?;
+        }
         served.context("HTTP server")
     }
 }

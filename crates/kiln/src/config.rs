@@ -39,6 +39,7 @@ pub struct Settings {
     pub workers: WorkerConfig,
     /// How workers fetch an edit's reference images (`image_urls`).
     pub fetch: FetchConfig,
+    pub metrics: MetricsConfig,
     /// Per route: the checkpoint that serves it and how to run it.
     pub models: ModelsConfig,
     /// Serve every route that has no checkpoint configured with kiln's own demo checkpoint, so
@@ -74,6 +75,28 @@ pub struct Limits {
     /// Submits per minute per token; 0 turns the limit off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
+    /// HTTP connections open at once; further clients wait to be accepted. Lowered at start to
+    /// leave descriptors for the store, blob writes and workers (see `app::connection_cap`).
+    pub max_connections: usize,
+    /// The longest a client may take to send a request's head, in seconds; also how long an
+    /// HTTP/1.1 keep-alive connection waits for its next request.
+    pub header_timeout_secs: u64,
+    /// The longest a client may take to send a request's body, in seconds (then 408).
+    pub body_timeout_secs: u64,
+    /// How long a connection may stay open with no request in progress and no byte moving.
+    pub idle_timeout_secs: u64,
+}
+
+/// `[metrics]`: where `kiln serve` serves `/metrics`, and whether it takes a token.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at `http://{bind}/metrics` and not on the API port (which answers it
+    /// 404). Unset: on the API port.
+    pub bind: Option<SocketAddr>,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>` wherever `kiln serve`
+    /// serves it.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -89,7 +112,7 @@ pub struct WorkerConfig {
     pub drain_timeout_secs: u64,
     /// `kiln worker` only: serve its own metrics (step and job durations) at
     /// `http://{metrics_bind}/metrics`. Unset: no listener at all. (`kiln serve` exports the
-    /// same series on its API port.)
+    /// same series on its API port, or on `metrics.bind`.)
     pub metrics_bind: Option<SocketAddr>,
 }
 
@@ -145,6 +168,10 @@ impl Default for Settings {
                 // the back-pressure. Switched on (multi-tenant), a key may burst 100 submits.
                 rate_limit_per_minute: 0,
                 rate_limit_burst: 100,
+                max_connections: 512,
+                header_timeout_secs: 10,
+                body_timeout_secs: 30,
+                idle_timeout_secs: 60,
             },
             workers: WorkerConfig {
                 slots: 1,
@@ -160,6 +187,7 @@ impl Default for Settings {
                 timeout_secs: 30,
                 max_redirects: 5,
             },
+            metrics: MetricsConfig::default(),
             models: ModelsConfig::default(),
             serve_demo: true,
             demo_checkpoint: None,
@@ -295,6 +323,24 @@ impl Settings {
                 )));
             }
         }
+        let limits = &self.limits;
+        if limits.max_connections == 0
+            || [
+                limits.header_timeout_secs,
+                limits.body_timeout_secs,
+                limits.idle_timeout_secs,
+            ]
+            .contains(&0)
+        {
+            return Err(ConfigError::Invalid(
+                "limits.max_connections and the limits' timeouts must be at least 1".into(),
+            ));
+        }
+        if self.metrics.token.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Invalid(
+                "metrics.token must not be empty (leave it unset for no token)".into(),
+            ));
+        }
         self.fetch.allow_list()?;
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
@@ -310,6 +356,9 @@ impl Settings {
         let mut shown = self.clone();
         if shown.signing_key.is_some() {
             shown.signing_key = Some(REDACTED.to_string());
+        }
+        if shown.metrics.token.is_some() {
+            shown.metrics.token = Some(REDACTED.to_string());
         }
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
@@ -500,11 +549,13 @@ mod tests {
         Jail::expect_with(|jail| {
             let secret = "ab".repeat(32);
             jail.set_env("KILN_SIGNING_KEY", &secret);
+            jail.set_env("KILN_METRICS__TOKEN", "scrape-secret-1");
             jail.set_env("KILN_MODELS__FLUX_1_1_PRO__CHECKPOINT", "/models/dev");
             let s = Settings::load(None, &FlagOverrides::default()).unwrap();
             let text = s.to_toml_redacted().unwrap();
             assert!(!text.contains(&secret), "{text}");
             assert!(text.contains("signing_key = \"<redacted>\""), "{text}");
+            assert!(!text.contains("scrape-secret-1"), "{text}");
             assert!(
                 text.contains("[models.\"blackforestlabs/flux-1-1-pro/text-to-image\"]"),
                 "{text}"

@@ -1,21 +1,36 @@
-//! `kiln worker`'s optional metrics listener. A worker has no API port, yet its series (step and
-//! job durations, jobs finished by outcome) are measured only where the engine runs, so a
-//! worker on its own machine exports them here for Prometheus to scrape.
+//! The `/metrics` listeners of their own: `kiln worker`'s (`workers.metrics_bind`) and
+//! `kiln serve`'s (`metrics.bind`), both served by the API's accept loop and its limits.
+//!
+//! A worker has no API port, yet its series (step and job durations, jobs finished by outcome)
+//! are measured only where the engine runs, so a worker on its own machine exports them here
+//! for Prometheus to scrape. `kiln serve` moves its `/metrics` here to keep it off an API port
+//! that a public load balancer exposes.
 
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use kiln_api::ConnectionLimits;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// `kiln worker`: serves `GET /metrics` (the process's default registry) on `listener` until
+/// `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = Router::new().route("/metrics", get(metrics));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    serve_router(listener, app, shutdown).await
+}
+
+/// Serves `router`, a metrics router, on `listener` until `shutdown`, with the default limits
+/// (a scraper makes one short request at a time).
+pub async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let limits = ConnectionLimits::default();
+    kiln_api::serve_router(listener, router, limits, shutdown.cancelled_owned()).await
 }
 
 async fn metrics() -> impl IntoResponse {

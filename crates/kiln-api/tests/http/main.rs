@@ -4,7 +4,10 @@
 mod harness;
 
 mod conformance;
+mod connections;
 mod files;
+mod metrics_exposure;
 mod ops;
+mod request_ids;
 mod requests;
 mod submit;

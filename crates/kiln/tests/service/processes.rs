@@ -611,3 +611,79 @@ async fn the_flux2_route_runs_a_configured_flux2_dev_checkpoint() {
         .await;
     assert_eq!((code, decoded_size(&bytes)), (200, (64, 80)));
 }
+
+/// Slow clients cannot starve the service of descriptors. Under a descriptor limit of 256 (soft
+/// and hard, so kiln cannot raise it), 300 connections that each send half a request head
+/// leave `/healthz` answering within the header timeout, and a job submitted before them
+/// stores its image and succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn half_open_connections_cannot_exhaust_the_descriptors_of_a_running_job() {
+    use std::os::unix::process::CommandExt;
+    use tokio::io::AsyncWriteExt;
+
+    let header_timeout = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "[limits]\nheader_timeout_secs = {}\n",
+        header_timeout.as_secs()
+    );
+    let config = write_config(dir.path(), 2, &limits);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .env("KILN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let kiln = KilnProcess::serving(command);
+    let cap = kiln
+        .logged("connection cap: lowered to fit the descriptor limit (raise `ulimit -n` for more)");
+    assert_eq!(cap.len(), 1, "the cap is logged once");
+    assert_eq!(cap[0]["descriptor_limit"], 256);
+    assert_eq!(
+        cap[0]["max_connections"],
+        256 - 64,
+        "64 descriptors kept back"
+    );
+    let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
+    let (code, submitted) = client.submit(PRO, input("a lighthouse at dusk")).await;
+    assert_eq!(code, 200, "{submitted}");
+
+    let address = kiln.base.trim_start_matches("http://");
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nX-Slow: ")
+            .await
+            .unwrap();
+        held.push(slow);
+    }
+    let started = std::time::Instant::now();
+    let (code, health) = client.call(reqwest::Method::GET, "/healthz", None).await;
+    assert_eq!(code, 200, "{health}");
+    let waited = started.elapsed();
+    assert!(
+        waited < header_timeout * 2 + Duration::from_secs(5),
+        "/healthz took {waited:?} behind the slow clients"
+    );
+    let id = submitted["request_id"].as_str().unwrap();
+    let result = client.wait_result(id, Duration::from_secs(60)).await;
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(held.len(), 300);
+}
