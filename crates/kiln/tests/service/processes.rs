@@ -690,3 +690,54 @@ async fn half_open_connections_cannot_exhaust_the_descriptors_of_a_running_job()
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(held.len(), 300);
 }
+
+/// `metrics.bind` takes `/metrics` off the API port onto its own address; the access log names
+/// our request id and, beside it, the client's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_bind_moves_metrics_off_the_api_port_and_the_log_keeps_a_clients_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2, "[metrics]\nbind = \"127.0.0.1:0\"\n");
+    let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
+    let listening = kiln.logged("kiln is listening");
+    let metrics_address = listening[0]["metrics_address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(format!("http://{metrics_address}"), kiln.base);
+    let http = reqwest::Client::new();
+    let on_api_port = http
+        .get(format!("{}/metrics", kiln.base))
+        .header("x-request-id", "client-trace-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_api_port.status(), 404);
+    let ours = on_api_port.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(ours, "client-trace-7");
+    let scraped = http
+        .get(format!("http://{metrics_address}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped.text().await.unwrap().contains("kiln_queue_depth"));
+
+    // The access line is written after the answer: give the log reader a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let lines = kiln.logged("request");
+        if let Some(line) = lines.into_iter().find(|l| l["request_id"] == ours.as_str()) {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access line for {ours}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["client_request_id"], "client-trace-7", "{line}");
+    assert_eq!(line["status"], 404, "{line}");
+}
