@@ -7,6 +7,8 @@
 //! `tools/bench/diffusers_bench.py` for diffusers), so that each peak-memory figure is that
 //! workload's alone: the peak is reset once the weights are loaded and read after the last run.
 
+mod http;
+
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
@@ -57,6 +59,9 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// The HTTP service's throughput: `/healthz` and status polls, and durable submits while a
+    /// worker runs, against the built `kiln` binary (see src/http.rs).
+    Http(http::HttpArgs),
     /// Run one workload in this process and print its measurement as JSON (used by the
     /// benchmark itself).
     Child {
@@ -140,10 +145,14 @@ impl Measurement {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Mode::Http(args)) = &cli.command {
+        // The service runs in its own process; this one only sends requests.
+        return http::run(args);
+    }
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
     let matrix_products = kiln_engine::load_cpu_kernels();
-    let cli = Cli::parse();
     match cli.command {
         Some(Mode::Child {
             workload,
@@ -154,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
+        Some(Mode::Http(_)) => unreachable!("handled above"),
         None => benchmark(&cli.run, &matrix_products),
     }
 }
