@@ -149,7 +149,7 @@ pub struct ResultOutput {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FailureBody {
     /// A stable name: `invalid_input`, `engine_unavailable`, `engine_failed`, `worker_lost`,
-    /// `storage_failed`.
+    /// `storage_failed`, `timed_out`.
     #[schema(value_type = String, example = "engine_failed")]
     pub code: JobErrorCode,
     pub message: String,

@@ -26,6 +26,13 @@ pub struct StepEvent<'a> {
 /// [`EngineError::Interrupted`].
 pub trait StepObserver {
     fn on_step(&mut self, event: StepEvent<'_>) -> ControlFlow<()>;
+
+    /// Whether to stop now. Engines ask between the long phases where no step fires (prompt
+    /// encoding, every token of a prompt expansion, reference encoding, before decoding), so
+    /// that a stop is honoured within one phase, not only at the next step.
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
 }
 
 /// Nobody watching: the generation runs to the end.

@@ -83,6 +83,8 @@ pub enum JobErrorCode {
     WorkerLost,
     /// The image was generated but could not be stored.
     StorageFailed,
+    /// The job ran past the worker's time limit for one job (`workers.job_timeout_secs`).
+    TimedOut,
 }
 
 /// What a finished generation recorded: the applied settings, after defaults and expansion.

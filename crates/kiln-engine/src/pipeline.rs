@@ -355,8 +355,7 @@ impl Flux1Pipeline {
         };
         format!(
             "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?}){about}",
-            self.files.name,
-            self.dtype
+            self.files.name, self.dtype
         )
     }
 
@@ -481,6 +480,7 @@ impl Flux1Pipeline {
         let channels = self.transformer.config().in_channels / 4;
         let tokens = (h / 2) * (w / 2);
 
+        sampling::check_stop(observer)?;
         let text = self.encode_prompt(&req.prompt, max_len)?;
         // The empty prompt's encoding and the scale it is guided against.
         let unconditional = match cfg_scale {
@@ -488,6 +488,7 @@ impl Flux1Pipeline {
                 notes.push(format!(
                     "true classifier-free guidance {s} against the empty prompt"
                 ));
+                sampling::check_stop(observer)?;
                 Some((self.encode_prompt("", max_len)?, s))
             }
             None => None,
@@ -532,6 +533,7 @@ impl Flux1Pipeline {
             },
             &|x0| preview(&sampling::unpack(x0, h, w)?),
         )?;
+        sampling::check_stop(observer)?;
         let mut image = self.decode_tensor(&latents, gen_w, gen_h)?;
         if (gen_w, gen_h) != (req.width, req.height) {
             image = image.upsample_bilinear2d(req.height as usize, req.width as usize, false)?;

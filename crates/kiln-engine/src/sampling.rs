@@ -205,6 +205,14 @@ pub(crate) fn guided(cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tenso
     Ok((uncond + ((cond - uncond)? * scale as f64)?)?)
 }
 
+/// Ends a generation whose observer asks to stop, between the phases where no step fires.
+pub(crate) fn check_stop(observer: &mut dyn StepObserver) -> Result<()> {
+    if observer.stop_requested() {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
 pub(crate) fn denoise(
     mut latents: Tensor,
     sigmas: &[f32],

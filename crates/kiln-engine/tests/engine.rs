@@ -138,6 +138,36 @@ fn observer_break_interrupts() {
     assert_eq!(rec.steps.len(), 2);
 }
 
+/// Asks to stop at once: between phases, not at a step.
+struct StopNow {
+    asked: u32,
+    steps: u32,
+}
+
+impl StepObserver for StopNow {
+    fn on_step(&mut self, _: StepEvent<'_>) -> ControlFlow<()> {
+        self.steps += 1;
+        ControlFlow::Continue(())
+    }
+    fn stop_requested(&mut self) -> bool {
+        self.asked += 1;
+        true
+    }
+}
+
+#[test]
+fn a_stop_is_honoured_before_the_first_phase_ends() {
+    let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
+    let mut stop = StopNow { asked: 0, steps: 0 };
+    let err = engine.generate(&params(1), &[], &mut stop).unwrap_err();
+    assert!(matches!(err, EngineError::Interrupted), "{err:?}");
+    assert_eq!(
+        (stop.asked, stop.steps),
+        (1, 0),
+        "stopped before encoding the prompt"
+    );
+}
+
 #[test]
 fn sizes_must_fit_the_vae() {
     let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
@@ -393,9 +423,26 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
                 temperature: EXPANSION_TEMPERATURE,
                 seed: 3,
             },
+            &mut || false,
         )
         .unwrap()
         .unwrap();
+    // A stop asked for mid-expansion is honoured at the next token, not after all of them.
+    let mut asked = 0;
+    let stopped = engine.pipeline().expand_prompt(
+        "a lighthouse in a storm",
+        EXPANSION_MAX_NEW_TOKENS,
+        TokenChoice::Greedy,
+        &mut || {
+            asked += 1;
+            asked > 3
+        },
+    );
+    assert!(
+        matches!(stopped, Err(kiln_engine::Error::Interrupted)),
+        "{stopped:?}"
+    );
+    assert_eq!(asked, 4, "three tokens written, stopped before the fourth");
     assert_eq!(expanded.applied.prompt, rewrite.text.trim());
     let notes = expanded.applied.notes.join("\n");
     assert!(
@@ -476,6 +523,18 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         .unwrap();
     assert_eq!((same.image.width, same.image.height), (64, 64));
     assert_eq!(same.image.pixels, explicit.image.pixels);
+    // A reference of any shape keeps "auto" within the route's sizes (sides 64 to 2048).
+    let strip = kiln_core::engine::RgbImage {
+        width: 2064,
+        height: 16,
+        pixels: vec![128; 2064 * 16 * 3],
+    };
+    let fitted = engine
+        .generate(&auto, &[strip], &mut Recorder::default())
+        .unwrap();
+    assert_eq!((fitted.image.width, fitted.image.height), (2048, 64));
+    let notes = fitted.applied.notes.join("; ");
+    assert!(notes.contains("brought to 2048x64"), "{notes}");
     // A reference whose sides are not multiples of the size multiple (4 for this tiny VAE, 16
     // for FLUX.2's) is centre-cropped, and says so. (Larger than a
     // megapixel, it would first be scaled down, which the pipeline's unit tests check: this
@@ -488,11 +547,13 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
     let sized = engine
         .generate(&auto, &[odd_reference], &mut Recorder::default())
         .unwrap();
-    assert_eq!((sized.image.width, sized.image.height), (68, 48));
+    // 48 pixels is below the route's smallest side (64): raised, the aspect ratio kept.
+    assert_eq!((sized.image.width, sized.image.height), (88, 64));
     let notes = sized.applied.notes.join("\n");
     assert!(
         notes.contains("reference image 1 centre-cropped from 70x50 to 68x48")
-            && notes.contains("image size 68x48 from the first reference image"),
+            && notes.contains("image size 68x48 from the first reference image")
+            && notes.contains("brought to 88x64"),
         "{notes}"
     );
     assert!(matches!(

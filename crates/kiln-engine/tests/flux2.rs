@@ -462,7 +462,7 @@ fn prompt_expansion_matches_transformers_token_for_token() {
         );
         let max = r.u32("expansion_max_new_tokens") as usize;
         let e = p
-            .expand_prompt(prompt(&r), max, TokenChoice::Greedy)
+            .expand_prompt(prompt(&r), max, TokenChoice::Greedy, &mut || false)
             .unwrap()
             .unwrap();
         assert_eq!(e.tokens, r.ids("expansion_ids"), "{config} new tokens");
@@ -483,6 +483,7 @@ fn sampled_prompt_expansion_is_seeded() {
                 temperature: EXPANSION_TEMPERATURE,
                 seed,
             },
+            &mut || false,
         )
         .unwrap()
         .unwrap()
@@ -513,7 +514,7 @@ fn a_text_encoder_without_its_head_cannot_expand_prompts() {
     assert!(!headless.can_expand_prompts());
     assert_eq!(
         headless
-            .expand_prompt("a fox", 8, TokenChoice::Greedy)
+            .expand_prompt("a fox", 8, TokenChoice::Greedy, &mut || false)
             .unwrap(),
         None
     );

@@ -51,6 +51,9 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// On shutdown, how long a running job may go on before it is interrupted and released.
     pub drain_timeout: Duration,
+    /// The longest one job may run (fetching its images included) before it is stopped and
+    /// failed (`timed_out`): a job that hangs or crawls must not hold a slot for ever.
+    pub job_timeout: Duration,
     /// How an edit's reference images are fetched.
     pub fetch: FetchPolicy,
 }

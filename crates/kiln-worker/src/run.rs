@@ -54,6 +54,10 @@ impl StepObserver for ProgressObserver {
             ControlFlow::Continue(())
         }
     }
+
+    fn stop_requested(&mut self) -> bool {
+        self.signals.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// Why the engine was asked to stop, if it was.
@@ -63,6 +67,8 @@ enum StopReason {
     LeaseLost,
     /// The process is shutting down and the drain time ran out.
     Shutdown,
+    /// The job ran past [`crate::WorkerSettings::job_timeout`].
+    TimedOut,
 }
 
 pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
@@ -142,6 +148,8 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     heartbeat.tick().await;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut stop_reason: Option<StopReason> = None;
+    let job_timeout = tokio::time::sleep(context.settings.job_timeout);
+    tokio::pin!(job_timeout);
     let result = loop {
         let drain_expired = async {
             match drain_deadline {
@@ -167,6 +175,11 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
                 tracing::info!(drain_timeout_s = context.settings.drain_timeout.as_secs(), "shutdown: letting the running job finish");
                 drain_deadline = Some(tokio::time::Instant::now() + context.settings.drain_timeout);
             }
+            () = &mut job_timeout, if stop_reason.is_none() => {
+                tracing::warn!(limit_s = context.settings.job_timeout.as_secs(), "the job ran past its time limit; stopping the engine");
+                stop_reason = Some(StopReason::TimedOut);
+                signals.stop.store(true, Ordering::Relaxed);
+            }
             () = drain_expired => {
                 tracing::info!("shutdown: drain time is up; interrupting the job to release it");
                 stop_reason.get_or_insert(StopReason::Shutdown);
@@ -176,10 +189,51 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         }
     };
     let inference = inference_started.elapsed();
+    let ended = Ended {
+        engine: engine.describe(),
+        stop_reason,
+        inference,
+    };
+    conclude(context, lease, result, ended).await
+}
 
-    if stop_reason == Some(StopReason::LeaseLost) {
-        return "lease_lost";
+/// How a run ended, beside the engine's result.
+struct Ended {
+    engine: String,
+    stop_reason: Option<StopReason>,
+    inference: Duration,
+}
+
+/// Records the run's result: the job completed, failed, or released to the queue.
+async fn conclude(
+    context: &WorkerContext,
+    lease: &Lease,
+    result: Result<Result<GeneratedImage, EngineError>, tokio::task::JoinError>,
+    ended: Ended,
+) -> &'static str {
+    match (result, ended.stop_reason) {
+        (_, Some(StopReason::LeaseLost)) => "lease_lost",
+        (Ok(Err(EngineError::Interrupted)), Some(StopReason::TimedOut)) => {
+            let error = JobError {
+                code: JobErrorCode::TimedOut,
+                message: format!(
+                    "the job ran longer than this server allows for one ({} s) and was stopped",
+                    context.settings.job_timeout.as_secs()
+                ),
+            };
+            finish_failed(context, lease, error).await
+        }
+        (result, _) => conclude_result(context, lease, result, ended).await,
     }
+}
+
+async fn conclude_result(
+    context: &WorkerContext,
+    lease: &Lease,
+    result: Result<Result<GeneratedImage, EngineError>, tokio::task::JoinError>,
+    ended: Ended,
+) -> &'static str {
+    let job = &lease.job;
     match result {
         Err(join_error) => {
             tracing::error!(error = %join_error, "the engine panicked");
@@ -226,7 +280,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
             finish_failed(context, lease, error).await
         }
         Ok(Ok(generated)) => {
-            store_and_complete(context, lease, generated, engine.describe(), inference).await
+            store_and_complete(context, lease, generated, ended.engine, ended.inference).await
         }
     }
 }

@@ -54,6 +54,7 @@ impl Harness {
             max_attempts: 3,
             poll_interval: Duration::from_millis(20),
             drain_timeout: Duration::ZERO,
+            job_timeout: Duration::from_secs(60),
             fetch: FetchPolicy::default(),
         }
     }
@@ -435,4 +436,41 @@ async fn an_image_stored_with_the_job_is_read_back_and_deleted_when_the_job_ends
         h.blobs.get(&key).await.unwrap().is_none(),
         "the stored image is deleted once the job has ended"
     );
+}
+
+#[tokio::test]
+async fn a_job_past_its_time_limit_is_stopped_and_failed_as_timed_out() {
+    let h = Harness::new().await;
+    let settings = WorkerSettings {
+        job_timeout: Duration::from_millis(600),
+        lease: Duration::from_secs(5),
+        ..h.settings()
+    };
+    let (shutdown, pool) = h.start(settings);
+    // 250 ms a step, 20 steps: five seconds, far past the limit.
+    let slow = h
+        .enqueue(GenerationParams {
+            num_inference_steps: Some(20),
+            ..params("a slow one", 1, OutputFormat::Jpeg)
+        })
+        .await;
+    let next = h.submit("a quick one", 2, OutputFormat::Jpeg).await;
+    let slow = h.wait_terminal(slow).await;
+    let next = h.wait_terminal(next).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert_eq!(slow.state, JobState::Failed);
+    let error = slow.error.unwrap();
+    assert_eq!(error.code, JobErrorCode::TimedOut, "{}", error.message);
+    assert!(
+        error.message.contains("ran longer than"),
+        "{}",
+        error.message
+    );
+    let steps = slow.progress.map_or(0, |p| p.step);
+    assert!(
+        steps < 20,
+        "stopped early, not run to the end ({steps} steps)"
+    );
+    assert_eq!(next.state, JobState::Succeeded, "the slot is free again");
 }

@@ -90,6 +90,7 @@ pub fn worker_settings(settings: &Settings) -> WorkerSettings {
         max_attempts: settings.workers.max_attempts,
         poll_interval: Duration::from_millis(settings.workers.poll_interval_ms),
         drain_timeout: Duration::from_secs(settings.workers.drain_timeout_secs),
+        job_timeout: Duration::from_secs(settings.workers.job_timeout_secs),
         fetch: settings.fetch.policy(),
     }
 }

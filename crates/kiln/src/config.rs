@@ -110,6 +110,10 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     /// On shutdown, how long a running job may finish before it is released to the queue.
     pub drain_timeout_secs: u64,
+    /// The longest one job may run, its images' fetching included; then it is stopped and
+    /// fails with `timed_out`. Generous by default: FLUX.1 dev at 1024x1024 and 50 steps on a
+    /// small CPU takes tens of minutes.
+    pub job_timeout_secs: u64,
     /// `kiln worker` only: serve its own metrics (step and job durations) at
     /// `http://{metrics_bind}/metrics`. Unset: no listener at all. (`kiln serve` exports the
     /// same series on its API port, or on `metrics.bind`.)
@@ -179,6 +183,7 @@ impl Default for Settings {
                 max_attempts: 3,
                 poll_interval_ms: 250,
                 drain_timeout_secs: 30,
+                job_timeout_secs: 3600,
                 metrics_bind: None,
             },
             fetch: FetchConfig {
@@ -204,14 +209,15 @@ impl Default for Limits {
 impl FetchConfig {
     /// `fetch.allow` parsed; [`Settings::load`] refuses a configuration where it does not.
     pub fn allow_list(&self) -> Result<AllowList, ConfigError> {
-        AllowList::parse(&self.allow)
-            .map_err(|e| ConfigError::Invalid(format!("fetch.allow: {e}")))
+        AllowList::parse(&self.allow).map_err(|e| ConfigError::Invalid(format!("fetch.allow: {e}")))
     }
 
     /// The fetcher's policy. Settings from [`Settings::load`] have a valid `fetch.allow`.
     pub fn policy(&self) -> FetchPolicy {
         FetchPolicy {
-            allow: self.allow_list().expect("Settings::load checked fetch.allow"),
+            allow: self
+                .allow_list()
+                .expect("Settings::load checked fetch.allow"),
             max_image_bytes: self.max_image_bytes,
             timeout: Duration::from_secs(self.timeout_secs),
             max_redirects: self.max_redirects,
@@ -345,6 +351,11 @@ impl Settings {
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
                 "workers.lease_secs must be at least 3".into(),
+            ));
+        }
+        if self.workers.job_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "workers.job_timeout_secs must be at least 1".into(),
             ));
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 use super::read_prompt;
 use super::reader::{one_of, rounded_side, within, Choice, FieldReader};
+use kiln_core::catalog::FLUX2_SIDES;
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -16,11 +17,12 @@ const GUIDANCE_MAX: f64 = 10.0;
 pub(super) const DEFAULT_STEPS: u32 = 28;
 const STEPS_MIN: u32 = 2;
 const STEPS_MAX: u32 = 50;
-/// Custom sides: multiples of 16 (the latent patch size), 64 to 2048, at most 4 MP in all.
-pub(super) const SIDE_STEP: u32 = 16;
-pub(super) const SIDE_MIN: u32 = 64;
-pub(super) const SIDE_MAX: u32 = 2048;
-pub(super) const MAX_PIXELS: u64 = 4_000_000;
+/// Custom sides: multiples of 16 (the latent patch size), 64 to 2048, at most 4 MP in all
+/// (kiln-core's [`FLUX2_SIDES`], which the engine keeps `image_size: "auto"` within too).
+pub(super) const SIDE_STEP: u32 = FLUX2_SIDES.step;
+pub(super) const SIDE_MIN: u32 = FLUX2_SIDES.min;
+pub(super) const SIDE_MAX: u32 = FLUX2_SIDES.max;
+pub(super) const MAX_PIXELS: u64 = FLUX2_SIDES.max_pixels;
 
 pub(super) const FIELD_TITLES: &[(&str, &str)] = &[
     ("prompt", "Prompt"),

@@ -5,8 +5,9 @@ use super::lm::TokenChoice;
 use super::pipeline::{Flux2Pipeline, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
 use crate::error::{Error, Result};
 use crate::pipeline::{DeviceSpec, EngineOptions, LoadProgress, PipelineRequest, Precision};
+use kiln_core::catalog::{SideBounds, FLUX2_SIDES};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
-use kiln_core::params::{GenerationParams, OutputSize};
+use kiln_core::params::{GenerationParams, ImageSize, OutputSize};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -110,7 +111,20 @@ impl Flux2Engine {
                     "image size {}x{} from the first reference image",
                     size.width, size.height
                 ));
-                size
+                // A reference may be any shape (4096x16 is under a megapixel); the result
+                // keeps to what the route accepts as an explicit size.
+                let bounds = SideBounds {
+                    step: self.pipeline.size_multiple(),
+                    ..FLUX2_SIDES
+                };
+                let (width, height) = bounds.fit(size.width, size.height);
+                if (width, height) != (size.width, size.height) {
+                    notes.push(format!(
+                        "brought to {width}x{height}, within the route's sizes (sides {} to {}, at most {} pixels)",
+                        FLUX2_SIDES.min, FLUX2_SIDES.max, FLUX2_SIDES.max_pixels
+                    ));
+                }
+                ImageSize { width, height }
             }
             (OutputSize::FirstReference, None) => {
                 return Err(Error::InvalidRequest(
@@ -137,9 +151,12 @@ impl Flux2Engine {
                 temperature: EXPANSION_TEMPERATURE,
                 seed: u64::from(params.seed),
             };
-            let expansion =
-                self.pipeline
-                    .expand_prompt(&request.prompt, EXPANSION_MAX_NEW_TOKENS, choice)?;
+            let expansion = self.pipeline.expand_prompt(
+                &request.prompt,
+                EXPANSION_MAX_NEW_TOKENS,
+                choice,
+                &mut || observer.stop_requested(),
+            )?;
             match expansion {
                 Some(e) if !e.text.trim().is_empty() => {
                     notes.push(format!(

@@ -215,6 +215,7 @@ impl TextModel {
         max_new_tokens: usize,
         choice: TokenChoice,
         stop: &[u32],
+        should_stop: &mut dyn FnMut() -> bool,
     ) -> Result<Vec<u32>> {
         let head = self.head.as_ref().ok_or_else(|| {
             Error::InvalidRequest("the text encoder has no language-model head".into())
@@ -237,6 +238,10 @@ impl TextModel {
         let mut input = prompt.to_vec();
         let mut position = 0;
         while out.len() < max_new_tokens {
+            // Hundreds of tokens on a CPU take minutes: a stop is honoured between tokens.
+            if should_stop() {
+                return Err(Error::Interrupted);
+            }
             let seq = input.len();
             let mut x = self
                 .embed

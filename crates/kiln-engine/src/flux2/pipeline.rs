@@ -525,14 +525,15 @@ impl Flux2Pipeline {
         prompt: &str,
         max_new_tokens: usize,
         choice: TokenChoice,
+        should_stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<Expansion>> {
         if !self.can_expand_prompts() {
             return Ok(None);
         }
         let ids = self.tokenizer.ids(&self.expansion_chat_text(prompt))?;
-        let tokens = self
-            .text
-            .generate(&ids, max_new_tokens, choice, &self.stop_tokens)?;
+        let tokens =
+            self.text
+                .generate(&ids, max_new_tokens, choice, &self.stop_tokens, should_stop)?;
         let text = self.tokenizer.decode(&tokens)?;
         Ok(Some(Expansion { tokens, text }))
     }
@@ -764,11 +765,13 @@ impl Flux2Pipeline {
         let channels = self.transformer.config().in_channels;
         let tokens = (h / 2) * (w / 2);
 
+        sampling::check_stop(observer)?;
         let text = self.encode_prompt(&req.prompt, max_len)?;
         // The base model guides with its own guidance-free prediction for the empty prompt.
         let unconditional = match guidance {
             Some(g) if g > 1.0 && !self.transformer.config().guidance_embeds => {
                 notes.push(format!("classifier-free guidance {g}"));
+                sampling::check_stop(observer)?;
                 Some((self.encode_prompt("", max_len)?, g))
             }
             _ => None,
@@ -802,10 +805,12 @@ impl Flux2Pipeline {
         };
         let sigmas = self.schedule_sigmas(steps as usize, tokens);
         notes.push(format!("empirical-mu schedule for {tokens} image tokens"));
+        sampling::check_stop(observer)?;
         let References {
             tokens: refs,
             grids,
         } = self.encode_references(references, &mut notes)?;
+        sampling::check_stop(observer)?;
         if !references.is_empty() {
             notes.push(format!("{} reference image(s)", references.len()));
         }
@@ -828,6 +833,7 @@ impl Flux2Pipeline {
             },
             &|x0| preview(&self.vae.denormalise(x0, h, w)?),
         )?;
+        sampling::check_stop(observer)?;
         let z = self.vae.denormalise(&latents, h, w)?;
         let image = to_rgb(&self.vae.decode(&z)?)?;
         Ok(PipelineOutput {
