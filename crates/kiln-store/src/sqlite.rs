@@ -8,6 +8,7 @@
 //! (`group_commit`).
 
 use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
+use crate::reader::{ReadError, Readers};
 use crate::record::{from_millis, millis, JobRow, JOB_COLUMNS};
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
@@ -25,7 +26,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, SqliteConnection, SqlitePool};
 use std::path::Path;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -43,7 +44,13 @@ const EXPIRE_FROM_NOW: &str = "expires_at = ?1 + (expires_at - created_at)";
 pub struct SqliteStore {
     pool: SqlitePool,
     submits: mpsc::Sender<PendingEnqueue>,
+    /// Read-only connections for status polls, used inline ([`Readers`]).
+    readers: Arc<Readers>,
 }
+
+/// Inline readers: about one per runtime thread is enough, as each read holds its connection
+/// for microseconds.
+const READERS: usize = 4;
 
 pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -64,6 +71,20 @@ fn now_millis() -> i64 {
 
 pub(crate) fn duration_millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A job's columns and its queue position, by id, owner (or NULL for any) and the instant it
+/// must be visible at. Built once: status polls run it more than anything else.
+fn view_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {JOB_COLUMNS}, CASE WHEN state = 'queued' THEN \
+               (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
+               AS queue_position \
+             FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {VISIBLE}"
+        )
+    });
+    SQL.as_str()
 }
 
 #[derive(sqlx::FromRow)]
@@ -133,7 +154,43 @@ impl SqliteStore {
             .map_err(backend)?;
         let (submits, waiting) = mpsc::channel(WAITING);
         tokio::spawn(run_committer(pool.clone(), waiting));
-        Ok(Self { pool, submits })
+        // Opened after the migrations, so they see the schema.
+        let readers = Arc::new(Readers::open(path, READERS)?);
+        Ok(Self {
+            pool,
+            submits,
+            readers,
+        })
+    }
+
+    /// The job `id` of `owner` with its queue position, if visible at `now`: inline, or
+    /// through the pool when the database is locked for a moment.
+    async fn owned_view(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+    ) -> Result<Option<JobView>, StoreError> {
+        match self
+            .readers
+            .job_view_row(view_sql(), rusqlite::params![id, owner, owner, now])
+        {
+            Ok(row) => {
+                return row
+                    .map(|(job, queue_position)| {
+                        JobViewRow {
+                            job,
+                            queue_position,
+                        }
+                        .into_view()
+                    })
+                    .transpose()
+            }
+            Err(ReadError::Failed(e)) => return Err(e),
+            Err(ReadError::Busy) => {}
+        }
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        Self::view(&mut conn, id, Some(owner), now).await
     }
 
     /// The job `id` with its queue position, if visible at `now`.
@@ -143,16 +200,7 @@ impl SqliteStore {
         owner: Option<&str>,
         now: i64,
     ) -> Result<Option<JobView>, StoreError> {
-        // Built once: status polls run it more than anything else.
-        static SQL: LazyLock<String> = LazyLock::new(|| {
-            format!(
-                "SELECT {JOB_COLUMNS}, CASE WHEN state = 'queued' THEN \
-                   (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
-                   AS queue_position \
-                 FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {VISIBLE}"
-            )
-        });
-        let row: Option<JobViewRow> = sqlx::query_as(SQL.as_str())
+        let row: Option<JobViewRow> = sqlx::query_as(view_sql())
             .bind(id)
             .bind(owner)
             .bind(owner)
@@ -240,14 +288,8 @@ impl JobStore for SqliteStore {
     }
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(backend)?;
-        Self::view(
-            &mut conn,
-            &id.to_string(),
-            Some(&owner.to_string()),
-            now_millis(),
-        )
-        .await
+        self.owned_view(&id.to_string(), &owner.to_string(), now_millis())
+            .await
     }
 
     async fn cancel(
