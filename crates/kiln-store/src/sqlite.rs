@@ -340,29 +340,34 @@ impl JobStore for SqliteStore {
         }
         let now = now_millis();
         let lease_until = now + duration_millis(policy.lease);
-        let route_params = vec!["?"; routes.len()].join(", ");
+        // ?1 worker, ?2 lease end, ?3 now, ?4 attempts limit, ?5.. the routes.
+        let route_params: Vec<String> = (0..routes.len()).map(|i| format!("?{}", i + 5)).collect();
+        let route_params = route_params.join(", ");
+        // The first queued job and the first abandoned one, each found by walking the
+        // (state, seq) index to its first match, then the older of the two: one query with `OR`
+        // read every queued row and sorted them, per claim, which a deep queue made slow.
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
-               fencing_token = fencing_token + 1, worker = ?, lease_expires_at = ?, started_at = ?, \
+               fencing_token = fencing_token + 1, worker = ?1, lease_expires_at = ?2, started_at = ?3, \
                progress_step = NULL, progress_total = NULL \
-             WHERE seq = (SELECT seq FROM jobs WHERE route IN ({route_params}) AND \
-               (state = 'queued' OR (state = 'running' AND lease_expires_at < ? AND attempts < ?)) \
-               ORDER BY seq LIMIT 1) \
+             WHERE seq = (SELECT MIN(seq) FROM ( \
+               SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'queued' \
+                 AND route IN ({route_params}) ORDER BY seq LIMIT 1) \
+               UNION ALL \
+               SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'running' \
+                 AND lease_expires_at < ?3 AND attempts < ?4 AND route IN ({route_params}) \
+                 ORDER BY seq LIMIT 1))) \
              RETURNING {JOB_COLUMNS}"
         );
         let mut query = sqlx::query_as::<_, JobRow>(&sql)
             .bind(worker.as_str())
             .bind(lease_until)
-            .bind(now);
+            .bind(now)
+            .bind(i64::from(policy.max_attempts));
         for route in routes {
             query = query.bind(route.id());
         }
-        let row = query
-            .bind(now)
-            .bind(i64::from(policy.max_attempts))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
+        let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
         row.map(|row| {
             let fencing_token = row.fencing_token;
             Ok(Lease {
