@@ -305,8 +305,8 @@ mod tests {
             Err(ImageSourceError::Scheme),
             "no client can name a blob"
         );
-        let forged = format!("\"kiln-blob:image/png;../../etc/passwd\"");
-        assert!(serde_json::from_str::<ImageSource>(&forged).is_err());
+        let forged = r#""kiln-blob:image/png;../../etc/passwd""#;
+        assert!(serde_json::from_str::<ImageSource>(forged).is_err());
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_CHARS));
         assert!(ImageSource::parse(&long).is_err());
     }

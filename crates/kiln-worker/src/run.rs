@@ -9,7 +9,7 @@ use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
 use crate::pool::WorkerContext;
 use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::engine::{EngineError, GeneratedImage, StepEvent, StepObserver};
-use kiln_core::ids::BlobKey;
+use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::image_file::encode_image;
 use kiln_core::job::{JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
 use kiln_core::params::{ImageLocation, ImageSource};
@@ -237,15 +237,7 @@ async fn conclude_result(
     match result {
         Err(join_error) => {
             tracing::error!(error = %join_error, "the engine panicked");
-            let error = JobError {
-                code: JobErrorCode::EngineFailed,
-                message: format!(
-                    "the engine crashed while generating this image (request id {}); \
-                     the server's logs have the details",
-                    job.id
-                ),
-            };
-            finish_failed(context, lease, error).await
+            finish_failed(context, lease, engine_failure(job.id, "crashed")).await
         }
         Ok(Err(EngineError::Interrupted)) => match context.jobs.release(lease).await {
             Ok(()) => "released",
@@ -269,19 +261,23 @@ async fn conclude_result(
             // The engine's own words may name files and devices of this server: they go to
             // the log under the request id, the client gets the id.
             tracing::error!(error = %internal, "the engine failed");
-            let error = JobError {
-                code: JobErrorCode::EngineFailed,
-                message: format!(
-                    "the engine failed while generating this image (request id {}); \
-                     the server's logs have the details",
-                    job.id
-                ),
-            };
-            finish_failed(context, lease, error).await
+            finish_failed(context, lease, engine_failure(job.id, "failed")).await
         }
         Ok(Ok(generated)) => {
             store_and_complete(context, lease, generated, ended.engine, ended.inference).await
         }
+    }
+}
+
+/// What the client is told when the engine `what` (crashed, failed): its request id, under
+/// which the log has the detail, and nothing of the engine's own words.
+fn engine_failure(id: RequestId, what: &str) -> JobError {
+    JobError {
+        code: JobErrorCode::EngineFailed,
+        message: format!(
+            "the engine {what} while generating this image (request id {id}); \
+             the server's logs have the details"
+        ),
     }
 }
 

@@ -175,6 +175,24 @@ impl TestServer {
             .await
     }
 
+    /// POSTs `body` as it is to `model` as Alice, with `content_type` if any.
+    pub async fn submit_raw(
+        &self,
+        model: &str,
+        body: &str,
+        content_type: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/v1/models/{model}")))
+            .bearer_auth(&self.token)
+            .body(body.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.unwrap()
+    }
+
     /// Submits a valid FLUX.2 request as Alice and returns its id.
     pub async fn submit_ok(&self) -> RequestId {
         let answer = self

@@ -124,14 +124,8 @@ async fn bodies_that_are_not_json_objects_are_422001() {
     let server = TestServer::start().await;
     for body in ["{\"prompt\": ", "prompt=a cat", ""] {
         let response = server
-            .client
-            .post(server.url(&format!("/v1/models/{FLEX}")))
-            .bearer_auth(&server.token)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+            .submit_raw(FLEX, body, Some("application/json"))
+            .await;
         assert_eq!(response.status(), 422, "{body:?}");
         let error: serde_json::Value = response.json().await.unwrap();
         assert_eq!(error["error_code"], 422001);
@@ -561,14 +555,8 @@ async fn a_repeated_field_is_422001_naming_it() {
     let server = TestServer::start().await;
     let body = r#"{"prompt": "a fox", "image_size": {"width": 512, "height": 512, "width": 1024}}"#;
     let response = server
-        .client
-        .post(server.url(&format!("/v1/models/{FLEX}")))
-        .bearer_auth(&server.token)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .submit_raw(FLEX, body, Some("application/json"))
+        .await;
     assert_eq!(response.status(), 422);
     let answer: serde_json::Value = response.json().await.unwrap();
     assert_eq!(answer["error_code"], 422001, "{answer}");
@@ -583,36 +571,19 @@ async fn a_repeated_field_is_422001_naming_it() {
 async fn a_body_not_declared_json_is_415001() {
     let server = TestServer::start().await;
     let body = r#"{"prompt": "a fox"}"#;
-    let url = server.url(&format!("/v1/models/{FLEX}"));
     for content_type in [
         Some("text/plain"),
         Some("application/x-www-form-urlencoded"),
         None,
     ] {
-        let mut request = server
-            .client
-            .post(&url)
-            .bearer_auth(&server.token)
-            .body(body);
-        if let Some(content_type) = content_type {
-            request = request.header("content-type", content_type);
-        }
-        let response = request.send().await.unwrap();
+        let response = server.submit_raw(FLEX, body, content_type).await;
         assert_eq!(response.status(), 415, "{content_type:?}");
         let answer: serde_json::Value = response.json().await.unwrap();
         assert_eq!(answer["error_code"], 415001, "{answer}");
         assert_eq!(answer["detail"][0]["field"], "Content-Type", "{answer}");
     }
     for content_type in ["application/json; charset=utf-8", "application/merge+json"] {
-        let response = server
-            .client
-            .post(&url)
-            .bearer_auth(&server.token)
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let response = server.submit_raw(FLEX, body, Some(content_type)).await;
         assert_eq!(response.status(), 200, "{content_type}");
     }
 }

@@ -453,7 +453,7 @@ fn generate_loads_only_the_checkpoint_of_its_route() {
 #[test]
 fn kiln_config_prints_the_settings_in_force_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 3, &format!("\n[limits]\nmax_queued = 77\n"));
+    let config = write_config(dir.path(), 3, "\n[limits]\nmax_queued = 77\n");
     let secret = "5e".repeat(32);
     let env = [
         ("KILN_SIGNING_KEY", secret.as_str()),
