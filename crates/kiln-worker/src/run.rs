@@ -8,10 +8,10 @@
 use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
 use crate::pool::WorkerContext;
 use kiln_core::blob::{Blob, BlobStore};
-use kiln_core::engine::{EngineError, GeneratedImage, StepEvent, StepObserver};
+use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepEvent, StepObserver};
 use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::image_file::encode_image;
-use kiln_core::job::{JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
+use kiln_core::job::{Job, JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
 use kiln_core::params::{ImageLocation, ImageSource};
 use kiln_core::store::{Lease, StoreError};
 use std::ops::ControlFlow;
@@ -116,32 +116,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
 
     let signals = Arc::new(RunSignals::default());
     let inference_started = Instant::now();
-    // Fetching the reference images is part of the run: the lease is beaten meanwhile, and an
-    // image that cannot be had fails the job as the input's fault.
-    let mut generation = {
-        let (engine, params, signals) = (engine.clone(), job.params.clone(), signals.clone());
-        let (fetcher, blobs) = (context.fetcher.clone(), context.blobs.clone());
-        let model = job.route.id();
-        Box::pin(async move {
-            let sources = match read_stored_images(blobs.as_ref(), &params.reference_images).await {
-                Ok(sources) => sources,
-                Err(e) => return Ok(Err(e)),
-            };
-            let references = match fetcher.fetch_all(&sources).await {
-                Ok(images) => images,
-                Err(e) => return Ok(Err(EngineError::InvalidInput(e.to_string()))),
-            };
-            tokio::task::spawn_blocking(move || {
-                let mut observer = ProgressObserver {
-                    signals,
-                    model,
-                    last_step: Instant::now(),
-                };
-                engine.generate(&params, &references, &mut observer)
-            })
-            .await
-        })
-    };
+    let mut generation = Box::pin(generate(context, job, engine.clone(), signals.clone()));
 
     let mut heartbeat = tokio::time::interval(context.settings.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,6 +170,36 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         inference,
     };
     conclude(context, lease, result, ended).await
+}
+
+/// Reads and fetches the job's reference images, then runs the engine on a blocking thread.
+/// Fetching is part of the run: the lease is beaten meanwhile, and an image that cannot be had
+/// fails the job as the input's fault.
+async fn generate(
+    context: &WorkerContext,
+    job: &Job,
+    engine: Arc<dyn Engine>,
+    signals: Arc<RunSignals>,
+) -> Result<Result<GeneratedImage, EngineError>, tokio::task::JoinError> {
+    let params = job.params.clone();
+    let sources = match read_stored_images(context.blobs.as_ref(), &params.reference_images).await {
+        Ok(sources) => sources,
+        Err(e) => return Ok(Err(e)),
+    };
+    let references = match context.fetcher.fetch_all(&sources).await {
+        Ok(images) => images,
+        Err(e) => return Ok(Err(EngineError::InvalidInput(e.to_string()))),
+    };
+    let model = job.route.id();
+    tokio::task::spawn_blocking(move || {
+        let mut observer = ProgressObserver {
+            signals,
+            model,
+            last_step: Instant::now(),
+        };
+        engine.generate(&params, &references, &mut observer)
+    })
+    .await
 }
 
 /// How a run ended, beside the engine's result.

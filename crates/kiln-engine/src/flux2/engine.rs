@@ -93,18 +93,16 @@ impl Flux2Engine {
         &self.config
     }
 
-    fn generate_inner(
+    /// The size to generate: the request's, or (`image_size: "auto"`) the first reference's,
+    /// as the pipeline encodes it, kept within the route's sizes.
+    fn output_size(
         &self,
-        params: &GenerationParams,
-        references: &[RgbImage],
-        observer: &mut dyn StepObserver,
-    ) -> Result<GeneratedImage> {
-        let mut notes = Vec::new();
-        if params.raw {
-            notes.push("raw mode is a FLUX 1.1 [pro] option; FLUX.2 ignores it".into());
-        }
-        let size = match (params.size, references.first()) {
-            (OutputSize::Pixels(size), _) => size,
+        size: OutputSize,
+        first: Option<&RgbImage>,
+        notes: &mut Vec<String>,
+    ) -> Result<ImageSize> {
+        match (size, first) {
+            (OutputSize::Pixels(size), _) => Ok(size),
             (OutputSize::FirstReference, Some(first)) => {
                 let size = self.pipeline.reference_size(first)?;
                 notes.push(format!(
@@ -124,15 +122,25 @@ impl Flux2Engine {
                         FLUX2_SIDES.min, FLUX2_SIDES.max, FLUX2_SIDES.max_pixels
                     ));
                 }
-                ImageSize { width, height }
+                Ok(ImageSize { width, height })
             }
-            (OutputSize::FirstReference, None) => {
-                return Err(Error::InvalidRequest(
-                    "the image size comes from the first reference image, and none was given"
-                        .into(),
-                ))
-            }
-        };
+            (OutputSize::FirstReference, None) => Err(Error::InvalidRequest(
+                "the image size comes from the first reference image, and none was given".into(),
+            )),
+        }
+    }
+
+    fn generate_inner(
+        &self,
+        params: &GenerationParams,
+        references: &[RgbImage],
+        observer: &mut dyn StepObserver,
+    ) -> Result<GeneratedImage> {
+        let mut notes = Vec::new();
+        if params.raw {
+            notes.push("raw mode is a FLUX 1.1 [pro] option; FLUX.2 ignores it".into());
+        }
+        let size = self.output_size(params.size, references.first(), &mut notes)?;
         let mut request = PipelineRequest::from_params(
             params,
             size,
