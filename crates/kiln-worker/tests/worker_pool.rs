@@ -474,3 +474,33 @@ async fn a_job_past_its_time_limit_is_stopped_and_failed_as_timed_out() {
     );
     assert_eq!(next.state, JobState::Succeeded, "the slot is free again");
 }
+
+#[tokio::test]
+async fn a_stored_image_that_is_not_an_image_fails_its_job_and_is_deleted_all_the_same() {
+    let h = Harness::new().await;
+    let key = kiln_core::ids::BlobKey::random("png");
+    let blob = kiln_core::blob::Blob {
+        // What the probe sent: megabytes of random bytes calling themselves an image.
+        bytes: (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
+        content_type: "image/png".into(),
+    };
+    h.blobs.put(&key, blob).await.unwrap();
+    let edit = GenerationParams {
+        size: OutputSize::FirstReference,
+        reference_images: vec![ImageSource::stored("image/png", &key)],
+        ..params("an edit", 9, OutputFormat::Png)
+    };
+    let id = h.enqueue(edit).await;
+    let (shutdown, pool) = h.start(h.settings());
+    let job = h.wait_terminal(id).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error.unwrap().code, JobErrorCode::InvalidInput);
+    assert!(
+        h.blobs.get(&key).await.unwrap().is_none(),
+        "a failed job's stored image is deleted too"
+    );
+}
