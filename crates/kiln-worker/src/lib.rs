@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! - [`pool`]: [`run_pool`], N worker slots claiming jobs until the shutdown token fires.
-//! - `run`: one job from lease to terminal state (engine on a blocking thread, heartbeats,
-//!   panics caught, image encoded and stored, job finished under its fencing token).
+//! - `run`: one job from lease to terminal state (stored inline images read back, references
+//!   fetched, engine on a blocking thread within the job's time limit, heartbeats, panics
+//!   caught, image encoded and stored, job finished under its fencing token, stored images
+//!   deleted).
 //! - [`address`]: which IP addresses are not public and why (IANA's special-purpose
 //!   registries as tables), for everything the worker connects to on a user's behalf.
 //! - [`allow`]: the operator's allow list of address blocks and host names laid over
