@@ -31,12 +31,7 @@ pub(crate) async fn record(mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(slot.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let request_id = crate::request_id::request_id(&request).to_owned();
     let client_request_id = crate::request_id::client_request_id(&request);
     let response = next.run(request).await;
     let key = slot.0.get().map_or("-", |name| name.as_ref());

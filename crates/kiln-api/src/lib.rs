@@ -84,7 +84,7 @@ pub fn router(state: AppState) -> Router {
         ServiceBuilder::new()
             .layer(axum::middleware::from_fn(request_id::assign))
             .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                let request_id = request_id::request_id(request);
                 let client_request_id = request_id::client_request_id(request);
                 let client_request_id = client_request_id.as_deref();
                 tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, client_request_id)

@@ -43,6 +43,15 @@ fn validated(value: &HeaderValue) -> Option<Arc<str>> {
     valid.then(|| Arc::from(text))
 }
 
+/// Our id of `request`, as [`assign`] set it.
+pub(crate) fn request_id(request: &Request) -> &str {
+    request
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 /// The client's id of `request`, if it sent a valid one.
 pub(crate) fn client_request_id(request: &Request) -> Option<Arc<str>> {
     request

@@ -35,6 +35,36 @@ pub fn encode_image(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, Enc
         .map_err(|source| EncodeError { format, source })
 }
 
+/// Reference images are scaled down to this many pixels of area before a model encodes them
+/// (diffusers' FLUX.2 pipelines: 1024 * 1024). The worker scales them right after decoding,
+/// the engine again when given a larger one: the same rule and filter, so either finds the
+/// other's work done.
+pub const REFERENCE_MAX_PIXELS: u64 = 1024 * 1024;
+
+/// `(width, height)` scaled down to at most `max_pixels` of area, aspect ratio kept, sides
+/// floored (diffusers' `_resize_to_target_area`); unchanged when already within. A side may
+/// floor to 0 for an extreme aspect ratio: callers decide what that means.
+pub fn fit_to_area(width: u32, height: u32, max_pixels: u64) -> (u32, u32) {
+    let area = u64::from(width) * u64::from(height);
+    if area <= max_pixels {
+        return (width, height);
+    }
+    let scale = (max_pixels as f64 / area as f64).sqrt();
+    let side = |s: u32| (f64::from(s) * scale) as u32;
+    (side(width), side(height))
+}
+
+/// `image` resampled to `(width, height)` with a Lanczos filter (PIL's LANCZOS, as diffusers
+/// resizes reference images).
+pub fn resize_lanczos(image: &image::RgbImage, (width, height): (u32, u32)) -> RgbImage {
+    let out = image::imageops::resize(image, width, height, image::imageops::FilterType::Lanczos3);
+    RgbImage {
+        width,
+        height,
+        pixels: out.into_raw(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

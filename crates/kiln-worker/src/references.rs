@@ -28,6 +28,7 @@ use crate::address::NonPublic;
 use crate::allow::AllowList;
 use image::ImageDecoder as _;
 use kiln_core::engine::RgbImage;
+use kiln_core::image_file::{fit_to_area, resize_lanczos, REFERENCE_MAX_PIXELS};
 use kiln_core::params::{ImageLocation, ImageSource};
 use std::error::Error as StdError;
 use std::fmt;
@@ -77,8 +78,8 @@ pub const MAX_TOTAL_PIXELS: u64 = 4 * MAX_IMAGE_PIXELS;
 /// leaves room for a decoder's working buffers and nothing more.
 const MAX_DECODE_ALLOC: u64 = 256 * 1024 * 1024;
 /// Images above this many pixels are scaled down to it right after decoding: the FLUX.2
-/// engine's own bound for reference images (diffusers: 1024 * 1024), applied the same way.
-pub const WORKING_PIXELS: u64 = 1024 * 1024;
+/// engine's own bound for reference images, applied by the same function.
+pub const WORKING_PIXELS: u64 = REFERENCE_MAX_PIXELS;
 /// How many of a job's images are downloaded at once.
 pub const FETCH_CONCURRENCY: usize = 4;
 /// A connection that is not up by then will not be.
@@ -483,36 +484,27 @@ fn decode_and_scale(bytes: &[u8]) -> Result<RgbImage, Failure> {
     Ok(scale_to_working_size(decoded.into_rgb8()))
 }
 
-/// The size a `width x height` image is scaled to: the FLUX.2 engine's rule for reference
-/// images (`kiln_engine::flux2::pipeline::prepared_reference_size`, after diffusers'
-/// `_resize_to_target_area`): above [`WORKING_PIXELS`], both sides times
-/// sqrt(WORKING_PIXELS / area), floored. Done here with the same filter, the engine finds the
-/// image within its bound and encodes exactly what it would have made of the full one; an
-/// image within the bound is left as it is. (A side is kept at least 1 pixel, which the
-/// engine then refuses as too thin, as it would the original.)
+/// The size a `width x height` image is scaled to: [`fit_to_area`] to [`WORKING_PIXELS`], the
+/// function and bound the FLUX.2 engine applies to reference images. Done here with the same
+/// filter, the engine finds the image within its bound and encodes exactly what it would have
+/// made of the full one; an image within the bound is left as it is. (A side is kept at least
+/// 1 pixel, which the engine then refuses as too thin, as it would the original.)
 fn working_size(width: u32, height: u32) -> (u32, u32) {
-    let area = u64::from(width) * u64::from(height);
-    if area <= WORKING_PIXELS {
-        return (width, height);
-    }
-    let scale = (WORKING_PIXELS as f64 / area as f64).sqrt();
-    let side = |s: u32| ((f64::from(s) * scale) as u32).max(1);
-    (side(width), side(height))
+    let (w, h) = fit_to_area(width, height, WORKING_PIXELS);
+    (w.max(1), h.max(1))
 }
 
-/// `image` scaled to [`working_size`] with a Lanczos filter (PIL's LANCZOS, as the engine).
+/// `image` scaled to [`working_size`] with the engine's filter.
 fn scale_to_working_size(image: image::RgbImage) -> RgbImage {
-    let (width, height) = working_size(image.width(), image.height());
-    let image = if (width, height) == image.dimensions() {
-        image
-    } else {
-        image::imageops::resize(&image, width, height, image::imageops::FilterType::Lanczos3)
-    };
-    RgbImage {
-        width,
-        height,
-        pixels: image.into_raw(),
+    let size = working_size(image.width(), image.height());
+    if size == image.dimensions() {
+        return RgbImage {
+            width: size.0,
+            height: size.1,
+            pixels: image.into_raw(),
+        };
     }
+    resize_lanczos(&image, size)
 }
 
 /// The scheme is http(s), and a host given as an address is one the allow list lets through

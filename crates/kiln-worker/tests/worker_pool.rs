@@ -95,6 +95,28 @@ impl Harness {
             .id
     }
 
+    /// Stores `bytes` as the API keeps an inline image, runs an edit of it to its end with a
+    /// fresh pool, and returns the job and the image's key.
+    async fn run_stored_edit(&self, bytes: Vec<u8>) -> (Job, kiln_core::ids::BlobKey) {
+        let key = kiln_core::ids::BlobKey::random("png");
+        let blob = kiln_core::blob::Blob {
+            bytes,
+            content_type: "image/png".into(),
+        };
+        self.blobs.put(&key, blob).await.unwrap();
+        let edit = GenerationParams {
+            size: OutputSize::FirstReference,
+            reference_images: vec![ImageSource::stored("image/png", &key)],
+            ..params("an edit", 9, OutputFormat::Png)
+        };
+        let id = self.enqueue(edit).await;
+        let (shutdown, pool) = self.start(self.settings());
+        let job = self.wait_terminal(id).await;
+        shutdown.cancel();
+        pool.await.unwrap();
+        (job, key)
+    }
+
     async fn wait_terminal(&self, id: RequestId) -> Job {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -409,22 +431,7 @@ async fn an_image_stored_with_the_job_is_read_back_and_deleted_when_the_job_ends
         pixels: vec![90; 32 * 48 * 3],
     };
     let png = kiln_core::image_file::encode_image(&reference, OutputFormat::Png).unwrap();
-    let key = kiln_core::ids::BlobKey::random("png");
-    let blob = kiln_core::blob::Blob {
-        bytes: png,
-        content_type: "image/png".into(),
-    };
-    h.blobs.put(&key, blob).await.unwrap();
-    let edit = GenerationParams {
-        size: OutputSize::FirstReference,
-        reference_images: vec![ImageSource::stored("image/png", &key)],
-        ..params("an edit", 9, OutputFormat::Png)
-    };
-    let id = h.enqueue(edit).await;
-    let (shutdown, pool) = h.start(h.settings());
-    let job = h.wait_terminal(id).await;
-    shutdown.cancel();
-    pool.await.unwrap();
+    let (job, key) = h.run_stored_edit(png).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let meta = job.output.unwrap().metadata;
     assert_eq!(
@@ -478,25 +485,11 @@ async fn a_job_past_its_time_limit_is_stopped_and_failed_as_timed_out() {
 #[tokio::test]
 async fn a_stored_image_that_is_not_an_image_fails_its_job_and_is_deleted_all_the_same() {
     let h = Harness::new().await;
-    let key = kiln_core::ids::BlobKey::random("png");
-    let blob = kiln_core::blob::Blob {
-        // What the probe sent: megabytes of random bytes calling themselves an image.
-        bytes: (0..3_000_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect(),
-        content_type: "image/png".into(),
-    };
-    h.blobs.put(&key, blob).await.unwrap();
-    let edit = GenerationParams {
-        size: OutputSize::FirstReference,
-        reference_images: vec![ImageSource::stored("image/png", &key)],
-        ..params("an edit", 9, OutputFormat::Png)
-    };
-    let id = h.enqueue(edit).await;
-    let (shutdown, pool) = h.start(h.settings());
-    let job = h.wait_terminal(id).await;
-    shutdown.cancel();
-    pool.await.unwrap();
+    // What the probe sent: megabytes of random bytes calling themselves an image.
+    let noise = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (job, key) = h.run_stored_edit(noise).await;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.error.unwrap().code, JobErrorCode::InvalidInput);
     assert!(

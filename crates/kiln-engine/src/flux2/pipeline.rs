@@ -24,6 +24,7 @@ use crate::vae::groups;
 use crate::weights::{NameMap, Weights};
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
+use kiln_core::image_file::{fit_to_area, resize_lanczos};
 use kiln_core::params::ImageSize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -77,7 +78,7 @@ pub struct Flux2PromptEmbeddings {
 
 /// Reference images as the transformer takes them.
 /// Larger reference images are scaled down to this many pixels (diffusers: 1024 * 1024).
-pub const REFERENCE_MAX_PIXELS: u64 = 1024 * 1024;
+pub use kiln_core::image_file::REFERENCE_MAX_PIXELS;
 
 /// A `width x height` reference image's size after scaling down to [`REFERENCE_MAX_PIXELS`] of
 /// area (aspect ratio kept, sides floored, as diffusers' `_resize_to_target_area`), and after
@@ -87,35 +88,18 @@ fn prepared_reference_size(
     height: u32,
     multiple: u32,
 ) -> Option<((u32, u32), (u32, u32))> {
-    let area = u64::from(width) * u64::from(height);
-    let fit = if area > REFERENCE_MAX_PIXELS {
-        let scale = (REFERENCE_MAX_PIXELS as f64 / area as f64).sqrt();
-        let side = |s: u32| (f64::from(s) * scale) as u32;
-        (side(width), side(height))
-    } else {
-        (width, height)
-    };
+    let fit = fit_to_area(width, height, REFERENCE_MAX_PIXELS);
     let cut = (fit.0 / multiple * multiple, fit.1 / multiple * multiple);
     (cut.0 > 0 && cut.1 > 0).then_some((fit, cut))
 }
 
 /// `img` resampled to `(width, height)` with a Lanczos filter (PIL's LANCZOS, as diffusers).
-fn resize(img: &RgbImage, (width, height): (u32, u32)) -> Result<RgbImage> {
+fn resize(img: &RgbImage, size: (u32, u32)) -> Result<RgbImage> {
     let buffer =
         image::RgbImage::from_raw(img.width, img.height, img.pixels.clone()).ok_or_else(|| {
             Error::InvalidRequest("a reference image's pixels do not match its size".into())
         })?;
-    let out = image::imageops::resize(
-        &buffer,
-        width,
-        height,
-        image::imageops::FilterType::Lanczos3,
-    );
-    Ok(RgbImage {
-        width,
-        height,
-        pixels: out.into_raw(),
-    })
+    Ok(resize_lanczos(&buffer, size))
 }
 
 struct References {
