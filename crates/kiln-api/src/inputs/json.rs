@@ -38,12 +38,19 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
 /// Builds a `Value` like serde_json's own, tracking where it is so a repeated key can be named.
 #[derive(Clone, Copy)]
 struct Strict<'a> {
-    path: &'a RefCell<Vec<String>>,
+    path: &'a RefCell<Vec<Segment>>,
     duplicate: &'a RefCell<Option<String>>,
 }
 
+/// One step of the path to where the reader is. Spelt out only when a duplicate is found: a
+/// large array costs no string per element.
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
 impl Strict<'_> {
-    fn nested<T>(&self, segment: String, f: impl FnOnce() -> T) -> T {
+    fn nested<T>(&self, segment: Segment, f: impl FnOnce() -> T) -> T {
         self.path.borrow_mut().push(segment);
         let result = f();
         self.path.borrow_mut().pop();
@@ -52,12 +59,21 @@ impl Strict<'_> {
 
     fn path_with(&self, key: &str) -> String {
         let mut path = String::new();
-        for segment in self.path.borrow().iter().map(String::as_str).chain([key]) {
-            if !path.is_empty() && !segment.starts_with('[') {
-                path.push('.');
+        for segment in self.path.borrow().iter() {
+            match segment {
+                Segment::Key(k) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                }
+                Segment::Index(i) => path.push_str(&format!("[{i}]")),
             }
-            path.push_str(segment);
         }
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
         path
     }
 }
@@ -103,7 +119,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
         loop {
-            let next = self.nested(format!("[{}]", items.len()), || seq.next_element_seed(self));
+            let next = self.nested(Segment::Index(items.len()), || seq.next_element_seed(self));
             match next? {
                 Some(item) => items.push(item),
                 None => return Ok(Value::Array(items)),
@@ -118,7 +134,7 @@ impl<'de> Visitor<'de> for Strict<'_> {
                 *self.duplicate.borrow_mut() = Some(self.path_with(&key));
                 return Err(de::Error::custom("duplicate key"));
             }
-            let value = self.nested(key.clone(), || map.next_value_seed(self))?;
+            let value = self.nested(Segment::Key(key.clone()), || map.next_value_seed(self))?;
             object.insert(key, value);
         }
         Ok(Value::Object(object))
@@ -165,6 +181,26 @@ mod tests {
         }
         // The same key in sibling objects is no repetition.
         assert!(parse_json(br#"{"a": {"k": 1}, "b": {"k": 2}}"#).is_ok());
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_or_read_cheaply() {
+        // Nesting past serde_json's depth limit is a syntax error, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            parse_json(deep.as_bytes()),
+            Err(JsonError::Syntax(_))
+        ));
+        // A long array is read whole (no string is built per element).
+        let long = format!("[{}0]", "0,".repeat(1_000_000));
+        assert_eq!(
+            parse_json(long.as_bytes())
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1_000_001
+        );
     }
 
     #[test]
