@@ -9,6 +9,7 @@ use axum::Json;
 use kiln_core::blob::BlobError;
 use kiln_core::catalog::{Route, UnknownRoute};
 use kiln_core::ids::MalformedRequestId;
+use kiln_core::report::Chain;
 use kiln_core::store::StoreError;
 
 /// What a client is told to wait when the queue is full: long enough for a few jobs to finish.
@@ -69,8 +70,8 @@ pub(crate) enum ApiError {
     #[error("the server is shutting down; retry shortly")]
     Draining,
     /// Logged with the request id, never shown: the client gets a generic message.
-    #[error("internal: {0}")]
-    Internal(String),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl ApiError {
@@ -166,7 +167,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Internal(cause) = &self {
             // Runs inside the request's trace span, which carries its x-request-id.
-            tracing::error!(error = %cause, "request failed");
+            tracing::error!(error = %Chain(cause.as_ref()), "request failed");
         }
         let (status, _) = self.status_and_code();
         let mut response = (status, Json(self.body())).into_response();
@@ -188,10 +189,12 @@ impl From<StoreError> for ApiError {
             StoreError::OwnerQueueFull { queued } => ApiError::KeyQueueFull { queued },
             StoreError::IdempotencyConflict => ApiError::IdempotencyConflict,
             // The rest cannot come from what the HTTP layer calls; if one does, it is a bug.
-            other @ (StoreError::Backend(_)
+            other @ (StoreError::Backend { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Closed
             | StoreError::LeaseLost(_)
             | StoreError::NoSuchKey(_)
-            | StoreError::DuplicateKeyName(_)) => ApiError::Internal(other.to_string()),
+            | StoreError::DuplicateKeyName(_)) => ApiError::Internal(Box::new(other)),
         }
     }
 }
@@ -213,7 +216,7 @@ impl From<JsonError> for ApiError {
 
 impl From<BlobError> for ApiError {
     fn from(error: BlobError) -> Self {
-        ApiError::Internal(error.to_string())
+        ApiError::Internal(Box::new(error))
     }
 }
 
@@ -279,8 +282,12 @@ mod tests {
         assert_eq!(code(ApiError::RateLimited { retry_after_s: 1 }), 429001);
         assert_eq!(code(StoreError::QueueFull { depth: 1 }.into()), 503001);
         assert_eq!(code(StoreError::IdempotencyConflict.into()), 409001);
-        assert_eq!(code(StoreError::Backend("x".into()).into()), 500001);
-        assert_eq!(code(BlobError::Backend("x".into()).into()), 500001);
+        let io = || std::io::Error::other("x");
+        assert_eq!(code(StoreError::backend("sqlite", io()).into()), 500001);
+        assert_eq!(
+            code(BlobError::backend("s3", "reading", io()).into()),
+            500001
+        );
         assert_eq!(code(ApiError::Draining), 503001);
         assert_eq!(code(ApiError::BadSignature), 403001);
         assert_eq!(code("x".parse::<Route>().unwrap_err().into()), 400001);
@@ -320,7 +327,8 @@ mod tests {
             body.error_message
         );
         assert!(body.detail.is_empty());
-        let body = ApiError::from(StoreError::Backend("SQLITE_CORRUPT in jobs.db".into())).body();
+        let cause = std::io::Error::other("SQLITE_CORRUPT in jobs.db");
+        let body = ApiError::from(StoreError::backend("sqlite", cause)).body();
         assert!(
             !body.error_message.contains("SQLITE"),
             "{}",

@@ -91,8 +91,8 @@ impl Metrics {
         let mut text = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut text)
-            .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
-        String::from_utf8(text).map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))
+            .map_err(|e| ApiError::Internal(Box::new(e)))?;
+        String::from_utf8(text).map_err(|e| ApiError::Internal(Box::new(e)))
     }
 }
 

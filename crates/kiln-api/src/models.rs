@@ -18,6 +18,7 @@ use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::job::NewJob;
 use kiln_core::params::{GenerationParams, ImageLocation, ImageSource};
+use kiln_core::report::Chain;
 use kiln_core::store::Idempotency;
 use sha2::{Digest, Sha256};
 use std::time::Instant;
@@ -118,7 +119,7 @@ async fn store_inline_images(
         // The edge checked the payload; decoding it again cannot fail.
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(base64)
-            .map_err(|e| ApiError::Internal(format!("inline image: {e}")))?;
+            .map_err(|e| ApiError::Internal(Box::new(e)))?;
         // Stored under the blob store's own name for the type: the client's spelling of it
         // (`ImaGE/PNG`, or a type nothing knows) is not something to keep.
         let (extension, content_type) = blob_type(media_type);
@@ -153,7 +154,7 @@ fn blob_type(media_type: &str) -> (&'static str, &'static str) {
 async fn delete_blobs(state: &AppState, keys: &[BlobKey]) {
     for key in keys {
         if let Err(error) = state.blobs.delete(key).await {
-            tracing::warn!(%error, blob = %key, "could not delete an inline image");
+            tracing::warn!(error = %Chain(&error), blob = %key, "could not delete an inline image");
         }
     }
 }
@@ -230,8 +231,7 @@ fn idempotency(
                 && k.bytes().all(|b| b.is_ascii_graphic())
         })
         .ok_or(ApiError::InvalidIdempotencyKey)?;
-    let params_json = serde_json::to_string(params)
-        .map_err(|e| ApiError::Internal(format!("serializing params: {e}")))?;
+    let params_json = serde_json::to_string(params).map_err(|e| ApiError::Internal(Box::new(e)))?;
     let fingerprint = hex::encode(Sha256::digest(format!("{}\n{params_json}", route.id())));
     Ok(Some(Idempotency {
         key: key.to_string(),

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
+use kiln_core::report::Chain;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -37,7 +38,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
     match state.jobs.ping().await {
         Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
         Err(error) => {
-            tracing::warn!(%error, "readiness: the store does not answer");
+            tracing::warn!(error = %Chain(&error), "readiness: the store does not answer");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(Health {

@@ -13,7 +13,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use kiln_core::ids::{KeyId, MalformedRequestId, RequestId};
-use kiln_core::job::{CancelOutcome, JobState, JobView};
+use kiln_core::job::{CancelOutcome, JobStatus, JobView};
+use kiln_core::report::Chain;
 
 /// The request id in the path. Not a UUID: 400001. A UUID that names no visible request:
 /// 404001, whether it is unknown, expired or another token's.
@@ -55,16 +56,16 @@ pub(crate) async fn status(
     let settings = &state.settings;
     Ok(Json(StatusResponse {
         request_id: id.to_string(),
-        status: job.state.into(),
+        status: job.state().into(),
         queue_position: view
             .queue_position
-            .filter(|_| job.state == JobState::Queued),
+            .filter(|_| job.status == JobStatus::Queued),
         status_url: settings.request_url(id, "status"),
         result_url: settings.request_url(id, "result"),
-        progress: job
-            .progress
-            .filter(|_| job.state == JobState::Running)
-            .map(Into::into),
+        progress: match job.status {
+            JobStatus::Running { progress, .. } => progress.map(Into::into),
+            _ => None,
+        },
     }))
 }
 
@@ -89,9 +90,9 @@ pub(crate) async fn result(
 ) -> Result<Json<ResultResponse>, ApiError> {
     let id = request_id(path)?;
     let job = visible_job(&state, caller.id, id).await?.job;
-    let succeeded = job.state == JobState::Succeeded;
-    let (output, metadata) = match job.output.filter(|_| succeeded) {
-        Some(output) => {
+    let (job_state, finished_at) = (job.state(), job.status.finished_at());
+    let (output, metadata, error) = match job.status {
+        JobStatus::Succeeded { output, .. } => {
             let images: Vec<String> = output
                 .images
                 .iter()
@@ -101,23 +102,25 @@ pub(crate) async fn result(
                 .first()
                 .cloned()
                 .map(|image| ResultOutput { image, images });
-            (output_urls, Some(output.metadata.into()))
+            (output_urls, Some(output.metadata.into()), None)
         }
-        None => (None, None),
+        JobStatus::Failed { error, .. } => (
+            None,
+            None,
+            Some(FailureBody {
+                code: error.code,
+                message: error.message,
+            }),
+        ),
+        _ => (None, None, None),
     };
     Ok(Json(ResultResponse {
         request_id: id.to_string(),
-        status: job.state.into(),
+        status: job_state.into(),
         output,
         created_at: job.created_at,
-        finished_at: job.finished_at,
-        error: job
-            .error
-            .filter(|_| job.state == JobState::Failed)
-            .map(|e| FailureBody {
-                code: e.code,
-                message: e.message,
-            }),
+        finished_at,
+        error,
         metadata,
     }))
 }
@@ -154,13 +157,15 @@ pub(crate) async fn cancel(
             let job = visible_job(&state, caller.id, id).await?.job;
             for key in job.params.stored_images() {
                 if let Err(error) = state.blobs.delete(&key).await {
-                    tracing::warn!(%error, blob = %key, "could not delete a stored reference image");
+                    tracing::warn!(error = %Chain(&error), blob = %key, "could not delete a stored reference image");
                 }
             }
             RequestStatus::Cancelled
         }
         // Running or finished: read the state now, it may have moved on since.
-        CancelOutcome::NotCancellable => visible_job(&state, caller.id, id).await?.job.state.into(),
+        CancelOutcome::NotCancellable => {
+            visible_job(&state, caller.id, id).await?.job.state().into()
+        }
     };
     Ok((
         StatusCode::ACCEPTED,

@@ -16,8 +16,11 @@ pub struct LocalBlobStore {
     root: PathBuf,
 }
 
-fn backend(context: &str, e: std::io::Error) -> BlobError {
-    BlobError::Backend(format!("{context}: {e}"))
+fn backend(
+    action: &'static str,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> BlobError {
+    BlobError::backend("local", action, e)
 }
 
 /// The content type a key's extension stands for.
@@ -34,8 +37,7 @@ impl LocalBlobStore {
     /// Uses (and creates) `root`.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| backend(&format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(&root).map_err(|e| backend("creating the directory of", e))?;
         Ok(Self { root })
     }
 
@@ -87,16 +89,16 @@ impl BlobStore for LocalBlobStore {
     async fn put(&self, key: &BlobKey, blob: Blob) -> Result<(), BlobError> {
         let expected = content_type_of(key);
         if blob.content_type != expected {
-            return Err(BlobError::Backend(format!(
-                "content type {} does not match key {key} (expected {expected})",
-                blob.content_type
-            )));
+            return Err(BlobError::ContentType {
+                content_type: blob.content_type,
+                expected,
+            });
         }
         let path = self.path_of(key);
         tokio::task::spawn_blocking(move || write_durably(&path, &blob.bytes))
             .await
-            .map_err(|e| BlobError::Backend(format!("writer task: {e}")))?
-            .map_err(|e| backend(&format!("writing {key}"), e))
+            .map_err(|e| backend("writing", e))?
+            .map_err(|e| backend("writing", e))
     }
 
     async fn get(&self, key: &BlobKey) -> Result<Option<Blob>, BlobError> {
@@ -106,7 +108,7 @@ impl BlobStore for LocalBlobStore {
                 content_type: content_type_of(key).to_string(),
             })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(backend(&format!("reading {key}"), e)),
+            Err(e) => Err(backend("reading", e)),
         }
     }
 
@@ -114,7 +116,7 @@ impl BlobStore for LocalBlobStore {
         match tokio::fs::remove_file(self.path_of(key)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(backend(&format!("deleting {key}"), e)),
+            Err(e) => Err(backend("deleting", e)),
         }
     }
 }

@@ -122,24 +122,72 @@ pub struct JobOutput {
     pub metadata: OutputMetadata,
 }
 
-/// A job as stored.
+/// A job as stored: what every job has, and its status, which carries what that state has.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: RequestId,
     pub owner: KeyId,
     pub route: Route,
     pub params: GenerationParams,
-    pub state: JobState,
     pub created_at: OffsetDateTime,
-    pub started_at: Option<OffsetDateTime>,
-    pub finished_at: Option<OffsetDateTime>,
     /// The record and its files are purged after this instant.
     pub expires_at: OffsetDateTime,
-    pub progress: Option<Progress>,
-    pub output: Option<JobOutput>,
-    pub error: Option<JobError>,
-    /// How many times a worker has claimed this job.
-    pub attempts: u32,
+    pub status: JobStatus,
+}
+
+/// Where a job is in its life cycle, with what that state has and nothing else: a reader never
+/// re-checks a state against optional fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobStatus {
+    Queued,
+    Running {
+        started_at: OffsetDateTime,
+        /// Which claim of the job this is (1 for the first run; more after lease expiries).
+        attempt: u32,
+        /// The engine's last reported step, once it has reported one.
+        progress: Option<Progress>,
+    },
+    Succeeded {
+        started_at: OffsetDateTime,
+        finished_at: OffsetDateTime,
+        output: JobOutput,
+    },
+    Failed {
+        finished_at: OffsetDateTime,
+        error: JobError,
+    },
+    Cancelled {
+        finished_at: OffsetDateTime,
+    },
+}
+
+impl JobStatus {
+    /// The state's name, without its data.
+    pub fn state(&self) -> JobState {
+        match self {
+            JobStatus::Queued => JobState::Queued,
+            JobStatus::Running { .. } => JobState::Running,
+            JobStatus::Succeeded { .. } => JobState::Succeeded,
+            JobStatus::Failed { .. } => JobState::Failed,
+            JobStatus::Cancelled { .. } => JobState::Cancelled,
+        }
+    }
+
+    /// When the job ended; `None` while it waits or runs.
+    pub fn finished_at(&self) -> Option<OffsetDateTime> {
+        match self {
+            JobStatus::Queued | JobStatus::Running { .. } => None,
+            JobStatus::Succeeded { finished_at, .. }
+            | JobStatus::Failed { finished_at, .. }
+            | JobStatus::Cancelled { finished_at } => Some(*finished_at),
+        }
+    }
+}
+
+impl Job {
+    pub fn state(&self) -> JobState {
+        self.status.state()
+    }
 }
 
 /// A job as a client sees it: the record plus its place in the queue.
@@ -159,6 +207,21 @@ pub struct NewJob {
     pub params: GenerationParams,
     pub created_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
+}
+
+impl NewJob {
+    /// The job as it stands once committed: queued.
+    pub fn into_queued(self) -> Job {
+        Job {
+            id: self.id,
+            owner: self.owner,
+            route: self.route,
+            params: self.params,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            status: JobStatus::Queued,
+        }
+    }
 }
 
 /// What cancel did.

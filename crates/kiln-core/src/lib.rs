@@ -8,6 +8,7 @@
 //! - [`image_file`]: encoding an [`engine::RgbImage`] as JPEG or PNG.
 //! - [`engine`]: the [`engine::Engine`] trait the FLUX engines implement and the worker drives.
 //! - [`store`]: the [`store::JobStore`] and [`store::KeyStore`] traits (SQLite, PostgreSQL).
+//! - [`report`]: [`report::Chain`], an error with its causes, for log lines.
 //! - [`blob`]: the [`blob::BlobStore`] trait (local directory, S3-compatible).
 //!
 //! Nothing here knows HTTP, SQL or tensors: the wire types live in `kiln-api`, the SQL in
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod image_file;
 pub mod job;
 pub mod params;
+pub mod report;
 pub mod store;
 
 pub use time::OffsetDateTime;

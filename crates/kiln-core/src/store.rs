@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: one failure can be the answer to many callers (see [`Cause`]).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The queue holds as many jobs as it may.
     #[error("the queue is full ({depth} jobs waiting)")]
@@ -32,9 +33,52 @@ pub enum StoreError {
     NoSuchKey(String),
     #[error("an API key named '{0}' already exists")]
     DuplicateKeyName(String),
-    /// The backend failed (I/O, connection, corrupt row). Not shown to clients.
-    #[error("store backend: {0}")]
-    Backend(String),
+    /// The backend failed (I/O, connection, a statement). Not shown to clients. `backend` names
+    /// which one (`sqlite`, `postgres`); the cause is kept for the log.
+    #[error("the {backend} store failed")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: Cause,
+    },
+    /// A stored record could not be read back into the domain (a column out of range, JSON
+    /// that no longer parses, a state without what that state must carry).
+    #[error("a stored job record is corrupt ({what})")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
+    /// The store was closed (the process is shutting down) while the call waited.
+    #[error("the store has been closed")]
+    Closed,
+}
+
+/// A backend failure's cause. Shared, because one failure can answer many callers: a group
+/// commit that fails fails every submit in its batch with the same cause.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+impl StoreError {
+    /// A failure of `backend`, keeping `source` as the cause.
+    pub fn backend(
+        backend: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Backend {
+            backend,
+            source: std::sync::Arc::new(source),
+        }
+    }
+
+    /// A record whose `what` did not read back, for the reason `detail`.
+    pub fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            what,
+            source: std::sync::Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                detail.to_string(),
+            )),
+        }
+    }
 }
 
 /// How many jobs may wait in the queue: in all (back-pressure for the whole service), and per
@@ -75,7 +119,12 @@ pub struct Enqueued {
 /// A worker's hold on a running job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
+    /// The job as claimed (its status is `Running`).
     pub job: Job,
+    /// When this claim started the job.
+    pub started_at: OffsetDateTime,
+    /// Which claim of the job this is: 1 for the first, more after lease expiries.
+    pub attempt: u32,
     pub worker: WorkerId,
     /// Increases with every claim of this job; writes must carry the current one.
     pub fencing_token: i64,

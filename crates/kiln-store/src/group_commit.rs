@@ -19,7 +19,7 @@
 
 use crate::record::millis;
 use crate::sqlite::{backend, duration_millis, SqliteStore};
-use kiln_core::job::{Job, JobState, JobView, NewJob};
+use kiln_core::job::{JobView, NewJob};
 use kiln_core::store::{Enqueued, Idempotency, QueueLimits, StoreError};
 use sqlx::{SqliteConnection, SqlitePool};
 use std::collections::HashMap;
@@ -57,12 +57,13 @@ pub(crate) async fn run_committer(pool: SqlitePool, mut waiting: mpsc::Receiver<
                 }
             }
             Err(error) => {
-                let message = error.to_string();
-                tracing::warn!(jobs = batch.len(), %message, "a batch of submits failed");
+                tracing::warn!(
+                    jobs = batch.len(),
+                    error = &error as &dyn std::error::Error,
+                    "a batch of submits failed"
+                );
                 for pending in batch.drain(..) {
-                    let _ = pending
-                        .answer
-                        .send(Err(StoreError::Backend(message.clone())));
+                    let _ = pending.answer.send(Err(error.clone()));
                 }
             }
         }
@@ -237,21 +238,7 @@ async fn earlier_submit(
 /// The view of a job just inserted at `position` in the queue.
 fn queued_view(job: NewJob, position: u64) -> JobView {
     JobView {
-        job: Job {
-            id: job.id,
-            owner: job.owner,
-            route: job.route,
-            params: job.params,
-            state: JobState::Queued,
-            created_at: job.created_at,
-            started_at: None,
-            finished_at: None,
-            expires_at: job.expires_at,
-            progress: None,
-            output: None,
-            error: None,
-            attempts: 0,
-        },
+        job: job.into_queued(),
         queue_position: Some(position),
     }
 }

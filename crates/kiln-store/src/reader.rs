@@ -97,7 +97,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
 }
 
 fn failed(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(format!("sqlite read: {e}"))
+    StoreError::backend("sqlite", e)
 }
 
 fn classify(e: rusqlite::Error) -> ReadError {

@@ -1,9 +1,9 @@
 //! The row form of a job and its conversion into the domain's [`Job`].
 
 use kiln_core::catalog::Route;
-use kiln_core::ids::{KeyId, RequestId};
-use kiln_core::job::{Job, JobState, Progress};
-use kiln_core::store::StoreError;
+use kiln_core::ids::{KeyId, RequestId, WorkerId};
+use kiln_core::job::{Job, JobState, JobStatus, Progress};
+use kiln_core::store::{Lease, StoreError};
 use time::OffsetDateTime;
 
 /// Every column of `jobs` the domain needs, as SQL returns it.
@@ -30,8 +30,22 @@ pub(crate) struct JobRow {
 pub(crate) const JOB_COLUMNS: &str = "id, owner, route, params, state, created_at, started_at, \
     finished_at, expires_at, progress_step, progress_total, output, error, attempts, fencing_token";
 
-fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("corrupt job row ({what}): {detail}"))
+fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::corrupt(what, detail)
+}
+
+/// A column the row's state requires, or the record is corrupt.
+fn required<T>(value: Option<T>, what: &'static str, state: &str) -> Result<T, StoreError> {
+    value.ok_or_else(|| corrupt(what, format_args!("missing in a {state} job")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(
+    text: Option<&str>,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    text.map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| corrupt(what, e))
 }
 
 pub(crate) fn millis(t: OffsetDateTime) -> i64 {
@@ -46,13 +60,6 @@ pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
 impl JobRow {
     pub(crate) fn into_job(self) -> Result<Job, StoreError> {
         let uuid = |s: &str, what| uuid::Uuid::parse_str(s).map_err(|e| corrupt(what, e));
-        let progress = match (self.progress_step, self.progress_total) {
-            (Some(step), Some(total)) => Some(Progress {
-                step: step as u32,
-                total: total as u32,
-            }),
-            _ => None,
-        };
         Ok(Job {
             id: self.id.parse::<RequestId>().map_err(|e| corrupt("id", e))?,
             owner: KeyId::from_uuid(uuid(&self.owner, "owner")?),
@@ -61,25 +68,69 @@ impl JobRow {
                 .parse::<Route>()
                 .map_err(|e| corrupt("route", e))?,
             params: serde_json::from_str(&self.params).map_err(|e| corrupt("params", e))?,
-            state: JobState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?,
             created_at: from_millis(self.created_at)?,
-            started_at: self.started_at.map(from_millis).transpose()?,
-            finished_at: self.finished_at.map(from_millis).transpose()?,
             expires_at: from_millis(self.expires_at)?,
-            progress,
-            output: self
-                .output
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(|e| corrupt("output", e))?,
-            error: self
-                .error
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(|e| corrupt("error", e))?,
-            attempts: self.attempts as u32,
+            status: self.status()?,
+        })
+    }
+
+    /// The job a claim just took, as the claiming worker's lease.
+    pub(crate) fn into_lease(
+        self,
+        worker: &WorkerId,
+        expires_at: OffsetDateTime,
+    ) -> Result<Lease, StoreError> {
+        let fencing_token = self.fencing_token;
+        let job = self.into_job()?;
+        let JobStatus::Running {
+            started_at,
+            attempt,
+            ..
+        } = job.status
+        else {
+            return Err(corrupt("state", "a claimed job is not running"));
+        };
+        Ok(Lease {
+            job,
+            started_at,
+            attempt,
+            worker: worker.clone(),
+            fencing_token,
+            expires_at,
+        })
+    }
+
+    /// The state column and the columns that state requires, as one [`JobStatus`].
+    fn status(&self) -> Result<JobStatus, StoreError> {
+        let state = JobState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?;
+        let name = state.as_str();
+        let started_at = || required(self.started_at, "started_at", name).and_then(from_millis);
+        let finished_at = || required(self.finished_at, "finished_at", name).and_then(from_millis);
+        Ok(match state {
+            JobState::Queued => JobStatus::Queued,
+            JobState::Running => JobStatus::Running {
+                started_at: started_at()?,
+                attempt: u32::try_from(self.attempts).map_err(|e| corrupt("attempts", e))?,
+                progress: match (self.progress_step, self.progress_total) {
+                    (Some(step), Some(total)) => Some(Progress {
+                        step: u32::try_from(step).map_err(|e| corrupt("progress", e))?,
+                        total: u32::try_from(total).map_err(|e| corrupt("progress", e))?,
+                    }),
+                    _ => None,
+                },
+            },
+            JobState::Succeeded => JobStatus::Succeeded {
+                started_at: started_at()?,
+                finished_at: finished_at()?,
+                output: required(json(self.output.as_deref(), "output")?, "output", name)?,
+            },
+            JobState::Failed => JobStatus::Failed {
+                finished_at: finished_at()?,
+                error: required(json(self.error.as_deref(), "error")?, "error", name)?,
+            },
+            JobState::Cancelled => JobStatus::Cancelled {
+                finished_at: finished_at()?,
+            },
         })
     }
 }

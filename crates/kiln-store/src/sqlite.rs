@@ -52,8 +52,8 @@ pub struct SqliteStore {
 /// for microseconds.
 const READERS: usize = 4;
 
-pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::backend("sqlite", e)
 }
 
 /// A write that names a lease changed nothing: the lease is no longer this worker's.
@@ -115,7 +115,9 @@ struct ApiKeyRow {
 impl ApiKeyRow {
     fn into_key(self) -> Result<ApiKey, StoreError> {
         Ok(ApiKey {
-            id: KeyId::from_uuid(uuid::Uuid::parse_str(&self.id).map_err(backend)?),
+            id: KeyId::from_uuid(
+                uuid::Uuid::parse_str(&self.id).map_err(|e| StoreError::corrupt("key id", e))?,
+            ),
             name: self.name,
             prefix: self.prefix,
             created_at: from_millis(self.created_at)?,
@@ -147,7 +149,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+            .map_err(backend)?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&pool)
             .await
@@ -281,10 +283,13 @@ impl JobStore for SqliteStore {
             limits,
             answer,
         };
-        let stopped = || StoreError::Backend("the store's submit committer has stopped".into());
-        self.submits.send(pending).await.map_err(|_| stopped())?;
+        // The committer stops only when the runtime that opened the store shuts down.
+        self.submits
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Closed)?;
         // Answered only once the batch holding this job has committed (or failed).
-        answered.await.map_err(|_| stopped())?
+        answered.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
@@ -320,7 +325,7 @@ impl JobStore for SqliteStore {
         } else {
             Self::view(&mut tx, &id, Some(&owner), now)
                 .await?
-                .map(|v| match v.job.state {
+                .map(|v| match v.job.state() {
                     JobState::Cancelled => CancelOutcome::Cancelled,
                     _ => CancelOutcome::NotCancellable,
                 })
@@ -368,16 +373,8 @@ impl JobStore for SqliteStore {
             query = query.bind(route.id());
         }
         let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
-        row.map(|row| {
-            let fencing_token = row.fencing_token;
-            Ok(Lease {
-                job: row.into_job()?,
-                worker: worker.clone(),
-                fencing_token,
-                expires_at: from_millis(lease_until)?,
-            })
-        })
-        .transpose()
+        row.map(|row| row.into_lease(worker, from_millis(lease_until)?))
+            .transpose()
     }
 
     async fn heartbeat(
@@ -475,7 +472,7 @@ impl JobStore for SqliteStore {
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
         keys.into_iter()
-            .map(|k| BlobKey::try_from(k).map_err(backend))
+            .map(|k| BlobKey::try_from(k).map_err(|e| StoreError::corrupt("blob key", e)))
             .collect()
     }
 

@@ -3,6 +3,7 @@
 //! once is harmless: each statement is atomic and deleting a missing file is not an error.
 
 use kiln_core::blob::BlobStore;
+use kiln_core::report::Chain;
 use kiln_core::store::JobStore;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,18 +22,18 @@ pub async fn sweep(jobs: &dyn JobStore, blobs: &dyn BlobStore, max_attempts: u32
     let mut report = SweepReport::default();
     match jobs.fail_abandoned(max_attempts).await {
         Ok(n) => report.abandoned_failed = n,
-        Err(e) => tracing::warn!(error = %e, "failing abandoned jobs"),
+        Err(e) => tracing::warn!(error = %Chain(&e), "failing abandoned jobs"),
     }
     match jobs.purge_expired(OffsetDateTime::now_utc()).await {
         Ok(keys) => {
             for key in &keys {
                 if let Err(e) = blobs.delete(key).await {
-                    tracing::warn!(error = %e, blob = %key, "deleting an expired file");
+                    tracing::warn!(error = %Chain(&e), blob = %key, "deleting an expired file");
                 }
             }
             report.records_purged_files = keys.len() as u64;
         }
-        Err(e) => tracing::warn!(error = %e, "purging expired records"),
+        Err(e) => tracing::warn!(error = %Chain(&e), "purging expired records"),
     }
     if report != SweepReport::default() {
         tracing::info!(?report, "maintenance sweep");

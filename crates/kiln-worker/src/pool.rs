@@ -6,6 +6,7 @@ use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::engine::Engine;
 use kiln_core::ids::WorkerId;
+use kiln_core::report::Chain;
 use kiln_core::store::{ClaimPolicy, JobStore};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -126,7 +127,7 @@ async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
             Ok(Some(lease)) => run_job(context, lease).await,
             Ok(None) => idle(context).await,
             Err(e) => {
-                tracing::error!(worker = %id, error = %e, "claiming a job failed; retrying");
+                tracing::error!(worker = %id, error = %Chain(&e), "claiming a job failed; retrying");
                 idle(context).await;
             }
         }

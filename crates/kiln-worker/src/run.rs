@@ -13,6 +13,7 @@ use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::image_file::encode_image;
 use kiln_core::job::{Job, JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
 use kiln_core::params::{ImageLocation, ImageSource};
+use kiln_core::report::Chain;
 use kiln_core::store::{Lease, StoreError};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +77,7 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
         "job",
         request_id = %lease.job.id,
         model = lease.job.route.id(),
-        attempt = lease.job.attempts,
+        attempt = lease.attempt,
         worker = %lease.worker,
     );
     async {
@@ -143,7 +144,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
                         stop_reason = Some(StopReason::LeaseLost);
                         signals.stop.store(true, Ordering::Relaxed);
                     }
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
+                    Err(e) => tracing::warn!(error = %Chain(&e), "heartbeat failed; will retry"),
                 }
             }
             () = context.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -247,7 +248,7 @@ async fn conclude_result(
         Ok(Err(EngineError::Interrupted)) => match context.jobs.release(lease).await {
             Ok(()) => "released",
             Err(e) => {
-                tracing::warn!(error = %e, "could not release the job; its lease will expire");
+                tracing::warn!(error = %Chain(&e), "could not release the job; its lease will expire");
                 "release_failed"
             }
         },
@@ -321,7 +322,7 @@ async fn delete_stored_images(context: &WorkerContext, lease: &Lease) {
     for key in lease.job.params.stored_images() {
         if let Err(error) = context.blobs.delete(&key).await {
             // The record's purge deletes it later.
-            tracing::warn!(%error, blob = %key, "could not delete a stored reference image");
+            tracing::warn!(error = %Chain(&error), blob = %key, "could not delete a stored reference image");
         }
     }
 }
@@ -342,8 +343,8 @@ async fn store_and_complete(
             .await
         {
             Ok(Ok(encoded)) => encoded,
-            Ok(Err(e)) => return storage_failed(context, lease, &e.to_string()).await,
-            Err(e) => return storage_failed(context, lease, &e.to_string()).await,
+            Ok(Err(e)) => return storage_failed(context, lease, &e).await,
+            Err(e) => return storage_failed(context, lease, &e).await,
         };
     let (bytes, image) = encoded;
     let key = BlobKey::random(format.extension());
@@ -352,11 +353,9 @@ async fn store_and_complete(
         content_type: format.content_type().to_string(),
     };
     if let Err(e) = context.blobs.put(&key, blob).await {
-        return storage_failed(context, lease, &e.to_string()).await;
+        return storage_failed(context, lease, &e).await;
     }
-    let queued = job
-        .started_at
-        .map_or(Duration::ZERO, |s| (s - job.created_at).unsigned_abs());
+    let queued = (lease.started_at - job.created_at).unsigned_abs();
     let applied = generated.applied;
     let output = JobOutput {
         images: vec![key.clone()],
@@ -383,17 +382,21 @@ async fn store_and_complete(
         Err(e) => {
             // Fenced off (or the store failed): the job is not ours to finish, so its file
             // must not linger unreferenced.
-            tracing::warn!(error = %e, "could not complete the job; discarding its image");
+            tracing::warn!(error = %Chain(&e), "could not complete the job; discarding its image");
             if let Err(e) = context.blobs.delete(&key).await {
-                tracing::warn!(error = %e, blob = %key, "could not delete the discarded image");
+                tracing::warn!(error = %Chain(&e), blob = %key, "could not delete the discarded image");
             }
             "complete_failed"
         }
     }
 }
 
-async fn storage_failed(context: &WorkerContext, lease: &Lease, internal: &str) -> &'static str {
-    tracing::error!(error = %internal, "storing the image failed");
+async fn storage_failed(
+    context: &WorkerContext,
+    lease: &Lease,
+    internal: &(dyn std::error::Error + Send + Sync + 'static),
+) -> &'static str {
+    tracing::error!(error = %Chain(internal), "storing the image failed");
     let error = JobError {
         code: JobErrorCode::StorageFailed,
         message: format!(
@@ -409,7 +412,7 @@ async fn finish_failed(context: &WorkerContext, lease: &Lease, error: JobError) 
     match context.jobs.fail(lease, error).await {
         Ok(()) => "failed",
         Err(e) => {
-            tracing::warn!(error = %e, "could not record the failure; the lease will expire and the job be retried");
+            tracing::warn!(error = %Chain(&e), "could not record the failure; the lease will expire and the job be retried");
             "fail_failed"
         }
     }
