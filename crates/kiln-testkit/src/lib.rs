@@ -3,6 +3,11 @@
 //! # Layout
 //! - [`ScriptedEngine`]: an [`Engine`] whose behaviour the prompt selects, for driving workers
 //!   through every path (success, failure, panic, slow runs) without model weights.
+//! - [`postgres`]: a fresh database per test on the PostgreSQL the machine runs.
+//! - [`s3`]: an S3-compatible server on a temporary directory, in-process.
+
+pub mod postgres;
+pub mod s3;
 
 use kiln_core::engine::{
     AppliedSettings, Engine, EngineError, GeneratedImage, RgbImage, StepEvent, StepObserver,
