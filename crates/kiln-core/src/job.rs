@@ -173,6 +173,22 @@ impl JobStatus {
         }
     }
 
+    /// The output of a succeeded job.
+    pub fn output(&self) -> Option<&JobOutput> {
+        match self {
+            JobStatus::Succeeded { output, .. } => Some(output),
+            _ => None,
+        }
+    }
+
+    /// Why a failed job failed.
+    pub fn error(&self) -> Option<&JobError> {
+        match self {
+            JobStatus::Failed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
     /// When the job ended; `None` while it waits or runs.
     pub fn finished_at(&self) -> Option<OffsetDateTime> {
         match self {

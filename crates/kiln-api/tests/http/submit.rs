@@ -40,7 +40,7 @@ async fn a_submit_is_queued_durably_and_answers_absolute_urls() {
         .unwrap()
         .expect("stored")
         .job;
-    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.state(), JobState::Queued);
     assert_eq!(job.route, Route::Flux11ProTextToImage);
     assert_eq!(
         job.params.size,
