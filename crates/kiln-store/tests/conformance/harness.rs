@@ -1,0 +1,246 @@
+//! What every case needs: a fresh store of one backend ([`Backend`]), more handles on the same
+//! database, and small builders for jobs, outputs and assertions.
+
+use kiln_core::catalog::Route;
+use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
+use kiln_core::job::{
+    JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, OutputMetadata, Timings,
+};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::store::{ClaimPolicy, JobStore, KeyStore, Lease, QueueLimits, StoreError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// A backend under test: a fresh, empty store per test, and more handles on the same database,
+/// each with its own connections (as another process would have).
+#[allow(async_fn_in_trait)]
+pub trait Backend: Sized + 'static {
+    type Store: JobStore + KeyStore + 'static;
+
+    /// A fresh store; `None` when the backend is not available here (the test is skipped, and
+    /// the reason was printed).
+    async fn open() -> Option<Self>;
+
+    /// The store the test opened.
+    fn store(&self) -> Arc<Self::Store>;
+
+    /// Another handle on the same database with connections of its own.
+    async fn another_handle(&self) -> Arc<Self::Store>;
+
+    /// `n` handles: the test's own, then `n - 1` others.
+    async fn handles(&self, n: usize) -> Vec<Arc<Self::Store>> {
+        let mut handles = vec![self.store()];
+        while handles.len() < n {
+            handles.push(self.another_handle().await);
+        }
+        handles
+    }
+}
+
+/// SQLite: a file in a temporary directory; more handles open the same file.
+pub struct Sqlite {
+    store: Arc<kiln_store::SqliteStore>,
+    path: std::path::PathBuf,
+    // Declared last: dropped after the store.
+    _dir: tempfile::TempDir,
+}
+
+impl Backend for Sqlite {
+    type Store = kiln_store::SqliteStore;
+
+    async fn open() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let store = kiln_store::SqliteStore::open(&path).await.unwrap();
+        Some(Self {
+            store: Arc::new(store),
+            path,
+            _dir: dir,
+        })
+    }
+
+    fn store(&self) -> Arc<Self::Store> {
+        self.store.clone()
+    }
+
+    async fn another_handle(&self) -> Arc<Self::Store> {
+        Arc::new(kiln_store::SqliteStore::open(&self.path).await.unwrap())
+    }
+}
+
+pub const ROUTE: Route = Route::Flux11ProTextToImage;
+pub const OTHER_ROUTE: Route = Route::Flux2FlexTextToImage;
+
+/// Long enough never to run out during a test.
+pub const LONG_LEASE: ClaimPolicy = ClaimPolicy {
+    lease: Duration::from_secs(60),
+    max_attempts: 3,
+};
+
+/// A lease that runs out during the test: [`PAST_SHORT`] later it has.
+pub const SHORT_LEASE: ClaimPolicy = ClaimPolicy {
+    lease: Duration::from_millis(300),
+    max_attempts: 3,
+};
+pub const PAST_SHORT: Duration = Duration::from_millis(700);
+
+/// No limit a test reaches.
+pub const ROOMY: QueueLimits = QueueLimits {
+    total: 100_000,
+    per_owner: 100_000,
+};
+
+pub fn params(prompt: &str) -> GenerationParams {
+    GenerationParams {
+        prompt: Prompt::parse(prompt, 100).unwrap(),
+        size: OutputSize::Pixels(ImageSize {
+            width: 1024,
+            height: 768,
+        }),
+        seed: 7,
+        num_inference_steps: None,
+        guidance_scale: None,
+        output_format: OutputFormat::Jpeg,
+        raw: false,
+        enable_prompt_expansion: false,
+        reference_images: Vec::new(),
+    }
+}
+
+/// A job of `owner` on [`ROUTE`], kept an hour after it ends.
+pub fn new_job(owner: KeyId, prompt: &str) -> NewJob {
+    new_job_on(ROUTE, owner, prompt)
+}
+
+pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
+    let now = OffsetDateTime::now_utc();
+    NewJob {
+        id: RequestId::new(),
+        owner,
+        route,
+        params: params(prompt),
+        created_at: now,
+        expires_at: now + Duration::from_secs(3600),
+    }
+}
+
+/// A job kept only `retention` after it ends.
+pub fn short_lived(owner: KeyId, prompt: &str, retention: Duration) -> NewJob {
+    let mut job = new_job(owner, prompt);
+    job.expires_at = job.created_at + retention;
+    job
+}
+
+pub fn output(images: Vec<BlobKey>) -> JobOutput {
+    JobOutput {
+        images,
+        metadata: OutputMetadata {
+            model: ROUTE,
+            seed: 7,
+            width: 1024,
+            height: 768,
+            num_inference_steps: 4,
+            guidance: None,
+            output_format: OutputFormat::Jpeg,
+            prompt: "p".into(),
+            timings_ms: Timings {
+                queued: 1,
+                inference: 2,
+                encode_and_store: 3,
+            },
+            engine: "test".into(),
+            notes: vec![],
+        },
+    }
+}
+
+pub fn engine_failed(message: &str) -> JobError {
+    JobError {
+        code: JobErrorCode::EngineFailed,
+        message: message.into(),
+    }
+}
+
+pub fn worker(name: &str) -> WorkerId {
+    WorkerId::new(name)
+}
+
+/// Submits a job of `owner` with no limit in reach; its id.
+pub async fn submit<S: JobStore + ?Sized>(store: &S, owner: KeyId, prompt: &str) -> RequestId {
+    store
+        .enqueue(new_job(owner, prompt), None, ROOMY)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id
+}
+
+/// A claim that must find a job.
+pub async fn claim<S: JobStore + ?Sized>(store: &S, name: &str, policy: ClaimPolicy) -> Lease {
+    store
+        .claim(&worker(name), &[ROUTE], policy)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} found no job to claim"))
+}
+
+/// The job as its owner sees it; it must be visible.
+pub async fn view<S: JobStore + ?Sized>(store: &S, owner: KeyId, id: RequestId) -> JobView {
+    store
+        .get(owner, id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("job {id} is not visible to its owner"))
+}
+
+/// Every state's count; each state must be reported exactly once.
+pub async fn counts<S: JobStore + ?Sized>(store: &S) -> HashMap<JobState, u64> {
+    let listed = store.state_counts().await.unwrap().counts;
+    let counts: HashMap<_, _> = listed.iter().copied().collect();
+    assert_eq!(
+        (listed.len(), counts.len()),
+        (JobState::ALL.len(), JobState::ALL.len()),
+        "every state once: {listed:?}"
+    );
+    counts
+}
+
+/// The counts as `[queued, running, succeeded, failed, cancelled]`.
+pub async fn count_list<S: JobStore + ?Sized>(store: &S) -> [u64; 5] {
+    let counts = counts(store).await;
+    JobState::ALL.map(|state| counts[&state])
+}
+
+/// `result` is `LeaseLost` for job `id`.
+#[track_caller]
+pub fn assert_lease_lost<T: std::fmt::Debug>(result: Result<T, StoreError>, id: RequestId) {
+    match result {
+        Err(StoreError::LeaseLost(lost)) => assert_eq!(lost, id, "LeaseLost names the job"),
+        other => panic!("expected LeaseLost({id}), got {other:?}"),
+    }
+}
+
+/// `a` and `b` within `tolerance` of each other (stores keep instants to the millisecond).
+#[track_caller]
+pub fn assert_close(a: OffsetDateTime, b: OffsetDateTime, tolerance: Duration, what: &str) {
+    let gap = (a - b).abs();
+    assert!(
+        gap <= tolerance,
+        "{what}: {a} and {b} are {gap} apart (at most {tolerance:?} allowed)"
+    );
+}
+
+/// Runs `futures` as tasks at once and returns their outputs in order.
+pub async fn all_at_once<T: Send + 'static>(
+    futures: impl IntoIterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}
