@@ -5,11 +5,19 @@
 //! restart after a crash) sees a whole image or none. The content type is not stored: it follows
 //! from the key's extension, which kiln always sets from the output format.
 
+use crate::content_type;
 use async_trait::async_trait;
-use kiln_core::blob::{Blob, BlobError, BlobStore};
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt};
+use kiln_core::blob::{Blob, BlobError, BlobStore, BlobStream};
 use kiln_core::ids::BlobKey;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use tokio::io::AsyncReadExt;
+
+/// How much of a file one chunk of a [`BlobStream`] holds: large enough that a multi-MiB image
+/// is a few dozen reads, small enough that many concurrent downloads stay cheap.
+const CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
@@ -23,21 +31,11 @@ fn backend(
     BlobError::backend("local", action, e)
 }
 
-/// The content type a key's extension stands for.
-fn content_type_of(key: &BlobKey) -> &'static str {
-    match key.as_str().rsplit_once('.').map(|(_, ext)| ext) {
-        Some("jpeg" | "jpg") => "image/jpeg",
-        Some("png") => "image/png",
-        Some("webp") => "image/webp",
-        _ => "application/octet-stream",
-    }
-}
-
 impl LocalBlobStore {
     /// Uses (and creates) `root`.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| backend("creating the directory of", e))?;
+        std::fs::create_dir_all(&root).map_err(|e| backend("creating its directory", e))?;
         Ok(Self { root })
     }
 
@@ -87,28 +85,42 @@ fn nanos() -> u128 {
 #[async_trait]
 impl BlobStore for LocalBlobStore {
     async fn put(&self, key: &BlobKey, blob: Blob) -> Result<(), BlobError> {
-        let expected = content_type_of(key);
-        if blob.content_type != expected {
-            return Err(BlobError::ContentType {
-                content_type: blob.content_type,
-                expected,
-            });
-        }
+        content_type::check(key, &blob.content_type)?;
         let path = self.path_of(key);
         tokio::task::spawn_blocking(move || write_durably(&path, &blob.bytes))
             .await
-            .map_err(|e| backend("writing", e))?
-            .map_err(|e| backend("writing", e))
+            .map_err(|e| backend("writing a blob", e))?
+            .map_err(|e| backend("writing a blob", e))
+    }
+
+    async fn open(&self, key: &BlobKey) -> Result<Option<BlobStream>, BlobError> {
+        let file = match tokio::fs::File::open(self.path_of(key)).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend("opening a blob", e)),
+        };
+        // The length of the file we opened: a replacement renamed over it later is another
+        // inode, so this handle keeps reading the whole old image and nothing else.
+        let length = file
+            .metadata()
+            .await
+            .map_err(|e| backend("opening a blob", e))?
+            .len();
+        Ok(Some(BlobStream {
+            content_type: content_type::of_key(key).to_string(),
+            length: Some(length),
+            body: chunks_of(file).boxed(),
+        }))
     }
 
     async fn get(&self, key: &BlobKey) -> Result<Option<Blob>, BlobError> {
         match tokio::fs::read(self.path_of(key)).await {
             Ok(bytes) => Ok(Some(Blob {
                 bytes,
-                content_type: content_type_of(key).to_string(),
+                content_type: content_type::of_key(key).to_string(),
             })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(backend("reading", e)),
+            Err(e) => Err(backend("reading a blob", e)),
         }
     }
 
@@ -116,9 +128,47 @@ impl BlobStore for LocalBlobStore {
         match tokio::fs::remove_file(self.path_of(key)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(backend("deleting", e)),
+            Err(e) => Err(backend("deleting a blob", e)),
         }
     }
+
+    async fn ping(&self) -> Result<(), BlobError> {
+        let metadata = tokio::fs::metadata(&self.root)
+            .await
+            .map_err(|e| backend("finding its directory", e))?;
+        if metadata.is_dir() {
+            Ok(())
+        } else {
+            Err(backend(
+                "finding its directory",
+                format!("{} is not a directory", self.root.display()),
+            ))
+        }
+    }
+}
+
+/// The file's bytes, [`CHUNK`] at a time, until its end.
+fn chunks_of(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = Result<Bytes, BlobError>> + Send + 'static {
+    stream::try_unfold(file, |mut file| async move {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        // `read_buf` fills at most the spare capacity; zero means the end of the file.
+        while buf.len() < CHUNK {
+            let n = file
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| backend("reading a blob", e))?;
+            if n == 0 {
+                break;
+            }
+        }
+        if buf.is_empty() {
+            Ok(None)
+        } else {
+            Ok(Some((buf.freeze(), file)))
+        }
+    })
 }
 
 #[cfg(test)]
