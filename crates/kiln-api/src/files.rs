@@ -6,14 +6,20 @@
 use crate::error::ApiError;
 use crate::state::{ApiSettings, AppState};
 use crate::wire::ErrorBody;
+use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
+use http_body::{Frame, SizeHint};
 use kiln_core::ids::BlobKey;
+use kiln_core::report::Chain;
 use serde::Deserialize;
 use sha2::Sha256;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use time::OffsetDateTime;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -93,18 +99,65 @@ pub(crate) async fn download(
     if !state.jobs.blob_is_live(&key).await? {
         return Err(ApiError::FileNotFound);
     }
-    let blob = state.blobs.get(&key).await?.ok_or(ApiError::FileNotFound)?;
+    let blob = state
+        .blobs
+        .open(&key)
+        .await?
+        .ok_or(ApiError::FileNotFound)?;
     let remaining_s = grant.expires - now.unix_timestamp();
     let cache_control = format!("private, max-age={remaining_s}, immutable");
+    let body = BlobBody {
+        chunks: Body::from_stream(blob.body),
+        length: blob.length,
+        key,
+    };
     Ok((
         [
             (header::CONTENT_TYPE, blob.content_type),
             (header::CACHE_CONTROL, cache_control),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
         ],
-        blob.bytes,
+        Body::new(body),
     )
         .into_response())
+}
+
+/// A file's bytes on their way to the client, chunk by chunk as the store yields them, so an
+/// API node never holds a whole image. Its exact size (when the store knows it) becomes the
+/// Content-Length. A read that fails part-way cuts the connection, which the client sees
+/// against that length; hyper drops the error silently, so it is logged here.
+struct BlobBody {
+    chunks: Body,
+    length: Option<u64>,
+    key: BlobKey,
+}
+
+impl http_body::Body for BlobBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.chunks).poll_frame(cx);
+        if let Poll::Ready(Some(Err(error))) = &polled {
+            tracing::warn!(error = %Chain(error), blob = %this.key, "a file download was cut short");
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(length) => SizeHint::with_exact(length),
+            None => self.chunks.size_hint(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -219,5 +272,38 @@ mod tests {
         s.public_url = "https://kiln.test/".into();
         let url = file_url(&s, &BlobKey::random("png"), OffsetDateTime::now_utc());
         assert!(url.starts_with("https://kiln.test/files/"), "{url}");
+    }
+
+    /// A file is sent as the store's chunks, not one buffer, with its exact length.
+    #[tokio::test]
+    async fn a_file_is_streamed_in_chunks_with_its_length() {
+        use kiln_core::blob::{Blob, BlobStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = kiln_blob::LocalBlobStore::new(dir.path()).unwrap();
+        let key = BlobKey::random("png");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = Blob {
+            bytes: bytes.clone(),
+            content_type: "image/png".into(),
+        };
+        store.put(&key, blob).await.unwrap();
+        let opened = store.open(&key).await.unwrap().unwrap();
+        let mut body = BlobBody {
+            chunks: Body::from_stream(opened.body),
+            length: opened.length,
+            key,
+        };
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(3_000_000));
+        let mut frames = 0;
+        let mut read = Vec::new();
+        while let Some(frame) =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx)).await
+        {
+            let data = frame.unwrap().into_data().unwrap();
+            read.extend_from_slice(&data);
+            frames += 1;
+        }
+        assert!(frames > 1, "sent in several chunks, got {frames}");
+        assert!(read == bytes, "the chunks are the file, in order");
     }
 }
