@@ -6,6 +6,11 @@
 //! once the lease has expired and another worker has claimed the job, the old token no longer
 //! matches and the write is refused with [`StoreError::LeaseLost`]. A stale worker can therefore
 //! never overwrite a job another worker now owns.
+//!
+//! Events: [`JobStore::subscribe`] yields a [`JobEvent`] for each submit and each change of a
+//! job's state (and progress) after it commits. They are hints, not a log: a subscriber that
+//! falls behind, or a store that loses its connection to the events' source, hands out
+//! [`JobNotice::Resync`] instead of what was missed, and whoever needs the truth reads the store.
 
 use crate::catalog::Route;
 use crate::ids::{BlobKey, KeyId, RequestId, WorkerId};
@@ -13,6 +18,7 @@ use crate::job::{CancelOutcome, Job, JobError, JobOutput, JobState, JobView, New
 use async_trait::async_trait;
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio::sync::broadcast;
 
 /// Clone: one failure can be the answer to many callers (see [`Cause`]).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -145,6 +151,63 @@ pub struct ClaimPolicy {
     pub max_attempts: u32,
 }
 
+/// A committed change of one job: a submit (`Queued`), a claim (`Running`, also when a job whose
+/// lease ran out is taken again), progress reported by a heartbeat (`Running` with `progress`),
+/// a release (`Queued` again), the end of the job (`Succeeded`, `Failed`, `Cancelled`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    pub id: RequestId,
+    pub owner: KeyId,
+    pub route: Route,
+    /// The state the change left the job in.
+    pub state: JobState,
+    /// The latest step of a running job, when the change recorded one.
+    pub progress: Option<Progress>,
+}
+
+/// What a subscription hands out next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobNotice {
+    Event(JobEvent),
+    /// Events may have been missed (this subscriber fell behind, or the store lost the connection
+    /// its events come through): what the subscriber follows should be read again.
+    Resync,
+}
+
+/// One subscriber's view of a store's events ([`JobStore::subscribe`]). Each subscriber has its
+/// own buffer; a slow one misses events (and is told so) rather than slowing the store down.
+#[derive(Debug)]
+pub struct JobEvents {
+    receiver: broadcast::Receiver<JobNotice>,
+}
+
+impl JobEvents {
+    /// A subscription through `receiver` (a backend hands one out from `subscribe`).
+    pub fn new(receiver: broadcast::Receiver<JobNotice>) -> Self {
+        Self { receiver }
+    }
+
+    /// The next notice, waiting for it; `None` once the store is gone.
+    pub async fn recv(&mut self) -> Option<JobNotice> {
+        match self.receiver.recv().await {
+            Ok(notice) => Some(notice),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(JobNotice::Resync),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next notice if one is waiting, without waiting.
+    pub fn try_recv(&mut self) -> Option<JobNotice> {
+        match self.receiver.try_recv() {
+            Ok(notice) => Some(notice),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(JobNotice::Resync),
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => {
+                None
+            }
+        }
+    }
+}
+
 #[async_trait]
 pub trait JobStore: Send + Sync {
     /// Commits a new job (or finds the original of a repeated idempotency key). Returns only
@@ -206,6 +269,10 @@ pub trait JobStore: Send + Sync {
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Events of the changes committed from now on (which writers a backend reports is its own
+    /// to document: every node's for PostgreSQL, this process's for SQLite).
+    fn subscribe(&self) -> JobEvents;
 }
 
 /// An API key as listed (never the token).

@@ -15,11 +15,15 @@
 //! each job inserted). Only a failure of the backend itself (I/O, the transaction) fails the
 //! batch, and then every caller in it gets the error and none of its jobs was committed.
 //!
+//! Each new job's `Queued` event is published once its batch has committed (a replay is no
+//! change and publishes nothing).
+//!
 //! [`JobStore::enqueue`]: kiln_core::store::JobStore::enqueue
 
+use crate::common::Events;
 use crate::record::millis;
 use crate::sqlite::{backend, duration_millis, SqliteStore};
-use kiln_core::job::{JobView, NewJob};
+use kiln_core::job::{JobState, JobView, NewJob};
 use kiln_core::store::{Enqueued, Idempotency, QueueLimits, StoreError};
 use sqlx::{SqliteConnection, SqlitePool};
 use std::collections::HashMap;
@@ -45,12 +49,23 @@ pub(crate) type Outcome = Result<Enqueued, StoreError>;
 
 /// The committer's end of the channel; it runs until every sender (every clone of the store) is
 /// gone.
-pub(crate) async fn run_committer(pool: SqlitePool, mut waiting: mpsc::Receiver<PendingEnqueue>) {
+pub(crate) async fn run_committer(
+    pool: SqlitePool,
+    mut waiting: mpsc::Receiver<PendingEnqueue>,
+    events: Events,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
         match commit_batch(&pool, &batch).await {
             Ok(outcomes) => {
                 for (pending, outcome) in batch.drain(..).zip(outcomes) {
+                    if let Ok(Enqueued {
+                        replayed: false, ..
+                    }) = &outcome
+                    {
+                        let job = &pending.job;
+                        events.changed((job.id, job.owner, job.route), JobState::Queued, None);
+                    }
                     // A caller that stopped waiting (its client went away) needs no answer;
                     // its job is committed all the same, as a lone submit's would be.
                     let _ = pending.answer.send(outcome);

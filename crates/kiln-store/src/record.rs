@@ -1,9 +1,11 @@
-//! The row form of a job and its conversion into the domain's [`Job`].
+//! The row forms of jobs and API keys and their conversion into the domain's types, shared by
+//! the SQL backends: both schemas have the same column names and types (text, and 64-bit
+//! integers for counts and Unix-millisecond instants).
 
 use kiln_core::catalog::Route;
 use kiln_core::ids::{KeyId, RequestId, WorkerId};
-use kiln_core::job::{Job, JobState, JobStatus, Progress};
-use kiln_core::store::{Lease, StoreError};
+use kiln_core::job::{Job, JobState, JobStatus, JobView, Progress};
+use kiln_core::store::{ApiKey, Lease, StoreError};
 use time::OffsetDateTime;
 
 /// Every column of `jobs` the domain needs, as SQL returns it.
@@ -131,6 +133,50 @@ impl JobRow {
             JobState::Cancelled => JobStatus::Cancelled {
                 finished_at: finished_at()?,
             },
+        })
+    }
+}
+
+/// A job's row and its place in the queue, as status reads select them.
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobViewRow {
+    #[sqlx(flatten)]
+    pub job: JobRow,
+    pub queue_position: Option<i64>,
+}
+
+impl JobViewRow {
+    pub(crate) fn into_view(self) -> Result<JobView, StoreError> {
+        Ok(JobView {
+            job: self.job.into_job()?,
+            queue_position: self.queue_position.map(|p| p as u64),
+        })
+    }
+}
+
+/// The column list matching [`ApiKeyRow`].
+pub(crate) const KEY_COLUMNS: &str = "id, name, prefix, created_at, revoked_at";
+
+/// An API key's row (never the token's hash).
+#[derive(sqlx::FromRow)]
+pub(crate) struct ApiKeyRow {
+    id: String,
+    name: String,
+    prefix: String,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl ApiKeyRow {
+    pub(crate) fn into_key(self) -> Result<ApiKey, StoreError> {
+        Ok(ApiKey {
+            id: KeyId::from_uuid(
+                uuid::Uuid::parse_str(&self.id).map_err(|e| corrupt("key id", e))?,
+            ),
+            name: self.name,
+            prefix: self.prefix,
+            created_at: from_millis(self.created_at)?,
+            revoked_at: self.revoked_at.map(from_millis).transpose()?,
         })
     }
 }

@@ -6,18 +6,25 @@
 //! busy timeout instead of failing on a lock upgrade. Claims are one `UPDATE … RETURNING` and so
 //! atomic by themselves. Concurrent submits are committed together, one sync for the group
 //! (`group_commit`).
+//!
+//! Events ([`JobStore::subscribe`]) are those of the writes made through this process's store
+//! (all its clones), published after each commit. Other processes on the same file (a
+//! `kiln worker` beside a `kiln serve`) are not heard: their changes are seen by polling, which
+//! every consumer of events keeps as its fallback.
 
+use crate::common::{
+    blob_keys, claim_set, duplicate_name_or, event_key, expire_from_now, held, state_counts,
+    visible, worker_lost, Events, QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
+};
 use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
 use crate::reader::{ReadError, Readers};
-use crate::record::{from_millis, millis, JobRow, JOB_COLUMNS};
+use crate::record::{from_millis, millis, ApiKeyRow, JobRow, JobViewRow, JOB_COLUMNS, KEY_COLUMNS};
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use kiln_core::job::{
-    CancelOutcome, JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, Progress,
-};
+use kiln_core::job::{CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, Progress};
 use kiln_core::store::{
-    ApiKey, ClaimPolicy, Enqueued, Idempotency, JobStore, KeyStore, Lease, QueueLimits,
+    ApiKey, ClaimPolicy, Enqueued, Idempotency, JobEvents, JobStore, KeyStore, Lease, QueueLimits,
     StateCounts, StoreError,
 };
 use sqlx::sqlite::{
@@ -31,13 +38,6 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-/// A job is visible to its owner while it runs or waits, and after it ends until it expires.
-const VISIBLE: &str = "(state IN ('queued', 'running') OR expires_at > ?)";
-
-/// Retention counts from the end of a job: on every terminal transition the expiry moves to
-/// "now + (expiry − creation)", the retention the job was submitted with.
-const EXPIRE_FROM_NOW: &str = "expires_at = ?1 + (expires_at - created_at)";
-
 /// The store. Clones share the pool and the submit committer; the committer task (spawned on
 /// the Tokio runtime that opened the store) stops when the last clone is dropped.
 #[derive(Clone)]
@@ -46,6 +46,7 @@ pub struct SqliteStore {
     submits: mpsc::Sender<PendingEnqueue>,
     /// Read-only connections for status polls, used inline ([`Readers`]).
     readers: Arc<Readers>,
+    events: Events,
 }
 
 /// Inline readers: about one per runtime thread is enough, as each read holds its connection
@@ -78,55 +79,13 @@ pub(crate) fn duration_millis(d: Duration) -> i64 {
 fn view_sql() -> &'static str {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "SELECT {JOB_COLUMNS}, CASE WHEN state = 'queued' THEN \
-               (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
-               AS queue_position \
-             FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {VISIBLE}"
+            "SELECT {JOB_COLUMNS}, {QUEUE_POSITION} \
+             FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {}",
+            visible("?")
         )
     });
     SQL.as_str()
 }
-
-#[derive(sqlx::FromRow)]
-struct JobViewRow {
-    #[sqlx(flatten)]
-    job: JobRow,
-    queue_position: Option<i64>,
-}
-
-impl JobViewRow {
-    fn into_view(self) -> Result<JobView, StoreError> {
-        Ok(JobView {
-            job: self.job.into_job()?,
-            queue_position: self.queue_position.map(|p| p as u64),
-        })
-    }
-}
-
-#[derive(sqlx::FromRow)]
-struct ApiKeyRow {
-    id: String,
-    name: String,
-    prefix: String,
-    created_at: i64,
-    revoked_at: Option<i64>,
-}
-
-impl ApiKeyRow {
-    fn into_key(self) -> Result<ApiKey, StoreError> {
-        Ok(ApiKey {
-            id: KeyId::from_uuid(
-                uuid::Uuid::parse_str(&self.id).map_err(|e| StoreError::corrupt("key id", e))?,
-            ),
-            name: self.name,
-            prefix: self.prefix,
-            created_at: from_millis(self.created_at)?,
-            revoked_at: self.revoked_at.map(from_millis).transpose()?,
-        })
-    }
-}
-
-const KEY_COLUMNS: &str = "id, name, prefix, created_at, revoked_at";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date. Must be
@@ -154,14 +113,16 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(backend)?;
+        let events = Events::new();
         let (submits, waiting) = mpsc::channel(WAITING);
-        tokio::spawn(run_committer(pool.clone(), waiting));
+        tokio::spawn(run_committer(pool.clone(), waiting, events.clone()));
         // Opened after the migrations, so they see the schema.
         let readers = Arc::new(Readers::open(path, READERS)?);
         Ok(Self {
             pool,
             submits,
             readers,
+            events,
         })
     }
 
@@ -230,8 +191,10 @@ impl SqliteStore {
             .map_err(backend)?;
         let sql = format!(
             "UPDATE jobs SET state = ?2, output = ?3, error = ?4, finished_at = ?1, \
-               lease_expires_at = NULL, {EXPIRE_FROM_NOW} \
-             WHERE id = ?5 AND fencing_token = ?6 AND state = 'running'"
+               lease_expires_at = NULL, {} \
+             WHERE {}",
+            expire_from_now("?1"),
+            held("?5", "?6")
         );
         let done = sqlx::query(&sql)
             .bind(now)
@@ -262,8 +225,15 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
-        tx.commit().await.map_err(backend)
+        tx.commit().await.map_err(backend)?;
+        self.events.changed(key_of(lease), state, None);
+        Ok(())
     }
+}
+
+/// A leased job's id, owner and route, as its events name it.
+fn key_of(lease: &Lease) -> (RequestId, KeyId, Route) {
+    (lease.job.id, lease.job.owner, lease.job.route)
 }
 
 #[async_trait]
@@ -303,6 +273,7 @@ impl JobStore for SqliteStore {
         id: RequestId,
     ) -> Result<Option<CancelOutcome>, StoreError> {
         let now = now_millis();
+        let (id_typed, owner_typed) = (id, owner);
         let (id, owner) = (id.to_string(), owner.to_string());
         let mut tx = self
             .pool
@@ -310,17 +281,18 @@ impl JobStore for SqliteStore {
             .await
             .map_err(backend)?;
         let sql = format!(
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?1, {EXPIRE_FROM_NOW} \
-             WHERE id = ?2 AND owner = ?3 AND state = 'queued'"
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?1, {} \
+             WHERE id = ?2 AND owner = ?3 AND state = 'queued' RETURNING route",
+            expire_from_now("?1")
         );
-        let cancelled = sqlx::query(&sql)
+        let cancelled: Option<String> = sqlx::query_scalar(&sql)
             .bind(now)
             .bind(&id)
             .bind(&owner)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(backend)?;
-        let outcome = if cancelled.rows_affected() == 1 {
+        let outcome = if cancelled.is_some() {
             Some(CancelOutcome::Cancelled)
         } else {
             Self::view(&mut tx, &id, Some(&owner), now)
@@ -331,6 +303,11 @@ impl JobStore for SqliteStore {
                 })
         };
         tx.commit().await.map_err(backend)?;
+        if let Some(route) = cancelled {
+            let route = route.parse().map_err(|e| StoreError::corrupt("route", e))?;
+            self.events
+                .changed((id_typed, owner_typed, route), JobState::Cancelled, None);
+        }
         Ok(outcome)
     }
 
@@ -352,9 +329,7 @@ impl JobStore for SqliteStore {
         // (state, seq) index to its first match, then the older of the two: one query with `OR`
         // read every queued row and sorted them, per claim, which a deep queue made slow.
         let sql = format!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
-               fencing_token = fencing_token + 1, worker = ?1, lease_expires_at = ?2, started_at = ?3, \
-               progress_step = NULL, progress_total = NULL \
+            "UPDATE jobs SET {} \
              WHERE seq = (SELECT MIN(seq) FROM ( \
                SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'queued' \
                  AND route IN ({route_params}) ORDER BY seq LIMIT 1) \
@@ -362,7 +337,8 @@ impl JobStore for SqliteStore {
                SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'running' \
                  AND lease_expires_at < ?3 AND attempts < ?4 AND route IN ({route_params}) \
                  ORDER BY seq LIMIT 1))) \
-             RETURNING {JOB_COLUMNS}"
+             RETURNING {JOB_COLUMNS}",
+            claim_set("?1", "?2", "?3")
         );
         let mut query = sqlx::query_as::<_, JobRow>(&sql)
             .bind(worker.as_str())
@@ -373,8 +349,13 @@ impl JobStore for SqliteStore {
             query = query.bind(route.id());
         }
         let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
-        row.map(|row| row.into_lease(worker, from_millis(lease_until)?))
-            .transpose()
+        let lease = row
+            .map(|row| row.into_lease(worker, from_millis(lease_until)?))
+            .transpose()?;
+        if let Some(lease) = &lease {
+            self.events.changed(key_of(lease), JobState::Running, None);
+        }
+        Ok(lease)
     }
 
     async fn heartbeat(
@@ -384,20 +365,25 @@ impl JobStore for SqliteStore {
         extend_by: Duration,
     ) -> Result<OffsetDateTime, StoreError> {
         let until = now_millis() + duration_millis(extend_by);
-        let done = sqlx::query(
+        let sql = format!(
             "UPDATE jobs SET lease_expires_at = ?, progress_step = COALESCE(?, progress_step), \
-               progress_total = COALESCE(?, progress_total) \
-             WHERE id = ? AND fencing_token = ? AND state = 'running'",
-        )
-        .bind(until)
-        .bind(progress.map(|p| i64::from(p.step)))
-        .bind(progress.map(|p| i64::from(p.total)))
-        .bind(lease.job.id.to_string())
-        .bind(lease.fencing_token)
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
+               progress_total = COALESCE(?, progress_total) WHERE {}",
+            held("?", "?")
+        );
+        let done = sqlx::query(&sql)
+            .bind(until)
+            .bind(progress.map(|p| i64::from(p.step)))
+            .bind(progress.map(|p| i64::from(p.total)))
+            .bind(lease.job.id.to_string())
+            .bind(lease.fencing_token)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         fenced(done, lease)?;
+        if progress.is_some() {
+            self.events
+                .changed(key_of(lease), JobState::Running, progress);
+        }
         from_millis(until)
     }
 
@@ -412,42 +398,38 @@ impl JobStore for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        // A release is the worker's choice (shutdown), not the job's fault: the attempt it
-        // used is given back so that it does not count towards `max_attempts`.
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker = NULL, \
-               lease_expires_at = NULL, started_at = NULL, progress_step = NULL, progress_total = NULL \
-             WHERE id = ? AND fencing_token = ? AND state = 'running'",
-        )
-        .bind(lease.job.id.to_string())
-        .bind(lease.fencing_token)
-        .execute(&self.pool)
-        .await
-        .map_err(backend)?;
-        fenced(done, lease)
-    }
-
-    async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError> {
-        let error = JobError {
-            code: JobErrorCode::WorkerLost,
-            message: format!(
-                "the worker running this job stopped responding {max_attempts} times; \
-                 the job was given up (try a smaller size, or ask the operator to check the workers)"
-            ),
-        };
-        let sql = format!(
-            "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?1, lease_expires_at = NULL, \
-               {EXPIRE_FROM_NOW} \
-             WHERE state = 'running' AND lease_expires_at < ?1 AND attempts >= ?3"
-        );
+        let sql = format!("UPDATE jobs SET {RELEASE_SET} WHERE {}", held("?", "?"));
         let done = sqlx::query(&sql)
-            .bind(now_millis())
-            .bind(serde_json::to_string(&error).map_err(backend)?)
-            .bind(i64::from(max_attempts))
+            .bind(lease.job.id.to_string())
+            .bind(lease.fencing_token)
             .execute(&self.pool)
             .await
             .map_err(backend)?;
-        Ok(done.rows_affected())
+        fenced(done, lease)?;
+        self.events.changed(key_of(lease), JobState::Queued, None);
+        Ok(())
+    }
+
+    async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError> {
+        let error = worker_lost(max_attempts);
+        let sql = format!(
+            "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?1, lease_expires_at = NULL, \
+               {} \
+             WHERE state = 'running' AND lease_expires_at < ?1 AND attempts >= ?3 \
+             RETURNING id, owner, route",
+            expire_from_now("?1")
+        );
+        let failed: Vec<(String, String, String)> = sqlx::query_as(&sql)
+            .bind(now_millis())
+            .bind(serde_json::to_string(&error).map_err(backend)?)
+            .bind(i64::from(max_attempts))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        for key in &failed {
+            self.events.changed(event_key(key)?, JobState::Failed, None);
+        }
+        Ok(failed.len() as u64)
     }
 
     async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError> {
@@ -457,23 +439,24 @@ impl JobStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        let keys: Vec<String> = sqlx::query_scalar(
+        let sql = format!(
             "SELECT b.blob_key FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
-             WHERE j.expires_at <= ? AND j.state IN ('succeeded', 'failed', 'cancelled')",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(backend)?;
-        sqlx::query("DELETE FROM jobs WHERE expires_at <= ? AND state IN ('succeeded', 'failed', 'cancelled')")
+             WHERE j.expires_at <= ? AND j.{TERMINAL}"
+        );
+        let keys: Vec<String> = sqlx::query_scalar(&sql)
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(backend)?;
+        sqlx::query(&format!(
+            "DELETE FROM jobs WHERE expires_at <= ? AND {TERMINAL}"
+        ))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        keys.into_iter()
-            .map(|k| BlobKey::try_from(k).map_err(|e| StoreError::corrupt("blob key", e)))
-            .collect()
+        blob_keys(keys)
     }
 
     async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError> {
@@ -490,22 +473,11 @@ impl JobStore for SqliteStore {
     }
 
     async fn state_counts(&self) -> Result<StateCounts, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(backend)?;
-        let counts = JobState::ALL
-            .into_iter()
-            .map(|state| {
-                let n = rows
-                    .iter()
-                    .find(|(s, _)| s == state.as_str())
-                    .map_or(0, |(_, n)| *n);
-                (state, n as u64)
-            })
-            .collect();
-        Ok(StateCounts { counts })
+        let rows: Vec<(String, i64)> = sqlx::query_as(STATE_COUNTS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(state_counts(&rows))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -514,6 +486,10 @@ impl JobStore for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn subscribe(&self) -> JobEvents {
+        self.events.subscribe()
     }
 }
 
@@ -537,12 +513,7 @@ impl KeyStore for SqliteStore {
             .bind(now_millis())
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| match e.as_database_error() {
-                Some(db) if db.is_unique_violation() => {
-                    StoreError::DuplicateKeyName(name.to_string())
-                }
-                _ => backend(e),
-            })?;
+            .map_err(|e| duplicate_name_or(e, name, backend))?;
         row.into_key()
     }
 
