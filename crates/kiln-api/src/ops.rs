@@ -11,7 +11,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
+use kiln_core::blob::BlobStore;
 use kiln_core::report::Chain;
+use kiln_core::store::JobStore;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -21,12 +23,13 @@ pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Whether to send traffic here: the store answers and the server is not shutting down.
+/// Whether to send traffic here: the server is not shutting down, and the store and the blob
+/// store both answer (a node that cannot reach either can take no request to its end).
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
-    responses((status = 200, body = Health), (status = 503, description = "Draining or store unavailable", body = Health))
+    responses((status = 200, body = Health), (status = 503, description = "Draining, or the store or the blob store unavailable", body = Health))
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     if state.is_draining() {
@@ -35,17 +38,25 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
             Json(Health { status: "draining" }),
         );
     }
-    match state.jobs.ping().await {
-        Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
-        Err(error) => {
+    readiness(state.jobs.as_ref(), state.blobs.as_ref()).await
+}
+
+/// The readiness answer of any kiln process that uses the stores (an API node, a worker): 200
+/// `ready`, or 503 naming which store does not answer. The cause goes to the log only.
+pub async fn readiness(jobs: &dyn JobStore, blobs: &dyn BlobStore) -> (StatusCode, Json<Health>) {
+    let unavailable = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status }));
+    // Both at once: a readiness probe has a deadline, and each ping is a network round trip
+    // on a shared store.
+    match tokio::join!(jobs.ping(), blobs.ping()) {
+        (Err(error), _) => {
             tracing::warn!(error = %Chain(&error), "readiness: the store does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(Health {
-                    status: "store_unavailable",
-                }),
-            )
+            unavailable("store_unavailable")
         }
+        (Ok(()), Err(error)) => {
+            tracing::warn!(error = %Chain(&error), "readiness: the blob store does not answer");
+            unavailable("blob_store_unavailable")
+        }
+        (Ok(()), Ok(())) => (StatusCode::OK, Json(Health { status: "ready" })),
     }
 }
 

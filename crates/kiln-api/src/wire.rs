@@ -264,6 +264,6 @@ pub struct ModelSchemas {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, `ready`, `draining` or `store_unavailable`.
+    /// `ok`, `ready`, `draining`, `store_unavailable` or `blob_store_unavailable`.
     pub status: &'static str,
 }

@@ -1,13 +1,13 @@
 //! The running service: stores, HTTP API, worker pool and sweeper, started and stopped together.
 
 use crate::config::Settings;
+use crate::store_url::StoreLocation;
 use anyhow::Context;
 use kiln_api::{ApiSettings, AppState, ConnectionLimits};
-use kiln_blob::LocalBlobStore;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::store::{JobStore, KeyStore};
-use kiln_store::SqliteStore;
+use kiln_store::{PgStore, SqliteStore};
 use kiln_worker::maintenance::run_sweeper;
 use kiln_worker::{run_pool, EngineSet, WorkerSettings};
 use std::net::SocketAddr;
@@ -25,21 +25,44 @@ pub struct Stores {
     pub blobs: Arc<dyn BlobStore>,
 }
 
-/// Opens the configured stores (creating the data directory on a first start).
+/// Opens the configured stores: `store.url` and `blobs.url` (creating the data directory and
+/// the SQLite file on a first start). A store that cannot be opened or reached stops the start
+/// with the setting's name and the backend's reason.
 pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-        format!(
-            "creating the data directory {}",
-            settings.data_dir.display()
-        )
-    })?;
-    let sqlite = Arc::new(SqliteStore::open(&settings.database_path()).await?);
-    let blobs = Arc::new(LocalBlobStore::new(settings.blob_dir())?);
-    Ok(Stores {
-        jobs: sqlite.clone(),
-        keys: sqlite,
-        blobs,
-    })
+    let store = settings.store_location()?;
+    let blob_location = settings.blob_location()?;
+    let (jobs, keys): (Arc<dyn JobStore>, Arc<dyn KeyStore>) = match &store {
+        StoreLocation::Sqlite(path) => {
+            create_parent(path)?;
+            let sqlite = SqliteStore::open(path)
+                .await
+                .map_err(|e| anyhow::Error::new(e))
+                .with_context(|| format!("store.url: opening {store}"))?;
+            let sqlite = Arc::new(sqlite);
+            (sqlite.clone(), sqlite)
+        }
+        StoreLocation::Postgres(url) => {
+            let pg = PgStore::connect(url.as_str())
+                .await
+                .map_err(|e| anyhow::Error::new(e))
+                .with_context(|| format!("store.url: connecting to {store}"))?;
+            let pg = Arc::new(pg);
+            (pg.clone(), pg)
+        }
+    };
+    let blobs = kiln_blob::open(&blob_location)
+        .map_err(|e| anyhow::Error::new(e))
+        .with_context(|| format!("blobs.url: opening {blob_location}"))?;
+    Ok(Stores { jobs, keys, blobs })
+}
+
+/// Creates the directory a SQLite file goes in (the data directory, on a first start).
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the directory {}", dir.display())),
+        _ => Ok(()),
+    }
 }
 
 /// The key that signs file URLs: configured, or created once in the data directory.
@@ -52,7 +75,23 @@ fn signing_key(settings: &Settings) -> anyhow::Result<Vec<u8>> {
         );
         return Ok(key);
     }
+    // A key made here would be this node's alone: every API node on a shared store must sign
+    // and check file URLs with the same key, so it has to come from the configuration.
+    if let Ok(store @ StoreLocation::Postgres(_)) = settings.store_location() {
+        anyhow::bail!(
+            "signing_key must be set when the store is shared ({}): every API node signs and \
+             checks file URLs with it, so all must have the same one (64 hex digits, e.g. from \
+             `openssl rand -hex 32`; KILN_SIGNING_KEY)",
+            store.kind()
+        );
+    }
     let path = settings.data_dir.join("signing.key");
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "creating the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()))
@@ -280,8 +319,8 @@ impl Application {
             address = %self.address,
             metrics_address = %metrics_address.as_deref().unwrap_or("the API port"),
             public_url = %self.public_url,
-            store = %format!("SQLite {}", settings.database_path().display()),
-            blob_store = %format!("local directory {}", settings.blob_dir().display()),
+            store = %settings.store_location().map(|l| l.to_string()).unwrap_or_default(),
+            blob_store = %settings.blob_location().map(|l| l.to_string()).unwrap_or_default(),
             worker_slots = settings.workers.slots,
             "kiln is listening"
         );

@@ -88,9 +88,10 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
                 .with_context(|| format!("binding {bind}"))?;
-            tracing::info!(address = %listener.local_addr()?, what = "worker metrics", "kiln is listening");
+            tracing::info!(address = %listener.local_addr()?, what = "worker metrics and health", "kiln is listening");
             Some(tokio::spawn(crate::worker_metrics::serve(
                 listener,
+                stores.clone(),
                 shutdown.clone(),
             )))
         }

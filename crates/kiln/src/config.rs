@@ -5,8 +5,10 @@
 //! `KILN_WORKERS__SLOTS=2`) → command-line flags. Unknown keys are refused, so a typo never
 //! silently does nothing.
 
+use crate::store_url::{redact_password, StoreLocation};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use kiln_blob::BlobLocation;
 use kiln_core::catalog::Route;
 use kiln_engine::{Flux1Config, Flux2Config};
 use kiln_worker::{AllowList, FetchPolicy};
@@ -22,8 +24,13 @@ pub struct Settings {
     pub bind: SocketAddr,
     /// The base of every URL in answers; `http://{bind}` when unset.
     pub public_url: Option<String>,
-    /// The SQLite database, the images, and the URL-signing key live here.
+    /// The SQLite database, the images, and the URL-signing key live here (by default: see
+    /// `store.url` and `blobs.url`).
     pub data_dir: PathBuf,
+    /// `[store]`: the queue and records.
+    pub store: StoreConfig,
+    /// `[blobs]`: the result images (and stored inline reference images).
+    pub blobs: BlobsConfig,
     /// Hex HMAC key for file URLs. Unset: generated once into `{data_dir}/signing.key`.
     /// Several API nodes behind one balancer must share it.
     pub signing_key: Option<String>,
@@ -87,6 +94,27 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
 }
 
+/// `[store]`: where jobs and API keys are kept.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (one machine) or `postgres://USER:PASSWORD@HOST[:PORT]/DATABASE`
+    /// (many: every API node and worker names the same database). Unset:
+    /// `sqlite://{data_dir}/kiln.db`. Environment: `KILN_STORE__URL`.
+    pub url: Option<String>,
+}
+
+/// `[blobs]`: where images are kept.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobsConfig {
+    /// `file://DIR` (one machine) or `s3://BUCKET[/PREFIX]` (many: any S3-compatible store;
+    /// endpoint, region and credentials from `AWS_ENDPOINT_URL`, `AWS_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, and `AWS_ALLOW_HTTP=true` for an http
+    /// endpoint). Unset: `file://{data_dir}/files`. Environment: `KILN_BLOBS__URL`.
+    pub url: Option<String>,
+}
+
 /// `[metrics]`: where `kiln serve` serves `/metrics`, and whether it takes a token.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -115,7 +143,8 @@ pub struct WorkerConfig {
     /// small CPU takes tens of minutes.
     pub job_timeout_secs: u64,
     /// `kiln worker` only: serve its own metrics (step and job durations) at
-    /// `http://{metrics_bind}/metrics`. Unset: no listener at all. (`kiln serve` exports the
+    /// `http://{metrics_bind}/metrics`, and `/healthz` and `/readyz` (200 while the store and
+    /// the blob store answer) for an orchestrator's probes. Unset: no listener at all. (`kiln serve` exports the
     /// same series on its API port, or on `metrics.bind`.)
     pub metrics_bind: Option<SocketAddr>,
 }
@@ -158,6 +187,8 @@ impl Default for Settings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_url: None,
             data_dir: PathBuf::from("kiln-data"),
+            store: StoreConfig::default(),
+            blobs: BlobsConfig::default(),
             signing_key: None,
             log_format: LogFormat::Text,
             retention_hours: 7 * 24,
@@ -348,6 +379,8 @@ impl Settings {
             ));
         }
         self.fetch.allow_list()?;
+        self.store_location()?;
+        self.blob_location()?;
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
                 "workers.lease_secs must be at least 3".into(),
@@ -371,15 +404,28 @@ impl Settings {
         if shown.metrics.token.is_some() {
             shown.metrics.token = Some(REDACTED.to_string());
         }
+        if let Ok(StoreLocation::Postgres(url)) = self.store_location() {
+            shown.store.url = Some(redact_password(&url).to_string());
+        }
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("kiln.db")
+    /// `store.url` parsed, or its default in the data directory.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        match &self.store.url {
+            Some(url) => StoreLocation::parse(url).map_err(|e| ConfigError::Invalid(e.to_string())),
+            None => Ok(StoreLocation::Sqlite(self.data_dir.join("kiln.db"))),
+        }
     }
 
-    pub fn blob_dir(&self) -> PathBuf {
-        self.data_dir.join("files")
+    /// `blobs.url` parsed, or its default in the data directory.
+    pub fn blob_location(&self) -> Result<BlobLocation, ConfigError> {
+        match &self.blobs.url {
+            Some(url) => url
+                .parse::<BlobLocation>()
+                .map_err(|e| ConfigError::Invalid(e.to_string())),
+            None => Ok(BlobLocation::Directory(self.data_dir.join("files"))),
+        }
     }
 
     pub fn retention(&self) -> Duration {
@@ -514,6 +560,39 @@ mod tests {
                 err.to_string().to_lowercase().contains("workers.slots"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn stores_default_to_the_data_directory_and_take_urls_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KILN_DATA_DIR", "/srv/kiln");
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            assert_eq!(
+                s.store_location().unwrap(),
+                StoreLocation::Sqlite(PathBuf::from("/srv/kiln/kiln.db"))
+            );
+            assert_eq!(
+                s.blob_location().unwrap(),
+                BlobLocation::Directory(PathBuf::from("/srv/kiln/files"))
+            );
+            jail.set_env("KILN_STORE__URL", "postgres://kiln:pw@db.internal/kiln");
+            jail.set_env("KILN_BLOBS__URL", "s3://images/kiln");
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            assert_eq!(s.store_location().unwrap().kind(), "postgres");
+            assert_eq!(s.blob_location().unwrap().to_string(), "s3://images/kiln");
+            let printed = s.to_toml_redacted().unwrap();
+            assert!(!printed.contains(":pw@"), "{printed}");
+            assert!(printed.contains("[store]"), "{printed}");
+
+            jail.set_env("KILN_STORE__URL", "mysql://db/kiln");
+            let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("store.url"), "{err}");
+            jail.set_env("KILN_STORE__URL", "sqlite:///tmp/k.db");
+            jail.set_env("KILN_BLOBS__URL", "ftp://files/kiln");
+            let err = Settings::load(None, &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("blobs.url"), "{err}");
             Ok(())
         });
     }

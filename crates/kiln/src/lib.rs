@@ -5,6 +5,7 @@
 //! - [`config`]: [`config::Settings`], the one typed configuration (defaults, TOML, `KILN_…`, flags).
 //! - [`app`]: [`app::Application`]: opens the stores, binds the listener, runs the HTTP API, the
 //!   in-process worker pool and the maintenance sweeper until its shutdown token fires.
+//! - [`store_url`]: the setting `store.url` (SQLite file or PostgreSQL), parsed.
 //! - [`engines`]: loads the engines the configuration names into a [`kiln_worker::EngineSet`].
 //! - [`demo`]: the demo checkpoint embedded in the binary, written into the data directory.
 //! - [`commands`]: `serve`, `worker`, `keys`, `generate`, `config`.
@@ -19,5 +20,6 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod engines;
+pub mod store_url;
 pub mod telemetry;
 pub mod worker_metrics;

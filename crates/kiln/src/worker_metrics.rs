@@ -1,25 +1,43 @@
-//! The `/metrics` listeners of their own: `kiln worker`'s (`workers.metrics_bind`) and
-//! `kiln serve`'s (`metrics.bind`), both served by the API's accept loop and its limits.
+//! The operations listeners of their own: `kiln worker`'s (`workers.metrics_bind`: `/metrics`,
+//! `/healthz`, `/readyz`) and `kiln serve`'s (`metrics.bind`: `/metrics`), both served by the
+//! API's accept loop and its limits.
 //!
 //! A worker has no API port, yet its series (step and job durations, jobs finished by outcome)
 //! are measured only where the engine runs, so a worker on its own machine exports them here
-//! for Prometheus to scrape. `kiln serve` moves its `/metrics` here to keep it off an API port
+//! for Prometheus to scrape, and answers an orchestrator's liveness and readiness probes (ready:
+//! the store and the blob store both answer). `kiln serve` moves its `/metrics` here to keep it off an API port
 //! that a public load balancer exposes.
 
+use crate::app::Stores;
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::Json;
 use axum::Router;
 use kiln_api::ConnectionLimits;
 use prometheus::{Encoder, TextEncoder};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// `kiln worker`: serves `GET /metrics` (the process's default registry) on `listener` until
-/// `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(metrics));
+/// `kiln worker`: serves `GET /metrics` (the process's default registry), `GET /healthz` and
+/// `GET /readyz` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    stores: Stores,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .with_state(stores);
     serve_router(listener, app, shutdown).await
+}
+
+async fn readyz(State(stores): State<Stores>) -> impl IntoResponse {
+    kiln_api::readiness(stores.jobs.as_ref(), stores.blobs.as_ref()).await
 }
 
 /// Serves `router`, a metrics router, on `listener` until `shutdown`, with the default limits
