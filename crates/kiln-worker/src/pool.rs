@@ -6,8 +6,9 @@ use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::engine::Engine;
 use kiln_core::ids::WorkerId;
+use kiln_core::job::JobState;
 use kiln_core::report::Chain;
-use kiln_core::store::{ClaimPolicy, JobStore};
+use kiln_core::store::{ClaimPolicy, JobEvents, JobNotice, JobStore};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +119,9 @@ pub async fn run_pool(
 
 async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
     tracing::info!(worker = %id, ?routes, "worker slot started");
+    // Subscribed for the slot's life, so that a submit made while it runs a job or claims is
+    // still heard when it next idles.
+    let mut events = context.jobs.subscribe();
     while !context.shutdown.is_cancelled() {
         match context
             .jobs
@@ -125,19 +129,143 @@ async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
             .await
         {
             Ok(Some(lease)) => run_job(context, lease).await,
-            Ok(None) => idle(context).await,
+            Ok(None) => idle(context, &mut events, routes).await,
             Err(e) => {
                 tracing::error!(worker = %id, error = %Chain(&e), "claiming a job failed; retrying");
-                idle(context).await;
+                // A failing store is not asked again before the poll interval, events or not.
+                pause(context).await;
             }
         }
     }
     tracing::info!(worker = %id, "worker slot stopped");
 }
 
-async fn idle(context: &WorkerContext) {
+/// Waits until a job of `routes` may be claimable: one was queued (submitted or released), the
+/// store says events were missed, the poll interval passed (polling remains the fallback for
+/// changes no event reports, such as a lease running out, or another process's writes on
+/// SQLite), or shutdown.
+async fn idle(context: &WorkerContext, events: &mut JobEvents, routes: &[Route]) {
+    // Notices that arrived while the slot was busy: any one that may matter is worth one claim
+    // (for all of them), not one claim each.
+    let mut heard = false;
+    while let Some(notice) = events.try_recv() {
+        heard |= wakes(&notice, routes);
+    }
+    if heard {
+        return;
+    }
+    let queued = async {
+        loop {
+            match events.recv().await {
+                Some(notice) if wakes(&notice, routes) => return,
+                Some(_) => {}
+                // The store hands out no more events: only the poll interval is left.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    tokio::select! {
+        () = queued => {}
+        () = pause(context) => {}
+    }
+}
+
+/// Whether `notice` may mean a claimable job of `routes`.
+fn wakes(notice: &JobNotice, routes: &[Route]) -> bool {
+    match notice {
+        JobNotice::Event(event) => event.state == JobState::Queued && routes.contains(&event.route),
+        JobNotice::Resync => true,
+    }
+}
+
+/// The poll interval, or less on shutdown.
+async fn pause(context: &WorkerContext) {
     tokio::select! {
         () = tokio::time::sleep(context.settings.poll_interval) => {}
         () = context.shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::references::FetchPolicy;
+    use kiln_core::ids::{KeyId, RequestId};
+    use kiln_core::job::NewJob;
+    use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+    use kiln_core::store::QueueLimits;
+    use time::OffsetDateTime;
+
+    const ROUTE: Route = Route::Flux2FlexTextToImage;
+
+    fn job(route: Route) -> NewJob {
+        let now = OffsetDateTime::now_utc();
+        NewJob {
+            id: RequestId::new(),
+            owner: KeyId::new(),
+            route,
+            params: GenerationParams {
+                prompt: Prompt::parse("p", 100).unwrap(),
+                size: OutputSize::Pixels(ImageSize {
+                    width: 512,
+                    height: 512,
+                }),
+                seed: 1,
+                num_inference_steps: None,
+                guidance_scale: None,
+                output_format: OutputFormat::Png,
+                raw: false,
+                enable_prompt_expansion: false,
+                reference_images: Vec::new(),
+            },
+            created_at: now,
+            expires_at: now + Duration::from_secs(3600),
+        }
+    }
+
+    /// An idle slot with a poll interval far longer than the test wakes for a submit of one of
+    /// its routes, and only for that.
+    #[tokio::test]
+    async fn an_idle_slot_wakes_on_a_submit_for_its_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = kiln_store::SqliteStore::open(&dir.path().join("kiln.db"))
+            .await
+            .unwrap();
+        let blobs = kiln_blob::LocalBlobStore::new(dir.path().join("blobs")).unwrap();
+        let settings = WorkerSettings {
+            name: "test".into(),
+            slots: 1,
+            lease: Duration::from_secs(60),
+            max_attempts: 3,
+            poll_interval: Duration::from_secs(600),
+            drain_timeout: Duration::ZERO,
+            job_timeout: Duration::from_secs(60),
+            fetch: FetchPolicy::default(),
+        };
+        let context = Arc::new(WorkerContext {
+            jobs: Arc::new(store.clone()),
+            blobs: Arc::new(blobs),
+            engines: EngineSet::new(),
+            fetcher: ReferenceFetcher::new(settings.fetch.clone()),
+            settings,
+            shutdown: CancellationToken::new(),
+        });
+        let mut events = context.jobs.subscribe();
+        let idling = {
+            let context = context.clone();
+            tokio::spawn(async move { idle(&context, &mut events, &[ROUTE]).await })
+        };
+        let limits = QueueLimits::total(10);
+        store
+            .enqueue(job(Route::Flux11ProTextToImage), None, limits)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!idling.is_finished(), "woken by another route's job");
+        store.enqueue(job(ROUTE), None, limits).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), idling)
+            .await
+            .expect("not woken by a job of its route")
+            .unwrap();
     }
 }
