@@ -251,3 +251,17 @@ async fn another_node_hears_of_a_submit_and_its_changes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_unreachable_server_fails_promptly_as_a_backend_error() {
+    let started = std::time::Instant::now();
+    let refused = PgStore::connect("postgres://postgres@127.0.0.1:1/kiln").await;
+    assert!(matches!(
+        refused,
+        Err(StoreError::Backend {
+            backend: "postgres",
+            ..
+        })
+    ));
+    assert!(started.elapsed() < super::CONNECT_TIMEOUT + Duration::from_secs(1));
+}
