@@ -7,7 +7,7 @@ use kiln_core::catalog::Route;
 use kiln_testkit::ScriptedEngine;
 use kiln_worker::EngineSet;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -74,6 +74,9 @@ pub struct KilnProcess {
     pub first_key: Option<String>,
 }
 
+/// Environment variables for a child `kiln` (beside the test's own, which it inherits).
+pub type Env = [(String, String)];
+
 fn kiln_command(config: &Path, data_dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
@@ -93,6 +96,64 @@ impl KilnProcess {
         let mut command = kiln_command(config, data_dir);
         command.args(["serve", "--bind", "127.0.0.1:0"]).args(extra);
         Self::serving(command)
+    }
+
+    /// `kiln serve` on `bind` (`127.0.0.1:PORT`) with these environment variables, waiting until
+    /// it listens.
+    pub fn serve_with_env(
+        config: &Path,
+        data_dir: &Path,
+        bind: &str,
+        extra: &[&str],
+        env: &Env,
+    ) -> Self {
+        let mut command = kiln_command(config, data_dir);
+        command
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args(["serve", "--bind", bind])
+            .args(extra);
+        Self::serving(command)
+    }
+
+    /// `kiln worker` with these environment variables; with `metrics`, its metrics and health
+    /// listener on a free loopback port (`base` is its URL), waited for.
+    pub fn worker_with_env(config: &Path, data_dir: &Path, env: &Env, metrics: bool) -> Self {
+        let mut command = kiln_command(config, data_dir);
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        if metrics {
+            command.env("KILN_WORKERS__METRICS_BIND", "127.0.0.1:0");
+        }
+        command.arg("worker");
+        let (mut child, listening, _) = spawn_watched(command);
+        let base = if metrics {
+            wait_listening(&mut child, &listening)
+        } else {
+            String::new()
+        };
+        let log = listening.lock().unwrap().log.clone();
+        KilnProcess {
+            child,
+            log,
+            base,
+            first_key: None,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped while we hold it.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill({}, {signal}) failed", self.child.id());
+    }
+
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.log.lock().unwrap().clone()
     }
 
     /// Starts `command` (a `kiln serve` that logs JSON) and waits until it listens.
@@ -295,6 +356,46 @@ pub fn kiln_run_with_env(
     )
 }
 
+/// Runs `kiln ARGS` with these environment variables for at most `timeout`: its exit status
+/// (`None`: still running at the deadline, then killed), stdout and stderr.
+pub fn kiln_run_within(
+    config: &Path,
+    data_dir: &Path,
+    args: &[&str],
+    env: &Env,
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut command = kiln_command(config, data_dir);
+    command
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let read = |pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(pipe).read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, stdout.join().unwrap(), stderr.join().unwrap())
+}
+
 /// A client of one kiln, with one token.
 #[derive(Clone)]
 pub struct Client {
@@ -343,6 +444,25 @@ impl Client {
             request = request.json(body);
         }
         let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// A submit carrying an `Idempotency-Key`, or the transport error (a server that died).
+    pub async fn try_submit_idempotent(
+        &self,
+        model: &str,
+        input: &Value,
+        key: &str,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let response = self
+            .http
+            .post(format!("{}/v1/models/{model}", self.base))
+            .bearer_auth(&self.token)
+            .header("Idempotency-Key", key)
+            .json(input)
+            .send()
+            .await?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }

@@ -6,4 +6,5 @@
 mod demo_quality;
 mod harness;
 mod in_process;
+mod many_machines;
 mod processes;
