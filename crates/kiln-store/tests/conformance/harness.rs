@@ -70,6 +70,41 @@ impl Backend for Sqlite {
     }
 }
 
+/// PostgreSQL: a fresh database per test (`kiln_testkit::postgres`); more handles connect again
+/// (each its own pool). `None` when PostgreSQL does not answer outside CI.
+pub struct Postgres {
+    store: Arc<kiln_store::PgStore>,
+    // Declared last: the database is dropped (WITH (FORCE)) after the store.
+    database: kiln_testkit::postgres::TestDatabase,
+}
+
+impl Backend for Postgres {
+    type Store = kiln_store::PgStore;
+
+    async fn open() -> Option<Self> {
+        let database = kiln_testkit::postgres::fresh_database().await?;
+        let store = kiln_store::PgStore::connect(database.url())
+            .await
+            .unwrap_or_else(|e| panic!("PgStore::connect({}): {e:?}", database.url()));
+        Some(Self {
+            store: Arc::new(store),
+            database,
+        })
+    }
+
+    fn store(&self) -> Arc<Self::Store> {
+        self.store.clone()
+    }
+
+    async fn another_handle(&self) -> Arc<Self::Store> {
+        Arc::new(
+            kiln_store::PgStore::connect(self.database.url())
+                .await
+                .unwrap(),
+        )
+    }
+}
+
 pub const ROUTE: Route = Route::Flux11ProTextToImage;
 pub const OTHER_ROUTE: Route = Route::Flux2FlexTextToImage;
 

@@ -53,6 +53,7 @@ macro_rules! backend_tests {
 macro_rules! conformance {
     ($($module:ident :: $case:ident),* $(,)?) => {
         backend_tests!(sqlite, crate::harness::Sqlite, [$($module::$case),*]);
+        backend_tests!(postgres, crate::harness::Postgres, [$($module::$case),*]);
     };
 }
 
