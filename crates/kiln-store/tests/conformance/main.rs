@@ -9,6 +9,7 @@
 //! - `retention`: expiry from the end of a job, purge and the files it reports, `blob_is_live`.
 //! - `idempotency`: replay, conflict, scope and window of idempotency keys.
 //! - `keys`: the API key store.
+//! - `events`: what `subscribe` hands out as a job changes.
 //! - `races`: many workers and submitters at once, each with its own handle on the database.
 //!
 //! `conformance!` expands each case into one `#[tokio::test]` per backend, in a module named
@@ -22,6 +23,7 @@
 //! [`JobStore`]: kiln_core::store::JobStore
 //! [`KeyStore`]: kiln_core::store::KeyStore
 
+mod events;
 mod harness;
 mod idempotency;
 mod keys;
@@ -58,6 +60,8 @@ macro_rules! conformance {
 }
 
 conformance! {
+    events::every_change_of_a_job_is_an_event_in_order,
+    events::a_released_or_failed_job_is_announced,
     queue::a_submitted_job_reads_back_as_submitted,
     queue::queue_positions_follow_submission_order,
     queue::another_owner_sees_nothing,
