@@ -10,10 +10,17 @@ pub struct Chain<'a>(pub &'a (dyn Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
         let mut next = self.0.source();
         while let Some(cause) = next {
-            write!(f, ": {cause}")?;
+            let text = cause.to_string();
+            // Some libraries (sqlx among them) write their cause into their own message as
+            // well: said once is enough.
+            if !previous.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            previous = text;
             next = cause.source();
         }
         Ok(())
@@ -31,6 +38,20 @@ mod tests {
         assert_eq!(
             Chain(&error).to_string(),
             "the sqlite store failed: disk I/O error"
+        );
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error communicating with database: {0}")]
+    struct SaysItsCause(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_its_error_is_not_repeated() {
+        let cause = SaysItsCause(std::io::Error::other("connection refused"));
+        let error = StoreError::backend("postgres", cause);
+        assert_eq!(
+            Chain(&error).to_string(),
+            "the postgres store failed: error communicating with database: connection refused"
         );
     }
 }

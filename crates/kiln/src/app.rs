@@ -4,6 +4,7 @@ use crate::config::Settings;
 use crate::store_url::StoreLocation;
 use anyhow::Context;
 use kiln_api::{ApiSettings, AppState, ConnectionLimits};
+use kiln_blob::BlobLocation;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::store::{JobStore, KeyStore};
@@ -50,6 +51,15 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
             (pg.clone(), pg)
         }
     };
+    if let (StoreLocation::Postgres(_), BlobLocation::Directory(dir)) = (&store, &blob_location) {
+        // Legitimate on one machine; on several, a result written here downloads only here.
+        tracing::warn!(
+            blob_dir = %dir.display(),
+            "store.url is shared (PostgreSQL) but blobs.url is this machine's directory: \
+             images are kept on this node alone; with API nodes or workers on other machines, \
+             set blobs.url to an s3:// bucket"
+        );
+    }
     let blobs = kiln_blob::open(&blob_location)
         .map_err(|e| anyhow::Error::new(e))
         .with_context(|| format!("blobs.url: opening {blob_location}"))?;
@@ -230,6 +240,8 @@ pub struct Application {
 impl Application {
     /// Opens the stores and binds the listener (`bind` port 0 picks a free port).
     pub async fn build(settings: Settings, engines: EngineSet) -> anyhow::Result<Self> {
+        // Before the stores: a start that cannot serve must not create a schema on the way out.
+        let signing_key = signing_key(&settings)?;
         let stores = open_stores(&settings).await?;
         let listener = TcpListener::bind(settings.bind)
             .await
@@ -259,7 +271,7 @@ impl Application {
         let limits = &settings.limits;
         let api = ApiSettings {
             public_url,
-            signing_key: signing_key(&settings)?,
+            signing_key,
             retention: settings.retention(),
             max_body_bytes: limits.max_body_bytes,
             max_prompt_chars: limits.max_prompt_chars,

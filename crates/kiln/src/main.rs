@@ -132,7 +132,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line with the whole cause chain; a backtrace helps developers, not operators.
-            eprintln!("error: {error:#}");
+            let error: &(dyn std::error::Error + 'static) = error.as_ref();
+            eprintln!("error: {}", kiln_core::report::Chain(error));
             ExitCode::FAILURE
         }
     }

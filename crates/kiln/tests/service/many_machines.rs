@@ -503,6 +503,16 @@ async fn a_start_on_stores_it_cannot_use_fails_naming_the_setting() {
         stderr.contains("KILN_SIGNING_KEY"),
         "how to set it: {stderr}"
     );
+    let tables = psql(
+        db.url(),
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .await;
+    assert_eq!(
+        tables,
+        vec![vec!["0".to_string()]],
+        "a start refused for its configuration creates no schema on the way out"
+    );
 }
 
 /// How the chaos run's submitters did.
