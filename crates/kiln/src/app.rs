@@ -37,7 +37,6 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
             create_parent(path)?;
             let sqlite = SqliteStore::open(path)
                 .await
-                .map_err(|e| anyhow::Error::new(e))
                 .with_context(|| format!("store.url: opening {store}"))?;
             let sqlite = Arc::new(sqlite);
             (sqlite.clone(), sqlite)
@@ -45,7 +44,6 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         StoreLocation::Postgres(url) => {
             let pg = PgStore::connect(url.as_str())
                 .await
-                .map_err(|e| anyhow::Error::new(e))
                 .with_context(|| format!("store.url: connecting to {store}"))?;
             let pg = Arc::new(pg);
             (pg.clone(), pg)
@@ -61,7 +59,6 @@ pub async fn open_stores(settings: &Settings) -> anyhow::Result<Stores> {
         );
     }
     let blobs = kiln_blob::open(&blob_location)
-        .map_err(|e| anyhow::Error::new(e))
         .with_context(|| format!("blobs.url: opening {blob_location}"))?;
     Ok(Stores { jobs, keys, blobs })
 }
