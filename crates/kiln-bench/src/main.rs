@@ -8,6 +8,7 @@
 //! workload's alone: the peak is reset once the weights are loaded and read after the last run.
 
 mod http;
+mod queue;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -62,6 +63,10 @@ enum Mode {
     /// The HTTP service's throughput: `/healthz` and status polls, and durable submits while a
     /// worker runs, against the built `kiln` binary (see src/http.rs).
     Http(http::HttpArgs),
+    /// The queue's speed on SQLite and PostgreSQL: jobs per second through the worker pool
+    /// with a no-op engine and through the store alone, submits per second, and the time from
+    /// submit to an idle worker's claim, woken by events or by polling (see src/queue.rs).
+    Queue(queue::QueueArgs),
     /// Run one workload in this process and print its measurement as JSON (used by the
     /// benchmark itself).
     Child {
@@ -150,6 +155,9 @@ fn main() -> anyhow::Result<()> {
         // The service runs in its own process; this one only sends requests.
         return http::run(args);
     }
+    if let Some(Mode::Queue(args)) = &cli.command {
+        return queue::run(args);
+    }
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
     let matrix_products = kiln_engine::load_cpu_kernels();
@@ -163,7 +171,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
-        Some(Mode::Http(_)) => unreachable!("handled above"),
+        Some(Mode::Http(_) | Mode::Queue(_)) => unreachable!("handled above"),
         None => benchmark(&cli.run, &matrix_products),
     }
 }
