@@ -9,7 +9,7 @@
 //! under CI, where it fails. The database is inspected with `psql` where the test needs what
 //! the API does not show (which worker holds a job, how many times it was claimed).
 
-use crate::harness::{input, kiln_run_within, write_config, Client, Env, KilnProcess, PRO};
+use crate::harness::{input, kiln_run_within, walk, write_config, Client, Env, KilnProcess, PRO};
 use kiln_testkit::postgres::{fresh_database, TestDatabase};
 use kiln_testkit::s3::S3Server;
 use serde_json::Value;
@@ -194,20 +194,6 @@ fn rebased(url: &str, base: &str) -> String {
 fn decoded_size(bytes: &[u8]) -> (u32, u32) {
     let img = image::load_from_memory(bytes).expect("a decodable image");
     (img.width(), img.height())
-}
-
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = vec![];
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 /// A node on shared stores keeps neither images nor a store of its own on its disk.

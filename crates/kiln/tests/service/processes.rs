@@ -2,8 +2,8 @@
 //! and a worker process killed mid-job. The engine is the real FLUX.1 engine on a tiny checkpoint.
 
 use crate::harness::{
-    bfl_checkpoint, input, kiln_run, kiln_run_with_env, write_config, write_config_for, Client,
-    KilnProcess, EDIT, FLEX, PRO,
+    bfl_checkpoint, input, kiln_run, kiln_run_with_env, walk, write_config, write_config_for,
+    Client, KilnProcess, EDIT, FLEX, PRO,
 };
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -236,19 +236,6 @@ async fn a_worker_process_killed_mid_job_leaves_the_job_to_another_which_complet
     assert_eq!(result["status"], "succeeded", "{result}");
     let files: Vec<_> = walk(&data.join("files"));
     assert_eq!(files.len(), 1, "exactly one image was stored: {files:?}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = vec![];
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[tokio::test(flavor = "multi_thread")]
