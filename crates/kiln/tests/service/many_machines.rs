@@ -548,9 +548,6 @@ async fn submit_anywhere(
 /// frozen worker's late writes are refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_killed_and_frozen_nodes_lose_no_request_and_complete_none_twice() {
-    const CLIENTS: usize = 4;
-    const PER_CLIENT: usize = 12;
-    const TOTAL: usize = CLIENTS * PER_CLIENT;
     let Some(cluster) = Cluster::start(4, Some("results")).await else {
         return;
     };
@@ -571,101 +568,17 @@ async fn chaos_killed_and_frozen_nodes_lose_no_request_and_complete_none_twice()
         Client::new(&api_a.base, &token),
         Client::new(&api_b.base, &token),
     ];
-
-    // Four clients, twelve requests each, alternating nodes, at a pace that keeps submits
-    // coming while the nodes are killed; each also polls the status of what it submitted.
-    let accepted_so_far = Arc::new(AtomicUsize::new(0));
-    let mut submitters = vec![];
-    for c in 0..CLIENTS {
-        let (clients, accepted_so_far) = (clients.clone(), accepted_so_far.clone());
-        submitters.push(tokio::spawn(async move {
-            let mut done = Submissions::default();
-            for i in 0..PER_CLIENT {
-                let node = (c + i) % 2;
-                let body = input(&format!("chaos {c}-{i}: a small coloured shape"));
-                let key = format!("chaos-{c}-{i}");
-                let (id, failed_over) = submit_anywhere(&clients, node, &body, &key).await;
-                accepted_so_far.fetch_add(1, SeqCst);
-                done.failed_over += usize::from(failed_over);
-                let status = format!("/v1/requests/{id}/status");
-                let _ = clients[node]
-                    .try_call(reqwest::Method::GET, &status, None)
-                    .await;
-                done.accepted.push(id);
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            done
-        }));
-    }
-
-    // API node A is killed under load: a third of the submits in, the rest still to come.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted_so_far.load(SeqCst) < TOTAL / 3 {
-        assert!(Instant::now() < deadline, "the submits stalled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    api_a.sigkill();
-    let accepted_at_kill = accepted_so_far.load(SeqCst);
-    eprintln!("chaos: API node A killed after {accepted_at_kill} accepted");
-    assert!(
-        accepted_at_kill < TOTAL,
-        "the API node died under load ({accepted_at_kill} of {TOTAL} accepted)"
-    );
+    let (accepted_so_far, submitters) = spawn_submitters(&clients);
+    kill_under_load(&mut api_a, &accepted_so_far).await;
 
     // Worker 1 is killed just after it claims a job.
     let killed_job = fresh_job_of(&cluster, w1.pid(), Duration::from_secs(60)).await;
     w1.sigkill();
     eprintln!("chaos: worker 1 killed running {killed_job}");
     assert_held_by(&cluster, &killed_job, w1.pid(), "killed").await;
+    let frozen_job = freeze_past_its_lease(&cluster, &w3).await;
 
-    // Worker 3 is frozen just after it claims a job, past its lease and until another worker
-    // holds that job, then continued: its heartbeat and completion must be refused.
-    let frozen_job = fresh_job_of(&cluster, w3.pid(), Duration::from_secs(60)).await;
-    w3.signal(libc::SIGSTOP);
-    let frozen_at = Instant::now();
-    eprintln!("chaos: worker 3 stopped running {frozen_job}");
-    assert_held_by(&cluster, &frozen_job, w3.pid(), "frozen").await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let holder = cluster
-            .sql(&format!(
-                "SELECT state, worker FROM jobs WHERE id = '{frozen_job}'"
-            ))
-            .await;
-        let retaken = holder
-            .first()
-            .is_some_and(|row| !row[1].ends_with(&format!("-{}-0", w3.pid())));
-        if retaken && frozen_at.elapsed() >= Duration::from_secs(LEASE_SECS) * 5 / 2 {
-            eprintln!("chaos: {frozen_job} is now {holder:?}; continuing worker 3");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no worker took over the frozen worker's job: {holder:?}"
-        );
-    }
-    w3.signal(libc::SIGCONT);
-
-    let mut submissions = Submissions::default();
-    for s in submitters {
-        let done = s.await.unwrap();
-        submissions.accepted.extend(done.accepted);
-        submissions.failed_over += done.failed_over;
-    }
-    let accepted = submissions.accepted;
-    assert_eq!(
-        accepted.len(),
-        TOTAL,
-        "every submit was accepted by some node"
-    );
-    let distinct: BTreeSet<&String> = accepted.iter().collect();
-    assert_eq!(distinct.len(), TOTAL, "one request per submit");
-    assert!(
-        submissions.failed_over >= 1,
-        "some submits found node A dead and went to B"
-    );
-
+    let accepted = all_accepted(submitters).await;
     // Every accepted request ends, through the surviving node.
     let survivor = &clients[1];
     let mut images: HashMap<String, String> = HashMap::new();
@@ -676,70 +589,9 @@ async fn chaos_killed_and_frozen_nodes_lose_no_request_and_complete_none_twice()
         assert!(url.starts_with(&api_b.base), "{url}");
         images.insert(id.clone(), url);
     }
-
-    // The frozen worker, continued, found the job was no longer its own and wrote nothing.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let frozen_end = loop {
-        let ended = jobs_ended(&w3);
-        if let Some((_, outcome)) = ended.iter().find(|(id, _)| *id == frozen_job) {
-            break outcome.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the continued worker never ended {frozen_job}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        ["lease_lost", "complete_failed"].contains(&frozen_end.as_str()),
-        "the frozen worker's run of {frozen_job} ended {frozen_end}"
-    );
-    let refused = lines_of_job(&w3, &frozen_job);
-    assert!(
-        refused.iter().any(|l| {
-            l["message"] == "lease lost (another worker took the job); stopping the engine"
-                || l["message"] == "could not complete the job; discarding its image"
-        }),
-        "the frozen worker logged its refused write: {refused:?}"
-    );
-
-    // Exactly once: across all workers' logs, one terminal end (succeeded) per request, none
-    // for anything else; the killed worker's job was not ended by it.
-    let mut terminal: HashMap<String, Vec<String>> = HashMap::new();
-    for worker in [&w1, &w2, &w3] {
-        for (id, outcome) in jobs_ended(worker) {
-            if outcome == "succeeded" || outcome == "failed" {
-                terminal.entry(id).or_default().push(outcome);
-            }
-        }
-    }
-    for id in &accepted {
-        assert_eq!(
-            terminal.get(id),
-            Some(&vec!["succeeded".to_string()]),
-            "{id} ended once"
-        );
-    }
-    assert_eq!(
-        terminal.len(),
-        TOTAL,
-        "no job ended that no client asked for"
-    );
-    assert!(
-        !jobs_ended(&w1).iter().any(|(id, _)| *id == killed_job),
-        "the killed worker never ended {killed_job}"
-    );
-    // The store agrees: one row per request, all succeeded; the killed and the frozen worker's
-    // jobs were claimed again.
-    let rows = cluster.sql("SELECT id, state, attempts FROM jobs").await;
-    assert_eq!(rows.len(), TOTAL, "one job per request in the store");
-    for row in &rows {
-        assert_eq!(row[1], "succeeded", "{row:?}");
-        if row[0] == killed_job || row[0] == frozen_job {
-            let attempts: u32 = row[2].parse().unwrap();
-            assert!(attempts >= 2, "{} was claimed again: {row:?}", row[0]);
-        }
-    }
+    assert_late_writes_refused(&w3, &frozen_job).await;
+    assert_each_ended_once(&accepted, [&w1, &w2, &w3], &killed_job);
+    assert_store_agrees(&cluster, &[&killed_job, &frozen_job]).await;
 
     // Node A back (same port, same data directory): every image downloads from either node.
     drop(api_a);
@@ -768,4 +620,186 @@ async fn chaos_killed_and_frozen_nodes_lose_no_request_and_complete_none_twice()
             "admin", "api-a", "api-b", "worker-1", "worker-2", "worker-3",
         ],
     );
+}
+
+const CLIENTS: usize = 4;
+const PER_CLIENT: usize = 12;
+const TOTAL: usize = CLIENTS * PER_CLIENT;
+
+/// Four clients, twelve requests each, alternating nodes, at a pace that keeps submits coming
+/// while the nodes are killed; each also polls the status of what it submitted. Returns the
+/// running count of accepted submits and the clients' tasks.
+fn spawn_submitters(
+    clients: &[Client; 2],
+) -> (Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<Submissions>>) {
+    let accepted_so_far = Arc::new(AtomicUsize::new(0));
+    let mut submitters = vec![];
+    for c in 0..CLIENTS {
+        let (clients, accepted_so_far) = (clients.clone(), accepted_so_far.clone());
+        submitters.push(tokio::spawn(async move {
+            let mut done = Submissions::default();
+            for i in 0..PER_CLIENT {
+                let node = (c + i) % 2;
+                let body = input(&format!("chaos {c}-{i}: a small coloured shape"));
+                let key = format!("chaos-{c}-{i}");
+                let (id, failed_over) = submit_anywhere(&clients, node, &body, &key).await;
+                accepted_so_far.fetch_add(1, SeqCst);
+                done.failed_over += usize::from(failed_over);
+                let status = format!("/v1/requests/{id}/status");
+                let _ = clients[node]
+                    .try_call(reqwest::Method::GET, &status, None)
+                    .await;
+                done.accepted.push(id);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            done
+        }));
+    }
+    (accepted_so_far, submitters)
+}
+
+/// Kills API node `api` under load: a third of the submits in, the rest still to come.
+async fn kill_under_load(api: &mut KilnProcess, accepted_so_far: &AtomicUsize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted_so_far.load(SeqCst) < TOTAL / 3 {
+        assert!(Instant::now() < deadline, "the submits stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    api.sigkill();
+    let accepted_at_kill = accepted_so_far.load(SeqCst);
+    eprintln!("chaos: API node A killed after {accepted_at_kill} accepted");
+    assert!(
+        accepted_at_kill < TOTAL,
+        "the API node died under load ({accepted_at_kill} of {TOTAL} accepted)"
+    );
+}
+
+/// Freezes `worker` just after it claims a job, past its lease and until another worker holds
+/// that job, then continues it (its heartbeat and completion must then be refused). Returns the
+/// job.
+async fn freeze_past_its_lease(cluster: &Cluster, worker: &KilnProcess) -> String {
+    let frozen_job = fresh_job_of(cluster, worker.pid(), Duration::from_secs(60)).await;
+    worker.signal(libc::SIGSTOP);
+    let frozen_at = Instant::now();
+    eprintln!("chaos: worker 3 stopped running {frozen_job}");
+    assert_held_by(cluster, &frozen_job, worker.pid(), "frozen").await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let holder = cluster
+            .sql(&format!(
+                "SELECT state, worker FROM jobs WHERE id = '{frozen_job}'"
+            ))
+            .await;
+        let retaken = holder
+            .first()
+            .is_some_and(|row| !row[1].ends_with(&format!("-{}-0", worker.pid())));
+        if retaken && frozen_at.elapsed() >= Duration::from_secs(LEASE_SECS) * 5 / 2 {
+            eprintln!("chaos: {frozen_job} is now {holder:?}; continuing worker 3");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker took over the frozen worker's job: {holder:?}"
+        );
+    }
+    worker.signal(libc::SIGCONT);
+    frozen_job
+}
+
+/// Every client's accepted request ids: all submits accepted, each once, some after failing
+/// over to the surviving node.
+async fn all_accepted(submitters: Vec<tokio::task::JoinHandle<Submissions>>) -> Vec<String> {
+    let mut submissions = Submissions::default();
+    for s in submitters {
+        let done = s.await.unwrap();
+        submissions.accepted.extend(done.accepted);
+        submissions.failed_over += done.failed_over;
+    }
+    let accepted = submissions.accepted;
+    assert_eq!(
+        accepted.len(),
+        TOTAL,
+        "every submit was accepted by some node"
+    );
+    let distinct: BTreeSet<&String> = accepted.iter().collect();
+    assert_eq!(distinct.len(), TOTAL, "one request per submit");
+    assert!(
+        submissions.failed_over >= 1,
+        "some submits found node A dead and went to B"
+    );
+    accepted
+}
+
+/// The frozen worker, continued, found the job was no longer its own and wrote nothing.
+async fn assert_late_writes_refused(worker: &KilnProcess, frozen_job: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let frozen_end = loop {
+        let ended = jobs_ended(worker);
+        if let Some((_, outcome)) = ended.iter().find(|(id, _)| *id == frozen_job) {
+            break outcome.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the continued worker never ended {frozen_job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        ["lease_lost", "complete_failed"].contains(&frozen_end.as_str()),
+        "the frozen worker's run of {frozen_job} ended {frozen_end}"
+    );
+    let refused = lines_of_job(worker, frozen_job);
+    assert!(
+        refused.iter().any(|l| {
+            l["message"] == "lease lost (another worker took the job); stopping the engine"
+                || l["message"] == "could not complete the job; discarding its image"
+        }),
+        "the frozen worker logged its refused write: {refused:?}"
+    );
+}
+
+/// Exactly once: across all workers' logs, one terminal end (succeeded) per request, none for
+/// anything else; the killed worker's job was not ended by it.
+fn assert_each_ended_once(accepted: &[String], workers: [&KilnProcess; 3], killed_job: &str) {
+    let mut terminal: HashMap<String, Vec<String>> = HashMap::new();
+    for worker in workers {
+        for (id, outcome) in jobs_ended(worker) {
+            if outcome == "succeeded" || outcome == "failed" {
+                terminal.entry(id).or_default().push(outcome);
+            }
+        }
+    }
+    for id in accepted {
+        assert_eq!(
+            terminal.get(id),
+            Some(&vec!["succeeded".to_string()]),
+            "{id} ended once"
+        );
+    }
+    assert_eq!(
+        terminal.len(),
+        TOTAL,
+        "no job ended that no client asked for"
+    );
+    assert!(
+        !jobs_ended(workers[0])
+            .iter()
+            .any(|(id, _)| id == killed_job),
+        "the killed worker never ended {killed_job}"
+    );
+}
+
+/// The store agrees: one row per request, all succeeded; the jobs of the killed and the frozen
+/// worker (`retaken`) were claimed again.
+async fn assert_store_agrees(cluster: &Cluster, retaken: &[&str]) {
+    let rows = cluster.sql("SELECT id, state, attempts FROM jobs").await;
+    assert_eq!(rows.len(), TOTAL, "one job per request in the store");
+    for row in &rows {
+        assert_eq!(row[1], "succeeded", "{row:?}");
+        if retaken.contains(&row[0].as_str()) {
+            let attempts: u32 = row[2].parse().unwrap();
+            assert!(attempts >= 2, "{} was claimed again: {row:?}", row[0]);
+        }
+    }
 }
