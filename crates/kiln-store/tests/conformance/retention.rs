@@ -3,7 +3,7 @@
 
 use crate::harness::*;
 use kiln_core::catalog::Route;
-use kiln_core::ids::{BlobKey, KeyId};
+use kiln_core::ids::{BlobKey, KeyId, RequestId};
 use kiln_core::job::{JobStatus, NewJob};
 use kiln_core::params::ImageSource;
 use kiln_core::store::JobStore;
@@ -13,12 +13,29 @@ use time::OffsetDateTime;
 const RETENTION: Duration = Duration::from_millis(400);
 const PAST_RETENTION: Duration = Duration::from_millis(900);
 
-async fn enqueue<S: JobStore + ?Sized>(store: &S, job: NewJob) -> kiln_core::ids::RequestId {
+async fn enqueue<S: JobStore + ?Sized>(store: &S, job: NewJob) -> RequestId {
     store.enqueue(job, None, ROOMY).await.unwrap().view.job.id
 }
 
-pub async fn purge_removes_expired_records_and_reports_their_files<B: Backend>(b: B) {
-    let store = b.store();
+/// One job of each kind, by owner `owner`: ended (succeeded, failed, cancelled, and a failed edit
+/// with a stored reference image) with a short retention, succeeded with an hour's, still
+/// running, still queued.
+struct Jobs {
+    owner: KeyId,
+    succeeds: RequestId,
+    fails: RequestId,
+    cancelled: RequestId,
+    kept: RequestId,
+    running: RequestId,
+    queued: RequestId,
+    edit: RequestId,
+    /// The short-lived succeeded job's image, the kept one's, and the edit's reference.
+    short_key: BlobKey,
+    kept_key: BlobKey,
+    reference: BlobKey,
+}
+
+async fn one_job_of_each_kind<S: JobStore + ?Sized>(store: &S) -> Jobs {
     let owner = KeyId::new();
     // An edit whose reference image is stored with the job: the file lives with the record.
     let reference = BlobKey::random("png");
@@ -26,33 +43,33 @@ pub async fn purge_removes_expired_records_and_reports_their_files<B: Backend>(b
     edit.route = Route::Flux2FlexEdit;
     edit.params.reference_images = vec![ImageSource::stored("image/png", &reference)];
     let ids = [
-        enqueue(&*store, short_lived(owner, "succeeds", RETENTION)).await,
-        enqueue(&*store, short_lived(owner, "fails", RETENTION)).await,
-        enqueue(&*store, short_lived(owner, "cancelled", RETENTION)).await,
-        enqueue(&*store, new_job(owner, "kept an hour")).await,
-        enqueue(&*store, short_lived(owner, "still running", RETENTION)).await,
-        enqueue(&*store, short_lived(owner, "still queued", RETENTION)).await,
-        enqueue(&*store, edit).await,
+        enqueue(store, short_lived(owner, "succeeds", RETENTION)).await,
+        enqueue(store, short_lived(owner, "fails", RETENTION)).await,
+        enqueue(store, short_lived(owner, "cancelled", RETENTION)).await,
+        enqueue(store, new_job(owner, "kept an hour")).await,
+        enqueue(store, short_lived(owner, "still running", RETENTION)).await,
+        enqueue(store, short_lived(owner, "still queued", RETENTION)).await,
+        enqueue(store, edit).await,
     ];
     let [succeeds, fails, cancelled, kept, running, queued, edit] = ids;
     assert!(store.blob_is_live(&reference).await.unwrap());
     store.cancel(owner, cancelled).await.unwrap();
     let (short_key, kept_key) = (BlobKey::random("png"), BlobKey::random("png"));
-    let lease = claim(&*store, "w", LONG_LEASE).await;
+    let lease = claim(store, "w", LONG_LEASE).await;
     assert_eq!(lease.job.id, succeeds);
     store
         .complete(&lease, output(vec![short_key.clone()]))
         .await
         .unwrap();
-    let lease = claim(&*store, "w", LONG_LEASE).await;
+    let lease = claim(store, "w", LONG_LEASE).await;
     store.fail(&lease, engine_failed("no")).await.unwrap();
-    let lease = claim(&*store, "w", LONG_LEASE).await;
+    let lease = claim(store, "w", LONG_LEASE).await;
     assert_eq!(lease.job.id, kept);
     store
         .complete(&lease, output(vec![kept_key.clone()]))
         .await
         .unwrap();
-    let lease = claim(&*store, "w", LONG_LEASE).await;
+    let lease = claim(store, "w", LONG_LEASE).await;
     assert_eq!(lease.job.id, running);
     let edit_lease = store
         .claim(&worker("w"), &[Route::Flux2FlexEdit], LONG_LEASE)
@@ -60,6 +77,36 @@ pub async fn purge_removes_expired_records_and_reports_their_files<B: Backend>(b
         .unwrap()
         .unwrap();
     store.fail(&edit_lease, engine_failed("no")).await.unwrap();
+    Jobs {
+        owner,
+        succeeds,
+        fails,
+        cancelled,
+        kept,
+        running,
+        queued,
+        edit,
+        short_key,
+        kept_key,
+        reference,
+    }
+}
+
+pub async fn purge_removes_expired_records_and_reports_their_files<B: Backend>(b: B) {
+    let store = b.store();
+    let Jobs {
+        owner,
+        succeeds,
+        fails,
+        cancelled,
+        kept,
+        running,
+        queued,
+        edit,
+        short_key,
+        kept_key,
+        reference,
+    } = one_job_of_each_kind(&*store).await;
 
     // Every terminal transition moves the expiry to the end + the retention submitted with.
     for id in [succeeds, fails, cancelled] {
