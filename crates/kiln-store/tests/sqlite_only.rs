@@ -1,40 +1,13 @@
 //! What only the SQLite store has: a file that outlives its handles, and group commit's batches.
 //! Everything both backends do is in the conformance suite (`tests/conformance`).
 
-use kiln_core::catalog::Route;
-use kiln_core::ids::{KeyId, RequestId};
+use kiln_core::ids::KeyId;
 use kiln_core::job::{JobStatus, NewJob};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_core::store::{Enqueued, Idempotency, JobStore, QueueLimits, StoreError};
 use kiln_store::SqliteStore;
+use kiln_testkit::jobs::new_job;
 use std::collections::HashSet;
 use std::time::Duration;
-use time::OffsetDateTime;
-
-fn new_job(owner: KeyId, prompt: &str) -> NewJob {
-    let now = OffsetDateTime::now_utc();
-    NewJob {
-        id: RequestId::new(),
-        owner,
-        route: Route::Flux11ProTextToImage,
-        params: GenerationParams {
-            prompt: Prompt::parse(prompt, 100).unwrap(),
-            size: OutputSize::Pixels(ImageSize {
-                width: 1024,
-                height: 768,
-            }),
-            seed: 7,
-            num_inference_steps: None,
-            guidance_scale: None,
-            output_format: OutputFormat::Jpeg,
-            raw: false,
-            enable_prompt_expansion: false,
-            reference_images: Vec::new(),
-        },
-        created_at: now,
-        expires_at: now + Duration::from_secs(3600),
-    }
-}
 
 fn idem(key: &str, fingerprint: &str) -> Option<Idempotency> {
     Some(Idempotency {

@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`ScriptedEngine`]: an [`Engine`] whose behaviour the prompt selects, for driving workers
 //!   through every path (success, failure, panic, slow runs) without model weights.
+//! - [`jobs`]: jobs and outputs for store tests.
 //! - [`postgres`]: a fresh database per test on the PostgreSQL the machine runs.
 //! - [`s3`]: an S3-compatible server on a temporary directory, in-process.
 
+pub mod jobs;
 pub mod postgres;
 pub mod s3;
 

@@ -2,11 +2,8 @@
 //! database, and small builders for jobs, outputs and assertions.
 
 use kiln_core::catalog::Route;
-use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use kiln_core::job::{
-    JobError, JobErrorCode, JobOutput, JobState, JobView, NewJob, OutputMetadata, Timings,
-};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::ids::{KeyId, RequestId, WorkerId};
+use kiln_core::job::{JobError, JobErrorCode, JobState, JobView, NewJob};
 use kiln_core::store::{ClaimPolicy, JobStore, KeyStore, Lease, QueueLimits, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,7 +102,7 @@ impl Backend for Postgres {
     }
 }
 
-pub const ROUTE: Route = Route::Flux11ProTextToImage;
+pub use kiln_testkit::jobs::{new_job, new_job_on, output, ROUTE};
 pub const OTHER_ROUTE: Route = Route::Flux2FlexTextToImage;
 
 /// Long enough never to run out during a test.
@@ -127,68 +124,11 @@ pub const ROOMY: QueueLimits = QueueLimits {
     per_owner: 100_000,
 };
 
-pub fn params(prompt: &str) -> GenerationParams {
-    GenerationParams {
-        prompt: Prompt::parse(prompt, 100).unwrap(),
-        size: OutputSize::Pixels(ImageSize {
-            width: 1024,
-            height: 768,
-        }),
-        seed: 7,
-        num_inference_steps: None,
-        guidance_scale: None,
-        output_format: OutputFormat::Jpeg,
-        raw: false,
-        enable_prompt_expansion: false,
-        reference_images: Vec::new(),
-    }
-}
-
-/// A job of `owner` on [`ROUTE`], kept an hour after it ends.
-pub fn new_job(owner: KeyId, prompt: &str) -> NewJob {
-    new_job_on(ROUTE, owner, prompt)
-}
-
-pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
-    let now = OffsetDateTime::now_utc();
-    NewJob {
-        id: RequestId::new(),
-        owner,
-        route,
-        params: params(prompt),
-        created_at: now,
-        expires_at: now + Duration::from_secs(3600),
-    }
-}
-
 /// A job kept only `retention` after it ends.
 pub fn short_lived(owner: KeyId, prompt: &str, retention: Duration) -> NewJob {
     let mut job = new_job(owner, prompt);
     job.expires_at = job.created_at + retention;
     job
-}
-
-pub fn output(images: Vec<BlobKey>) -> JobOutput {
-    JobOutput {
-        images,
-        metadata: OutputMetadata {
-            model: ROUTE,
-            seed: 7,
-            width: 1024,
-            height: 768,
-            num_inference_steps: 4,
-            guidance: None,
-            output_format: OutputFormat::Jpeg,
-            prompt: "p".into(),
-            timings_ms: Timings {
-                queued: 1,
-                inference: 2,
-                encode_and_store: 3,
-            },
-            engine: "test".into(),
-            notes: vec![],
-        },
-    }
 }
 
 pub fn engine_failed(message: &str) -> JobError {

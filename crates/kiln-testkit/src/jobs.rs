@@ -1,0 +1,71 @@
+//! Jobs and outputs for store tests: the same few builders every store test needs.
+
+use kiln_core::catalog::Route;
+use kiln_core::ids::{BlobKey, KeyId, RequestId};
+use kiln_core::job::{JobOutput, NewJob, OutputMetadata, Timings};
+use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::OffsetDateTime;
+use std::time::Duration;
+
+/// The route [`new_job`] submits to.
+pub const ROUTE: Route = Route::Flux11ProTextToImage;
+
+/// Valid parameters for `prompt`: 1024x768 JPEG, seed 7.
+pub fn params(prompt: &str) -> GenerationParams {
+    GenerationParams {
+        prompt: Prompt::parse(prompt, 100).unwrap(),
+        size: OutputSize::Pixels(ImageSize {
+            width: 1024,
+            height: 768,
+        }),
+        seed: 7,
+        num_inference_steps: None,
+        guidance_scale: None,
+        output_format: OutputFormat::Jpeg,
+        raw: false,
+        enable_prompt_expansion: false,
+        reference_images: Vec::new(),
+    }
+}
+
+/// A job of `owner` on [`ROUTE`], kept an hour after it ends.
+pub fn new_job(owner: KeyId, prompt: &str) -> NewJob {
+    new_job_on(ROUTE, owner, prompt)
+}
+
+/// A job of `owner` on `route`, kept an hour after it ends.
+pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
+    let now = OffsetDateTime::now_utc();
+    NewJob {
+        id: RequestId::new(),
+        owner,
+        route,
+        params: params(prompt),
+        created_at: now,
+        expires_at: now + Duration::from_secs(3600),
+    }
+}
+
+/// A succeeded job's output with `images`.
+pub fn output(images: Vec<BlobKey>) -> JobOutput {
+    JobOutput {
+        images,
+        metadata: OutputMetadata {
+            model: ROUTE,
+            seed: 7,
+            width: 1024,
+            height: 768,
+            num_inference_steps: 4,
+            guidance: None,
+            output_format: OutputFormat::Jpeg,
+            prompt: "p".into(),
+            timings_ms: Timings {
+                queued: 1,
+                inference: 2,
+                encode_and_store: 3,
+            },
+            engine: "test".into(),
+            notes: vec![],
+        },
+    }
+}
