@@ -110,17 +110,7 @@ pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
     let loads = runtime.block_on(measure(args, &server))?;
     drop(server);
     let report = report(&kiln, args, &loads);
-    print!("{report}");
-    if let Some(path) = &args.markdown {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.write_all(report.as_bytes())?;
-    }
-    Ok(())
+    crate::print_report(&report, args.markdown.as_deref())
 }
 
 /// The three phases, in order, on one server.
@@ -398,7 +388,7 @@ fn report(kiln: &Path, args: &HttpArgs, loads: &[Load]) -> String {
         out,
         "\nkiln-bench http: {} ({}), {} s per phase, load generator on {} threads of the same machine\n",
         kiln.display(),
-        cpu_summary(),
+        crate::cpu_summary(),
         args.seconds,
         args.threads
     );
@@ -424,23 +414,4 @@ fn report(kiln: &Path, args: &HttpArgs, loads: &[Load]) -> String {
         );
     }
     out
-}
-
-/// The CPU's model name, its core count and which of avx2/avx512f/amx it has.
-fn cpu_summary() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let has: Vec<&str> = ["avx2", "avx512f", "amx_tile"]
-        .into_iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{}, {cores} cores, {}", field("model name"), has.join(" "))
 }

@@ -489,3 +489,53 @@ fn render(rows: &[Row], matrix_products: &str) -> String {
     }
     s
 }
+
+/// The CPU's model name, its core count and which of avx2/avx512f/amx_tile it has.
+pub(crate) fn cpu_summary() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let list: Vec<String> = ["avx2", "avx512f", "amx_tile"]
+        .into_iter()
+        .map(|f| {
+            if has(f) {
+                f.to_string()
+            } else {
+                format!("no {f}")
+            }
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let guest = if has("hypervisor") {
+        ", virtual machine"
+    } else {
+        ""
+    };
+    format!(
+        "{}, {cores} cores{guest}, {}",
+        field("model name"),
+        list.join(", ")
+    )
+}
+
+/// Prints `report` and appends it to `markdown`, if given (the `--markdown` option).
+pub(crate) fn print_report(report: &str, markdown: Option<&Path>) -> anyhow::Result<()> {
+    print!("{report}");
+    if let Some(path) = markdown {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.write_all(report.as_bytes())?;
+    }
+    Ok(())
+}

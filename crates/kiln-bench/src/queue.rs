@@ -97,17 +97,7 @@ pub fn run(args: &QueueArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(measure(args))?;
-    print!("{report}");
-    if let Some(path) = &args.markdown {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        file.write_all(report.as_bytes())?;
-    }
-    Ok(())
+    crate::print_report(&report, args.markdown.as_deref())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -624,41 +614,6 @@ async fn wake_latency(
     Ok(Sample::sorted(latencies))
 }
 
-/// The CPU's model name, its core count and which of avx2/avx512f/amx_tile it has.
-fn cpu_summary() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-    let list: Vec<String> = ["avx2", "avx512f", "amx_tile"]
-        .into_iter()
-        .map(|f| {
-            if has(f) {
-                f.to_string()
-            } else {
-                format!("no {f}")
-            }
-        })
-        .collect();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let guest = if has("hypervisor") {
-        ", virtual machine"
-    } else {
-        ""
-    };
-    format!(
-        "{}, {cores} cores{guest}, {}",
-        field("model name"),
-        list.join(", ")
-    )
-}
-
 /// The server's version and durability settings.
 async fn postgres_summary() -> anyhow::Result<String> {
     use sqlx::Connection;
@@ -796,7 +751,7 @@ async fn measure(args: &QueueArgs) -> anyhow::Result<String> {
     }
     let machine = format!(
         "{}; {} (fsync of a 4 KiB write there: {:.2} ms median)",
-        cpu_summary(),
+        crate::cpu_summary(),
         dir.display(),
         fsync_ms(&dir)?
     );
