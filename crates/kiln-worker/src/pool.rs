@@ -190,37 +190,14 @@ async fn pause(context: &WorkerContext) {
 mod tests {
     use super::*;
     use crate::references::FetchPolicy;
-    use kiln_core::ids::{KeyId, RequestId};
+    use kiln_core::ids::KeyId;
     use kiln_core::job::NewJob;
-    use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
     use kiln_core::store::QueueLimits;
-    use time::OffsetDateTime;
 
     const ROUTE: Route = Route::Flux2FlexTextToImage;
 
     fn job(route: Route) -> NewJob {
-        let now = OffsetDateTime::now_utc();
-        NewJob {
-            id: RequestId::new(),
-            owner: KeyId::new(),
-            route,
-            params: GenerationParams {
-                prompt: Prompt::parse("p", 100).unwrap(),
-                size: OutputSize::Pixels(ImageSize {
-                    width: 512,
-                    height: 512,
-                }),
-                seed: 1,
-                num_inference_steps: None,
-                guidance_scale: None,
-                output_format: OutputFormat::Png,
-                raw: false,
-                enable_prompt_expansion: false,
-                reference_images: Vec::new(),
-            },
-            created_at: now,
-            expires_at: now + Duration::from_secs(3600),
-        }
+        kiln_testkit::jobs::new_job_on(route, KeyId::new(), "p")
     }
 
     /// An idle slot with a poll interval far longer than the test wakes for a submit of one of
