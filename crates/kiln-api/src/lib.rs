@@ -43,7 +43,7 @@ pub mod server;
 mod state;
 mod wire;
 
-pub use ops::readiness;
+pub use ops::Readiness;
 pub use server::{serve_router, ConnectionLimits};
 pub use state::{ApiSettings, AppState};
 

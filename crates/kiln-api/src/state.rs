@@ -3,6 +3,7 @@
 
 use crate::auth::KeyCache;
 use crate::metrics::Metrics;
+use crate::ops::Readiness;
 use crate::rate_limit::RateLimiter;
 use crate::server::ConnectionLimits;
 use kiln_core::blob::BlobStore;
@@ -110,6 +111,7 @@ pub struct AppState {
     pub(crate) rate_limiter: Arc<RateLimiter>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) key_cache: Arc<KeyCache>,
+    pub(crate) readiness: Arc<Readiness>,
     draining: Arc<AtomicBool>,
 }
 
@@ -123,6 +125,7 @@ impl AppState {
         let rate_limiter =
             RateLimiter::new(settings.rate_limit_per_minute, settings.rate_limit_burst);
         Self {
+            readiness: Arc::new(Readiness::new(jobs.clone(), blobs.clone())),
             jobs,
             keys,
             blobs,

@@ -15,9 +15,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
-use kiln_api::ConnectionLimits;
+use kiln_api::{ConnectionLimits, Readiness};
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -32,12 +33,12 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .with_state(stores);
+        .with_state(Arc::new(Readiness::new(stores.jobs, stores.blobs)));
     serve_router(listener, app, shutdown).await
 }
 
-async fn readyz(State(stores): State<Stores>) -> impl IntoResponse {
-    kiln_api::readiness(stores.jobs.as_ref(), stores.blobs.as_ref()).await
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> impl IntoResponse {
+    readiness.check().await
 }
 
 /// Serves `router`, a metrics router, on `listener` until `shutdown`, with the default limits
