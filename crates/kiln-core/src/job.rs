@@ -11,6 +11,7 @@
 use crate::catalog::Route;
 use crate::ids::{BlobKey, KeyId, RequestId};
 use crate::params::{GenerationParams, OutputFormat};
+use crate::webhook::WebhookUrl;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -61,6 +62,24 @@ impl JobState {
 pub struct Progress {
     pub step: u32,
     pub total: u32,
+}
+
+/// The latest preview of a running job: a small JPEG of its current latents, stored under a
+/// fresh key each time (the old one is deleted), so a preview's URL never changes content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preview {
+    pub key: BlobKey,
+    /// The step it shows (1-based).
+    pub step: u32,
+}
+
+/// What a worker reports with a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// The engine's last step, once it has made one.
+    pub progress: Option<Progress>,
+    /// The latest preview, once one is stored.
+    pub preview: Option<Preview>,
 }
 
 /// Why a job failed, in words a user can act on. `code` is a stable machine-readable name.
@@ -132,6 +151,8 @@ pub struct Job {
     pub created_at: OffsetDateTime,
     /// The record and its files are purged after this instant.
     pub expires_at: OffsetDateTime,
+    /// Where the job's end is announced, if the submit named a webhook.
+    pub webhook: Option<WebhookUrl>,
     pub status: JobStatus,
 }
 
@@ -146,6 +167,11 @@ pub enum JobStatus {
         attempt: u32,
         /// The engine's last reported step, once it has reported one.
         progress: Option<Progress>,
+        /// The latest preview, once the worker has stored one.
+        preview: Option<Preview>,
+        /// A forced cancel was asked for: the worker stops at its next step boundary and the
+        /// job ends `Cancelled`.
+        cancel_requested: bool,
     },
     Succeeded {
         started_at: OffsetDateTime,
@@ -223,6 +249,7 @@ pub struct NewJob {
     pub params: GenerationParams,
     pub created_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
+    pub webhook: Option<WebhookUrl>,
 }
 
 impl NewJob {
@@ -235,6 +262,7 @@ impl NewJob {
             params: self.params,
             created_at: self.created_at,
             expires_at: self.expires_at,
+            webhook: self.webhook,
             status: JobStatus::Queued,
         }
     }
@@ -245,6 +273,18 @@ impl NewJob {
 pub enum CancelOutcome {
     /// It was queued and is now cancelled (or had already been cancelled).
     Cancelled,
-    /// It is running or finished; nothing changed.
+    /// It is running and a forced cancel was asked for (now or before): it ends `Cancelled` at
+    /// the engine's next step boundary.
+    CancellationRequested,
+    /// It is running (and the cancel was not forced) or finished; nothing changed.
     NotCancellable,
+}
+
+/// How far a cancel may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelMode {
+    /// Only a queued job is cancelled (the hosted API's behaviour).
+    QueuedOnly,
+    /// A running job is asked to stop too (`?force=true`).
+    Force,
 }

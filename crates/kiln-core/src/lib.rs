@@ -10,6 +10,7 @@
 //! - [`store`]: the [`store::JobStore`] and [`store::KeyStore`] traits (SQLite, PostgreSQL).
 //! - [`report`]: [`report::Chain`], an error with its causes, for log lines.
 //! - [`blob`]: the [`blob::BlobStore`] trait (local directory, S3-compatible).
+//! - [`webhook`]: webhook URLs, deliveries (the outbox) and the per-key signing secret.
 //!
 //! Nothing here knows HTTP, SQL or tensors: the wire types live in `kiln-api`, the SQL in
 //! `kiln-store`, the tensors in `kiln-engine`.
@@ -23,5 +24,6 @@ pub mod job;
 pub mod params;
 pub mod report;
 pub mod store;
+pub mod webhook;
 
 pub use time::OffsetDateTime;

@@ -14,7 +14,11 @@
 
 use crate::catalog::Route;
 use crate::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use crate::job::{CancelOutcome, Job, JobError, JobOutput, JobState, JobView, NewJob, Progress};
+use crate::job::{
+    CancelMode, CancelOutcome, Job, JobError, JobOutput, JobState, JobView, NewJob, Progress,
+    StepReport,
+};
+use crate::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use async_trait::async_trait;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -137,6 +141,15 @@ pub struct Lease {
     pub expires_at: OffsetDateTime,
 }
 
+/// What a heartbeat learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    /// The lease's new end.
+    pub expires_at: OffsetDateTime,
+    /// A forced cancel was asked for: stop and end the job with [`JobStore::end_cancelled`].
+    pub cancel_requested: bool,
+}
+
 /// Counts per state, for metrics and readiness.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateCounts {
@@ -223,11 +236,14 @@ pub trait JobStore: Send + Sync {
     /// The job if it exists, belongs to `owner` and has not expired.
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError>;
 
-    /// Cancels a queued job of `owner`; `None` when there is no such (visible) job.
+    /// Cancels a queued job of `owner`; with [`CancelMode::Force`], also marks a running one
+    /// to be stopped (its worker learns it at its next heartbeat). `None` when there is no such
+    /// (visible) job.
     async fn cancel(
         &self,
         owner: KeyId,
         id: RequestId,
+        mode: CancelMode,
     ) -> Result<Option<CancelOutcome>, StoreError>;
 
     /// Takes the oldest queued job of one of `routes` (or one whose lease ran out).
@@ -238,13 +254,14 @@ pub trait JobStore: Send + Sync {
         policy: ClaimPolicy,
     ) -> Result<Option<Lease>, StoreError>;
 
-    /// Extends the lease and records progress. `LeaseLost` tells the worker to stop.
+    /// Extends the lease and records progress and the latest preview. `LeaseLost` tells the
+    /// worker to stop; so does `cancel_requested` in the answer.
     async fn heartbeat(
         &self,
         lease: &Lease,
-        progress: Option<Progress>,
+        report: &StepReport,
         extend_by: Duration,
-    ) -> Result<OffsetDateTime, StoreError>;
+    ) -> Result<HeartbeatAck, StoreError>;
 
     /// Ends the job `succeeded` with its output.
     async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError>;
@@ -252,23 +269,54 @@ pub trait JobStore: Send + Sync {
     /// Ends the job `failed`.
     async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError>;
 
+    /// Ends a running job whose forced cancel its worker honoured: `cancelled`.
+    async fn end_cancelled(&self, lease: &Lease) -> Result<(), StoreError>;
+
     /// Puts a running job back at the head of the queue (graceful shutdown), keeping its attempt count.
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
 
-    /// Fails jobs whose lease ran out after their last allowed attempt; returns how many.
+    /// Fails jobs whose lease ran out after their last allowed attempt, and cancels those whose
+    /// lease ran out with a forced cancel pending; returns how many ended.
     async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError>;
 
-    /// Deletes records that expired before `now` and returns the blobs they referenced.
+    /// Deletes records that expired before `now` (with their webhook deliveries) and returns
+    /// the blobs they referenced (images, stored inputs, the last preview).
     async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError>;
 
-    /// Whether `key` is referenced by a live (unexpired) job: capability URLs stop working
-    /// when the record goes.
+    /// Whether `key` is referenced by a live (unexpired) job, as an output, a stored input or
+    /// its current preview: capability URLs stop working when the record goes (a preview's, as
+    /// soon as the next one replaces it).
     async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError>;
 
     async fn state_counts(&self) -> Result<StateCounts, StoreError>;
 
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Takes up to `limit` webhook deliveries that are due (their next attempt's time has come,
+    /// or a claim on them ran out), each for `claim_for`: meanwhile no other dispatcher takes it.
+    async fn claim_webhooks(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<WebhookDelivery>, StoreError>;
+
+    /// Records an attempt at a claimed delivery and what follows it. `LeaseLost` (naming the
+    /// request) when the claim was taken over meanwhile; nothing is recorded then.
+    async fn record_webhook_attempt(
+        &self,
+        delivery: &WebhookDelivery,
+        attempt: WebhookAttempt,
+        next: AfterAttempt,
+    ) -> Result<(), StoreError>;
+
+    /// The terminal announcement of request `id` of `owner`, once the job has ended with a
+    /// webhook named (`None` before, or without one).
+    async fn webhook_record(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<WebhookRecord>, StoreError>;
 
     /// Events of the changes committed from now on (which writers a backend reports is its own
     /// to document: every node's for PostgreSQL, this process's for SQLite).
