@@ -43,6 +43,7 @@ pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
         params: params(prompt),
         created_at: now,
         expires_at: now + Duration::from_secs(3600),
+        webhook: None,
     }
 }
 
