@@ -46,6 +46,8 @@ pub struct Settings {
     pub workers: WorkerConfig,
     /// How workers fetch an edit's reference images (`image_urls`).
     pub fetch: FetchConfig,
+    /// `[webhooks]`: how requests' ends are announced to their `?webhook=` URLs.
+    pub webhooks: WebhooksConfig,
     pub metrics: MetricsConfig,
     /// Per route: the checkpoint that serves it and how to run it.
     pub models: ModelsConfig,
@@ -166,6 +168,27 @@ pub struct FetchConfig {
     pub max_redirects: usize,
 }
 
+/// `[webhooks]`. Deliveries go through the same address guard as image URLs: only public
+/// addresses, unless `fetch.allow` opens others.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// How long an undelivered announcement is retried (with exponential backoff, the first
+    /// retry after about 2 s), counted from the job's end.
+    pub retry_hours: u64,
+    /// The time a receiver has to answer 2xx; longer counts as a failed attempt.
+    pub timeout_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            retry_hours: 24,
+            timeout_secs: 10,
+        }
+    }
+}
+
 /// The `[models."ROUTE"]` tables: each names the checkpoint that serves a route, in the
 /// configuration type of that route's engine (its fields are documented in README.md).
 ///
@@ -223,6 +246,7 @@ impl Default for Settings {
                 timeout_secs: 30,
                 max_redirects: 5,
             },
+            webhooks: WebhooksConfig::default(),
             metrics: MetricsConfig::default(),
             models: ModelsConfig::default(),
             serve_demo: true,
@@ -384,6 +408,11 @@ impl Settings {
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
                 "workers.lease_secs must be at least 3".into(),
+            ));
+        }
+        if self.webhooks.retry_hours == 0 || self.webhooks.timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "webhooks.retry_hours and webhooks.timeout_secs must be at least 1".into(),
             ));
         }
         if self.workers.job_timeout_secs == 0 {
