@@ -115,6 +115,21 @@ impl ApiError {
         }
     }
 
+    /// A query parameter at fault: a 422001 whose `detail` names the parameter and its rule,
+    /// as a schema violation names an input field.
+    pub(crate) fn invalid_query(
+        parameter: &str,
+        rule: impl Into<String>,
+        value: Option<&str>,
+    ) -> Self {
+        let value = value.map(|v| serde_json::Value::String(v.to_string()));
+        ApiError::InvalidInput(InputErrors(vec![Violation::new(
+            parameter,
+            rule,
+            value.as_ref(),
+        )]))
+    }
+
     /// The fields at fault, for `detail`.
     fn detail(&self) -> Vec<Violation> {
         match self {

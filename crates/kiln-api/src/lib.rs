@@ -8,6 +8,10 @@
 //!   generation parameters (the HTTP submit and `kiln generate` both use it).
 //! - `models`: `/v1/models` (catalog, schemas) and submitting a request.
 //! - `requests`: `/v1/requests/{id}/status|result|cancel`.
+//! - `webhooks`: the submit's `webhook` parameter, `/v1/webhooks/secret`, and [`WebhookBodies`]
+//!   (the messages a dispatcher sends).
+//! - `stream`: `/v1/requests/{id}/status/stream` (Server-Sent Events), fed by `live`: one
+//!   subscription to the store's job events per node, waking whoever watches a request.
 //! - `files`: signed capability URLs for result images, and serving them.
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, and the 404/405 answers.
 //! - `openapi`: the generated OpenAPI document.
@@ -32,6 +36,7 @@ mod body_deadline;
 mod error;
 mod files;
 pub mod inputs;
+mod live;
 mod metrics;
 mod models;
 mod openapi;
@@ -41,11 +46,14 @@ mod request_id;
 mod requests;
 pub mod server;
 mod state;
+mod stream;
+mod webhooks;
 mod wire;
 
 pub use ops::Readiness;
 pub use server::{serve_router, ConnectionLimits};
 pub use state::{ApiSettings, AppState};
+pub use webhooks::WebhookBodies;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{any, get, post};
@@ -63,8 +71,10 @@ pub fn router(state: AppState) -> Router {
         // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
         .route("/v1/models/{*model_id}", any(models::by_path))
         .route("/v1/requests/{id}/status", get(requests::status))
+        .route("/v1/requests/{id}/status/stream", get(stream::status_stream))
         .route("/v1/requests/{id}/result", get(requests::result))
         .route("/v1/requests/{id}/cancel", post(requests::cancel))
+        .route("/v1/webhooks/secret", get(webhooks::secret))
         .route("/files/{key}", get(files::download))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -4,10 +4,11 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::inputs::{self, parse_input, parse_json};
 use crate::state::AppState;
+use crate::webhooks;
 use crate::wire::{ErrorBody, ModelList, ModelSchemas, ModelSummary, ResultOutput, SubmitResponse};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::handler::Handler;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use kiln_core::params::{GenerationParams, ImageLocation, ImageSource};
 use kiln_core::report::Chain;
 use kiln_core::store::Idempotency;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::time::Instant;
 use time::OffsetDateTime;
 use utoipa::PartialSchema;
@@ -40,6 +42,8 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
         ("model_id" = String, Path, description = "The model id"),
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$",
             description = "Repeating a submit with the same key (within 24 h) answers the original request instead of queueing another; 1 to 255 visible ASCII characters"),
+        ("webhook" = Option<String>, Query, max_length = 2048,
+            description = "An absolute http(s) URL that kiln POSTs `{request_id, status: OK|ERROR, payload: <result object>, error?}` to when the request ends (succeeded: OK; failed or cancelled: ERROR), signed per Standard Webhooks with the key `GET /v1/webhooks/secret` returns, and retried with backoff until a 2xx. Only the terminal event is sent (no progress events). The result lists the attempts under `webhook`"),
     ),
     request_body(content = Object, description = "The model's input"),
     responses(
@@ -48,7 +52,7 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
         (status = 413, description = "Body too large (413001)", body = ErrorBody),
         (status = 415, description = "The body is not declared application/json (415001)", body = ErrorBody),
         (status = 409, description = "The Idempotency-Key was already used for another input (409001)", body = ErrorBody),
-        (status = 422, description = "Input does not match the model's schema, or a malformed Idempotency-Key (422001)", body = ErrorBody),
+        (status = 422, description = "Input does not match the model's schema, a malformed Idempotency-Key, or an invalid webhook URL (422001)", body = ErrorBody),
         (status = 429, description = "Rate limited (429001); see Retry-After", body = ErrorBody),
         (status = 503, description = "Queue full or shutting down (503001); see Retry-After", body = ErrorBody),
     ),
@@ -58,6 +62,7 @@ pub(crate) async fn submit(
     State(state): State<AppState>,
     Caller { id: owner, .. }: Caller,
     Path(model_id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SubmitResponse>, ApiError> {
@@ -65,6 +70,7 @@ pub(crate) async fn submit(
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
+    let webhook = webhooks::webhook_param(query)?;
     let mut params = read_input(&state, route, &headers, body)?;
     // The fingerprint is of the input as sent: a replay stores its images under new keys.
     let idempotency = idempotency(&headers, route, &params, &state)?;
@@ -77,6 +83,7 @@ pub(crate) async fn submit(
         params,
         created_at: now,
         expires_at: now + state.settings.retention,
+        webhook,
     };
     // Only a valid submit reaches the budget, and only new work keeps its token: a replay
     // answers exactly as the original did (the same request id and URLs) and costs nothing.

@@ -5,6 +5,7 @@ use crate::inputs::Violation;
 use kiln_core::catalog::{ModelFamily, Route};
 use kiln_core::job::{CancelOutcome, JobErrorCode, JobState, OutputMetadata, Progress};
 use kiln_core::params::OutputFormat;
+use kiln_core::webhook::{AttemptOutcome, DeliveryState, WebhookRecord};
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -70,6 +71,13 @@ pub struct StatusResponse {
     /// Denoising steps done; only while `in_progress`, once the engine has reported a step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<StepProgress>,
+    /// A small JPEG (at most 256 px on its long side) of the image as it stands at the latest
+    /// reported step; only while `in_progress`, once the worker has stored one. Like result
+    /// URLs it needs no token; each preview has a URL of its own, and an old one stops working
+    /// once a newer preview replaces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = "uri")]
+    pub preview_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -132,6 +140,107 @@ pub struct ResultResponse {
     /// The settings applied (after defaults and prompt expansion); only when `succeeded`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<ResultMetadata>,
+    /// The announcement of the request's end to the submit's `webhook`; only when the submit
+    /// named one and the request has ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookStatus>,
+}
+
+/// Where the announcement of a request's end stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookStatus {
+    #[schema(format = "uri")]
+    pub url: String,
+    pub status: WebhookDeliveryStatus,
+    /// Every attempt so far, oldest first.
+    pub attempts: Vec<WebhookAttemptBody>,
+}
+
+/// `pending`: waiting for its next attempt; `delivered`: the receiver answered 2xx;
+/// `failed`: not delivered before the retries ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookDeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl From<DeliveryState> for WebhookDeliveryStatus {
+    fn from(state: DeliveryState) -> Self {
+        match state {
+            DeliveryState::Pending => WebhookDeliveryStatus::Pending,
+            DeliveryState::Delivered => WebhookDeliveryStatus::Delivered,
+            DeliveryState::Failed => WebhookDeliveryStatus::Failed,
+        }
+    }
+}
+
+/// One try at delivering the announcement: the receiver's HTTP status, or why none came.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAttemptBody {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<WebhookRecord> for WebhookStatus {
+    fn from(record: WebhookRecord) -> Self {
+        let attempts = record
+            .attempts
+            .into_iter()
+            .map(|attempt| {
+                let (http_status, error) = match attempt.outcome {
+                    AttemptOutcome::Status(code) => (Some(code), None),
+                    AttemptOutcome::Error(reason) => (None, Some(reason)),
+                };
+                WebhookAttemptBody {
+                    at: attempt.at,
+                    http_status,
+                    error,
+                }
+            })
+            .collect();
+        WebhookStatus {
+            url: record.url.to_string(),
+            status: record.state.into(),
+            attempts,
+        }
+    }
+}
+
+/// What a webhook receiver is POSTed when a request ends (fal's shape).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookMessage {
+    #[schema(format = Uuid)]
+    pub request_id: String,
+    pub status: WebhookOutcome,
+    /// The result object, as `GET /v1/requests/{request_id}/result` answers it.
+    pub payload: ResultResponse,
+    /// Why the request did not succeed: the failure's message, or `cancelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `OK` when the request succeeded; `ERROR` when it failed or was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum WebhookOutcome {
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "ERROR")]
+    Error,
+}
+
+/// `GET /v1/webhooks/secret`: the key that signs this API key's webhook messages.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookSecret {
+    /// `whsec_` and the base64 of 32 bytes; the signing key is the base64 part, decoded
+    /// (Standard Webhooks).
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub key: String,
 }
 
 /// The generated files. Their URLs need no token and stop working when the request expires.
@@ -216,12 +325,15 @@ pub struct CancelResponse {
     pub outcome: CancelResult,
 }
 
-/// `cancelled`: it was queued and is now cancelled (or already was). `not_cancellable`: it is
-/// running or finished; nothing changed.
+/// `cancelled`: it was queued and is now cancelled (or already was). `cancellation_requested`:
+/// it is running and a forced cancel (`force=true`) was asked for; it ends `cancelled` at the
+/// next step boundary. `not_cancellable`: it is running (without `force`) or finished; nothing
+/// changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelResult {
     Cancelled,
+    CancellationRequested,
     NotCancellable,
 }
 
@@ -229,6 +341,7 @@ impl From<CancelOutcome> for CancelResult {
     fn from(outcome: CancelOutcome) -> Self {
         match outcome {
             CancelOutcome::Cancelled => CancelResult::Cancelled,
+            CancelOutcome::CancellationRequested => CancelResult::CancellationRequested,
             CancelOutcome::NotCancellable => CancelResult::NotCancellable,
         }
     }
