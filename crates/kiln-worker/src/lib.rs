@@ -13,6 +13,10 @@
 //! - [`references`]: an edit's reference images, fetched concurrently (guarded against internal
 //!   addresses, bounded in redirects, time and size) or read from data URIs, and decoded off
 //!   the async runtime within pixel limits, then scaled to the model's working size.
+//! - `guard`: the guarded HTTP client both fetch references and deliver webhooks through
+//!   (non-public addresses refused unless allowed, checked where names resolve; no proxy).
+//! - [`webhooks`]: [`run_dispatcher`], which delivers the store's webhook outbox: signed POSTs,
+//!   retried with backoff, claimed so that any node may run one.
 //! - [`maintenance`]: the periodic sweep (jobs abandoned by dead workers, expired records and files).
 //! - `metrics`: Prometheus series the worker records (in the default registry).
 //!
@@ -21,12 +25,15 @@
 
 pub mod address;
 pub mod allow;
+mod guard;
 pub mod maintenance;
 mod metrics;
 pub mod pool;
 pub mod references;
 mod run;
+pub mod webhooks;
 
 pub use allow::{AllowList, AllowListError};
 pub use pool::{run_pool, EngineSet, WorkerSettings};
 pub use references::{FetchError, FetchPolicy, Reason, ReferenceFetcher};
+pub use webhooks::{run_dispatcher, WebhookSettings};

@@ -24,8 +24,8 @@
 //! server's status) goes to the log under the job's request id, so answers cannot be used to
 //! map the network the worker stands in.
 
-use crate::address::NonPublic;
 use crate::allow::AllowList;
+use crate::guard::{self, Redirects};
 use image::ImageDecoder as _;
 use kiln_core::engine::RgbImage;
 use kiln_core::image_file::{fit_to_area, resize_lanczos, REFERENCE_MAX_PIXELS};
@@ -33,7 +33,6 @@ use kiln_core::params::{ImageLocation, ImageSource};
 use std::error::Error as StdError;
 use std::fmt;
 use std::io::Cursor;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -82,8 +81,6 @@ const MAX_DECODE_ALLOC: u64 = 256 * 1024 * 1024;
 pub const WORKING_PIXELS: u64 = REFERENCE_MAX_PIXELS;
 /// How many of a job's images are downloaded at once.
 pub const FETCH_CONCURRENCY: usize = 4;
-/// A connection that is not up by then will not be.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// URLs are cut to this in messages.
 const SHOWN_URL_CHARS: usize = 120;
 
@@ -157,31 +154,6 @@ impl Failure {
     }
 }
 
-/// A connection refused because the address is not public and the allow list does not open
-/// it; found again in reqwest's error chain to tell the client "not a public address".
-#[derive(Debug)]
-struct AddressRefused {
-    /// The name that resolved to `ip`; `None` when the URL names the address itself.
-    host: Option<String>,
-    ip: IpAddr,
-    why: NonPublic,
-}
-
-impl fmt::Display for AddressRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(host) = &self.host {
-            write!(f, "{host} resolves to ")?;
-        }
-        write!(
-            f,
-            "{} ({}), which is not public and which fetch.allow does not open",
-            self.ip, self.why
-        )
-    }
-}
-
-impl StdError for AddressRefused {}
-
 /// One image's bytes, fetched, with the size its header declares.
 struct Fetched {
     bytes: Vec<u8>,
@@ -198,32 +170,14 @@ pub struct ReferenceFetcher {
 
 impl ReferenceFetcher {
     pub fn new(policy: FetchPolicy) -> Self {
-        let policy = Arc::new(policy);
-        let redirect_policy = policy.clone();
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            let max_redirects = redirect_policy.max_redirects;
-            if attempt.previous().len() > max_redirects {
-                return attempt.error(format!("more than {max_redirects} redirects"));
-            }
-            match check_url(attempt.url(), &redirect_policy.allow) {
-                Ok(()) => attempt.follow(),
-                // The detail is kept whole: an AddressRefused in it tells the client why.
-                Err(failure) => attempt.error(failure.detail),
-            }
-        });
-        let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver {
-                policy: policy.clone(),
-            }))
-            .redirect(redirects)
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A proxy from the environment would connect on the worker's behalf, past the
-            // address checks.
-            .no_proxy()
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("the HTTP client's settings are valid");
-        Self { client, policy }
+        let client = guard::client(
+            policy.allow.clone(),
+            Redirects::Follow(policy.max_redirects),
+        );
+        Self {
+            client,
+            policy: Arc::new(policy),
+        }
     }
 
     /// Every source's image, in order, each scaled to at most [`WORKING_PIXELS`].
@@ -424,13 +378,7 @@ fn chain(error: &(dyn StdError + 'static)) -> String {
 /// reqwest's error as a failure: "not a public address" where the guard refused the address
 /// (in the resolver or on a redirect), "could not be fetched" for everything else.
 fn request_failed(error: reqwest::Error) -> Failure {
-    let mut cause: Option<&(dyn StdError + 'static)> = Some(&error);
-    let mut refused = false;
-    while let Some(c) = cause {
-        refused |= c.is::<AddressRefused>();
-        cause = c.source();
-    }
-    let reason = if refused {
+    let reason = if guard::refused_by_guard(&error) {
         Reason::NotPublic
     } else {
         Reason::NotFetched
@@ -508,65 +456,16 @@ fn scale_to_working_size(image: image::RgbImage) -> RgbImage {
 }
 
 /// The scheme is http(s), and a host given as an address is one the allow list lets through
-/// (a host name is checked when it resolves, by [`GuardedResolver`]).
+/// (a host name is checked when it resolves): [`guard::check_url`]'s verdict as a failure.
 fn check_url(url: &reqwest::Url, allow: &AllowList) -> Result<(), Failure> {
-    if !matches!(url.scheme(), "http" | "https") {
-        let detail = format!("the scheme {} is not http or https", url.scheme());
-        return Err(Failure::new(Reason::NotFetched, detail));
-    }
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
-        Some(url::Host::Domain(_)) => return Ok(()),
-        None => return Err(Failure::new(Reason::NotFetched, "the URL has no host")),
-    };
-    match allow.refusal(None, ip) {
-        None => Ok(()),
-        Some(why) => {
-            let refused = AddressRefused {
-                host: None,
-                ip,
-                why,
-            };
-            Err(Failure::new(Reason::NotPublic, refused))
-        }
-    }
-}
-
-/// Resolves host names like the system does, then drops every address the policy refuses; a
-/// name with none left fails. Checking the addresses actually connected to (not a name looked
-/// up beforehand) leaves no window for a name to change its answer in between.
-struct GuardedResolver {
-    policy: Arc<FetchPolicy>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let mut allowed: Vec<SocketAddr> = Vec::new();
-            let mut first_refused = None;
-            for address in tokio::net::lookup_host((host.as_str(), 0)).await? {
-                match policy.allow.refusal(Some(&host), address.ip()) {
-                    None => allowed.push(address),
-                    Some(why) => {
-                        first_refused.get_or_insert((address.ip(), why));
-                    }
-                }
-            }
-            match (allowed.is_empty(), first_refused) {
-                (false, _) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
-                (true, Some((ip, why))) => Err(Box::new(AddressRefused {
-                    host: Some(host),
-                    ip,
-                    why,
-                })
-                    as Box<dyn StdError + Send + Sync>),
-                (true, None) => Err(format!("{host} has no address").into()),
-            }
-        })
-    }
+    guard::check_url(url, allow).map_err(|refused| {
+        let reason = if refused.not_public {
+            Reason::NotPublic
+        } else {
+            Reason::NotFetched
+        };
+        Failure::new(reason, refused.detail)
+    })
 }
 
 /// The source as shown in messages: the URL as the client sent it, cut short, or what a data
