@@ -28,6 +28,10 @@ use std::time::Duration;
 ///
 /// The image is a solid colour derived from the seed, at the requested size, so tests can check
 /// that the stored file is the one this request produced.
+///
+/// Every step hands the observer a preview, as the real engines do every `preview_interval`
+/// steps: [`ScriptedEngine::PREVIEW_SIZE`] (larger than the worker stores, so that its
+/// downscale is exercised) in a solid colour that tells the step ([`ScriptedEngine::preview_color`]).
 pub struct ScriptedEngine {
     pub steps: u32,
     pub fast_step: Duration,
@@ -50,6 +54,25 @@ impl ScriptedEngine {
     /// How many generations were started (each attempt counts).
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::SeqCst)
+    }
+
+    /// The size of every preview: 4:3 and longer than the 256 pixels the worker keeps.
+    pub const PREVIEW_SIZE: (u32, u32) = (320, 240);
+
+    /// The colour of step `step`'s preview: far apart for neighbouring steps, so that a JPEG's
+    /// small error never makes one step's preview pass for another's.
+    pub fn preview_color(step: u32) -> [u8; 3] {
+        let level = |k: u32| ((step.wrapping_mul(k) % 8) * 32 + 16) as u8;
+        [level(1), level(3), level(5)]
+    }
+
+    fn preview(step: u32) -> RgbImage {
+        let (width, height) = Self::PREVIEW_SIZE;
+        RgbImage {
+            width,
+            height,
+            pixels: Self::preview_color(step).repeat((width * height) as usize),
+        }
     }
 
     /// The colour a seed paints.
@@ -93,10 +116,11 @@ impl Engine for ScriptedEngine {
                 panic!("the scripted engine was told to panic");
             }
             std::thread::sleep(step_time);
+            let preview = Self::preview(step);
             if observer.on_step(StepEvent {
                 step,
                 total,
-                preview: None,
+                preview: Some(&preview),
             }) == ControlFlow::Break(())
             {
                 return Err(EngineError::Interrupted);

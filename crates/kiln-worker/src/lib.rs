@@ -5,7 +5,9 @@
 //! - `run`: one job from lease to terminal state (stored inline images read back, references
 //!   fetched, engine on a blocking thread within the job's time limit, heartbeats, panics
 //!   caught, image encoded and stored, job finished under its fencing token, stored images
-//!   deleted).
+//!   deleted; a forced cancel honoured at the engine's next step).
+//! - `preview`: a running job's latest preview, scaled, encoded as JPEG and stored at each
+//!   heartbeat; the replaced one deleted once the store has acknowledged the new one.
 //! - [`address`]: which IP addresses are not public and why (IANA's special-purpose
 //!   registries as tables), for everything the worker connects to on a user's behalf.
 //! - [`allow`]: the operator's allow list of address blocks and host names laid over
@@ -29,6 +31,7 @@ mod guard;
 pub mod maintenance;
 mod metrics;
 pub mod pool;
+mod preview;
 pub mod references;
 mod run;
 pub mod webhooks;

@@ -2,16 +2,21 @@
 //!
 //! The engine runs on a blocking thread while this task beats the lease and watches for
 //! shutdown. Whatever happens, the job ends in exactly one of: completed (image stored),
-//! failed (with a code and a message the user can act on), released (shutdown: back to the
-//! queue), or left to its lease (this worker was fenced off: another one owns the job now).
+//! failed (with a code and a message the user can act on), cancelled (its owner forced a
+//! cancel), released (shutdown: back to the queue), or left to its lease (this worker was
+//! fenced off: another one owns the job now). Each heartbeat also stores the engine's latest
+//! preview (`preview.rs`).
 
 use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
 use crate::pool::WorkerContext;
+use crate::preview::{LatestPreview, Previews};
 use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepEvent, StepObserver};
 use kiln_core::ids::{BlobKey, RequestId};
 use kiln_core::image_file::encode_image;
-use kiln_core::job::{Job, JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, Timings};
+use kiln_core::job::{
+    Job, JobError, JobErrorCode, JobOutput, OutputMetadata, Progress, StepReport, Timings,
+};
 use kiln_core::params::{ImageLocation, ImageSource};
 use kiln_core::report::Chain;
 use kiln_core::store::{Lease, StoreError};
@@ -25,8 +30,16 @@ use tracing::Instrument;
 #[derive(Default)]
 struct RunSignals {
     progress: Mutex<Option<Progress>>,
+    /// The engine's newest preview, until the next heartbeat takes it.
+    preview: LatestPreview,
     /// Set to ask the engine to stop at its next step.
     stop: AtomicBool,
+}
+
+impl RunSignals {
+    fn progress(&self) -> Option<Progress> {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct ProgressObserver {
@@ -49,6 +62,10 @@ impl StepObserver for ProgressObserver {
             step: event.step,
             total: event.total,
         });
+        if let Some(preview) = event.preview {
+            // Only kept here: scaling and encoding wait for the heartbeat, off this thread.
+            self.signals.preview.offer(event.step, preview);
+        }
         if self.signals.stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
         } else {
@@ -61,15 +78,43 @@ impl StepObserver for ProgressObserver {
     }
 }
 
-/// Why the engine was asked to stop, if it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the engine was asked to stop, if it was. When several reasons come, the greater one
+/// decides how the job ends (the variants are in that order): a lost lease forbids any write; a
+/// cancel is its owner's explicit wish; a timeout fails the job; a shutdown only releases it,
+/// which is the mildest end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum StopReason {
-    /// Another worker owns the job now; nothing more may be written for it.
-    LeaseLost,
     /// The process is shutting down and the drain time ran out.
     Shutdown,
     /// The job ran past [`crate::WorkerSettings::job_timeout`].
     TimedOut,
+    /// Its owner forced a cancel (a heartbeat answered `cancel_requested`).
+    Cancelled,
+    /// Another worker owns the job now; nothing more may be written for it.
+    LeaseLost,
+}
+
+/// Asks the engine to stop for `reason`, unless a greater reason already did.
+fn request_stop(stop_reason: &mut Option<StopReason>, reason: StopReason, signals: &RunSignals) {
+    if stop_reason.is_some_and(|current| current >= reason) {
+        return;
+    }
+    match reason {
+        StopReason::Shutdown => {
+            tracing::info!("shutdown: drain time is up; interrupting the job to release it")
+        }
+        StopReason::TimedOut => {
+            tracing::warn!("the job ran past its time limit; stopping the engine")
+        }
+        StopReason::Cancelled => {
+            tracing::info!("a forced cancel was asked for; stopping the engine")
+        }
+        StopReason::LeaseLost => {
+            tracing::warn!("lease lost (another worker took the job); stopping the engine")
+        }
+    }
+    *stop_reason = Some(reason);
+    signals.stop.store(true, Ordering::Relaxed);
 }
 
 pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
@@ -83,7 +128,7 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
     async {
         let started = Instant::now();
         let outcome = run_to_end(context, &lease).await;
-        if matches!(outcome, "succeeded" | "failed") {
+        if matches!(outcome, "succeeded" | "failed" | "cancelled") {
             delete_stored_images(context, &lease).await;
         }
         let model = lease.job.route.id();
@@ -124,6 +169,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     heartbeat.tick().await;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut stop_reason: Option<StopReason> = None;
+    let mut previews = Previews::default();
     let job_timeout = tokio::time::sleep(context.settings.job_timeout);
     tokio::pin!(job_timeout);
     let result = loop {
@@ -136,30 +182,20 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         tokio::select! {
             result = &mut generation => break result,
             _ = heartbeat.tick() => {
-                let progress = *signals.progress.lock().unwrap_or_else(|p| p.into_inner());
-                match context.jobs.heartbeat(lease, progress, context.settings.lease).await {
-                    Ok(_) => {}
-                    Err(StoreError::LeaseLost(_)) => {
-                        tracing::warn!("lease lost (another worker took the job); stopping the engine");
-                        stop_reason = Some(StopReason::LeaseLost);
-                        signals.stop.store(true, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %Chain(&e), "heartbeat failed; will retry"),
+                if let Some(reason) = beat(context, lease, &signals, &mut previews, stop_reason.is_some()).await {
+                    request_stop(&mut stop_reason, reason, &signals);
                 }
             }
             () = context.shutdown.cancelled(), if drain_deadline.is_none() => {
                 tracing::info!(drain_timeout_s = context.settings.drain_timeout.as_secs(), "shutdown: letting the running job finish");
                 drain_deadline = Some(tokio::time::Instant::now() + context.settings.drain_timeout);
             }
-            () = &mut job_timeout, if stop_reason.is_none() => {
-                tracing::warn!(limit_s = context.settings.job_timeout.as_secs(), "the job ran past its time limit; stopping the engine");
-                stop_reason = Some(StopReason::TimedOut);
-                signals.stop.store(true, Ordering::Relaxed);
+            // Fires once (a finished sleep would fire at every turn of the loop).
+            () = &mut job_timeout, if stop_reason < Some(StopReason::TimedOut) => {
+                request_stop(&mut stop_reason, StopReason::TimedOut, &signals);
             }
             () = drain_expired => {
-                tracing::info!("shutdown: drain time is up; interrupting the job to release it");
-                stop_reason.get_or_insert(StopReason::Shutdown);
-                signals.stop.store(true, Ordering::Relaxed);
+                request_stop(&mut stop_reason, StopReason::Shutdown, &signals);
                 drain_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
             }
         }
@@ -170,7 +206,50 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         stop_reason,
         inference,
     };
-    conclude(context, lease, result, ended).await
+    let outcome = conclude(context, lease, result, ended).await;
+    // After the ending's write, so the record says which preview it keeps.
+    previews
+        .settle(context.jobs.as_ref(), context.blobs.as_ref())
+        .await;
+    outcome
+}
+
+/// One heartbeat: stores the engine's latest preview (unless the engine is being stopped: the
+/// job is ending, nobody needs one), reports it with the progress, extends the lease, and says
+/// why to stop if the answer tells the worker to.
+async fn beat(
+    context: &WorkerContext,
+    lease: &Lease,
+    signals: &RunSignals,
+    previews: &mut Previews,
+    stopping: bool,
+) -> Option<StopReason> {
+    if !stopping {
+        let budget = context.settings.heartbeat_interval();
+        previews
+            .store_latest(&context.blobs, &signals.preview, budget)
+            .await;
+    }
+    let report = StepReport {
+        progress: signals.progress(),
+        preview: previews.report(),
+    };
+    match context
+        .jobs
+        .heartbeat(lease, &report, context.settings.lease)
+        .await
+    {
+        Ok(ack) => {
+            previews.acknowledged(context.blobs.as_ref()).await;
+            ack.cancel_requested.then_some(StopReason::Cancelled)
+        }
+        // The previews this heartbeat reported are not recorded: `settle` deletes them.
+        Err(StoreError::LeaseLost(_)) => Some(StopReason::LeaseLost),
+        Err(e) => {
+            tracing::warn!(error = %Chain(&e), "heartbeat failed; will retry");
+            None
+        }
+    }
 }
 
 /// Reads and fetches the job's reference images, then runs the engine on a blocking thread.
@@ -219,6 +298,18 @@ async fn conclude(
 ) -> &'static str {
     match (result, ended.stop_reason) {
         (_, Some(StopReason::LeaseLost)) => "lease_lost",
+        (Ok(Err(EngineError::Interrupted)), Some(StopReason::Cancelled)) => {
+            match context.jobs.end_cancelled(lease).await {
+                Ok(()) => "cancelled",
+                Err(StoreError::LeaseLost(_)) => "lease_lost",
+                Err(e) => {
+                    // The lease runs out and the sweep ends the job cancelled (a forced cancel
+                    // is pending), so nothing is lost but time.
+                    tracing::warn!(error = %Chain(&e), "could not record the cancel; the sweep will");
+                    "cancel_failed"
+                }
+            }
+        }
         (Ok(Err(EngineError::Interrupted)), Some(StopReason::TimedOut)) => {
             let error = JobError {
                 code: JobErrorCode::TimedOut,
