@@ -4,7 +4,7 @@
 
 use crate::inputs;
 use crate::state::ApiSettings;
-use crate::{files, models, ops, requests};
+use crate::{files, models, ops, requests, stream, webhooks};
 use kiln_core::catalog::Route;
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -22,14 +22,18 @@ use utoipa::{Modify, OpenApi};
         models::list,
         models::schema,
         requests::status,
+        stream::status_stream,
         requests::result,
         requests::cancel,
+        webhooks::secret,
         files::download,
         ops::healthz,
         ops::readyz,
         ops::metrics,
         ops::openapi_json,
     ),
+    // Sent, not answered: no path names the webhook message, so it is listed here.
+    components(schemas(crate::wire::WebhookMessage)),
     modifiers(&BearerToken)
 )]
 struct ApiDoc;

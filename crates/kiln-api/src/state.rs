@@ -2,6 +2,7 @@
 //! (draining flag, rate-limit buckets, metrics, cached token lookups).
 
 use crate::auth::KeyCache;
+use crate::live::LiveHub;
 use crate::metrics::Metrics;
 use crate::ops::Readiness;
 use crate::rate_limit::RateLimiter;
@@ -57,6 +58,10 @@ pub struct ApiSettings {
     pub metrics_on_api_port: bool,
     /// When set, `/metrics` (wherever served) requires `Authorization: Bearer <this>`.
     pub metrics_token: Option<String>,
+    /// How often a status stream with nothing to say sends a comment line (15 s by default),
+    /// so that proxies and load balancers do not close it as idle. Below the proxies' idle
+    /// timeouts and `connections.idle_timeout`.
+    pub stream_keep_alive: Duration,
 }
 
 impl ApiSettings {
@@ -80,6 +85,7 @@ impl ApiSettings {
             connections: ConnectionLimits::default(),
             metrics_on_api_port: true,
             metrics_token: None,
+            stream_keep_alive: Duration::from_secs(15),
         }
     }
 
@@ -112,6 +118,8 @@ pub struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) key_cache: Arc<KeyCache>,
     pub(crate) readiness: Arc<Readiness>,
+    /// The node's one subscription to job events, for status streams and `Prefer: wait`.
+    pub(crate) live: Arc<LiveHub>,
     draining: Arc<AtomicBool>,
 }
 
@@ -126,6 +134,7 @@ impl AppState {
             RateLimiter::new(settings.rate_limit_per_minute, settings.rate_limit_burst);
         Self {
             readiness: Arc::new(Readiness::new(jobs.clone(), blobs.clone())),
+            live: Arc::new(LiveHub::new(jobs.clone())),
             jobs,
             keys,
             blobs,
@@ -139,9 +148,12 @@ impl AppState {
 
     /// From now on submits answer 503001 and `/readyz` 503, so that load balancers and clients
     /// go elsewhere while accepted work finishes. [`crate::serve`] calls it when its shutdown
-    /// signal fires; the binary may call it earlier (clones share the flag).
+    /// signal fires; the binary may call it earlier (clones share the flag). Status streams end
+    /// (their clients reconnect, elsewhere, with `Last-Event-ID`) and `Prefer: wait` submits
+    /// answer at once, so that they do not hold the shutdown up.
     pub fn begin_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.live.wake_all();
     }
 
     pub fn is_draining(&self) -> bool {
