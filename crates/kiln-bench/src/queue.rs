@@ -27,14 +27,15 @@ use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
-    CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, OutputMetadata, Progress,
-    Timings,
+    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, OutputMetadata,
+    StepReport, Timings,
 };
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_core::store::{
-    ClaimPolicy, Enqueued, Idempotency, JobEvents, JobNotice, JobStore, Lease, QueueLimits,
-    StateCounts, StoreError,
+    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobNotice, JobStore, Lease,
+    QueueLimits, StateCounts, StoreError,
 };
+use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use kiln_testkit::postgres::TestDatabase;
 use kiln_testkit::ScriptedEngine;
 use kiln_worker::{run_pool, EngineSet, FetchPolicy, WorkerSettings};
@@ -175,6 +176,7 @@ fn new_job(owner: KeyId, seed: u32) -> NewJob {
         },
         created_at: now,
         expires_at: now + Duration::from_secs(3600),
+        webhook: None,
     }
 }
 
@@ -478,8 +480,9 @@ impl JobStore for Observed {
         &self,
         owner: KeyId,
         id: RequestId,
+        mode: CancelMode,
     ) -> Result<Option<CancelOutcome>, StoreError> {
-        self.inner.cancel(owner, id).await
+        self.inner.cancel(owner, id, mode).await
     }
 
     async fn claim(
@@ -498,10 +501,10 @@ impl JobStore for Observed {
     async fn heartbeat(
         &self,
         lease: &Lease,
-        progress: Option<Progress>,
+        report: &StepReport,
         extend_by: Duration,
-    ) -> Result<OffsetDateTime, StoreError> {
-        self.inner.heartbeat(lease, progress, extend_by).await
+    ) -> Result<HeartbeatAck, StoreError> {
+        self.inner.heartbeat(lease, report, extend_by).await
     }
 
     async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError> {
@@ -512,6 +515,10 @@ impl JobStore for Observed {
 
     async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError> {
         self.inner.fail(lease, error).await
+    }
+
+    async fn end_cancelled(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.end_cancelled(lease).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -536,6 +543,33 @@ impl JobStore for Observed {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    async fn claim_webhooks(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.inner.claim_webhooks(limit, claim_for).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        delivery: &WebhookDelivery,
+        attempt: WebhookAttempt,
+        next: AfterAttempt,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .record_webhook_attempt(delivery, attempt, next)
+            .await
+    }
+
+    async fn webhook_record(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        self.inner.webhook_record(owner, id).await
     }
 
     fn subscribe(&self) -> JobEvents {

@@ -6,10 +6,14 @@
 //! value or, in PostgreSQL, the server's clock; so a fragment that takes a value is a function
 //! of the SQL that yields it.
 
+use crate::record::DELIVERY_COLUMNS;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId};
-use kiln_core::job::{JobError, JobErrorCode, JobState, Progress};
+use kiln_core::job::{
+    CancelMode, CancelOutcome, JobError, JobErrorCode, JobState, JobStatus, JobView, Progress,
+};
 use kiln_core::store::{JobEvent, JobEvents, JobNotice, StateCounts, StoreError};
+use kiln_core::webhook::{AfterAttempt, DeliveryState};
 use tokio::sync::broadcast;
 
 /// The states a job ends in: only records in these may be purged.
@@ -32,19 +36,147 @@ pub(crate) const QUEUE_POSITION: &str = "CASE WHEN state = 'queued' THEN \
     (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
     AS queue_position";
 
-/// What a claim writes: a new attempt under a new fencing token, with no progress yet.
+/// What a claim writes: a new attempt under a new fencing token, with no progress or preview
+/// yet (the last attempt's preview is not this one's).
 pub(crate) fn claim_set(worker: &str, lease_until: &str, now: &str) -> String {
     format!(
         "state = 'running', attempts = attempts + 1, fencing_token = fencing_token + 1, \
          worker = {worker}, lease_expires_at = {lease_until}, started_at = {now}, \
-         progress_step = NULL, progress_total = NULL"
+         progress_step = NULL, progress_total = NULL, preview_key = NULL, preview_step = NULL"
+    )
+}
+
+/// A running job whose lease ran out before `now` and may be claimed again. One with a forced
+/// cancel pending never is: its owner asked it to stop, so `fail_abandoned` ends it `cancelled`
+/// instead ([`CANCEL_ABANDONED`]).
+pub(crate) fn reclaimable(now: &str) -> String {
+    format!("state = 'running' AND lease_expires_at < {now} AND NOT cancel_requested")
+}
+
+/// A running job whose lease ran out before `now` while a forced cancel was pending: its worker
+/// died before honouring it, and nobody will; `fail_abandoned` ends it `cancelled`.
+pub(crate) fn cancel_abandoned(now: &str) -> String {
+    format!("state = 'running' AND lease_expires_at < {now} AND cancel_requested")
+}
+
+/// What a heartbeat writes: the lease's new end and the report. A report without progress or a
+/// preview keeps the last one (a worker reports them once it has them).
+pub(crate) fn heartbeat_set(
+    lease_until: &str,
+    step: &str,
+    total: &str,
+    key: &str,
+    preview_step: &str,
+) -> String {
+    format!(
+        "lease_expires_at = {lease_until}, progress_step = COALESCE({step}, progress_step), \
+         progress_total = COALESCE({total}, progress_total), \
+         preview_key = COALESCE({key}, preview_key), \
+         preview_step = COALESCE({preview_step}, preview_step)"
     )
 }
 
 /// What a release writes. A release is the worker's choice (shutdown), not the job's fault: the
 /// attempt it used is given back so that it does not count towards `max_attempts`.
 pub(crate) const RELEASE_SET: &str = "state = 'queued', attempts = attempts - 1, worker = NULL, \
-    lease_expires_at = NULL, started_at = NULL, progress_step = NULL, progress_total = NULL";
+    lease_expires_at = NULL, started_at = NULL, progress_step = NULL, progress_total = NULL, \
+    preview_key = NULL, preview_step = NULL";
+
+/// Cancels the queued job `id` of `owner` at `now`; returns its route when it did.
+pub(crate) fn cancel_queued(now: &str, id: &str, owner: &str) -> String {
+    format!(
+        "UPDATE jobs SET state = 'cancelled', finished_at = {now}, {} \
+         WHERE id = {id} AND owner = {owner} AND state = 'queued' RETURNING route",
+        expire_from_now(now)
+    )
+}
+
+/// Asks the running job `id` of `owner` to stop; returns its route when that is news (a
+/// repeated request changes nothing and is no event).
+pub(crate) fn request_cancel(id: &str, owner: &str) -> String {
+    format!(
+        "UPDATE jobs SET cancel_requested = TRUE \
+         WHERE id = {id} AND owner = {owner} AND state = 'running' AND NOT cancel_requested \
+         RETURNING route"
+    )
+}
+
+/// What a cancel that changed nothing reports, from the job as it stands.
+pub(crate) fn cancel_outcome(view: &JobView, mode: CancelMode) -> CancelOutcome {
+    match (&view.job.status, mode) {
+        (JobStatus::Cancelled { .. }, _) => CancelOutcome::Cancelled,
+        (
+            JobStatus::Running {
+                cancel_requested: true,
+                ..
+            },
+            CancelMode::Force,
+        ) => CancelOutcome::CancellationRequested,
+        _ => CancelOutcome::NotCancellable,
+    }
+}
+
+/// The webhook outbox's row for job `id`, which has just ended at `now`: written in the
+/// transaction of the terminal transition, and only for a job that named a webhook. A job ends
+/// once, so the conflict clause only guards against a double write, never drops news.
+pub(crate) fn announce(now: &str, id: &str) -> String {
+    format!(
+        "INSERT INTO webhook_deliveries \
+           (request_id, owner, url, state, due_at, claim_token, attempts, created_at) \
+         SELECT id, owner, webhook_url, 'pending', {now}, 0, '[]', {now} FROM jobs \
+         WHERE id = {id} AND webhook_url IS NOT NULL \
+         ON CONFLICT (request_id) DO NOTHING"
+    )
+}
+
+/// Whether the blob `key` is referenced by a job still kept at `now`: as an output or stored
+/// input (`job_blobs`), or as its current preview.
+pub(crate) fn live_blob(key: &str, now: &str) -> String {
+    format!(
+        "SELECT 1 FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
+           WHERE b.blob_key = {key} AND j.expires_at > {now} \
+         UNION ALL SELECT 1 FROM jobs WHERE preview_key = {key} AND expires_at > {now}"
+    )
+}
+
+/// Webhook deliveries whose next attempt may start at `now`.
+pub(crate) fn due(now: &str) -> String {
+    format!("state = 'pending' AND due_at <= {now}")
+}
+
+/// What recording an attempt writes, after `append` (the dialect's way of adding the attempt to
+/// the JSON list): the delivery's `state` and `retry_in` (milliseconds, NULL when no attempt
+/// follows; `due_at` is then NULL too), bound as [`after_attempt`] gives them.
+pub(crate) fn attempt_set(append: &str, now: &str, state: &str, retry_in: &str) -> String {
+    format!("attempts = {append}, state = {state}, due_at = {now} + {retry_in}")
+}
+
+/// The delivery's state and the wait before its next attempt, after `next`.
+pub(crate) fn after_attempt(next: AfterAttempt) -> (&'static str, Option<i64>) {
+    match next {
+        AfterAttempt::Delivered => (DeliveryState::Delivered.as_str(), None),
+        AfterAttempt::RetryIn(wait) => (
+            DeliveryState::Pending.as_str(),
+            Some(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)),
+        ),
+        AfterAttempt::GiveUp => (DeliveryState::Failed.as_str(), None),
+    }
+}
+
+/// The outbox row of request `id` of `owner`, as long as its job is visible at `now`.
+pub(crate) fn webhook_record(id: &str, owner: &str, now: &str) -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries w \
+         WHERE w.request_id = {id} AND w.owner = {owner} \
+           AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = w.request_id AND {})",
+        visible(now)
+    )
+}
+
+/// A claimed delivery's write, unless the claim `token` was taken over or it has ended.
+pub(crate) fn claimed(request: &str, token: &str) -> String {
+    format!("request_id = {request} AND claim_token = {token} AND state = 'pending'")
+}
 
 /// The job `id` as long as the lease with fencing token `token` holds it.
 pub(crate) fn held(id: &str, token: &str) -> String {

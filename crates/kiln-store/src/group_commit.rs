@@ -165,8 +165,8 @@ async fn enqueue_one(
         millis(job.created_at),
     );
     sqlx::query(
-        "INSERT INTO jobs (id, owner, route, params, state, created_at, expires_at) \
-         VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+        "INSERT INTO jobs (id, owner, route, params, state, created_at, expires_at, webhook_url) \
+         VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
     )
     .bind(&id)
     .bind(&owner)
@@ -174,6 +174,7 @@ async fn enqueue_one(
     .bind(&pending.params_json)
     .bind(now)
     .bind(millis(job.expires_at))
+    .bind(job.webhook.as_ref().map(|url| url.as_str()))
     .execute(&mut *conn)
     .await
     .map_err(backend)?;

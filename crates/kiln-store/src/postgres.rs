@@ -51,18 +51,25 @@ mod keys;
 mod tests;
 
 use crate::common::{
-    blob_keys, claim_set, expire_from_now, held, state_counts, visible, worker_lost, Events,
+    after_attempt, announce, attempt_set, blob_keys, cancel_abandoned, cancel_outcome,
+    cancel_queued, claim_set, claimed, due, expire_from_now, heartbeat_set, held, live_blob,
+    reclaimable, request_cancel, state_counts, visible, webhook_record, worker_lost, Events,
     QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
 };
-use crate::record::{from_millis, millis, JobRow, JobViewRow, JOB_COLUMNS};
+use crate::record::{
+    from_millis, millis, DeliveryRow, JobRow, JobViewRow, DELIVERY_COLUMNS, JOB_COLUMNS,
+};
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use kiln_core::job::{CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, Progress};
-use kiln_core::store::{
-    ClaimPolicy, Enqueued, Idempotency, JobEvents, JobStore, Lease, QueueLimits, StateCounts,
-    StoreError,
+use kiln_core::job::{
+    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
 };
+use kiln_core::store::{
+    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobStore, Lease, QueueLimits,
+    StateCounts, StoreError,
+};
+use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgExecutor, PgPool};
 use std::str::FromStr;
@@ -215,6 +222,7 @@ impl PgStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::LeaseLost(lease.job.id));
         }
+        announce_end(&mut tx, &id).await?;
         let keys: Vec<&str> = output
             .map(|o| o.images.iter().map(BlobKey::as_str).collect())
             .unwrap_or_default();
@@ -228,6 +236,18 @@ impl PgStore {
         }
         tx.commit().await.map_err(backend)
     }
+}
+
+/// Writes the webhook outbox's row of job `id`, which has just ended in `conn`'s transaction (if
+/// it named a webhook).
+async fn announce_end(conn: &mut PgConnection, id: &str) -> Result<(), StoreError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| announce(NOW, "$1"));
+    sqlx::query(&SQL)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(())
 }
 
 /// Brings the schema up to date on a connection of its own, under [`MIGRATION_LOCK`]. Closing
@@ -280,29 +300,34 @@ impl JobStore for PgStore {
         &self,
         owner: KeyId,
         id: RequestId,
+        mode: CancelMode,
     ) -> Result<Option<CancelOutcome>, StoreError> {
+        // The events (a cancelled job, a requested cancel) are the trigger's.
         let (id, owner) = (id.to_string(), owner.to_string());
         let mut tx = self.pool.begin().await.map_err(backend)?;
-        let sql = format!(
-            "UPDATE jobs SET state = 'cancelled', finished_at = {NOW}, {} \
-             WHERE id = $1 AND owner = $2 AND state = 'queued'",
-            expire_from_now(NOW)
-        );
-        let cancelled = sqlx::query(&sql)
+        let cancelled: Option<String> = sqlx::query_scalar(&cancel_queued(NOW, "$1", "$2"))
             .bind(&id)
             .bind(&owner)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(backend)?;
-        let outcome = if cancelled.rows_affected() == 1 {
+        let outcome = if cancelled.is_some() {
+            announce_end(&mut tx, &id).await?;
             Some(CancelOutcome::Cancelled)
+        } else if mode == CancelMode::Force
+            && sqlx::query_scalar::<_, String>(&request_cancel("$1", "$2"))
+                .bind(&id)
+                .bind(&owner)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?
+                .is_some()
+        {
+            Some(CancelOutcome::CancellationRequested)
         } else {
             Self::view(&mut *tx, &id, Some(&owner), None)
                 .await?
-                .map(|v| match v.job.state() {
-                    JobState::Cancelled => CancelOutcome::Cancelled,
-                    _ => CancelOutcome::NotCancellable,
-                })
+                .map(|view| cancel_outcome(&view, mode))
         };
         tx.commit().await.map_err(backend)?;
         Ok(outcome)
@@ -323,13 +348,14 @@ impl JobStore for PgStore {
         let sql = format!(
             "WITH queued AS (SELECT seq FROM jobs WHERE state = 'queued' AND route = ANY($3) \
                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED), \
-               abandoned AS (SELECT seq FROM jobs WHERE state = 'running' \
-                 AND lease_expires_at < {NOW} AND attempts < $2 AND route = ANY($3) \
+               abandoned AS (SELECT seq FROM jobs WHERE {} \
+                 AND attempts < $2 AND route = ANY($3) \
                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED), \
                chosen AS (SELECT seq FROM queued UNION ALL SELECT seq FROM abandoned \
                  ORDER BY seq LIMIT 1) \
              UPDATE jobs SET {} FROM chosen WHERE jobs.seq = chosen.seq \
              RETURNING {JOB_COLUMNS}, lease_expires_at",
+            reclaimable(NOW),
             claim_set("$1", &format!("{NOW} + $4"), NOW)
         );
         let routes: Vec<&str> = routes.iter().map(|r| r.id()).collect();
@@ -351,26 +377,33 @@ impl JobStore for PgStore {
     async fn heartbeat(
         &self,
         lease: &Lease,
-        progress: Option<Progress>,
+        report: &StepReport,
         extend_by: Duration,
-    ) -> Result<OffsetDateTime, StoreError> {
-        let sql = format!(
-            "UPDATE jobs SET lease_expires_at = {NOW} + $1, \
-               progress_step = COALESCE($2, progress_step), \
-               progress_total = COALESCE($3, progress_total) \
-             WHERE {} RETURNING lease_expires_at",
-            held("$4", "$5")
-        );
-        let until: Option<i64> = sqlx::query_scalar(&sql)
+    ) -> Result<HeartbeatAck, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE jobs SET {} WHERE {} RETURNING lease_expires_at, cancel_requested",
+                heartbeat_set(&format!("{NOW} + $1"), "$2", "$3", "$4", "$5"),
+                held("$6", "$7")
+            )
+        });
+        let (progress, preview) = (report.progress, report.preview.as_ref());
+        let row: Option<(i64, bool)> = sqlx::query_as(&SQL)
             .bind(duration_millis(extend_by))
             .bind(progress.map(|p| i64::from(p.step)))
             .bind(progress.map(|p| i64::from(p.total)))
+            .bind(preview.map(|p| p.key.as_str()))
+            .bind(preview.map(|p| i64::from(p.step)))
             .bind(lease.job.id.to_string())
             .bind(lease.fencing_token)
             .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        from_millis(until.ok_or(StoreError::LeaseLost(lease.job.id))?)
+        let (until, cancel_requested) = row.ok_or(StoreError::LeaseLost(lease.job.id))?;
+        Ok(HeartbeatAck {
+            expires_at: from_millis(until)?,
+            cancel_requested,
+        })
     }
 
     async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError> {
@@ -381,6 +414,10 @@ impl JobStore for PgStore {
     async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError> {
         self.finish(lease, JobState::Failed, None, Some(&error))
             .await
+    }
+
+    async fn end_cancelled(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.finish(lease, JobState::Cancelled, None, None).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -398,28 +435,42 @@ impl JobStore for PgStore {
     }
 
     async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError> {
-        let error = worker_lost(max_attempts);
-        let sql = format!(
-            "UPDATE jobs SET state = 'failed', error = $1, finished_at = {NOW}, \
-               lease_expires_at = NULL, {} \
-             WHERE state = 'running' AND lease_expires_at < {NOW} AND attempts >= $2",
-            expire_from_now(NOW)
-        );
-        let done = sqlx::query(&sql)
-            .bind(serde_json::to_string(&error).map_err(backend)?)
+        // One statement: both kinds of abandoned job end, and their outbox rows are written,
+        // together (each CTE's UPDATE sees the snapshot, so no row is ended twice: the two
+        // conditions exclude each other).
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH cancelled AS (UPDATE jobs SET state = 'cancelled', finished_at = {NOW}, \
+                   lease_expires_at = NULL, {expire} WHERE {} RETURNING id), \
+                 failed AS (UPDATE jobs SET state = 'failed', error = $1, finished_at = {NOW}, \
+                   lease_expires_at = NULL, {expire} WHERE {} AND attempts >= $2 RETURNING id), \
+                 ended AS (SELECT id FROM cancelled UNION ALL SELECT id FROM failed), \
+                 announced AS ({}) \
+                 SELECT COUNT(*) FROM ended",
+                cancel_abandoned(NOW),
+                reclaimable(NOW),
+                announce(NOW, "ANY (SELECT id FROM ended)"),
+                expire = expire_from_now(NOW),
+            )
+        });
+        let ended: i64 = sqlx::query_scalar(&SQL)
+            .bind(serde_json::to_string(&worker_lost(max_attempts)).map_err(backend)?)
             .bind(i64::from(max_attempts))
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(backend)?;
-        Ok(done.rows_affected())
+        Ok(ended as u64)
     }
 
     async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError> {
         // One statement: each record is deleted by exactly one sweeper, which alone gets its
-        // files back (the SELECT reads the snapshot before the cascade removed `job_blobs`).
+        // files back (the SELECT reads the snapshot before the cascade removed `job_blobs` and
+        // the webhook deliveries).
         let sql = format!(
-            "WITH gone AS (DELETE FROM jobs WHERE expires_at <= $1 AND {TERMINAL} RETURNING id) \
-             SELECT b.blob_key FROM job_blobs b JOIN gone ON gone.id = b.job_id"
+            "WITH gone AS (DELETE FROM jobs WHERE expires_at <= $1 AND {TERMINAL} \
+               RETURNING id, preview_key) \
+             SELECT b.blob_key FROM job_blobs b JOIN gone ON gone.id = b.job_id \
+             UNION ALL SELECT preview_key FROM gone WHERE preview_key IS NOT NULL"
         );
         let keys: Vec<String> = sqlx::query_scalar(&sql)
             .bind(millis(now))
@@ -430,11 +481,8 @@ impl JobStore for PgStore {
     }
 
     async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError> {
-        let sql = format!(
-            "SELECT 1 FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
-             WHERE b.blob_key = $1 AND j.expires_at > {NOW}"
-        );
-        let live: Option<i32> = sqlx::query_scalar(&sql)
+        static SQL: LazyLock<String> = LazyLock::new(|| live_blob("$1", NOW));
+        let live: Option<i32> = sqlx::query_scalar(&SQL)
             .bind(key.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -456,6 +504,86 @@ impl JobStore for PgStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn claim_webhooks(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        // Concurrent dispatchers on any node skip the rows another is claiming.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH chosen AS (SELECT request_id FROM webhook_deliveries WHERE {} \
+                   ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE webhook_deliveries w SET due_at = {NOW} + $2, \
+                   claim_token = w.claim_token + 1 \
+                 FROM chosen WHERE w.request_id = chosen.request_id \
+                 RETURNING {}",
+                due(NOW),
+                DELIVERY_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("w.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&SQL)
+            .bind(i64::from(limit))
+            .bind(duration_millis(claim_for))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.into_iter().map(DeliveryRow::into_delivery).collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        delivery: &WebhookDelivery,
+        attempt: WebhookAttempt,
+        next: AfterAttempt,
+    ) -> Result<(), StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE webhook_deliveries SET {} WHERE {}",
+                attempt_set(
+                    "(attempts::jsonb || jsonb_build_array($1::jsonb))::text",
+                    NOW,
+                    "$2",
+                    "$3"
+                ),
+                claimed("$4", "$5")
+            )
+        });
+        let (state, retry_in) = after_attempt(next);
+        let done = sqlx::query(&SQL)
+            .bind(serde_json::to_string(&attempt).map_err(backend)?)
+            .bind(state)
+            .bind(retry_in)
+            .bind(delivery.request.to_string())
+            .bind(delivery.claim_token)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost(delivery.request));
+        }
+        Ok(())
+    }
+
+    async fn webhook_record(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| webhook_record("$1", "$2", NOW));
+        let row: Option<DeliveryRow> = sqlx::query_as(&SQL)
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(DeliveryRow::into_record).transpose()
     }
 
     fn subscribe(&self) -> JobEvents {

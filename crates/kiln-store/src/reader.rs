@@ -56,7 +56,7 @@ impl Readers {
         let conn = self.take();
         let mut statement = conn.prepare_cached(sql).map_err(classify)?;
         statement
-            .query_row(params, |row| Ok((job_row(row)?, row.get(15)?)))
+            .query_row(params, |row| Ok((job_row(row)?, row.get(19)?)))
             .optional()
             .map_err(classify)
     }
@@ -93,6 +93,10 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         error: row.get(12)?,
         attempts: row.get(13)?,
         fencing_token: row.get(14)?,
+        webhook_url: row.get(15)?,
+        preview_key: row.get(16)?,
+        preview_step: row.get(17)?,
+        cancel_requested: row.get(18)?,
     })
 }
 

@@ -3,9 +3,10 @@
 //! integers for counts and Unix-millisecond instants).
 
 use kiln_core::catalog::Route;
-use kiln_core::ids::{KeyId, RequestId, WorkerId};
-use kiln_core::job::{Job, JobState, JobStatus, JobView, Progress};
+use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
+use kiln_core::job::{Job, JobState, JobStatus, JobView, Preview, Progress};
 use kiln_core::store::{ApiKey, Lease, StoreError};
+use kiln_core::webhook::{DeliveryState, WebhookDelivery, WebhookRecord, WebhookUrl};
 use time::OffsetDateTime;
 
 /// Every column of `jobs` the domain needs, as SQL returns it.
@@ -26,11 +27,16 @@ pub(crate) struct JobRow {
     pub error: Option<String>,
     pub attempts: i64,
     pub fencing_token: i64,
+    pub webhook_url: Option<String>,
+    pub preview_key: Option<String>,
+    pub preview_step: Option<i64>,
+    pub cancel_requested: bool,
 }
 
 /// The column list matching [`JobRow`], for `SELECT` and `RETURNING`.
 pub(crate) const JOB_COLUMNS: &str = "id, owner, route, params, state, created_at, started_at, \
-    finished_at, expires_at, progress_step, progress_total, output, error, attempts, fencing_token";
+    finished_at, expires_at, progress_step, progress_total, output, error, attempts, fencing_token, \
+    webhook_url, preview_key, preview_step, cancel_requested";
 
 fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::corrupt(what, detail)
@@ -72,6 +78,12 @@ impl JobRow {
             params: serde_json::from_str(&self.params).map_err(|e| corrupt("params", e))?,
             created_at: from_millis(self.created_at)?,
             expires_at: from_millis(self.expires_at)?,
+            webhook: self
+                .webhook_url
+                .as_deref()
+                .map(WebhookUrl::parse)
+                .transpose()
+                .map_err(|e| corrupt("webhook_url", e))?,
             status: self.status()?,
         })
     }
@@ -120,6 +132,8 @@ impl JobRow {
                     }),
                     _ => None,
                 },
+                preview: self.preview()?,
+                cancel_requested: self.cancel_requested,
             },
             JobState::Succeeded => JobStatus::Succeeded {
                 started_at: started_at()?,
@@ -134,6 +148,22 @@ impl JobRow {
                 finished_at: finished_at()?,
             },
         })
+    }
+}
+
+impl JobRow {
+    /// The running job's preview: its key and step are written together, so one without the
+    /// other is a corrupt record.
+    fn preview(&self) -> Result<Option<Preview>, StoreError> {
+        match (&self.preview_key, self.preview_step) {
+            (None, None) => Ok(None),
+            (Some(key), Some(step)) => Ok(Some(Preview {
+                key: BlobKey::try_from(key.clone()).map_err(|e| corrupt("preview_key", e))?,
+                step: u32::try_from(step).map_err(|e| corrupt("preview_step", e))?,
+            })),
+            (Some(_), None) => Err(corrupt("preview_step", "a preview key without its step")),
+            (None, Some(_)) => Err(corrupt("preview_key", "a preview step without its key")),
+        }
     }
 }
 
@@ -177,6 +207,53 @@ impl ApiKeyRow {
             prefix: self.prefix,
             created_at: from_millis(self.created_at)?,
             revoked_at: self.revoked_at.map(from_millis).transpose()?,
+        })
+    }
+}
+
+/// The column list matching [`DeliveryRow`].
+pub(crate) const DELIVERY_COLUMNS: &str =
+    "request_id, owner, url, state, claim_token, attempts, created_at";
+
+/// A row of `webhook_deliveries`, the webhook outbox.
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeliveryRow {
+    request_id: String,
+    owner: String,
+    url: String,
+    state: String,
+    claim_token: i64,
+    attempts: String,
+    created_at: i64,
+}
+
+impl DeliveryRow {
+    /// The delivery as its (new) claimer holds it.
+    pub(crate) fn into_delivery(self) -> Result<WebhookDelivery, StoreError> {
+        Ok(WebhookDelivery {
+            request: self
+                .request_id
+                .parse::<RequestId>()
+                .map_err(|e| corrupt("request_id", e))?,
+            owner: KeyId::from_uuid(
+                uuid::Uuid::parse_str(&self.owner).map_err(|e| corrupt("owner", e))?,
+            ),
+            url: WebhookUrl::parse(&self.url).map_err(|e| corrupt("webhook url", e))?,
+            created_at: from_millis(self.created_at)?,
+            attempts: serde_json::from_str(&self.attempts)
+                .map_err(|e| corrupt("webhook attempts", e))?,
+            claim_token: self.claim_token,
+        })
+    }
+
+    /// The delivery as the request's result shows it.
+    pub(crate) fn into_record(self) -> Result<WebhookRecord, StoreError> {
+        Ok(WebhookRecord {
+            state: DeliveryState::parse(&self.state)
+                .ok_or_else(|| corrupt("webhook state", &self.state))?,
+            url: WebhookUrl::parse(&self.url).map_err(|e| corrupt("webhook url", e))?,
+            attempts: serde_json::from_str(&self.attempts)
+                .map_err(|e| corrupt("webhook attempts", e))?,
         })
     }
 }

@@ -13,20 +13,28 @@
 //! every consumer of events keeps as its fallback.
 
 use crate::common::{
-    blob_keys, claim_set, duplicate_name_or, event_key, expire_from_now, held, state_counts,
-    visible, worker_lost, Events, QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
+    after_attempt, announce, attempt_set, blob_keys, cancel_abandoned, cancel_outcome,
+    cancel_queued, claim_set, claimed, due, duplicate_name_or, event_key, expire_from_now,
+    heartbeat_set, held, live_blob, reclaimable, request_cancel, state_counts, visible,
+    worker_lost, Events, QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
 };
 use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
 use crate::reader::{ReadError, Readers};
-use crate::record::{from_millis, millis, ApiKeyRow, JobRow, JobViewRow, JOB_COLUMNS, KEY_COLUMNS};
+use crate::record::{
+    from_millis, millis, ApiKeyRow, DeliveryRow, JobRow, JobViewRow, DELIVERY_COLUMNS, JOB_COLUMNS,
+    KEY_COLUMNS,
+};
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use kiln_core::job::{CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, Progress};
-use kiln_core::store::{
-    ApiKey, ClaimPolicy, Enqueued, Idempotency, JobEvents, JobStore, KeyStore, Lease, QueueLimits,
-    StateCounts, StoreError,
+use kiln_core::job::{
+    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
 };
+use kiln_core::store::{
+    ApiKey, ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobStore, KeyStore, Lease,
+    QueueLimits, StateCounts, StoreError,
+};
+use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
     SqliteSynchronous,
@@ -217,6 +225,7 @@ impl SqliteStore {
             .await
             .map_err(backend)?;
         fenced(done, lease)?;
+        announce_end(&mut tx, &id, now).await?;
         for key in output.map(|o| o.images.as_slice()).unwrap_or_default() {
             sqlx::query("INSERT INTO job_blobs (blob_key, job_id) VALUES (?, ?)")
                 .bind(key.as_str())
@@ -229,6 +238,19 @@ impl SqliteStore {
         self.events.changed(key_of(lease), state, None);
         Ok(())
     }
+}
+
+/// Writes the webhook outbox's row of job `id`, which ended at `now` in `conn`'s transaction (if
+/// it named a webhook).
+async fn announce_end(conn: &mut SqliteConnection, id: &str, now: i64) -> Result<(), StoreError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| announce("?1", "?2"));
+    sqlx::query(&SQL)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(())
 }
 
 /// A leased job's id, owner and route, as its events name it.
@@ -271,6 +293,7 @@ impl JobStore for SqliteStore {
         &self,
         owner: KeyId,
         id: RequestId,
+        mode: CancelMode,
     ) -> Result<Option<CancelOutcome>, StoreError> {
         let now = now_millis();
         let (id_typed, owner_typed) = (id, owner);
@@ -280,33 +303,41 @@ impl JobStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        let sql = format!(
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?1, {} \
-             WHERE id = ?2 AND owner = ?3 AND state = 'queued' RETURNING route",
-            expire_from_now("?1")
-        );
-        let cancelled: Option<String> = sqlx::query_scalar(&sql)
+        let cancelled: Option<String> = sqlx::query_scalar(&cancel_queued("?1", "?2", "?3"))
             .bind(now)
             .bind(&id)
             .bind(&owner)
             .fetch_optional(&mut *tx)
             .await
             .map_err(backend)?;
-        let outcome = if cancelled.is_some() {
-            Some(CancelOutcome::Cancelled)
-        } else {
-            Self::view(&mut tx, &id, Some(&owner), now)
+        let mut requested = None;
+        if cancelled.is_some() {
+            announce_end(&mut tx, &id, now).await?;
+        } else if mode == CancelMode::Force {
+            requested = sqlx::query_scalar(&request_cancel("?1", "?2"))
+                .bind(&id)
+                .bind(&owner)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        let outcome = match (&cancelled, &requested) {
+            (Some(_), _) => Some(CancelOutcome::Cancelled),
+            (_, Some(_)) => Some(CancelOutcome::CancellationRequested),
+            _ => Self::view(&mut tx, &id, Some(&owner), now)
                 .await?
-                .map(|v| match v.job.state() {
-                    JobState::Cancelled => CancelOutcome::Cancelled,
-                    _ => CancelOutcome::NotCancellable,
-                })
+                .map(|view| cancel_outcome(&view, mode)),
         };
         tx.commit().await.map_err(backend)?;
-        if let Some(route) = cancelled {
+        // A forced cancel's request is announced as the running job it still is, so that
+        // watchers read it again.
+        let changed = cancelled
+            .map(|route| (route, JobState::Cancelled))
+            .or(requested.map(|route| (route, JobState::Running)));
+        if let Some((route, state)) = changed {
             let route = route.parse().map_err(|e| StoreError::corrupt("route", e))?;
             self.events
-                .changed((id_typed, owner_typed, route), JobState::Cancelled, None);
+                .changed((id_typed, owner_typed, route), state, None);
         }
         Ok(outcome)
     }
@@ -334,11 +365,12 @@ impl JobStore for SqliteStore {
                SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'queued' \
                  AND route IN ({route_params}) ORDER BY seq LIMIT 1) \
                UNION ALL \
-               SELECT seq FROM (SELECT seq FROM jobs WHERE state = 'running' \
-                 AND lease_expires_at < ?3 AND attempts < ?4 AND route IN ({route_params}) \
+               SELECT seq FROM (SELECT seq FROM jobs WHERE {} \
+                 AND attempts < ?4 AND route IN ({route_params}) \
                  ORDER BY seq LIMIT 1))) \
              RETURNING {JOB_COLUMNS}",
-            claim_set("?1", "?2", "?3")
+            claim_set("?1", "?2", "?3"),
+            reclaimable("?3")
         );
         let mut query = sqlx::query_as::<_, JobRow>(&sql)
             .bind(worker.as_str())
@@ -361,30 +393,38 @@ impl JobStore for SqliteStore {
     async fn heartbeat(
         &self,
         lease: &Lease,
-        progress: Option<Progress>,
+        report: &StepReport,
         extend_by: Duration,
-    ) -> Result<OffsetDateTime, StoreError> {
+    ) -> Result<HeartbeatAck, StoreError> {
         let until = now_millis() + duration_millis(extend_by);
-        let sql = format!(
-            "UPDATE jobs SET lease_expires_at = ?, progress_step = COALESCE(?, progress_step), \
-               progress_total = COALESCE(?, progress_total) WHERE {}",
-            held("?", "?")
-        );
-        let done = sqlx::query(&sql)
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE jobs SET {} WHERE {} RETURNING cancel_requested",
+                heartbeat_set("?1", "?2", "?3", "?4", "?5"),
+                held("?6", "?7")
+            )
+        });
+        let (progress, preview) = (report.progress, report.preview.as_ref());
+        let cancel_requested: Option<bool> = sqlx::query_scalar(&SQL)
             .bind(until)
             .bind(progress.map(|p| i64::from(p.step)))
             .bind(progress.map(|p| i64::from(p.total)))
+            .bind(preview.map(|p| p.key.as_str()))
+            .bind(preview.map(|p| i64::from(p.step)))
             .bind(lease.job.id.to_string())
             .bind(lease.fencing_token)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(backend)?;
-        fenced(done, lease)?;
-        if progress.is_some() {
+        let cancel_requested = cancel_requested.ok_or(StoreError::LeaseLost(lease.job.id))?;
+        if progress.is_some() || preview.is_some() {
             self.events
                 .changed(key_of(lease), JobState::Running, progress);
         }
-        from_millis(until)
+        Ok(HeartbeatAck {
+            expires_at: from_millis(until)?,
+            cancel_requested,
+        })
     }
 
     async fn complete(&self, lease: &Lease, output: JobOutput) -> Result<(), StoreError> {
@@ -395,6 +435,10 @@ impl JobStore for SqliteStore {
     async fn fail(&self, lease: &Lease, error: JobError) -> Result<(), StoreError> {
         self.finish(lease, JobState::Failed, None, Some(&error))
             .await
+    }
+
+    async fn end_cancelled(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.finish(lease, JobState::Cancelled, None, None).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -411,25 +455,50 @@ impl JobStore for SqliteStore {
     }
 
     async fn fail_abandoned(&self, max_attempts: u32) -> Result<u64, StoreError> {
-        let error = worker_lost(max_attempts);
-        let sql = format!(
-            "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?1, lease_expires_at = NULL, \
-               {} \
-             WHERE state = 'running' AND lease_expires_at < ?1 AND attempts >= ?3 \
-             RETURNING id, owner, route",
-            expire_from_now("?1")
-        );
-        let failed: Vec<(String, String, String)> = sqlx::query_as(&sql)
-            .bind(now_millis())
-            .bind(serde_json::to_string(&error).map_err(backend)?)
-            .bind(i64::from(max_attempts))
-            .fetch_all(&self.pool)
+        let now = now_millis();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
-        for key in &failed {
-            self.events.changed(event_key(key)?, JobState::Failed, None);
+        let sql = format!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?1, lease_expires_at = NULL, {} \
+             WHERE {} RETURNING id, owner, route",
+            expire_from_now("?1"),
+            cancel_abandoned("?1")
+        );
+        let cancelled: Vec<(String, String, String)> = sqlx::query_as(&sql)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let sql = format!(
+            "UPDATE jobs SET state = 'failed', error = ?2, finished_at = ?1, \
+               lease_expires_at = NULL, {} \
+             WHERE {} AND attempts >= ?3 RETURNING id, owner, route",
+            expire_from_now("?1"),
+            reclaimable("?1")
+        );
+        let failed: Vec<(String, String, String)> = sqlx::query_as(&sql)
+            .bind(now)
+            .bind(serde_json::to_string(&worker_lost(max_attempts)).map_err(backend)?)
+            .bind(i64::from(max_attempts))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+        for (id, _, _) in cancelled.iter().chain(&failed) {
+            announce_end(&mut tx, id, now).await?;
         }
-        Ok(failed.len() as u64)
+        tx.commit().await.map_err(backend)?;
+        for (keys, state) in [
+            (&cancelled, JobState::Cancelled),
+            (&failed, JobState::Failed),
+        ] {
+            for key in keys {
+                self.events.changed(event_key(key)?, state, None);
+            }
+        }
+        Ok((cancelled.len() + failed.len()) as u64)
     }
 
     async fn purge_expired(&self, now: OffsetDateTime) -> Result<Vec<BlobKey>, StoreError> {
@@ -439,9 +508,13 @@ impl JobStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)?;
+        // The files, then the records (their `job_blobs` and webhook deliveries go with them,
+        // by cascade).
         let sql = format!(
             "SELECT b.blob_key FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
-             WHERE j.expires_at <= ? AND j.{TERMINAL}"
+               WHERE j.expires_at <= ?1 AND j.{TERMINAL} \
+             UNION ALL SELECT preview_key FROM jobs \
+               WHERE expires_at <= ?1 AND {TERMINAL} AND preview_key IS NOT NULL"
         );
         let keys: Vec<String> = sqlx::query_scalar(&sql)
             .bind(now)
@@ -460,15 +533,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn blob_is_live(&self, key: &BlobKey) -> Result<bool, StoreError> {
-        let live: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM job_blobs b JOIN jobs j ON j.id = b.job_id \
-             WHERE b.blob_key = ? AND j.expires_at > ?",
-        )
-        .bind(key.as_str())
-        .bind(now_millis())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)?;
+        static SQL: LazyLock<String> = LazyLock::new(|| live_blob("?1", "?2"));
+        let live: Option<i64> = sqlx::query_scalar(&SQL)
+            .bind(key.as_str())
+            .bind(now_millis())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(live.is_some())
     }
 
@@ -486,6 +557,78 @@ impl JobStore for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn claim_webhooks(
+        &self,
+        limit: u32,
+        claim_for: Duration,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        // One statement: SQLite runs one writer at a time, so no two claimers take a row.
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE webhook_deliveries SET due_at = ?1 + ?2, claim_token = claim_token + 1 \
+                 WHERE request_id IN (SELECT request_id FROM webhook_deliveries WHERE {} \
+                   ORDER BY due_at LIMIT ?3) \
+                 RETURNING {DELIVERY_COLUMNS}",
+                due("?1")
+            )
+        });
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&SQL)
+            .bind(now_millis())
+            .bind(duration_millis(claim_for))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.into_iter().map(DeliveryRow::into_delivery).collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        delivery: &WebhookDelivery,
+        attempt: WebhookAttempt,
+        next: AfterAttempt,
+    ) -> Result<(), StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "UPDATE webhook_deliveries SET {} WHERE {}",
+                attempt_set("json_insert(attempts, '$[#]', json(?1))", "?2", "?3", "?4"),
+                claimed("?5", "?6")
+            )
+        });
+        let (state, retry_in) = after_attempt(next);
+        let done = sqlx::query(&SQL)
+            .bind(serde_json::to_string(&attempt).map_err(backend)?)
+            .bind(now_millis())
+            .bind(state)
+            .bind(retry_in)
+            .bind(delivery.request.to_string())
+            .bind(delivery.claim_token)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost(delivery.request));
+        }
+        Ok(())
+    }
+
+    async fn webhook_record(
+        &self,
+        owner: KeyId,
+        id: RequestId,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| crate::common::webhook_record("?1", "?2", "?3"));
+        let row: Option<DeliveryRow> = sqlx::query_as(&SQL)
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .bind(now_millis())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(DeliveryRow::into_record).transpose()
     }
 
     fn subscribe(&self) -> JobEvents {

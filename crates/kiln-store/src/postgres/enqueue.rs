@@ -90,8 +90,8 @@ async fn insert(
         millis(job.created_at),
     );
     sqlx::query(
-        "INSERT INTO jobs (id, owner, route, params, state, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, 'queued', $5, $6)",
+        "INSERT INTO jobs (id, owner, route, params, state, created_at, expires_at, webhook_url) \
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)",
     )
     .bind(&id)
     .bind(&owner)
@@ -99,6 +99,7 @@ async fn insert(
     .bind(params_json)
     .bind(now)
     .bind(millis(job.expires_at))
+    .bind(job.webhook.as_ref().map(|url| url.as_str()))
     .execute(&mut *conn)
     .await
     .map_err(backend)?;
