@@ -11,3 +11,4 @@ mod ops;
 mod request_ids;
 mod requests;
 mod submit;
+mod webhooks;

@@ -1,7 +1,7 @@
 //! Auth, and GET status / GET result / POST cancel of /v1/requests/{id}.
 
 use crate::harness::{TestServer, FLEX};
-use kiln_core::job::{JobError, JobErrorCode, Progress};
+use kiln_core::job::{JobError, JobErrorCode, Progress, StepReport};
 use kiln_core::store::{JobStore, KeyStore};
 use reqwest::Method;
 use serde_json::json;
@@ -106,7 +106,10 @@ async fn queued_requests_report_their_position_0_being_next() {
         .store
         .heartbeat(
             &lease,
-            Some(Progress { step: 3, total: 28 }),
+            &StepReport {
+                progress: Some(Progress { step: 3, total: 28 }),
+                preview: None,
+            },
             Duration::from_secs(300),
         )
         .await
@@ -227,6 +230,96 @@ async fn running_and_finished_requests_are_not_cancellable() {
     let answer = server.post(&cancel, None).await;
     assert_eq!(answer.body["outcome"], "not_cancellable");
     assert_eq!(answer.body["status"], "completed");
+}
+
+mod forced_cancel {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_running_request_is_asked_to_stop_and_ends_cancelled() {
+        let server = TestServer::start().await;
+        let id = server.submit_ok().await;
+        let lease = server.claim().await;
+        let cancel = format!("/v1/requests/{id}/cancel?force=true");
+        for _ in 0..2 {
+            let answer = server.post(&cancel, None).await;
+            assert_eq!(answer.status, 202, "{}", answer.body);
+            assert_eq!(
+                answer.body,
+                json!({"request_id": id.to_string(), "status": "in_progress", "outcome": "cancellation_requested"})
+            );
+        }
+        // Its worker learns it at the next heartbeat, and stops.
+        let report = StepReport {
+            progress: Some(Progress { step: 2, total: 28 }),
+            preview: None,
+        };
+        let ack = server
+            .store
+            .heartbeat(&lease, &report, Duration::from_secs(300))
+            .await
+            .unwrap();
+        assert!(ack.cancel_requested);
+        assert_eq!(server.status_of(id).await.ok()["status"], "in_progress");
+        server.store.end_cancelled(&lease).await.unwrap();
+
+        let result = server.result_of(id).await;
+        assert_eq!(result.ok()["status"], "cancelled");
+        assert!(result.body.get("finished_at").is_some());
+        assert_eq!(server.status_of(id).await.ok()["status"], "cancelled");
+        // Cancelling it again is harmless, as for a queued one.
+        let answer = server.post(&cancel, None).await;
+        assert_eq!(answer.body["outcome"], "cancelled");
+        assert_eq!(answer.body["status"], "cancelled");
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_is_cancelled_at_once() {
+        let server = TestServer::start().await;
+        let id = server.submit_ok().await;
+        let answer = server
+            .post(&format!("/v1/requests/{id}/cancel?force=true"), None)
+            .await;
+        assert_eq!(answer.body["outcome"], "cancelled", "{}", answer.body);
+        assert_eq!(answer.body["status"], "cancelled");
+    }
+
+    #[tokio::test]
+    async fn force_false_is_the_plain_cancel() {
+        let server = TestServer::start().await;
+        let id = server.submit_ok().await;
+        let lease = server.claim().await;
+        let answer = server
+            .post(&format!("/v1/requests/{id}/cancel?force=false"), None)
+            .await;
+        assert_eq!(answer.body["outcome"], "not_cancellable", "{}", answer.body);
+        let report = StepReport {
+            progress: None,
+            preview: None,
+        };
+        let ack = server
+            .store
+            .heartbeat(&lease, &report, Duration::from_secs(300))
+            .await
+            .unwrap();
+        assert!(!ack.cancel_requested);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_force_is_422001_naming_force() {
+        let server = TestServer::start().await;
+        let id = server.submit_ok().await;
+        for value in ["maybe", "1", "", "TRUE"] {
+            let answer = server
+                .post(&format!("/v1/requests/{id}/cancel?force={value}"), None)
+                .await;
+            let body = answer.error(422, 422001);
+            assert_eq!(body["detail"][0]["field"], "force", "{body}");
+            assert_eq!(body["detail"][0]["rule"], "must be true or false", "{body}");
+        }
+        // Nothing was cancelled.
+        assert_eq!(server.status_of(id).await.ok()["status"], "in_queue");
+    }
 }
 
 #[tokio::test]
