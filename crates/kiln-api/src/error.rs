@@ -60,6 +60,9 @@ pub(crate) enum ApiError {
     IdempotencyConflict,
     #[error("the Idempotency-Key header must be 1 to 255 visible ASCII characters")]
     InvalidIdempotencyKey,
+    /// `Prefer: wait=N` with N not a whole number of seconds from 1 to 60 (the value given).
+    #[error("Prefer: wait must be 1 to 60 seconds (got '{0}')")]
+    InvalidPreferWait(String),
     #[error("too many requests for this API key; retry in {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
     #[error("the queue is full ({depth} jobs waiting); retry later")]
@@ -94,7 +97,7 @@ impl ApiError {
             // The input is valid; the key's state is what conflicts (RFC 9110's 409: resubmit
             // with a new key).
             IdempotencyConflict => (StatusCode::CONFLICT, 409001),
-            MalformedJson(_) | InvalidInput(_) | InvalidIdempotencyKey => {
+            MalformedJson(_) | InvalidInput(_) | InvalidIdempotencyKey | InvalidPreferWait(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, 422001)
             }
             RateLimited { .. } | KeyQueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 429001),
@@ -156,6 +159,11 @@ impl ApiError {
                     None,
                 )]
             }
+            ApiError::InvalidPreferWait(value) => vec![Violation::new(
+                "Prefer",
+                "wait must be 1..=60 seconds",
+                Some(&serde_json::Value::String(format!("wait={value}"))),
+            )],
             _ => Vec::new(),
         }
     }
@@ -269,6 +277,7 @@ mod tests {
             InputErrors(vec![Violation::new("seed", "must be an integer", None)]).into(),
             ApiError::IdempotencyConflict,
             ApiError::InvalidIdempotencyKey,
+            ApiError::InvalidPreferWait("61".into()),
             ApiError::RateLimited { retry_after_s: 3 },
             ApiError::QueueFull { depth: 5 },
             ApiError::KeyQueueFull { queued: 5 },

@@ -41,6 +41,7 @@ mod metrics;
 mod models;
 mod openapi;
 mod ops;
+mod prefer;
 mod rate_limit;
 mod request_id;
 mod requests;

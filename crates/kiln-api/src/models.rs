@@ -3,6 +3,7 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::inputs::{self, parse_input, parse_json};
+use crate::prefer;
 use crate::state::AppState;
 use crate::webhooks;
 use crate::wire::{ErrorBody, ModelList, ModelSchemas, ModelSummary, ResultOutput, SubmitResponse};
@@ -42,17 +43,19 @@ const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
         ("model_id" = String, Path, description = "The model id"),
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$",
             description = "Repeating a submit with the same key (within 24 h) answers the original request instead of queueing another; 1 to 255 visible ASCII characters"),
+        ("Prefer" = Option<String>, Header, example = "wait=30",
+            description = "`wait=N` (1 to 60 s; a bare `wait` is 60): hold the answer until the request ends, up to N seconds. If it ends in time the answer is its result object (as the result endpoint answers it) plus `status_url`, `result_url` and `cancel_url`, with `Preference-Applied: wait=N`; otherwise the usual answer. Other preferences are ignored (RFC 7240)"),
         ("webhook" = Option<String>, Query, max_length = 2048,
             description = "An absolute http(s) URL that kiln POSTs `{request_id, status: OK|ERROR, payload: <result object>, error?}` to when the request ends (succeeded: OK; failed or cancelled: ERROR), signed per Standard Webhooks with the key `GET /v1/webhooks/secret` returns, and retried with backoff until a 2xx. Only the terminal event is sent (no progress events). The result lists the attempts under `webhook`"),
     ),
     request_body(content = Object, description = "The model's input"),
     responses(
-        (status = 200, description = "Queued", body = SubmitResponse),
+        (status = 200, description = "Queued; with `Prefer: wait=N`, a request that ended within N seconds answers a WaitedResponse instead", body = SubmitResponse),
         (status = 401, description = "Missing or invalid token (401001)", body = ErrorBody),
         (status = 413, description = "Body too large (413001)", body = ErrorBody),
         (status = 415, description = "The body is not declared application/json (415001)", body = ErrorBody),
         (status = 409, description = "The Idempotency-Key was already used for another input (409001)", body = ErrorBody),
-        (status = 422, description = "Input does not match the model's schema, a malformed Idempotency-Key, or an invalid webhook URL (422001)", body = ErrorBody),
+        (status = 422, description = "Input does not match the model's schema, a malformed Idempotency-Key, an invalid webhook URL, or `Prefer: wait` beyond 1 to 60 s (422001)", body = ErrorBody),
         (status = 429, description = "Rate limited (429001); see Retry-After", body = ErrorBody),
         (status = 503, description = "Queue full or shutting down (503001); see Retry-After", body = ErrorBody),
     ),
@@ -65,13 +68,14 @@ pub(crate) async fn submit(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<SubmitResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let route = served_route(&state, &model_id)?;
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
     let webhook = webhooks::webhook_param(query)?;
     let mut params = read_input(&state, route, &headers, body)?;
+    let wait_s = prefer::wait_preference(&headers)?;
     // The fingerprint is of the input as sent: a replay stores its images under new keys.
     let idempotency = idempotency(&headers, route, &params, &state)?;
     let stored = store_inline_images(&state, &mut params).await?;
@@ -103,12 +107,16 @@ pub(crate) async fn submit(
     let enqueued = enqueued?;
     let id = enqueued.view.job.id;
     let settings = &state.settings;
-    Ok(Json(SubmitResponse {
+    let submitted = SubmitResponse {
         request_id: id.to_string(),
         status_url: settings.request_url(id, "status"),
         result_url: settings.request_url(id, "result"),
         cancel_url: settings.request_url(id, "cancel"),
-    }))
+    };
+    match wait_s {
+        Some(wait_s) => prefer::answer_after_wait(&state, owner, id, wait_s, submitted).await,
+        None => Ok(Json(submitted).into_response()),
+    }
 }
 
 /// Moves the input's `data:` images into the blob store, for as long as the job needs them,

@@ -33,7 +33,7 @@ use utoipa::{Modify, OpenApi};
         ops::openapi_json,
     ),
     // Sent, not answered: no path names the webhook message, so it is listed here.
-    components(schemas(crate::wire::WebhookMessage)),
+    components(schemas(crate::wire::WebhookMessage, crate::wire::WaitedResponse)),
     modifiers(&BearerToken)
 )]
 struct ApiDoc;
@@ -78,6 +78,7 @@ fn one_path_per_model(doc: &mut Value, settings: &ApiSettings) {
         .remove(SUBMIT_TEMPLATE)
         .map(|mut item| item["post"].take())
         .expect("submit is documented");
+    document_waited_answer(&mut submit);
     let mut schema = paths
         .remove(SCHEMA_TEMPLATE)
         .map(|mut item| item["get"].take())
@@ -123,6 +124,18 @@ fn one_path_per_model(doc: &mut Value, settings: &ApiSettings) {
     for (name, input) in inputs {
         schemas[name] = input;
     }
+}
+
+/// A submit's 200 is one of two bodies (`Prefer: wait`), which the annotation cannot say.
+fn document_waited_answer(submit: &mut Value) {
+    submit["responses"]["200"]["content"]["application/json"]["schema"] = json!({"oneOf": [
+        {"$ref": "#/components/schemas/SubmitResponse"},
+        {"$ref": "#/components/schemas/WaitedResponse"},
+    ]});
+    submit["responses"]["200"]["headers"]["Preference-Applied"] = json!({
+        "description": "`wait=N` when a `Prefer: wait=N` was honoured",
+        "schema": {"type": "string"},
+    });
 }
 
 /// What any operation may answer besides its own outcomes, declared on each: every answer's

@@ -35,6 +35,20 @@ pub struct SubmitResponse {
     pub cancel_url: String,
 }
 
+/// A `Prefer: wait` submit's answer when the request ended in time: its result object (as the
+/// result endpoint answers it) with the submit's three URLs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WaitedResponse {
+    #[serde(flatten)]
+    pub result: ResultResponse,
+    #[schema(format = "uri")]
+    pub status_url: String,
+    #[schema(format = "uri")]
+    pub result_url: String,
+    #[schema(format = "uri")]
+    pub cancel_url: String,
+}
+
 /// A request's state in the status endpoint's vocabulary (a failed request reads `completed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -6,6 +6,7 @@ mod harness;
 mod conformance;
 mod connections;
 mod files;
+mod live;
 mod metrics_exposure;
 mod ops;
 mod request_ids;
