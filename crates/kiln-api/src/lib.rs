@@ -7,6 +7,7 @@
 //! - [`inputs`]: each model's input schema; [`inputs::parse_input`] validates a body into
 //!   generation parameters (the HTTP submit and `kiln generate` both use it).
 //! - `models`: `/v1/models` (catalog, schemas) and submitting a request.
+//! - `prefer`: `Prefer: wait=N` on submit (answer with the result if it ends within N s).
 //! - `requests`: `/v1/requests/{id}/status|result|cancel`.
 //! - `webhooks`: the submit's `webhook` parameter, `/v1/webhooks/secret`, and [`WebhookBodies`]
 //!   (the messages a dispatcher sends).

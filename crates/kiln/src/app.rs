@@ -287,6 +287,8 @@ impl Application {
             },
             metrics_on_api_port: metrics.is_none(),
             metrics_token: settings.metrics.token.clone(),
+            // The contract's 15 s; not configurable (proxies' idle timeouts are longer).
+            stream_keep_alive: Duration::from_secs(15),
         };
         let served_routes = api.served_routes.clone();
         let public_url = api.public_url.clone();
