@@ -66,7 +66,12 @@ impl Receiver {
     }
 }
 
-async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+/// Records the request and answers the script's next answer; a 3xx points back here.
+async fn receive(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 1]) {
     receiver.seen.lock().unwrap().push(Seen {
         at: Instant::now(),
         headers,
@@ -80,7 +85,10 @@ async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Byt
             status
         }
     };
-    StatusCode::from_u16(status).unwrap()
+    (
+        StatusCode::from_u16(status).unwrap(),
+        [("location", "/hook")],
+    )
 }
 
 /// The message body kiln-api would write, reduced to what the tests check.
@@ -477,4 +485,23 @@ async fn shutdown_lets_the_attempt_under_way_finish() {
     let record = store.webhook_record(owner, id).await.unwrap().unwrap();
     assert_eq!(record.state, DeliveryState::Delivered);
     assert_eq!(outcomes(&record), [AttemptOutcome::Status(200)]);
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_failed_attempt_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("kiln.db")).await;
+    let (receiver, url) = Receiver::start([Answer::Status(307)]).await;
+    let owner = KeyId::new();
+    let id = finished_job(&store, owner, &url).await;
+
+    let dispatcher = dispatch(store.clone(), FixedBodies, settings());
+    let record = record_when(&store, owner, id, Duration::from_secs(10), delivered).await;
+    dispatcher.stop().await;
+    // Followed, the redirect's 200 would have been the first attempt's.
+    assert_eq!(
+        outcomes(&record),
+        [AttemptOutcome::Status(307), AttemptOutcome::Status(200)]
+    );
+    assert_eq!(receiver.seen().len(), 2);
 }
