@@ -2,8 +2,9 @@
 
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId};
-use kiln_core::job::{JobOutput, NewJob, OutputMetadata, Timings};
+use kiln_core::job::{JobOutput, NewJob, OutputMetadata, Preview, Progress, StepReport, Timings};
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::webhook::WebhookUrl;
 use kiln_core::OffsetDateTime;
 use std::time::Duration;
 
@@ -44,6 +45,33 @@ pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
         created_at: now,
         expires_at: now + Duration::from_secs(3600),
         webhook: None,
+    }
+}
+
+/// Where [`new_job_with_webhook`]'s jobs announce their end (nothing listens there).
+pub const WEBHOOK: &str = "https://hooks.example.com/kiln";
+
+/// A job of `owner` on [`ROUTE`] that names the webhook [`WEBHOOK`].
+pub fn new_job_with_webhook(owner: KeyId, prompt: &str) -> NewJob {
+    NewJob {
+        webhook: Some(WebhookUrl::parse(WEBHOOK).unwrap()),
+        ..new_job(owner, prompt)
+    }
+}
+
+/// A heartbeat's report of `progress` alone.
+pub fn progressed(progress: Progress) -> StepReport {
+    StepReport {
+        progress: Some(progress),
+        preview: None,
+    }
+}
+
+/// A heartbeat's report of step `step` of `total` with the preview `key` of that step.
+pub fn previewed(step: u32, total: u32, key: BlobKey) -> StepReport {
+    StepReport {
+        progress: Some(Progress { step, total }),
+        preview: Some(Preview { key, step }),
     }
 }
 

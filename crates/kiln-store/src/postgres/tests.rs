@@ -5,11 +5,11 @@
 
 use super::PgStore;
 use kiln_core::ids::{BlobKey, KeyId, WorkerId};
-use kiln_core::job::{JobState, Progress};
+use kiln_core::job::{CancelMode, JobState, Progress, StepReport};
 use kiln_core::store::{
     ClaimPolicy, JobEvent, JobEvents, JobNotice, JobStore, KeyStore, QueueLimits, StoreError,
 };
-use kiln_testkit::jobs::{new_job, output, ROUTE};
+use kiln_testkit::jobs::{new_job, output, progressed, ROUTE};
 use kiln_testkit::postgres::fresh_database;
 use std::time::Duration;
 
@@ -71,7 +71,7 @@ async fn two_nodes_start_together_then_share_the_queue() {
         assert_eq!(lease.job.id, first.view.job.id, "the oldest job first");
         assert_eq!((lease.attempt, lease.fencing_token), (1, 1));
         let progress = Progress { step: 2, total: 4 };
-        b.heartbeat(&lease, Some(progress), Duration::from_secs(60))
+        b.heartbeat(&lease, &progressed(progress), Duration::from_secs(60))
             .await
             .unwrap();
         let key = BlobKey::try_from("out-1.jpg".to_string()).unwrap();
@@ -143,11 +143,11 @@ async fn another_node_hears_of_a_submit_and_its_changes() {
             expected(JobState::Running, None)
         );
         // A heartbeat that changes nothing but the lease is no event; one with progress is.
-        a.heartbeat(&lease, None, Duration::from_secs(60))
+        a.heartbeat(&lease, &StepReport::default(), Duration::from_secs(60))
             .await
             .unwrap();
         let progress = Progress { step: 1, total: 4 };
-        a.heartbeat(&lease, Some(progress), Duration::from_secs(60))
+        a.heartbeat(&lease, &progressed(progress), Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(
@@ -159,7 +159,7 @@ async fn another_node_hears_of_a_submit_and_its_changes() {
             next_event(&mut heard).await,
             expected(JobState::Queued, None)
         );
-        a.cancel(owner, id).await.unwrap();
+        a.cancel(owner, id, CancelMode::QueuedOnly).await.unwrap();
         assert_eq!(
             next_event(&mut heard).await,
             expected(JobState::Cancelled, None)

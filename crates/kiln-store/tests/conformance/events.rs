@@ -37,7 +37,7 @@ pub async fn every_change_of_a_job_is_an_event_in_order<B: Backend>(b: B) {
     assert_eq!(next_about(&mut events, id).await.state, JobState::Running);
     let step = Progress { step: 2, total: 4 };
     store
-        .heartbeat(&lease, Some(step), Duration::from_secs(60))
+        .heartbeat(&lease, &progressed(step), Duration::from_secs(60))
         .await
         .unwrap();
     let beat = next_about(&mut events, id).await;
@@ -50,7 +50,10 @@ pub async fn every_change_of_a_job_is_an_event_in_order<B: Backend>(b: B) {
         next_about(&mut events, cancelled).await.state,
         JobState::Queued
     );
-    store.cancel(owner, cancelled).await.unwrap();
+    store
+        .cancel(owner, cancelled, CancelMode::QueuedOnly)
+        .await
+        .unwrap();
     assert_eq!(
         next_about(&mut events, cancelled).await.state,
         JobState::Cancelled

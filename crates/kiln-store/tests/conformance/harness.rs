@@ -102,7 +102,10 @@ impl Backend for Postgres {
     }
 }
 
-pub use kiln_testkit::jobs::{new_job, new_job_on, output, ROUTE};
+pub use kiln_core::job::{CancelMode, StepReport};
+pub use kiln_testkit::jobs::{
+    new_job, new_job_on, new_job_with_webhook, output, previewed, progressed, ROUTE, WEBHOOK,
+};
 pub const OTHER_ROUTE: Route = Route::Flux2FlexTextToImage;
 
 /// Long enough never to run out during a test.

@@ -79,11 +79,12 @@ pub async fn a_heartbeat_extends_the_lease_and_records_progress<B: Backend>(b: B
     let until = store
         .heartbeat(
             &lease,
-            Some(Progress { step: 2, total: 8 }),
+            &progressed(Progress { step: 2, total: 8 }),
             Duration::from_secs(60),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .expires_at;
     assert!(
         until >= lease.expires_at + Duration::from_secs(50),
         "extended by about a minute: {until} (was {})",
@@ -93,6 +94,8 @@ pub async fn a_heartbeat_extends_the_lease_and_records_progress<B: Backend>(b: B
         started_at: lease.started_at,
         attempt: 1,
         progress,
+        preview: None,
+        cancel_requested: false,
     };
     let status = view(&*store, owner, id).await.job.status;
     assert_eq!(
@@ -101,7 +104,7 @@ pub async fn a_heartbeat_extends_the_lease_and_records_progress<B: Backend>(b: B
         "{status:?}"
     );
     store
-        .heartbeat(&lease, None, Duration::from_secs(60))
+        .heartbeat(&lease, &StepReport::default(), Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(
@@ -112,7 +115,7 @@ pub async fn a_heartbeat_extends_the_lease_and_records_progress<B: Backend>(b: B
     store
         .heartbeat(
             &lease,
-            Some(Progress { step: 5, total: 8 }),
+            &progressed(Progress { step: 5, total: 8 }),
             Duration::from_secs(60),
         )
         .await
@@ -168,7 +171,7 @@ pub async fn complete_ends_the_job_with_its_output_once<B: Backend>(b: B) {
         store
             .heartbeat(
                 &lease,
-                Some(Progress { step: 1, total: 2 }),
+                &progressed(Progress { step: 1, total: 2 }),
                 Duration::from_secs(60),
             )
             .await,
@@ -210,7 +213,10 @@ pub async fn fail_ends_the_job_with_its_error_once<B: Backend>(b: B) {
     assert_lease_lost(store.complete(&lease, output(vec![])).await, id);
     assert_lease_lost(store.release(&lease).await, id);
     assert_eq!(
-        store.cancel(owner, id).await.unwrap(),
+        store
+            .cancel(owner, id, CancelMode::QueuedOnly)
+            .await
+            .unwrap(),
         Some(CancelOutcome::NotCancellable)
     );
     assert_eq!(view(&*store, owner, id).await.job.status, status);
@@ -226,7 +232,7 @@ pub async fn release_puts_the_job_back_first_in_line_without_spending_an_attempt
     store
         .heartbeat(
             &lease,
-            Some(Progress { step: 1, total: 4 }),
+            &progressed(Progress { step: 1, total: 4 }),
             Duration::from_secs(60),
         )
         .await
@@ -249,12 +255,16 @@ pub async fn release_puts_the_job_back_first_in_line_without_spending_an_attempt
         JobStatus::Running {
             started_at: again.started_at,
             attempt: 1,
-            progress: None
+            progress: None,
+            preview: None,
+            cancel_requested: false,
         },
         "the released run's progress is gone"
     );
     assert_lease_lost(
-        store.heartbeat(&lease, None, Duration::from_secs(60)).await,
+        store
+            .heartbeat(&lease, &StepReport::default(), Duration::from_secs(60))
+            .await,
         first,
     );
     store.complete(&again, output(vec![])).await.unwrap();
@@ -287,7 +297,9 @@ pub async fn a_stale_lease_holder_is_fenced_off<B: Backend>(b: B) {
         JobStatus::Running {
             started_at: fresh.started_at,
             attempt: 2,
-            progress: None
+            progress: None,
+            preview: None,
+            cancel_requested: false,
         }
     );
 
@@ -295,7 +307,7 @@ pub async fn a_stale_lease_holder_is_fenced_off<B: Backend>(b: B) {
     assert_lease_lost(
         a.heartbeat(
             &stale,
-            Some(Progress { step: 1, total: 4 }),
+            &progressed(Progress { step: 1, total: 4 }),
             Duration::from_secs(60),
         )
         .await,
@@ -312,7 +324,9 @@ pub async fn a_stale_lease_holder_is_fenced_off<B: Backend>(b: B) {
         JobStatus::Running {
             started_at: fresh.started_at,
             attempt: 2,
-            progress: None
+            progress: None,
+            preview: None,
+            cancel_requested: false,
         },
         "A's refused writes changed nothing"
     );
@@ -320,7 +334,7 @@ pub async fn a_stale_lease_holder_is_fenced_off<B: Backend>(b: B) {
     b_store
         .heartbeat(
             &fresh,
-            Some(Progress { step: 3, total: 4 }),
+            &progressed(Progress { step: 3, total: 4 }),
             Duration::from_secs(60),
         )
         .await

@@ -8,6 +8,10 @@
 //!   lease holder, the attempt limit and `fail_abandoned`.
 //! - `retention`: expiry from the end of a job, purge and the files it reports, `blob_is_live`.
 //! - `idempotency`: replay, conflict, scope and window of idempotency keys.
+//! - `live`: previews recorded by heartbeats (and which preview is live), forced cancels of
+//!   running jobs (`end_cancelled`, a worker that died with one pending).
+//! - `webhooks`: the webhook outbox: one delivery per ended job with a webhook, claims, attempts,
+//!   the record a result shows, purge.
 //! - `keys`: the API key store.
 //! - `events`: what `subscribe` hands out as a job changes.
 //! - `races`: many workers and submitters at once, each with its own handle on the database.
@@ -28,9 +32,11 @@ mod harness;
 mod idempotency;
 mod keys;
 mod leases;
+mod live;
 mod queue;
 mod races;
 mod retention;
+mod webhooks;
 
 /// One module of tests per backend: `backend_tests!(module, BackendType, [case module::case, …])`.
 macro_rules! backend_tests {
@@ -77,6 +83,16 @@ conformance! {
     leases::a_stale_lease_holder_is_fenced_off,
     leases::a_job_that_keeps_killing_workers_is_failed,
     retention::purge_removes_expired_records_and_reports_their_files,
+    live::a_heartbeat_records_the_latest_preview_and_only_it_stays_live,
+    live::a_new_claim_starts_without_the_last_attempts_preview,
+    live::a_forced_cancel_stops_a_running_job,
+    live::a_stale_lease_cannot_end_a_job_cancelled,
+    live::a_forced_cancel_whose_worker_died_is_cancelled_not_taken_again,
+    live::previews_and_forced_cancels_are_events,
+    webhooks::every_end_of_a_job_with_a_webhook_writes_one_delivery,
+    webhooks::a_due_delivery_goes_to_one_claimer_at_a_time,
+    webhooks::attempts_are_recorded_in_order_and_decide_what_follows,
+    webhooks::purge_removes_the_deliveries_of_purged_jobs,
     idempotency::a_repeated_key_replays_the_original_and_another_body_conflicts,
     idempotency::a_key_past_its_window_is_forgotten,
     keys::keys_are_created_listed_found_by_hash_and_revoked,

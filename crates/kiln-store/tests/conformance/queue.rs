@@ -69,7 +69,9 @@ pub async fn queue_positions_follow_submission_order<B: Backend>(b: B) {
         JobStatus::Running {
             started_at: lease.started_at,
             attempt: 1,
-            progress: None
+            progress: None,
+            preview: None,
+            cancel_requested: false,
         }
     );
     let running = view(&*store, owner, ids[0]).await;
@@ -82,6 +84,8 @@ pub async fn queue_positions_follow_submission_order<B: Backend>(b: B) {
             started_at,
             attempt,
             progress,
+            preview: None,
+            cancel_requested: false,
         } => {
             assert_close(
                 started_at,
@@ -107,7 +111,11 @@ pub async fn another_owner_sees_nothing<B: Backend>(b: B) {
     let (alice, bob) = (KeyId::new(), KeyId::new());
     let id = submit(&*store, alice, "mine").await;
     assert!(store.get(bob, id).await.unwrap().is_none());
-    assert!(store.cancel(bob, id).await.unwrap().is_none());
+    assert!(store
+        .cancel(bob, id, CancelMode::QueuedOnly)
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(
         view(&*store, alice, id).await.job.status,
         JobStatus::Queued,
@@ -153,7 +161,10 @@ pub async fn the_queue_limit_counts_waiting_jobs<B: Backend>(b: B) {
             .await,
         Err(StoreError::QueueFull { depth: 3 })
     ));
-    store.cancel(owner, cancelled).await.unwrap();
+    store
+        .cancel(owner, cancelled, CancelMode::QueuedOnly)
+        .await
+        .unwrap();
     store
         .enqueue(new_job(owner, "e"), None, QueueLimits::total(3))
         .await
@@ -204,7 +215,10 @@ pub async fn cancel_in_each_state<B: Backend>(b: B) {
     let queued = submit(&*store, owner, "q").await;
     let running = submit(&*store, owner, "r").await;
     assert_eq!(
-        store.cancel(owner, queued).await.unwrap(),
+        store
+            .cancel(owner, queued, CancelMode::QueuedOnly)
+            .await
+            .unwrap(),
         Some(CancelOutcome::Cancelled)
     );
     let first = view(&*store, owner, queued).await;
@@ -214,7 +228,10 @@ pub async fn cancel_in_each_state<B: Backend>(b: B) {
     assert!(finished_at >= first.job.created_at);
     assert_eq!(first.queue_position, None);
     assert_eq!(
-        store.cancel(owner, queued).await.unwrap(),
+        store
+            .cancel(owner, queued, CancelMode::QueuedOnly)
+            .await
+            .unwrap(),
         Some(CancelOutcome::Cancelled),
         "twice is harmless"
     );
@@ -232,7 +249,10 @@ pub async fn cancel_in_each_state<B: Backend>(b: B) {
     let lease = claim(&*store, "w", LONG_LEASE).await;
     assert_eq!(lease.job.id, running, "a cancelled job is never claimed");
     assert_eq!(
-        store.cancel(owner, running).await.unwrap(),
+        store
+            .cancel(owner, running, CancelMode::QueuedOnly)
+            .await
+            .unwrap(),
         Some(CancelOutcome::NotCancellable)
     );
     assert_eq!(
@@ -241,7 +261,10 @@ pub async fn cancel_in_each_state<B: Backend>(b: B) {
     );
     store.complete(&lease, output(vec![])).await.unwrap();
     assert_eq!(
-        store.cancel(owner, running).await.unwrap(),
+        store
+            .cancel(owner, running, CancelMode::QueuedOnly)
+            .await
+            .unwrap(),
         Some(CancelOutcome::NotCancellable)
     );
     assert_eq!(
@@ -249,7 +272,7 @@ pub async fn cancel_in_each_state<B: Backend>(b: B) {
         JobState::Succeeded
     );
     assert!(store
-        .cancel(owner, RequestId::new())
+        .cancel(owner, RequestId::new(), CancelMode::QueuedOnly)
         .await
         .unwrap()
         .is_none());
@@ -269,7 +292,10 @@ pub async fn state_counts_count_every_state<B: Backend>(b: B) {
     let fails = claim(&*store, "w", LONG_LEASE).await;
     store.fail(&fails, engine_failed("no")).await.unwrap();
     claim(&*store, "w", LONG_LEASE).await;
-    store.cancel(owner, ids[3]).await.unwrap();
+    store
+        .cancel(owner, ids[3], CancelMode::QueuedOnly)
+        .await
+        .unwrap();
     // [queued, running, succeeded, failed, cancelled]
     assert_eq!(count_list(&*store).await, [2, 1, 1, 1, 1]);
 }

@@ -53,7 +53,10 @@ async fn one_job_of_each_kind<S: JobStore + ?Sized>(store: &S) -> Jobs {
     ];
     let [succeeds, fails, cancelled, kept, running, queued, edit] = ids;
     assert!(store.blob_is_live(&reference).await.unwrap());
-    store.cancel(owner, cancelled).await.unwrap();
+    store
+        .cancel(owner, cancelled, CancelMode::QueuedOnly)
+        .await
+        .unwrap();
     let (short_key, kept_key) = (BlobKey::random("png"), BlobKey::random("png"));
     let lease = claim(store, "w", LONG_LEASE).await;
     assert_eq!(lease.job.id, succeeds);
