@@ -1,6 +1,6 @@
 //! What the SQL backends say alike, so that the two cannot drift apart: the fragments of
 //! statements whose text is the same in both dialects, the error a job gets when its workers
-//! keep dying, counts per state, and the events of a change.
+//! keep dying, counts per state, the events of a change, and the webhook outbox's statements.
 //!
 //! Placeholders differ (`?1` in SQLite, `$1` in PostgreSQL), and an instant may be a bound
 //! value or, in PostgreSQL, the server's clock; so a fragment that takes a value is a function

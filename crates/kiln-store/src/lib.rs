@@ -16,6 +16,12 @@
 //! - `common`: what both backends say alike: statement fragments, the `worker_lost` error,
 //!   counts per state, the events' broadcast channel.
 //!
+//! Live requests: a running job carries its latest preview and a forced cancel's request (a
+//! released or abandoned job with one pending ends `cancelled`, never runs again). Every terminal
+//! transition of a job that named a webhook writes its row of the webhook outbox
+//! (`webhook_deliveries`) in the same transaction; dispatchers claim due rows with a claim token
+//! that fences their attempts, as leases fence workers.
+//!
 //! Migrations: `migrations/sqlite` and `migrations/postgres`, embedded in the binary and run on
 //! open/connect.
 //!

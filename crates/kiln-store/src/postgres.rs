@@ -32,17 +32,20 @@
 //!   node take different jobs without waiting on each other.
 //! - Every write of a running job names its fencing token and `state = 'running'`; no row
 //!   changed means the lease was lost.
+//! - Webhook deliveries: claimed like jobs (`FOR UPDATE SKIP LOCKED`, the claim's end by the
+//!   server's clock, a claim token that fences the attempt's record).
 //!
 //! Connections are opened with `default_transaction_isolation = 'read committed'`, whatever
 //! the server's default: the submit lock relies on each statement seeing what committed
 //! before it.
 //!
 //! # Events
-//! A trigger on `jobs` (see the migration) calls `pg_notify('kiln_jobs', …)` in the writing
-//! transaction for every submit, state change, re-claim and change of progress, so it is heard
-//! on commit only, from whichever node wrote it. Each store keeps one listening connection
-//! (`events`) that fans the notifications out to its subscribers, including those of its own
-//! writes; after a lost connection it listens again and tells subscribers to resync.
+//! A trigger on `jobs` (see the migrations) calls `pg_notify('kiln_jobs', …)` in the writing
+//! transaction for every submit, state change, re-claim, change of progress or preview and
+//! forced cancel's request, so it is heard on commit only, from whichever node wrote it. Each
+//! store keeps one listening connection (`events`) that fans the notifications out to its
+//! subscribers, including those of its own writes; after a lost connection it listens again and
+//! tells subscribers to resync.
 
 mod enqueue;
 mod events;
@@ -421,7 +424,13 @@ impl JobStore for PgStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        let sql = format!("UPDATE jobs SET {RELEASE_SET} WHERE {}", held("$1", "$2"));
+        // A job its owner asked to stop is not put back in line: it ends `cancelled`, as its
+        // worker would have ended it. The flag is only ever set while the job runs, so a release
+        // refused here for it is the lease's to end (or `LeaseLost`, fenced alike).
+        let sql = format!(
+            "UPDATE jobs SET {RELEASE_SET} WHERE {} AND NOT cancel_requested",
+            held("$1", "$2")
+        );
         let done = sqlx::query(&sql)
             .bind(lease.job.id.to_string())
             .bind(lease.fencing_token)
@@ -429,7 +438,7 @@ impl JobStore for PgStore {
             .await
             .map_err(backend)?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::LeaseLost(lease.job.id));
+            return self.end_cancelled(lease).await;
         }
         Ok(())
     }

@@ -442,14 +442,22 @@ impl JobStore for SqliteStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
-        let sql = format!("UPDATE jobs SET {RELEASE_SET} WHERE {}", held("?", "?"));
+        // A job its owner asked to stop is not put back in line: it ends `cancelled`, as its
+        // worker would have ended it. The flag is only ever set while the job runs, so a release
+        // refused here for it is the lease's to end (or `LeaseLost`, fenced alike).
+        let sql = format!(
+            "UPDATE jobs SET {RELEASE_SET} WHERE {} AND NOT cancel_requested",
+            held("?", "?")
+        );
         let done = sqlx::query(&sql)
             .bind(lease.job.id.to_string())
             .bind(lease.fencing_token)
             .execute(&self.pool)
             .await
             .map_err(backend)?;
-        fenced(done, lease)?;
+        if done.rows_affected() == 0 {
+            return self.end_cancelled(lease).await;
+        }
         self.events.changed(key_of(lease), JobState::Queued, None);
         Ok(())
     }

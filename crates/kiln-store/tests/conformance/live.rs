@@ -284,6 +284,15 @@ pub async fn previews_and_forced_cancels_are_events<B: Backend>(b: B) {
         )
         .await
         .unwrap();
+    // The same step's preview again, under a new key: only the preview changed.
+    store
+        .heartbeat(
+            &lease,
+            &previewed(1, 4, BlobKey::random("jpeg")),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     store.cancel(owner, id, CancelMode::Force).await.unwrap();
     store.end_cancelled(&lease).await.unwrap();
     let mut seen = vec![];
@@ -305,7 +314,8 @@ pub async fn previews_and_forced_cancels_are_events<B: Backend>(b: B) {
             JobState::Queued,
             JobState::Running,
             JobState::Running,
-            // The forced cancel's request: watchers read the job again.
+            // A new preview, then the forced cancel's request: watchers read the job again.
+            JobState::Running,
             JobState::Running,
             JobState::Cancelled,
         ],
@@ -316,4 +326,32 @@ pub async fn previews_and_forced_cancels_are_events<B: Backend>(b: B) {
         Some(Progress { step: 1, total: 4 }),
         "the heartbeat's"
     );
+}
+
+pub async fn a_released_job_with_a_forced_cancel_pending_ends_cancelled<B: Backend>(b: B) {
+    let store = b.store();
+    let owner = KeyId::new();
+    let id = store
+        .enqueue(new_job_with_webhook(owner, "shut down"), None, ROOMY)
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let lease = claim(&*store, "w", LONG_LEASE).await;
+    store.cancel(owner, id, CancelMode::Force).await.unwrap();
+    store.release(&lease).await.unwrap();
+    assert_eq!(
+        view(&*store, owner, id).await.job.state(),
+        JobState::Cancelled,
+        "not put back in line"
+    );
+    assert!(store
+        .claim(&worker("w2"), &[ROUTE], LONG_LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    assert_lease_lost(store.release(&lease).await, id);
+    let record = store.webhook_record(owner, id).await.unwrap();
+    assert!(record.is_some(), "its end is announced");
 }

@@ -89,6 +89,7 @@ conformance! {
     live::a_stale_lease_cannot_end_a_job_cancelled,
     live::a_forced_cancel_whose_worker_died_is_cancelled_not_taken_again,
     live::previews_and_forced_cancels_are_events,
+    live::a_released_job_with_a_forced_cancel_pending_ends_cancelled,
     webhooks::every_end_of_a_job_with_a_webhook_writes_one_delivery,
     webhooks::a_due_delivery_goes_to_one_claimer_at_a_time,
     webhooks::attempts_are_recorded_in_order_and_decide_what_follows,
