@@ -5,7 +5,9 @@ use kiln_blob::LocalBlobStore;
 use kiln_core::blob::BlobStore;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{KeyId, RequestId, WorkerId};
-use kiln_core::job::{Job, JobErrorCode, JobState, JobStatus, NewJob};
+use kiln_core::job::{
+    CancelMode, CancelOutcome, Job, JobErrorCode, JobState, JobStatus, NewJob, Preview,
+};
 use kiln_core::params::{
     GenerationParams, ImageSize, ImageSource, OutputFormat, OutputSize, Prompt,
 };
@@ -85,6 +87,7 @@ impl Harness {
             params,
             created_at: now,
             expires_at: now + Duration::from_secs(3600),
+            webhook: None,
         };
         self.jobs
             .enqueue(job, None, QueueLimits::total(100))
@@ -115,6 +118,50 @@ impl Harness {
         shutdown.cancel();
         pool.await.unwrap();
         (job, key)
+    }
+
+    /// The job's preview once it has one different from `other` (polled while it runs).
+    async fn wait_preview(&self, id: RequestId, other: Option<&Preview>) -> Preview {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let job = self.jobs.get(self.owner, id).await.unwrap().unwrap().job;
+            if let JobStatus::Running {
+                preview: Some(preview),
+                ..
+            } = &job.status
+            {
+                if Some(preview) != other {
+                    return preview.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline && !job.state().is_terminal(),
+                "no new preview seen: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Every file in the blob directory (a write's temporary file excepted).
+    fn blob_files(&self) -> Vec<std::path::PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if !path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self._dir.path().join("blobs"), &mut out);
+        out
     }
 
     async fn wait_terminal(&self, id: RequestId) -> Job {
@@ -357,6 +404,7 @@ async fn the_sweep_purges_expired_records_with_their_files() {
         created_at: now,
         // Retention of 100 ms, counted from the end of the job.
         expires_at: now + Duration::from_millis(100),
+        webhook: None,
     };
     let id = h
         .jobs
@@ -523,4 +571,149 @@ async fn a_stored_image_that_is_not_an_image_fails_its_job_and_is_deleted_all_th
         h.blobs.get(&key).await.unwrap().is_none(),
         "a failed job's stored image is deleted too"
     );
+}
+
+/// Reads back a stored preview: a JPEG within 256 px on its long side, in the colour of the step
+/// it claims to show.
+async fn check_preview(h: &Harness, preview: &Preview) {
+    let blob = h
+        .blobs
+        .get(&preview.key)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("preview {} is not in the blob store", preview.key));
+    assert_eq!(blob.content_type, "image/jpeg");
+    assert!(preview.key.as_str().ends_with(".jpeg"), "{}", preview.key);
+    let img = image::load_from_memory_with_format(&blob.bytes, image::ImageFormat::Jpeg)
+        .unwrap()
+        .to_rgb8();
+    // The scripted engine draws 320 x 240: scaled to 256 on the long side, aspect kept.
+    assert_eq!(img.dimensions(), (256, 192));
+    let want = ScriptedEngine::preview_color(preview.step);
+    let got = img.get_pixel(128, 96).0;
+    assert!(
+        want.iter().zip(got).all(|(w, g)| w.abs_diff(g) <= 8),
+        "step {}'s preview is {got:?}, not {want:?}",
+        preview.step
+    );
+}
+
+#[tokio::test]
+async fn a_running_job_shows_its_latest_preview_and_a_new_one_replaces_the_old() {
+    let h = Harness::new().await;
+    // Heartbeats every second (a third of the lease, at most a second): a preview read from
+    // the record stays stored long enough for the test to read it back, even on a busy machine.
+    let settings = WorkerSettings {
+        lease: Duration::from_secs(3),
+        ..h.settings()
+    };
+    let (shutdown, pool) = h.start(settings);
+    // 16 steps of 250 ms, a preview each.
+    let id = h
+        .enqueue(GenerationParams {
+            num_inference_steps: Some(16),
+            ..params("a slow sunrise", 7, OutputFormat::Png)
+        })
+        .await;
+
+    let first = h.wait_preview(id, None).await;
+    check_preview(&h, &first).await;
+    let second = h.wait_preview(id, Some(&first)).await;
+    assert_ne!(second.key, first.key, "a new preview is a new key");
+    assert!(second.step > first.step, "{second:?} after {first:?}");
+    check_preview(&h, &second).await;
+    // Deleted once the store acknowledged its replacement (the heartbeat's answer, which the
+    // status read may see a moment before the worker deletes).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while h.blobs.get(&first.key).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced preview is still stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!h.jobs.blob_is_live(&first.key).await.unwrap());
+
+    let job = h.wait_terminal(id).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    let output = job.status.output().expect("succeeded");
+    // Left: the image and the last preview, which stays with the record until its purge.
+    let files = h.blob_files();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let last = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .find(|name| name.as_str() != output.images[0].as_str())
+        .expect("the last preview");
+    let last = kiln_core::ids::BlobKey::try_from(last).unwrap();
+    assert!(
+        h.jobs.blob_is_live(&last).await.unwrap(),
+        "{last} is the record's"
+    );
+}
+
+#[tokio::test]
+async fn a_forced_cancel_stops_a_running_job_within_a_step_and_the_slot_goes_on() {
+    let h = Harness::new().await;
+    let (shutdown, pool) = h.start(h.settings());
+    let png = kiln_core::image_file::encode_image(
+        &kiln_core::engine::RgbImage {
+            width: 32,
+            height: 32,
+            pixels: vec![90; 32 * 32 * 3],
+        },
+        OutputFormat::Png,
+    )
+    .unwrap();
+    let stored = kiln_core::ids::BlobKey::random("png");
+    let blob = kiln_core::blob::Blob {
+        bytes: png,
+        content_type: "image/png".into(),
+    };
+    h.blobs.put(&stored, blob).await.unwrap();
+    // 40 steps of 250 ms: ten seconds if it were left to run.
+    let slow = h
+        .enqueue(GenerationParams {
+            num_inference_steps: Some(40),
+            size: OutputSize::FirstReference,
+            reference_images: vec![ImageSource::stored("image/png", &stored)],
+            ..params("a slow edit", 1, OutputFormat::Jpeg)
+        })
+        .await;
+    let next = h.submit("a quick one", 2, OutputFormat::Jpeg).await;
+    h.wait_preview(slow, None).await;
+
+    let asked = Instant::now();
+    let outcome = h
+        .jobs
+        .cancel(h.owner, slow, CancelMode::Force)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Some(CancelOutcome::CancellationRequested));
+    let cancelled = h.wait_terminal(slow).await;
+    let took = asked.elapsed();
+    assert_eq!(
+        cancelled.state(),
+        JobState::Cancelled,
+        "{:?}",
+        cancelled.status
+    );
+    // A heartbeat (200 ms) tells the worker, the engine stops at its next step (250 ms).
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    let next = h.wait_terminal(next).await;
+    shutdown.cancel();
+    pool.await.unwrap();
+    // Deleted just after the job's end is recorded, so looked for once the pool has stopped.
+    assert!(
+        h.blobs.get(&stored).await.unwrap().is_none(),
+        "the cancelled job's stored image is deleted"
+    );
+    assert_eq!(
+        next.state(),
+        JobState::Succeeded,
+        "the slot runs the next job"
+    );
+    assert_eq!(h.engine.runs(), 2, "the cancelled job is not run again");
 }
