@@ -8,6 +8,7 @@
 //! workload's alone: the peak is reset once the weights are loaded and read after the last run.
 
 mod http;
+mod previews;
 mod queue;
 
 use anyhow::{bail, Context};
@@ -67,6 +68,8 @@ enum Mode {
     /// with a no-op engine and through the store alone, submits per second, and the time from
     /// submit to an idle worker's claim, woken by events or by polling (see src/queue.rs).
     Queue(queue::QueueArgs),
+    /// What live previews add to a generation of the demo checkpoint (see src/previews.rs).
+    Previews(previews::PreviewsArgs),
     /// Run one workload in this process and print its measurement as JSON (used by the
     /// benchmark itself).
     Child {
@@ -158,6 +161,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(Mode::Queue(args)) = &cli.command {
         return queue::run(args);
     }
+    if let Some(Mode::Previews(args)) = &cli.command {
+        return previews::run(args);
+    }
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
     let matrix_products = kiln_engine::load_cpu_kernels();
@@ -171,7 +177,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
-        Some(Mode::Http(_) | Mode::Queue(_)) => unreachable!("handled above"),
+        Some(Mode::Http(_) | Mode::Queue(_) | Mode::Previews(_)) => unreachable!("handled above"),
         None => benchmark(&cli.run, &matrix_products),
     }
 }

@@ -38,5 +38,6 @@ pub mod webhooks;
 
 pub use allow::{AllowList, AllowListError};
 pub use pool::{run_pool, EngineSet, WorkerSettings};
+pub use preview::encode_preview;
 pub use references::{FetchError, FetchPolicy, Reason, ReferenceFetcher};
 pub use webhooks::{run_dispatcher, WebhookSettings};

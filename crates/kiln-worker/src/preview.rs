@@ -69,10 +69,9 @@ pub(crate) fn fit_preview(image: RgbImage) -> RgbImage {
     resize_lanczos(&buffer, size)
 }
 
-/// The preview as the JPEG file that is stored: scaled, then encoded.
-pub(crate) fn encode_preview(
-    image: RgbImage,
-) -> Result<Vec<u8>, kiln_core::image_file::EncodeError> {
+/// The preview as the JPEG file that is stored: scaled, then encoded. Public for kiln-bench's
+/// `previews`, which measures what this costs beside a generation.
+pub fn encode_preview(image: RgbImage) -> Result<Vec<u8>, kiln_core::image_file::EncodeError> {
     encode_image(&fit_preview(image), OutputFormat::Jpeg)
 }
 
