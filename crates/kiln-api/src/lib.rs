@@ -73,7 +73,10 @@ pub fn router(state: AppState) -> Router {
         // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
         .route("/v1/models/{*model_id}", any(models::by_path))
         .route("/v1/requests/{id}/status", get(requests::status))
-        .route("/v1/requests/{id}/status/stream", get(stream::status_stream))
+        .route(
+            "/v1/requests/{id}/status/stream",
+            get(stream::status_stream),
+        )
         .route("/v1/requests/{id}/result", get(requests::result))
         .route("/v1/requests/{id}/cancel", post(requests::cancel))
         .route("/v1/webhooks/secret", get(webhooks::secret))

@@ -14,8 +14,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use kiln_core::ids::{KeyId, MalformedRequestId, RequestId};
 use kiln_core::job::{CancelMode, CancelOutcome, Job, JobStatus, JobView};
-use kiln_core::webhook::WebhookRecord;
 use kiln_core::report::Chain;
+use kiln_core::webhook::WebhookRecord;
 use std::collections::HashMap;
 
 /// The request id in the path. Not a UUID: 400001. A UUID that names no visible request:
@@ -25,7 +25,11 @@ pub(crate) fn request_id(path: Result<Path<String>, PathRejection>) -> Result<Re
     Ok(raw.parse()?)
 }
 
-pub(crate) async fn visible_job(state: &AppState, owner: KeyId, id: RequestId) -> Result<JobView, ApiError> {
+pub(crate) async fn visible_job(
+    state: &AppState,
+    owner: KeyId,
+    id: RequestId,
+) -> Result<JobView, ApiError> {
     state
         .jobs
         .get(owner, id)

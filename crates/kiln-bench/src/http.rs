@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The route the submits go to (served by the demo checkpoint in a default `kiln serve`).
-const SUBMIT_PATH: &str = "/v1/models/blackforestlabs/flux-1-1-pro/text-to-image";
-const SUBMIT_BODY: &str = r#"{"prompt": "a red circle in the top left on a blue background"}"#;
+pub(crate) const SUBMIT_PATH: &str = "/v1/models/blackforestlabs/flux-1-1-pro/text-to-image";
+pub(crate) const SUBMIT_BODY: &str =
+    r#"{"prompt": "a red circle in the top left on a blue background"}"#;
 const WARM_UP: Duration = Duration::from_secs(1);
 
 #[derive(clap::Args)]
@@ -60,11 +61,11 @@ pub struct HttpArgs {
 
 /// A request every connection of a phase sends over and over.
 #[derive(Clone)]
-struct Call {
-    method: Method,
-    path: String,
-    token: Option<String>,
-    body: Option<&'static str>,
+pub(crate) struct Call {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) token: Option<String>,
+    pub(crate) body: Option<&'static str>,
 }
 
 /// What one phase measured.
@@ -93,8 +94,22 @@ impl Load {
 }
 
 pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
-    let kiln = match &args.kiln {
-        Some(path) => path.clone(),
+    let kiln = kiln_binary(args.kiln.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()?;
+    let server = Server::start(&kiln, &[("KILN_WORKERS__SLOTS", "1")])?;
+    let loads = runtime.block_on(measure(args, &server))?;
+    drop(server);
+    let report = report(&kiln, args, &loads);
+    crate::print_report(&report, args.markdown.as_deref())
+}
+
+/// The `kiln` binary to measure: `given`, or the one beside this executable.
+pub(crate) fn kiln_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let kiln = match given {
+        Some(path) => path.to_path_buf(),
         None => std::env::current_exe()?.with_file_name("kiln"),
     };
     anyhow::ensure!(
@@ -102,15 +117,7 @@ pub fn run(args: &HttpArgs) -> anyhow::Result<()> {
         "no kiln binary at {} (build it: cargo build --release -p kiln, or pass --kiln)",
         kiln.display()
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads)
-        .enable_all()
-        .build()?;
-    let server = Server::start(&kiln)?;
-    let loads = runtime.block_on(measure(args, &server))?;
-    drop(server);
-    let report = report(&kiln, args, &loads);
-    crate::print_report(&report, args.markdown.as_deref())
+    Ok(kiln)
 }
 
 /// The three phases, in order, on one server.
@@ -253,12 +260,12 @@ async fn one_connection(
 }
 
 /// An HTTP/1.1 keep-alive connection.
-struct Connection {
-    sender: http1::SendRequest<Full<Bytes>>,
+pub(crate) struct Connection {
+    pub(crate) sender: http1::SendRequest<Full<Bytes>>,
 }
 
 impl Connection {
-    async fn open(address: SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) async fn open(address: SocketAddr) -> anyhow::Result<Self> {
         let stream = tokio::net::TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
@@ -267,7 +274,11 @@ impl Connection {
     }
 
     /// Sends `call` and reads the whole answer: its status code and body.
-    async fn send(&mut self, address: SocketAddr, call: &Call) -> anyhow::Result<(u16, Bytes)> {
+    pub(crate) async fn send(
+        &mut self,
+        address: SocketAddr,
+        call: &Call,
+    ) -> anyhow::Result<(u16, Bytes)> {
         let mut request = Request::builder()
             .method(call.method.clone())
             .uri(&call.path)
@@ -291,15 +302,16 @@ impl Connection {
 }
 
 /// A `kiln serve` child process with its own data directory; killed and removed on drop.
-struct Server {
-    child: Child,
-    address: SocketAddr,
-    token: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) address: SocketAddr,
+    pub(crate) token: String,
     data: PathBuf,
 }
 
 impl Server {
-    fn start(kiln: &Path) -> anyhow::Result<Self> {
+    /// `kiln serve` with the benchmark's settings and `env` (worker slots, limits) on top.
+    pub(crate) fn start(kiln: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let data = std::env::temp_dir().join(format!("kiln-bench-http-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data)?;
@@ -317,7 +329,7 @@ impl Server {
                 // One key submits everything: its share of the queue must not stop the run.
                 .env("KILN_LIMITS__MAX_QUEUED_PER_KEY", "100000000")
                 .env("KILN_LIMITS__RATE_LIMIT_PER_MINUTE", "0")
-                .env("KILN_WORKERS__SLOTS", "1");
+                .envs(env.iter().copied());
             command
         };
         let created = command(&["keys", "create", "--name", "bench"]).output()?;

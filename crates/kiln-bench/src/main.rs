@@ -10,6 +10,7 @@
 mod http;
 mod previews;
 mod queue;
+mod streams;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
@@ -68,6 +69,9 @@ enum Mode {
     /// with a no-op engine and through the store alone, submits per second, and the time from
     /// submit to an idle worker's claim, woken by events or by polling (see src/queue.rs).
     Queue(queue::QueueArgs),
+    /// What open status streams cost one API node: memory per stream, CPU while idle and per
+    /// queue change, fan-out time, against clients polling status (see src/streams.rs).
+    Streams(streams::StreamsArgs),
     /// What live previews add to a generation of the demo checkpoint (see src/previews.rs).
     Previews(previews::PreviewsArgs),
     /// Run one workload in this process and print its measurement as JSON (used by the
@@ -164,6 +168,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(Mode::Previews(args)) = &cli.command {
         return previews::run(args);
     }
+    if let Some(Mode::Streams(args)) = &cli.command {
+        return streams::run(args);
+    }
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
     let matrix_products = kiln_engine::load_cpu_kernels();
@@ -177,7 +184,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
-        Some(Mode::Http(_) | Mode::Queue(_) | Mode::Previews(_)) => unreachable!("handled above"),
+        Some(Mode::Http(_) | Mode::Queue(_) | Mode::Streams(_) | Mode::Previews(_)) => {
+            unreachable!("handled above")
+        }
         None => benchmark(&cli.run, &matrix_products),
     }
 }

@@ -10,7 +10,7 @@ use kiln_core::catalog::Route;
 use kiln_core::store::{JobStore, KeyStore};
 use kiln_store::{PgStore, SqliteStore};
 use kiln_worker::maintenance::run_sweeper;
-use kiln_worker::{run_pool, EngineSet, WorkerSettings};
+use kiln_worker::{run_dispatcher, run_pool, EngineSet, WebhookSettings, WorkerSettings};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -156,6 +156,30 @@ pub fn spawn_sweeper(
     ))
 }
 
+/// The webhook dispatcher every API node runs beside its server: each delivery is claimed in
+/// the store, so any number of nodes may run one and each announcement is sent by one of them.
+pub fn spawn_dispatcher(
+    settings: &Settings,
+    state: &AppState,
+    jobs: std::sync::Arc<dyn kiln_core::store::JobStore>,
+    signing_key: Vec<u8>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let webhooks = WebhookSettings::new(
+        Duration::from_secs(settings.webhooks.retry_hours * 3600),
+        Duration::from_secs(settings.webhooks.timeout_secs),
+        // The same guard as image URLs: what `fetch.allow` opens, webhooks may reach.
+        settings.fetch.policy().allow,
+    );
+    tokio::spawn(run_dispatcher(
+        jobs,
+        std::sync::Arc::new(kiln_api::WebhookBodies::from_state(state)),
+        signing_key,
+        webhooks,
+        shutdown.clone(),
+    ))
+}
+
 /// Descriptors kept back from the HTTP connections: SQLite's pool (the database, its WAL and
 /// shared-memory files per connection), blob writes (a temporary file and its directory), the
 /// workers' reference-image downloads, the checkpoint files, the runtime and the listeners.
@@ -232,6 +256,8 @@ pub struct Application {
     stores: Stores,
     engines: EngineSet,
     settings: Settings,
+    /// What signs file URLs and derives the webhook secrets.
+    signing_key: Vec<u8>,
 }
 
 impl Application {
@@ -268,7 +294,7 @@ impl Application {
         let limits = &settings.limits;
         let api = ApiSettings {
             public_url,
-            signing_key,
+            signing_key: signing_key.clone(),
             retention: settings.retention(),
             max_body_bytes: limits.max_body_bytes,
             max_prompt_chars: limits.max_prompt_chars,
@@ -308,6 +334,7 @@ impl Application {
             stores,
             engines,
             settings,
+            signing_key,
         })
     }
 
@@ -355,6 +382,13 @@ impl Application {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Stores { jobs, blobs, .. } = self.stores.clone();
         let sweeper = spawn_sweeper(&self.settings, &self.stores, &shutdown);
+        let dispatcher = spawn_dispatcher(
+            &self.settings,
+            &self.state,
+            jobs.clone(),
+            self.signing_key.clone(),
+            &shutdown,
+        );
         let workers = (self.settings.workers.slots > 0).then(|| {
             tokio::spawn(run_pool(
                 jobs,
@@ -383,6 +417,7 @@ impl Application {
             workers.await.context("worker pool")?;
         }
         sweeper.await.context("sweeper")?;
+        dispatcher.await.context("webhook dispatcher")?;
         if let Some(metrics) = metrics {
             metrics.await?.context("metrics listener")?;
         }

@@ -6,5 +6,6 @@
 mod demo_quality;
 mod harness;
 mod in_process;
+mod live;
 mod many_machines;
 mod processes;

@@ -26,7 +26,7 @@ const LEASE_SECS: u64 = 3;
 
 /// One PostgreSQL database and one bucket, and the configuration every node of the cluster
 /// reads (the tiny FLUX.1 checkpoint, `steps` steps).
-struct Cluster {
+pub(crate) struct Cluster {
     db: TestDatabase,
     s3: S3Server,
     /// The objects' prefix in the bucket (`blobs.url = s3://BUCKET/PREFIX`), if any.
@@ -38,13 +38,25 @@ struct Cluster {
 impl Cluster {
     /// `None` when PostgreSQL does not answer (the test skips; not under CI).
     async fn start(steps: u32, prefix: Option<&'static str>) -> Option<Cluster> {
+        Self::start_with(steps, prefix, "").await
+    }
+
+    /// As [`Cluster::start`], with `model` (lines of the model's table) added to the model's
+    /// configuration.
+    pub(crate) async fn start_with(
+        steps: u32,
+        prefix: Option<&'static str>,
+        model: &str,
+    ) -> Option<Cluster> {
         let db = fresh_database().await?;
         let s3 = S3Server::start();
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(
             dir.path(),
             steps,
-            "[limits]\nrate_limit_per_minute = 0\n[workers]\npoll_interval_ms = 100\n",
+            &format!(
+                "{model}[limits]\nrate_limit_per_minute = 0\n[workers]\npoll_interval_ms = 100\n"
+            ),
         );
         Some(Cluster {
             db,
@@ -99,7 +111,7 @@ impl Cluster {
     }
 
     /// `kiln serve --workers 0` on `127.0.0.1:{port}`.
-    fn api_node(&self, node: &str, port: u16) -> KilnProcess {
+    pub(crate) fn api_node(&self, node: &str, port: u16) -> KilnProcess {
         KilnProcess::serve_with_env(
             &self.config,
             &self.data_dir(node),
@@ -110,12 +122,12 @@ impl Cluster {
     }
 
     /// `kiln worker` (no signing key: workers sign nothing).
-    fn worker(&self, node: &str, metrics: bool) -> KilnProcess {
+    pub(crate) fn worker(&self, node: &str, metrics: bool) -> KilnProcess {
         KilnProcess::worker_with_env(&self.config, &self.data_dir(node), &self.env(), metrics)
     }
 
     /// `kiln ARGS` run to its end (at most a minute) from `node`'s data directory.
-    fn run(&self, node: &str, args: &[&str]) -> (bool, String, String) {
+    pub(crate) fn run(&self, node: &str, args: &[&str]) -> (bool, String, String) {
         let (status, stdout, stderr) = kiln_run_within(
             &self.config,
             &self.data_dir(node),
@@ -167,7 +179,7 @@ async fn psql(url: &str, query: &str) -> Vec<Vec<String>> {
 }
 
 /// A port free on loopback now, for a node whose public URL must be known before it starts.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
