@@ -36,13 +36,15 @@ pub(crate) const QUEUE_POSITION: &str = "CASE WHEN state = 'queued' THEN \
     (SELECT COUNT(*) FROM jobs q WHERE q.state = 'queued' AND q.seq < jobs.seq) END \
     AS queue_position";
 
-/// What a claim writes: a new attempt under a new fencing token, with no progress or preview
-/// yet (the last attempt's preview is not this one's).
+/// What a claim writes: a new attempt under a new fencing token, with no progress yet. The last
+/// attempt's preview stays until this attempt's first one replaces it: the record is what
+/// references its blob (the worker deletes a preview it replaced, purge the last one), so
+/// clearing it here would leave the file behind.
 pub(crate) fn claim_set(worker: &str, lease_until: &str, now: &str) -> String {
     format!(
         "state = 'running', attempts = attempts + 1, fencing_token = fencing_token + 1, \
          worker = {worker}, lease_expires_at = {lease_until}, started_at = {now}, \
-         progress_step = NULL, progress_total = NULL, preview_key = NULL, preview_step = NULL"
+         progress_step = NULL, progress_total = NULL"
     )
 }
 

@@ -17,7 +17,7 @@ use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::engine::RgbImage;
 use kiln_core::ids::BlobKey;
 use kiln_core::image_file::{encode_image, resize_lanczos};
-use kiln_core::job::Preview;
+use kiln_core::job::{JobStatus, Preview};
 use kiln_core::params::OutputFormat;
 use kiln_core::report::Chain;
 use kiln_core::store::JobStore;
@@ -87,6 +87,19 @@ pub(crate) struct Previews {
 }
 
 impl Previews {
+    /// A run's previews, starting from the one an earlier attempt left on the job (`status` as
+    /// claimed): the first preview this run has acknowledged replaces and deletes it.
+    pub(crate) fn inherited(status: &JobStatus) -> Self {
+        let current = match status {
+            JobStatus::Running { preview, .. } => preview.clone(),
+            _ => None,
+        };
+        Self {
+            current,
+            unacknowledged: Vec::new(),
+        }
+    }
+
     /// Stores the engine's latest preview, if it drew one since the last call. `budget` bounds
     /// the write: a slow blob store must not hold back the heartbeat that keeps the lease.
     pub(crate) async fn store_latest(

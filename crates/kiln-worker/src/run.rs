@@ -169,7 +169,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     heartbeat.tick().await;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut stop_reason: Option<StopReason> = None;
-    let mut previews = Previews::default();
+    let mut previews = Previews::inherited(&job.status);
     let job_timeout = tokio::time::sleep(context.settings.job_timeout);
     tokio::pin!(job_timeout);
     let result = loop {

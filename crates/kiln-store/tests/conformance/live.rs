@@ -109,23 +109,26 @@ pub async fn a_heartbeat_records_the_latest_preview_and_only_it_stays_live<B: Ba
     assert!(!store.blob_is_live(&second).await.unwrap());
 }
 
-pub async fn a_new_claim_starts_without_the_last_attempts_preview<B: Backend>(b: B) {
+/// A job taken again after a lost lease starts without progress but keeps the last attempt's
+/// preview: the record is what references its blob, so it is deleted when the new attempt's
+/// first preview replaces it, or with the record (a claim that dropped it would leak the file).
+pub async fn a_new_claim_keeps_the_last_attempts_preview_until_replaced<B: Backend>(b: B) {
     let store = b.store();
     let owner = KeyId::new();
     let id = submit(&*store, owner, "retried").await;
     let lease = claim(&*store, "w", SHORT_LEASE).await;
+    let key = BlobKey::random("jpeg");
     store
-        .heartbeat(
-            &lease,
-            &previewed(1, 4, BlobKey::random("jpeg")),
-            SHORT_LEASE.lease,
-        )
+        .heartbeat(&lease, &previewed(1, 4, key.clone()), SHORT_LEASE.lease)
         .await
         .unwrap();
     tokio::time::sleep(PAST_SHORT).await;
     let again = claim(&*store, "w2", LONG_LEASE).await;
     assert_eq!((again.job.id, again.attempt), (id, 2));
-    assert_eq!(running_parts(&again.job.status), (None, None, false));
+    let (progress, preview, cancel) = running_parts(&again.job.status);
+    assert_eq!((progress, cancel), (None, false));
+    assert_eq!(preview.map(|p| p.key), Some(key.clone()));
+    assert!(store.blob_is_live(&key).await.unwrap());
     store.release(&again).await.unwrap();
     assert_eq!(view(&*store, owner, id).await.job.status, JobStatus::Queued);
 }

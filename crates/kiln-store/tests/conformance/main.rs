@@ -84,7 +84,7 @@ conformance! {
     leases::a_job_that_keeps_killing_workers_is_failed,
     retention::purge_removes_expired_records_and_reports_their_files,
     live::a_heartbeat_records_the_latest_preview_and_only_it_stays_live,
-    live::a_new_claim_starts_without_the_last_attempts_preview,
+    live::a_new_claim_keeps_the_last_attempts_preview_until_replaced,
     live::a_forced_cancel_stops_a_running_job,
     live::a_stale_lease_cannot_end_a_job_cancelled,
     live::a_forced_cancel_whose_worker_died_is_cancelled_not_taken_again,

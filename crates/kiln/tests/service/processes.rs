@@ -234,8 +234,13 @@ async fn a_worker_process_killed_mid_job_leaves_the_job_to_another_which_complet
     let _survivor = KilnProcess::worker(&config, &data);
     let result = client.wait_result(id, Duration::from_secs(180)).await;
     assert_eq!(result["status"], "succeeded", "{result}");
+    // The image, and the job's last preview (kept with the record until purge); the dead
+    // worker's preview was replaced by the survivor's and deleted, not left behind.
     let files: Vec<_> = walk(&data.join("files"));
-    assert_eq!(files.len(), 1, "exactly one image was stored: {files:?}");
+    let image = result["output"]["image"].as_str().unwrap();
+    let image_key = image.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let images = files.iter().filter(|f| f.ends_with(image_key)).count();
+    assert_eq!((files.len(), images), (2, 1), "one image and one preview: {files:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
