@@ -47,7 +47,45 @@ pub(crate) fn document(settings: &ApiSettings) -> Value {
     one_path_per_model(&mut doc, settings);
     ops::document_metrics(&mut doc, settings);
     declare_common_answers(&mut doc);
+    document_live_requests(&mut doc);
     doc
+}
+
+/// What utoipa's attributes cannot say: the webhook URL's exact shape (the pattern the server
+/// checks, kept in one place) on every submit, and the status stream's items as the events they
+/// are (`id` and `data`, the data a JSON status object), not as one JSON body.
+fn document_live_requests(doc: &mut Value) {
+    let paths = doc["paths"]
+        .as_object_mut()
+        .expect("the document has paths");
+    for (path, item) in paths.iter_mut() {
+        if !path.starts_with("/v1/models/") {
+            continue;
+        }
+        let parameters = item["post"]["parameters"].as_array_mut();
+        for parameter in parameters.into_iter().flatten() {
+            if parameter["name"] == "webhook" && parameter["in"] == "query" {
+                parameter["schema"]["pattern"] = json!(kiln_core::webhook::WEBHOOK_URL_PATTERN);
+            }
+        }
+    }
+    let stream = &mut paths["/v1/requests/{request_id}/status/stream"]["get"]["responses"]["200"]
+        ["content"]["text/event-stream"];
+    if stream.is_object() {
+        stream["schema"] = json!({
+            "type": "object",
+            "required": ["id", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/StatusResponse"},
+                },
+            },
+        });
+    }
 }
 
 /// The `bearer` scheme the authenticated operations name.

@@ -62,6 +62,8 @@ pub(crate) async fn answer_after_wait(
     wait_s: u64,
     submitted: SubmitResponse,
 ) -> Result<Response, ApiError> {
+    // The operator's cap, if lower than the client's wish, is what is honoured (and said so).
+    let wait_s = wait_s.min(state.settings.max_prefer_wait.as_secs()).max(1);
     let ended = wait_for_end(state, owner, id, Duration::from_secs(wait_s)).await?;
     // Honoured unless a drain cut the wait short.
     let applied = ended.is_some() || !state.is_draining();

@@ -62,6 +62,10 @@ pub struct ApiSettings {
     /// so that proxies and load balancers do not close it as idle. Below the proxies' idle
     /// timeouts and `connections.idle_timeout`.
     pub stream_keep_alive: Duration,
+    /// The longest a `Prefer: wait=N` submit is held (clients may ask up to 60 s): lower it
+    /// behind a proxy that times requests out sooner. The answer's `Preference-Applied` says
+    /// what was honoured.
+    pub max_prefer_wait: Duration,
 }
 
 impl ApiSettings {
@@ -86,6 +90,7 @@ impl ApiSettings {
             metrics_on_api_port: true,
             metrics_token: None,
             stream_keep_alive: Duration::from_secs(15),
+            max_prefer_wait: Duration::from_secs(60),
         }
     }
 

@@ -20,6 +20,69 @@ use time::OffsetDateTime;
 /// The longest webhook URL accepted.
 pub const MAX_WEBHOOK_URL_CHARS: usize = 2048;
 
+/// The shape of a webhook URL accepted at submit, as the OpenAPI document states it (a JSON
+/// Schema `pattern`): `http(s)://`, a DNS name ending in a letter or an IPv4 address, an optional
+/// port, and a path (with query) of URL-safe characters. [`WebhookUrl::parse`] checks exactly this,
+/// so what the document allows the server takes and nothing else (IPv6 literals, user
+/// information and non-ASCII names are refused: percent-encode or use a DNS name).
+pub const WEBHOOK_URL_PATTERN: &str = concat!(
+    "^[Hh][Tt][Tt][Pp][Ss]?://",
+    "([A-Za-z0-9.-]*[A-Za-z]|",
+    "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})",
+    "(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?",
+    "(/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?$"
+);
+
+/// Whether `raw` matches [`WEBHOOK_URL_PATTERN`] (written out: the pattern is for the document).
+fn has_documented_shape(raw: &str) -> bool {
+    let lower = raw.get(..8).unwrap_or(raw).to_ascii_lowercase();
+    let rest = if lower.starts_with("https://") {
+        &raw[8..]
+    } else if lower.starts_with("http://") {
+        &raw[7..]
+    } else {
+        return false;
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    let path_ok = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._~!$&'()*+,;=:@%/?-".contains(&b));
+    (is_dns_name(host) || is_ipv4(host)) && port.is_none_or(is_port) && path_ok
+}
+
+fn is_dns_name(host: &str) -> bool {
+    host.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && host.bytes().last().is_some_and(|b| b.is_ascii_alphabetic())
+}
+
+/// Four decimal octets, each 0..=255 without leading zeros.
+fn is_ipv4(host: &str) -> bool {
+    let octets: Vec<&str> = host.split('.').collect();
+    octets.len() == 4
+        && octets.iter().all(|o| {
+            !o.is_empty()
+                && o.len() <= 3
+                && o.bytes().all(|b| b.is_ascii_digit())
+                && (o.len() == 1 || !o.starts_with('0'))
+                && o.parse::<u16>().is_ok_and(|v| v <= 255)
+        })
+}
+
+/// 1 to 4 digits, or 5 digits without a leading zero up to 65535.
+fn is_port(port: &str) -> bool {
+    port.bytes().all(|b| b.is_ascii_digit())
+        && match port.len() {
+            1..=4 => true,
+            5 => !port.starts_with('0') && port.parse::<u32>().is_ok_and(|v| v <= 65535),
+            _ => false,
+        }
+}
+
 /// An absolute `http`/`https` URL with a host: where a request's end is POSTed. Parsed once at
 /// submit; whether its address may be reached is decided at each delivery (names resolve anew).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,12 +100,24 @@ pub enum InvalidWebhookUrl {
     NoHost,
     #[error("must be at most {MAX_WEBHOOK_URL_CHARS} characters")]
     TooLong,
+    #[error("must be http(s)://HOST[:PORT][/PATH] with a DNS name or an IPv4 address and a path of URL-safe characters")]
+    Shape,
 }
 
 impl WebhookUrl {
     pub fn parse(raw: &str) -> Result<Self, InvalidWebhookUrl> {
         if raw.chars().count() > MAX_WEBHOOK_URL_CHARS {
             return Err(InvalidWebhookUrl::TooLong);
+        }
+        if !has_documented_shape(raw) {
+            // A URL of another scheme is named as such: the commonest mistake.
+            return match url::Url::parse(raw) {
+                Ok(url) if !matches!(url.scheme(), "http" | "https") => {
+                    Err(InvalidWebhookUrl::Scheme(url.scheme().to_string()))
+                }
+                Err(e) => Err(InvalidWebhookUrl::NotAUrl(e.to_string())),
+                Ok(_) => Err(InvalidWebhookUrl::Shape),
+            };
         }
         let url = url::Url::parse(raw).map_err(|e| InvalidWebhookUrl::NotAUrl(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -227,6 +302,17 @@ mod tests {
             WebhookUrl::parse("file:///etc/passwd"),
             Err(InvalidWebhookUrl::Scheme(_))
         ));
+        assert!(WebhookUrl::parse("HTTPS://Hooks.Example.com:65535/a?b=c&d=%20").is_ok());
+        for shape in [
+            "http://[::1]/",
+            "http://user:pw@example.com/",
+            "http://999.1.1.1/",
+            "http://a.1/",
+            "http://example.com:65536/",
+            "http://example.com/ space",
+        ] {
+            assert!(WebhookUrl::parse(shape).is_err(), "{shape}");
+        }
         let long = format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_CHARS));
         assert_eq!(WebhookUrl::parse(&long), Err(InvalidWebhookUrl::TooLong));
     }

@@ -7,10 +7,12 @@
 //! atomic by themselves. Concurrent submits are committed together, one sync for the group
 //! (`group_commit`).
 //!
-//! Events ([`JobStore::subscribe`]) are those of the writes made through this process's store
-//! (all its clones), published after each commit. Other processes on the same file (a
-//! `kiln worker` beside a `kiln serve`) are not heard: their changes are seen by polling, which
-//! every consumer of events keeps as its fallback.
+//! Events ([`JobStore::subscribe`]): the writes made through this store (all its clones) are
+//! published after each commit; those of other processes on the same file (a `kiln worker`
+//! beside a `kiln serve --workers 0`) within a tenth of a second, read back from the
+//! `job_changes` log their connections keep ([`changes`]).
+
+mod changes;
 
 use crate::common::{
     after_attempt, announce, attempt_set, blob_keys, cancel_abandoned, cancel_outcome,
@@ -39,7 +41,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
     SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Connection as _, SqliteConnection, SqlitePool};
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -55,6 +57,8 @@ pub struct SqliteStore {
     /// Read-only connections for status polls, used inline ([`Readers`]).
     readers: Arc<Readers>,
     events: Events,
+    /// While a clone lives, the task that publishes other processes' changes runs.
+    _alive: Arc<()>,
 }
 
 /// Inline readers: about one per runtime thread is enough, as each read holds its connection
@@ -109,21 +113,40 @@ impl SqliteStore {
             // Statements are logged at debug level otherwise: a formatted log record per query
             // on the polling path, which the service's filter then drops.
             .disable_statement_logging();
+        // The schema first, on a connection of its own: the pool's connections install TEMP
+        // triggers on its tables as they open.
+        let mut migrating = options.connect().await.map_err(backend)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut migrating)
+            .await
+            .map_err(backend)?;
+        migrating.close().await.map_err(backend)?;
+        let writer = uuid::Uuid::new_v4().simple().to_string();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             // A pooled connection is a local file handle; pinging it before every use (sqlx's
             // default) cost a round trip to the connection's thread per query.
             .test_before_acquire(false)
+            .after_connect({
+                let writer = writer.clone();
+                move |conn, _| {
+                    let writer = writer.clone();
+                    Box::pin(async move { changes::install_triggers(conn, &writer).await })
+                }
+            })
             .connect_with(options)
-            .await
-            .map_err(backend)?;
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&pool)
             .await
             .map_err(backend)?;
         let events = Events::new();
         let (submits, waiting) = mpsc::channel(WAITING);
         tokio::spawn(run_committer(pool.clone(), waiting, events.clone()));
+        let alive = Arc::new(());
+        tokio::spawn(changes::follow_others(
+            pool.clone(),
+            writer,
+            events.clone(),
+            Arc::downgrade(&alive),
+        ));
         // Opened after the migrations, so they see the schema.
         let readers = Arc::new(Readers::open(path, READERS)?);
         Ok(Self {
@@ -131,6 +154,7 @@ impl SqliteStore {
             submits,
             readers,
             events,
+            _alive: alive,
         })
     }
 

@@ -186,3 +186,88 @@ async fn the_queue_cap_is_exact_across_a_committers_batches() {
     assert_eq!(refused, 150);
     assert_eq!(queued_count(&store).await, 50);
 }
+
+/// The next notice within two seconds (other stores' changes arrive within a tick).
+async fn next_notice(events: &mut kiln_core::store::JobEvents) -> kiln_core::store::JobNotice {
+    tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .expect("a notice within 2 s")
+        .expect("the store is open")
+}
+
+/// Two stores on one file stand for two processes (`kiln serve --workers 0` and `kiln worker`):
+/// each hears the other's changes through the `job_changes` log, and its own only once.
+#[tokio::test]
+async fn a_store_hears_another_store_on_the_same_file_and_itself_once() {
+    use kiln_core::job::{JobState, Progress, StepReport};
+    use kiln_core::store::{ClaimPolicy, JobEvent, JobNotice};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    let (api, worker) = (
+        SqliteStore::open(&path).await.unwrap(),
+        SqliteStore::open(&path).await.unwrap(),
+    );
+    let (mut api_events, mut worker_events) = (api.subscribe(), worker.subscribe());
+    let owner = KeyId::new();
+    let id = api
+        .enqueue(new_job(owner, "heard"), None, QueueLimits::total(10))
+        .await
+        .unwrap()
+        .view
+        .job
+        .id;
+    let state_of = |notice: JobNotice| match notice {
+        JobNotice::Event(JobEvent {
+            id: seen,
+            state,
+            progress,
+            ..
+        }) if seen == id => (state, progress),
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        state_of(next_notice(&mut api_events).await),
+        (JobState::Queued, None)
+    );
+    assert_eq!(
+        state_of(next_notice(&mut worker_events).await),
+        (JobState::Queued, None)
+    );
+    let policy = ClaimPolicy {
+        lease: Duration::from_secs(30),
+        max_attempts: 3,
+    };
+    let lease = worker
+        .claim(
+            &kiln_core::ids::WorkerId::new("w"),
+            &[kiln_testkit::jobs::ROUTE],
+            policy,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let progress = Some(Progress { step: 2, total: 4 });
+    let report = StepReport {
+        progress,
+        preview: None,
+    };
+    worker
+        .heartbeat(&lease, &report, policy.lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        state_of(next_notice(&mut api_events).await),
+        (JobState::Running, None)
+    );
+    assert_eq!(
+        state_of(next_notice(&mut api_events).await),
+        (JobState::Running, progress)
+    );
+    // Each store's own changes reached its subscribers once: nothing more is waiting.
+    for _ in 0..2 {
+        next_notice(&mut worker_events).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api_events.try_recv(), None);
+    assert_eq!(worker_events.try_recv(), None);
+}

@@ -315,6 +315,7 @@ impl Application {
             metrics_token: settings.metrics.token.clone(),
             // The contract's 15 s; not configurable (proxies' idle timeouts are longer).
             stream_keep_alive: Duration::from_secs(15),
+            max_prefer_wait: Duration::from_secs(limits.max_prefer_wait_secs),
         };
         let served_routes = api.served_routes.clone();
         let public_url = api.public_url.clone();

@@ -94,6 +94,9 @@ pub struct Limits {
     pub body_timeout_secs: u64,
     /// How long a connection may stay open with no request in progress and no byte moving.
     pub idle_timeout_secs: u64,
+    /// The longest a `Prefer: wait=N` submit is held, 1 to 60 s (clients may ask up to 60):
+    /// lower it behind a proxy that cuts requests off sooner.
+    pub max_prefer_wait_secs: u64,
 }
 
 /// `[store]`: where jobs and API keys are kept.
@@ -230,6 +233,7 @@ impl Default for Settings {
                 header_timeout_secs: 10,
                 body_timeout_secs: 30,
                 idle_timeout_secs: 60,
+                max_prefer_wait_secs: 60,
             },
             workers: WorkerConfig {
                 slots: 1,
@@ -408,6 +412,11 @@ impl Settings {
         if self.workers.lease_secs < 3 {
             return Err(ConfigError::Invalid(
                 "workers.lease_secs must be at least 3".into(),
+            ));
+        }
+        if !(1..=60).contains(&limits.max_prefer_wait_secs) {
+            return Err(ConfigError::Invalid(
+                "limits.max_prefer_wait_secs must be 1 to 60".into(),
             ));
         }
         if self.webhooks.retry_hours == 0 || self.webhooks.timeout_secs == 0 {

@@ -38,8 +38,13 @@ async fn schemathesis_finds_no_failure_with_all_checks() {
         println!("SKIPPED: schemathesis is not installed (pip install schemathesis)");
         return;
     }
-    // No workers run here, so every accepted submit stays queued: the queue must hold them all.
-    let server = TestServer::start_with(|s| s.max_queued = 1_000_000).await;
+    // No workers run here, so every accepted submit stays queued: the queue must hold them all,
+    // and a `Prefer: wait` submit (the document's example asks 30 s) would be held to its end.
+    let server = TestServer::start_with(|s| {
+        s.max_queued = 1_000_000;
+        s.max_prefer_wait = Duration::from_secs(1);
+    })
+    .await;
     let output = run_schemathesis(&server).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -357,3 +357,39 @@ async fn prefer_wait_both_ways_and_a_forced_cancel_of_a_running_request() {
         "the slot took the next request: {next}"
     );
 }
+
+/// One machine, two processes on one SQLite file (`kiln serve --workers 0` and `kiln worker`):
+/// the worker's changes reach the API node's stream through the file's change log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_stream_on_sqlite_hears_a_worker_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        12,
+        "preview_interval = 1\n[workers]\nlease_secs = 3\npoll_interval_ms = 100\n",
+    );
+    let data = dir.path().join("data");
+    let api = KilnProcess::serve(&config, &data, &["--workers", "0"]);
+    let token = api.first_key.clone().unwrap();
+    let client = Client::new(&api.base, &token);
+    let (code, submitted) = client.submit(PRO, slow_input("one machine")).await;
+    assert_eq!(code, 200, "{submitted}");
+    let id = submitted["request_id"].as_str().unwrap();
+    let mut stream = EventStream::open(&api.base, &token, id, None).await;
+    let _worker = KilnProcess::worker(&config, &data);
+    let events = stream.all(Duration::from_secs(120)).await;
+    let steps: Vec<u64> = events
+        .iter()
+        .filter_map(|(_, s)| s["progress"]["step"].as_u64())
+        .collect();
+    assert!(steps.len() >= 2, "steps seen: {events:?}");
+    assert!(
+        events.iter().any(|(_, s)| s["preview_url"].is_string()),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().unwrap().1["status"],
+        "completed",
+        "{events:?}"
+    );
+}

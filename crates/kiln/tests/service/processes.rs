@@ -240,7 +240,11 @@ async fn a_worker_process_killed_mid_job_leaves_the_job_to_another_which_complet
     let image = result["output"]["image"].as_str().unwrap();
     let image_key = image.split('?').next().unwrap().rsplit('/').next().unwrap();
     let images = files.iter().filter(|f| f.ends_with(image_key)).count();
-    assert_eq!((files.len(), images), (2, 1), "one image and one preview: {files:?}");
+    assert_eq!(
+        (files.len(), images),
+        (2, 1),
+        "one image and one preview: {files:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
