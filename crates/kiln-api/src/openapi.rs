@@ -62,16 +62,21 @@ fn document_live_requests(doc: &mut Value) {
         if !path.starts_with("/v1/models/") {
             continue;
         }
-        let parameters = item["post"]["parameters"].as_array_mut();
+        // `get_mut`, not indexing: indexing a missing key would add an empty `post` operation.
+        let parameters = item
+            .get_mut("post")
+            .and_then(|post| post.get_mut("parameters"))
+            .and_then(Value::as_array_mut);
         for parameter in parameters.into_iter().flatten() {
             if parameter["name"] == "webhook" && parameter["in"] == "query" {
                 parameter["schema"]["pattern"] = json!(kiln_core::webhook::WEBHOOK_URL_PATTERN);
             }
         }
     }
-    let stream = &mut paths["/v1/requests/{request_id}/status/stream"]["get"]["responses"]["200"]
-        ["content"]["text/event-stream"];
-    if stream.is_object() {
+    let stream = paths
+        .get_mut("/v1/requests/{request_id}/status/stream")
+        .and_then(|item| item.pointer_mut("/get/responses/200/content/text~1event-stream"));
+    if let Some(stream) = stream {
         stream["schema"] = json!({
             "type": "object",
             "required": ["id", "data"],

@@ -44,8 +44,8 @@ const LAST_EVENT_ID: &str = "last-event-id";
     tag = "requests",
     params(
         ("request_id" = String, Path, format = Uuid),
-        ("Last-Event-ID" = Option<u64>, Header,
-            description = "The id of the last event received: the stream resumes at the next id, with the current status"),
+        ("Last-Event-ID" = Option<String>, Header,
+            description = "The id of the last event received: the stream resumes at the next id, with the current status; a value that is not a number is ignored (the stream starts at 1)"),
     ),
     responses(
         (status = 200, description = "Events, each `id: N` and `data: <status object>`", content_type = "text/event-stream", body = StatusResponse),
