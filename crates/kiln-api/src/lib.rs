@@ -9,6 +9,7 @@
 //! - `models`: `/v1/models` (catalog, schemas) and submitting a request.
 //! - `prefer`: `Prefer: wait=N` on submit (answer with the result if it ends within N s).
 //! - `requests`: `/v1/requests/{id}/status|result|cancel`.
+//! - `listing`: `/v1/requests`, the token's requests newest first, with the input of each.
 //! - `webhooks`: the submit's `webhook` parameter, `/v1/webhooks/secret`, and [`WebhookBodies`]
 //!   (the messages a dispatcher sends).
 //! - `stream`: `/v1/requests/{id}/status/stream` (Server-Sent Events), fed by `live`: one
@@ -16,6 +17,7 @@
 //! - `files`: signed capability URLs for result images, and serving them.
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, and the 404/405 answers.
 //! - `openapi`: the generated OpenAPI document.
+//! - `playground`: the page at `/` (its files compiled in, served under a strict CSP).
 //! - `metrics`: Prometheus metrics and the HTTP metrics middleware.
 //! - `rate_limit`: per-key token buckets for submits.
 //! - `error`: `ApiError`, the layer's one error type, and its table of statuses and codes.
@@ -27,7 +29,7 @@
 //! - `wire`: the JSON bodies of the API.
 //!
 //! [`router`] assembles the endpoints and layers; [`serve`] runs them until a shutdown signal.
-//! Catalog, schemas, health, metrics and the OpenAPI document are public metadata and need no
+//! The playground page, catalog, schemas, health, metrics and the OpenAPI document are public and need no
 //! API key (`/metrics` takes the metrics token when one is set); files need none either (their
 //! signed URL is the permission); everything else does.
 
@@ -37,11 +39,13 @@ mod body_deadline;
 mod error;
 mod files;
 pub mod inputs;
+mod listing;
 mod live;
 mod metrics;
 mod models;
 mod openapi;
 mod ops;
+mod playground;
 mod prefer;
 mod rate_limit;
 mod request_id;
@@ -72,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         // Model ids contain slashes: one wildcard takes submits and `.../schema` GETs.
         .route("/v1/models/{*model_id}", any(models::by_path))
+        .route("/v1/requests", get(listing::list_requests))
         .route("/v1/requests/{id}/status", get(requests::status))
         .route(
             "/v1/requests/{id}/status/stream",
@@ -83,7 +88,11 @@ pub fn router(state: AppState) -> Router {
         .route("/files/{key}", get(files::download))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/openapi.json", get(ops::openapi_json));
+        .route("/openapi.json", get(ops::openapi_json))
+        .route("/", get(playground::index))
+        .route(playground::SCRIPT_PATH, get(playground::script))
+        .route(playground::STYLE_PATH, get(playground::style))
+        .route(playground::ICON_PATH, get(playground::icon));
     if state.settings.metrics_on_api_port {
         routes = routes.route("/metrics", get(ops::metrics));
     }

@@ -4,7 +4,7 @@
 
 use crate::inputs;
 use crate::state::ApiSettings;
-use crate::{files, models, ops, requests, stream, webhooks};
+use crate::{files, listing, models, ops, requests, stream, webhooks};
 use kiln_core::catalog::Route;
 use serde_json::{json, Map, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -21,6 +21,7 @@ use utoipa::{Modify, OpenApi};
         models::submit,
         models::list,
         models::schema,
+        listing::list_requests,
         requests::status,
         stream::status_stream,
         requests::result,
@@ -228,5 +229,27 @@ fn declare_common_answers(doc: &mut Value) {
                 headers["Retry-After"] = retry_after.clone();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_has_its_own_id() {
+        let settings = ApiSettings::with_defaults("http://kiln.test", b"key".to_vec());
+        let doc = document(&settings);
+        let mut ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .values()
+            .flat_map(|item| item.as_object().expect("a path item").values())
+            .map(|operation| operation["operationId"].as_str().expect("an id"))
+            .collect();
+        let count = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), count, "operation ids repeat: {ids:?}");
     }
 }

@@ -160,6 +160,56 @@ pub struct ResultResponse {
     pub webhook: Option<WebhookStatus>,
 }
 
+/// `GET /v1/requests`: a page of the token's own requests, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RequestList {
+    pub requests: Vec<ListedRequest>,
+    /// Where the next (older) page starts: send it back as `before`, as it is. `null` when no
+    /// older request is kept.
+    #[schema(required = true, pattern = "^[0-9]{1,19}$")]
+    pub next: Option<String>,
+}
+
+/// One request as a listing shows it: what was asked (model and input) and how it stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedRequest {
+    #[schema(format = Uuid)]
+    pub request_id: String,
+    /// The model id, as `GET /v1/models` lists it.
+    #[schema(example = "blackforestlabs/flux-2/flex/text-to-image")]
+    pub model: &'static str,
+    pub status: ResultStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When the request ended (succeeded, failed or cancelled).
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<OffsetDateTime>,
+    /// The input, as the model's schema (`GET /v1/models/{model_id}/schema`) has it, with
+    /// every field written out (defaults included): submitted to `model` again, it makes the
+    /// same request. An edit's images are their URLs; one sent as a `data:` URI is a signed
+    /// file URL of the server's copy while the request waits or runs, and is left out once it
+    /// has ended (the copy is deleted then; `input_omitted` names it).
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    /// What `input` leaves out, by its place in the request as sent (`image_urls[0]`); absent
+    /// when nothing is. Put it back before submitting `input` again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_omitted: Vec<String>,
+    /// Only when `succeeded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<ResultOutput>,
+    /// Only when `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<FailureBody>,
+    #[schema(format = "uri")]
+    pub status_url: String,
+    #[schema(format = "uri")]
+    pub result_url: String,
+}
+
 /// Where the announcement of a request's end stands.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookStatus {

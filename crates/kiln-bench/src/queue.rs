@@ -32,8 +32,8 @@ use kiln_core::job::{
 };
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
 use kiln_core::store::{
-    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobNotice, JobStore, Lease,
-    QueueLimits, StateCounts, StoreError,
+    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobNotice, JobPage,
+    JobStore, Lease, QueueLimits, StateCounts, StoreError,
 };
 use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use kiln_testkit::postgres::TestDatabase;
@@ -474,6 +474,15 @@ impl JobStore for Observed {
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         self.inner.get(owner, id).await
+    }
+
+    async fn list_jobs(
+        &self,
+        owner: KeyId,
+        before: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<JobPage, StoreError> {
+        self.inner.list_jobs(owner, before, limit).await
     }
 
     async fn cancel(

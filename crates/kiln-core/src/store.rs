@@ -164,6 +164,35 @@ pub struct ClaimPolicy {
     pub max_attempts: u32,
 }
 
+/// Where a listing of one owner's jobs goes on: strictly before (older than) the job it was
+/// taken from. It wraps the job's place in submission order (the store's `seq`, which only
+/// grows and which both backends hand out in commit order), so a page boundary never moves:
+/// jobs submitted meanwhile are newer and never shift the older pages, and no job is listed
+/// twice or skipped. Clients see it only encoded by the HTTP layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobCursor(i64);
+
+impl JobCursor {
+    /// The cursor at submission position `position` (a value a store handed out, or one the
+    /// HTTP layer decoded: any value is safe, as a listing is always scoped to its owner).
+    pub fn new(position: i64) -> Self {
+        Self(position)
+    }
+
+    /// The submission position, for the store's query and the HTTP layer's encoding.
+    pub fn position(self) -> i64 {
+        self.0
+    }
+}
+
+/// One page of an owner's jobs, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Where the next (older) page starts; `None` when no older job is visible.
+    pub next: Option<JobCursor>,
+}
+
 /// A committed change of one job: a submit (`Queued`), a claim (`Running`, also when a job whose
 /// lease ran out is taken again), progress reported by a heartbeat (`Running` with `progress`),
 /// a release (`Queued` again), the end of the job (`Succeeded`, `Failed`, `Cancelled`).
@@ -235,6 +264,15 @@ pub trait JobStore: Send + Sync {
 
     /// The job if it exists, belongs to `owner` and has not expired.
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError>;
+
+    /// The visible jobs of `owner` (as [`JobStore::get`] sees them: expired ones are not),
+    /// newest first, at most `limit`, strictly older than `before` when given.
+    async fn list_jobs(
+        &self,
+        owner: KeyId,
+        before: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<JobPage, StoreError>;
 
     /// Cancels a queued job of `owner`; with [`CancelMode::Force`], also marks a running one
     /// to be stopped (its worker learns it at its next heartbeat). `None` when there is no such

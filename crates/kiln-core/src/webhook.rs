@@ -30,7 +30,7 @@ pub const WEBHOOK_URL_PATTERN: &str = concat!(
     "([A-Za-z0-9.-]*[A-Za-z]|",
     "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})",
     "(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?",
-    "(/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?$"
+    "(/([A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$"
 );
 
 /// Whether `raw` matches [`WEBHOOK_URL_PATTERN`] (written out: the pattern is for the document).
@@ -48,10 +48,26 @@ fn has_documented_shape(raw: &str) -> bool {
         Some((host, port)) => (host, Some(port)),
         None => (authority, None),
     };
-    let path_ok = path
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._~!$&'()*+,;=:@%/?-".contains(&b));
-    (is_dns_name(host) || is_ipv4(host)) && port.is_none_or(is_port) && path_ok
+    (is_dns_name(host) || is_ipv4(host)) && port.is_none_or(is_port) && is_url_path(path)
+}
+
+/// URL-safe characters, a `%` only as the start of an escape (`%` and two hex digits): the
+/// URL is shown back as a URI (a result's `webhook.url`), which a stray `%` is not.
+fn is_url_path(path: &str) -> bool {
+    let mut bytes = path.bytes();
+    while let Some(b) = bytes.next() {
+        let ok = match b {
+            b'%' => {
+                bytes.next().is_some_and(|h| h.is_ascii_hexdigit())
+                    && bytes.next().is_some_and(|l| l.is_ascii_hexdigit())
+            }
+            _ => b.is_ascii_alphanumeric() || b"._~!$&'()*+,;=:@/?-".contains(&b),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 fn is_dns_name(host: &str) -> bool {
@@ -310,6 +326,9 @@ mod tests {
             "http://a.1/",
             "http://example.com:65536/",
             "http://example.com/ space",
+            "http://example.com/a?b=%L*",
+            "http://example.com/%2",
+            "http://example.com/%",
         ] {
             assert!(WebhookUrl::parse(shape).is_err(), "{shape}");
         }

@@ -6,13 +6,15 @@
 //! value or, in PostgreSQL, the server's clock; so a fragment that takes a value is a function
 //! of the SQL that yields it.
 
-use crate::record::DELIVERY_COLUMNS;
+use crate::record::{ListedRow, DELIVERY_COLUMNS, JOB_COLUMNS};
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId};
 use kiln_core::job::{
     CancelMode, CancelOutcome, JobError, JobErrorCode, JobState, JobStatus, JobView, Progress,
 };
-use kiln_core::store::{JobEvent, JobEvents, JobNotice, StateCounts, StoreError};
+use kiln_core::store::{
+    JobCursor, JobEvent, JobEvents, JobNotice, JobPage, StateCounts, StoreError,
+};
 use kiln_core::webhook::{AfterAttempt, DeliveryState};
 use tokio::sync::broadcast;
 
@@ -22,6 +24,44 @@ pub(crate) const TERMINAL: &str = "state IN ('succeeded', 'failed', 'cancelled')
 /// A job is visible to its owner while it runs or waits, and after it ends until it expires.
 pub(crate) fn visible(now: &str) -> String {
     format!("(state IN ('queued', 'running') OR expires_at > {now})")
+}
+
+/// Up to `limit` of `owner`'s jobs visible at `now`, newest first, submitted before position
+/// `before`: a backwards walk of the (owner, seq) index from `before`, each row with its
+/// position ([`ListedRow`]). Callers ask one row more than the page shows ([`page_limit`]), to
+/// learn whether an older page exists, and bind `before` to [`NO_CURSOR`] for the first page
+/// (an `IS NULL` alternative would cost the index its range).
+pub(crate) fn owned_page(owner: &str, before: &str, now: &str, limit: &str) -> String {
+    format!(
+        "SELECT {JOB_COLUMNS}, seq FROM jobs \
+         WHERE owner = {owner} AND seq < {before} AND {} \
+         ORDER BY seq DESC LIMIT {limit}",
+        visible(now)
+    )
+}
+
+/// `before` for a first page: past every position.
+pub(crate) const NO_CURSOR: i64 = i64::MAX;
+
+/// The rows [`owned_page`] asks for to show `limit`: one more.
+pub(crate) fn page_limit(limit: u32) -> i64 {
+    i64::from(limit) + 1
+}
+
+/// The page of `limit` jobs that [`owned_page`]'s `rows` make: a row beyond `limit` means an
+/// older page exists, which starts after the page's last job.
+pub(crate) fn job_page(mut rows: Vec<ListedRow>, limit: u32) -> Result<JobPage, StoreError> {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = rows
+        .last()
+        .filter(|_| more)
+        .map(|row| JobCursor::new(row.seq));
+    let jobs = rows
+        .into_iter()
+        .map(|row| row.job.into_job())
+        .collect::<Result<_, _>>()?;
+    Ok(JobPage { jobs, next })
 }
 
 /// Retention counts from the end of a job: on every terminal transition the expiry moves to

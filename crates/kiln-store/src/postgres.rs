@@ -55,12 +55,13 @@ mod tests;
 
 use crate::common::{
     after_attempt, announce, attempt_set, blob_keys, cancel_abandoned, cancel_outcome,
-    cancel_queued, claim_set, claimed, due, expire_from_now, heartbeat_set, held, live_blob,
-    reclaimable, request_cancel, state_counts, visible, webhook_record, worker_lost, Events,
-    QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
+    cancel_queued, claim_set, claimed, due, expire_from_now, heartbeat_set, held, job_page,
+    live_blob, owned_page, page_limit, reclaimable, request_cancel, state_counts, visible,
+    webhook_record, worker_lost, Events, NO_CURSOR, QUEUE_POSITION, RELEASE_SET, STATE_COUNTS,
+    TERMINAL,
 };
 use crate::record::{
-    from_millis, millis, DeliveryRow, JobRow, JobViewRow, DELIVERY_COLUMNS, JOB_COLUMNS,
+    from_millis, millis, DeliveryRow, JobRow, JobViewRow, ListedRow, DELIVERY_COLUMNS, JOB_COLUMNS,
 };
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
@@ -69,8 +70,8 @@ use kiln_core::job::{
     CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
 };
 use kiln_core::store::{
-    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobStore, Lease, QueueLimits,
-    StateCounts, StoreError,
+    ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobPage, JobStore,
+    Lease, QueueLimits, StateCounts, StoreError,
 };
 use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -297,6 +298,23 @@ impl JobStore for PgStore {
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         let owner = owner.to_string();
         Self::view(&self.pool, &id.to_string(), Some(&owner), None).await
+    }
+
+    async fn list_jobs(
+        &self,
+        owner: KeyId,
+        before: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<JobPage, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| owned_page("$1", "$2", NOW, "$3"));
+        let rows: Vec<ListedRow> = sqlx::query_as(&SQL)
+            .bind(owner.to_string())
+            .bind(before.map_or(NO_CURSOR, JobCursor::position))
+            .bind(page_limit(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        job_page(rows, limit)
     }
 
     async fn cancel(

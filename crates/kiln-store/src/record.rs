@@ -184,6 +184,15 @@ impl JobViewRow {
     }
 }
 
+/// A job's row with its submission position, as a listing of an owner's jobs selects them
+/// (the position is the next page's cursor).
+#[derive(sqlx::FromRow)]
+pub(crate) struct ListedRow {
+    #[sqlx(flatten)]
+    pub job: JobRow,
+    pub seq: i64,
+}
+
 /// The column list matching [`ApiKeyRow`].
 pub(crate) const KEY_COLUMNS: &str = "id, name, prefix, created_at, revoked_at";
 

@@ -17,14 +17,15 @@ mod changes;
 use crate::common::{
     after_attempt, announce, attempt_set, blob_keys, cancel_abandoned, cancel_outcome,
     cancel_queued, claim_set, claimed, due, duplicate_name_or, event_key, expire_from_now,
-    heartbeat_set, held, live_blob, reclaimable, request_cancel, state_counts, visible,
-    worker_lost, Events, QUEUE_POSITION, RELEASE_SET, STATE_COUNTS, TERMINAL,
+    heartbeat_set, held, job_page, live_blob, owned_page, page_limit, reclaimable, request_cancel,
+    state_counts, visible, worker_lost, Events, NO_CURSOR, QUEUE_POSITION, RELEASE_SET,
+    STATE_COUNTS, TERMINAL,
 };
 use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
 use crate::reader::{ReadError, Readers};
 use crate::record::{
-    from_millis, millis, ApiKeyRow, DeliveryRow, JobRow, JobViewRow, DELIVERY_COLUMNS, JOB_COLUMNS,
-    KEY_COLUMNS,
+    from_millis, millis, ApiKeyRow, DeliveryRow, JobRow, JobViewRow, ListedRow, DELIVERY_COLUMNS,
+    JOB_COLUMNS, KEY_COLUMNS,
 };
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
@@ -33,8 +34,8 @@ use kiln_core::job::{
     CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
 };
 use kiln_core::store::{
-    ApiKey, ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobEvents, JobStore, KeyStore, Lease,
-    QueueLimits, StateCounts, StoreError,
+    ApiKey, ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobPage,
+    JobStore, KeyStore, Lease, QueueLimits, StateCounts, StoreError,
 };
 use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use sqlx::sqlite::{
@@ -311,6 +312,24 @@ impl JobStore for SqliteStore {
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         self.owned_view(&id.to_string(), &owner.to_string(), now_millis())
             .await
+    }
+
+    async fn list_jobs(
+        &self,
+        owner: KeyId,
+        before: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<JobPage, StoreError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| owned_page("?1", "?2", "?3", "?4"));
+        let rows: Vec<ListedRow> = sqlx::query_as(&SQL)
+            .bind(owner.to_string())
+            .bind(before.map_or(NO_CURSOR, JobCursor::position))
+            .bind(now_millis())
+            .bind(page_limit(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        job_page(rows, limit)
     }
 
     async fn cancel(

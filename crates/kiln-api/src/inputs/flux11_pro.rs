@@ -4,6 +4,7 @@
 use super::read_prompt;
 use super::reader::{rounded_side, within, Choice, FieldReader};
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 /// The seed page's example prompt, which its schema gives as the default.
@@ -176,4 +177,31 @@ pub(super) fn read(r: &mut FieldReader<'_>, max_prompt_chars: usize) -> Option<F
         seed,
         raw,
     })
+}
+
+/// [`read`]'s inverse: the input that gives `params` again, every field written out. A size is
+/// given by its preset's name when it is a preset's pixels, else as `Custom` sides (already
+/// multiples of 32 within range, so they read back unchanged).
+pub(super) fn render(params: &GenerationParams) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("prompt".into(), json!(params.prompt.as_str()));
+    // `FirstReference` is an edit's size, never this route's: its default stands then.
+    if let OutputSize::Pixels(size) = params.size {
+        let preset = AspectRatio::ALL
+            .iter()
+            .find(|ratio| ratio.pixels() == Some(size));
+        match preset {
+            Some(ratio) => {
+                fields.insert("image_size".into(), json!(ratio.name()));
+            }
+            None => {
+                fields.insert("image_size".into(), json!(AspectRatio::Custom.name()));
+                fields.insert("width".into(), json!(size.width));
+                fields.insert("height".into(), json!(size.height));
+            }
+        }
+    }
+    fields.insert("seed".into(), json!(params.seed));
+    fields.insert("raw".into(), json!(params.raw));
+    fields
 }

@@ -3,13 +3,13 @@
 //! and an `image_size` that defaults to `auto` (the first reference image's size).
 
 use super::flux2_flex::{
-    read_image_size, read_options, CustomImageSize, Flux2ImageSize, ImageFormat, SizePreset,
-    DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS,
+    read_image_size, read_options, render_image_size, render_options, CustomImageSize,
+    Flux2ImageSize, ImageFormat, SizePreset, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS,
 };
 use super::read_prompt;
 use super::reader::{Choice, FieldReader};
 use kiln_core::params::{GenerationParams, ImageSource, OutputSize, Prompt};
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 /// The seed pages' edit example.
@@ -110,7 +110,9 @@ pub(super) fn read(r: &mut FieldReader<'_>, max_prompt_chars: usize) -> Option<F
     let image_urls = read_image_urls(r);
     let image_size = match r.take("image_size") {
         None => Some(EditImageSize::Auto(AutoSize::Auto)),
-        Some(Value::String(name)) if name == "auto" => Some(EditImageSize::Auto(AutoSize::Auto)),
+        Some(Value::String(name)) if name == AutoSize::NAME => {
+            Some(EditImageSize::Auto(AutoSize::Auto))
+        }
         Some(value) => read_image_size(r, value, ", \"auto\"").map(|size| match size {
             Flux2ImageSize::Preset(p) => EditImageSize::Preset(p),
             Flux2ImageSize::Custom(c) => EditImageSize::Custom(c),
@@ -158,4 +160,33 @@ fn read_image_urls(r: &mut FieldReader<'_>) -> Option<Vec<ImageSource>> {
         }
     }
     (sources.len() == items.len()).then_some(sources)
+}
+
+/// [`read`]'s inverse: the input that gives `params` again, every field written out. Each
+/// reference image is written as `image_url` gives it, in order; one it gives `None` for is
+/// left out (the caller says which: the input then needs it back before it is submitted).
+pub(super) fn render(
+    params: &GenerationParams,
+    image_url: impl FnMut(&ImageSource) -> Option<String>,
+) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("prompt".into(), json!(params.prompt.as_str()));
+    let urls: Vec<String> = params
+        .reference_images
+        .iter()
+        .filter_map(image_url)
+        .collect();
+    fields.insert("image_urls".into(), json!(urls));
+    let size = match params.size {
+        OutputSize::FirstReference => json!(AutoSize::NAME),
+        OutputSize::Pixels(size) => render_image_size(size),
+    };
+    fields.insert("image_size".into(), size);
+    render_options(params, &mut fields);
+    fields
+}
+
+impl AutoSize {
+    /// Its name on the wire.
+    const NAME: &'static str = "auto";
 }

@@ -5,7 +5,7 @@ use super::read_prompt;
 use super::reader::{one_of, rounded_side, within, Choice, FieldReader};
 use kiln_core::catalog::FLUX2_SIDES;
 use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 /// The seed page's example prompt, which its schema gives as the default.
@@ -246,6 +246,13 @@ impl ImageFormat {
             ImageFormat::Png => OutputFormat::Png,
         }
     }
+
+    fn from_core(format: OutputFormat) -> Self {
+        match format {
+            OutputFormat::Jpeg => ImageFormat::Jpeg,
+            OutputFormat::Png => ImageFormat::Png,
+        }
+    }
 }
 
 impl Flux2ImageSize {
@@ -311,4 +318,55 @@ pub(super) fn read_image_size(
             None
         }
     }
+}
+
+/// [`read`]'s inverse: the input that gives `params` again, every field written out.
+pub(super) fn render(params: &GenerationParams) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("prompt".into(), json!(params.prompt.as_str()));
+    // `FirstReference` is an edit's size, never this route's: its default stands then.
+    if let OutputSize::Pixels(size) = params.size {
+        fields.insert("image_size".into(), render_image_size(size));
+    }
+    render_options(params, &mut fields);
+    fields
+}
+
+/// [`read_image_size`]'s inverse: a preset's name when `size` is a preset's pixels, else the
+/// custom sides (already rounded and within range, so they read back unchanged).
+pub(super) fn render_image_size(size: ImageSize) -> Value {
+    let preset = SizePreset::ALL.iter().find(|p| p.pixels() == size);
+    match preset {
+        Some(preset) => json!(preset.name()),
+        None => json!({"width": size.width, "height": size.height}),
+    }
+}
+
+/// [`read_options`]' inverse, into `fields`. Steps and guidance are always set for FLUX.2
+/// routes; were one not, it is left out and its default stands.
+pub(super) fn render_options(params: &GenerationParams, fields: &mut Map<String, Value>) {
+    fields.insert(
+        "enable_prompt_expansion".into(),
+        json!(params.enable_prompt_expansion),
+    );
+    fields.insert("seed".into(), json!(params.seed));
+    let format = ImageFormat::from_core(params.output_format);
+    fields.insert("output_format".into(), json!(format.name()));
+    if let Some(guidance) = params.guidance_scale {
+        fields.insert("guidance_scale".into(), shortest_decimal(guidance));
+    }
+    if let Some(steps) = params.num_inference_steps {
+        fields.insert("num_inference_steps".into(), json!(steps));
+    }
+}
+
+/// `x` as the shortest decimal that reads back as `x` (`2.7`, not `f64::from(2.7f32)`'s
+/// `2.700000047683716`): the parser reads a JSON number as an `f64` and narrows it, so the
+/// decimal must survive that path too; where it would not, the exact value is written.
+fn shortest_decimal(x: f32) -> Value {
+    let shortest = x.to_string().parse::<f64>().ok();
+    let value = shortest
+        .filter(|&decimal| decimal as f32 == x)
+        .unwrap_or(f64::from(x));
+    serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number)
 }

@@ -2,8 +2,10 @@
 //! becomes [`GenerationParams`].
 //!
 //! [`parse_input`] is the only way in: the HTTP submit and `kiln generate` both call it, so the
-//! two validate identically. The schema a client sees ([`input_schema`], `/openapi.json`) is
-//! derived from the same input structs the parser fills, so the two cannot drift apart.
+//! two validate identically. [`render_input`] is its inverse (a listed request's input, which
+//! submitted again makes the same request). The schema a client sees ([`input_schema`],
+//! `/openapi.json`) is derived from the same input structs the parser fills, so the two cannot
+//! drift apart.
 
 mod flux11_pro;
 mod flux2_edit;
@@ -18,7 +20,7 @@ pub use flux2_flex::{CustomImageSize, Flux2FlexInput, Flux2ImageSize, ImageForma
 pub use json::{parse_json, JsonError};
 
 use kiln_core::catalog::Route;
-use kiln_core::params::{GenerationParams, Prompt};
+use kiln_core::params::{GenerationParams, ImageSource, Prompt};
 use reader::FieldReader;
 use serde::Serialize;
 use serde_json::Value;
@@ -109,6 +111,22 @@ pub fn parse_input(
         Some(params) if violations.is_empty() => Ok(params),
         _ => Err(InputErrors(violations)),
     }
+}
+
+/// The input that, submitted to `route`, gives `params` again: [`parse_input`]'s inverse, with
+/// every field written out (defaults too) in the route's own vocabulary (a preset's name for
+/// its pixels). `image_url` gives each of an edit's reference images as the input shows it;
+/// `None` leaves that image out, and the input then needs it back before it is submitted.
+pub fn render_input(
+    route: Route,
+    params: &GenerationParams,
+    image_url: impl FnMut(&ImageSource) -> Option<String>,
+) -> Value {
+    Value::Object(match route {
+        Route::Flux11ProTextToImage => flux11_pro::render(params),
+        Route::Flux2FlexTextToImage => flux2_flex::render(params),
+        Route::Flux2FlexEdit => flux2_edit::render(params, image_url),
+    })
 }
 
 /// The rule every route shares: required, 1..=`max_chars` characters after trimming.

@@ -43,6 +43,19 @@ fn with_required(route: Route, mut body: Value) -> Value {
     body
 }
 
+/// `body`'s parameters, rendered back into an input and parsed again, are the same; the input
+/// rendered.
+fn round_trip(route: Route, body: Value) -> Value {
+    let params = ok(route, body.clone());
+    let rendered = render_input(route, &params, |source| Some(source.as_str().to_string()));
+    assert_eq!(
+        ok(route, rendered.clone()),
+        params,
+        "{body} rendered as {rendered}"
+    );
+    rendered
+}
+
 mod flux11_pro {
     use super::*;
 
@@ -207,6 +220,34 @@ mod flux11_pro {
             rule,
             "unknown field; allowed fields: prompt, image_size, width, height, seed, raw"
         );
+    }
+
+    #[test]
+    fn rendering_is_the_parsers_inverse() {
+        let all = round_trip(
+            PRO,
+            json!({"prompt": " a cat ", "image_size": "Custom", "width": 500, "height": 300, "seed": 7, "raw": true}),
+        );
+        assert_eq!(
+            all,
+            json!({"prompt": "a cat", "image_size": "Custom", "width": 512, "height": 288, "seed": 7, "raw": true}),
+            "every field written out, the sides as they rounded"
+        );
+        let defaults = round_trip(PRO, json!({"prompt": "a cat"}));
+        assert_eq!(defaults["image_size"], "16:9");
+        assert_eq!(defaults["seed"], 81_048_285);
+        for ratio in ["16:9", "4:3", "1:1", "1:1 (hd)", "3:4", "9:16"] {
+            let rendered = round_trip(PRO, json!({"prompt": "x", "image_size": ratio}));
+            assert_eq!(rendered["image_size"], ratio);
+            assert!(rendered.get("width").is_none(), "{rendered}");
+        }
+        round_trip(PRO, json!({"prompt": "x", "seed": u32::MAX}));
+        // Custom sides that are a preset's pixels make the same request as the preset.
+        let square = round_trip(
+            PRO,
+            json!({"prompt": "x", "image_size": "Custom", "width": 1024, "height": 1024}),
+        );
+        assert_eq!(square["image_size"], "1:1");
     }
 }
 
@@ -454,6 +495,36 @@ mod flux2_flex {
             "unknown field; allowed fields: prompt, image_size, enable_prompt_expansion, seed, output_format, guidance_scale, num_inference_steps"
         );
     }
+
+    #[test]
+    fn rendering_is_the_parsers_inverse() {
+        let all = round_trip(
+            FLEX,
+            json!({"prompt": "a fox", "image_size": {"width": 1000, "height": 500}, "enable_prompt_expansion": false, "seed": 12, "output_format": "png", "guidance_scale": 2.7, "num_inference_steps": 9}),
+        );
+        assert_eq!(
+            all,
+            json!({"prompt": "a fox", "image_size": {"width": 1008, "height": 496}, "enable_prompt_expansion": false, "seed": 12, "output_format": "png", "guidance_scale": 2.7, "num_inference_steps": 9}),
+            "every field written out, the sides as they rounded, the guidance as it was sent"
+        );
+        let defaults = round_trip(FLEX, json!({"prompt": "a fox"}));
+        assert_eq!(
+            defaults,
+            json!({"prompt": "a fox", "image_size": "landscape_4_3", "enable_prompt_expansion": true, "seed": 0, "output_format": "jpeg", "guidance_scale": 3.5, "num_inference_steps": 28})
+        );
+        use reader::Choice;
+        for preset in SizePreset::ALL {
+            let rendered = round_trip(FLEX, json!({"prompt": "x", "image_size": preset.name()}));
+            assert_eq!(rendered["image_size"], preset.name());
+        }
+        for guidance in [1.5, 1.6, 3.3333333, 9.99, 10.0] {
+            round_trip(FLEX, json!({"prompt": "x", "guidance_scale": guidance}));
+        }
+        round_trip(
+            FLEX,
+            json!({"prompt": "x", "seed": u32::MAX, "image_size": {"width": 2048, "height": 1952}}),
+        );
+    }
 }
 
 mod flux2_edit {
@@ -594,6 +665,39 @@ mod flux2_edit {
         let size = &input_schema(EDIT, MAX_PROMPT)["properties"]["image_size"];
         assert_eq!(size["default"], "auto");
         assert_eq!(size["oneOf"][0]["enum"], json!(["auto"]));
+    }
+
+    #[test]
+    fn rendering_is_the_parsers_inverse() {
+        let data = "data:image/png;base64,iVBORw0KGgo=";
+        let all = round_trip(
+            EDIT,
+            json!({"prompt": "red cup", "image_urls": [IMAGE_URL, data], "image_size": "square", "enable_prompt_expansion": false, "seed": 3, "output_format": "png", "guidance_scale": 5, "num_inference_steps": 20}),
+        );
+        assert_eq!(all["image_urls"], json!([IMAGE_URL, data]), "in order");
+        assert_eq!(all["image_size"], "square");
+        let auto = round_trip(
+            EDIT,
+            json!({"prompt": "red cup", "image_urls": [IMAGE_URL]}),
+        );
+        assert_eq!(auto["image_size"], "auto");
+        let custom = round_trip(
+            EDIT,
+            json!({"prompt": "red cup", "image_urls": [IMAGE_URL], "image_size": {"width": 640, "height": 480}}),
+        );
+        assert_eq!(custom["image_size"], json!({"width": 640, "height": 480}));
+    }
+
+    #[test]
+    fn images_the_caller_cannot_show_are_left_out() {
+        let params = ok(
+            EDIT,
+            json!({"prompt": "x", "image_urls": [IMAGE_URL, "https://example.com/b.png"]}),
+        );
+        let rendered = render_input(EDIT, &params, |source| {
+            (source.as_str() != IMAGE_URL).then(|| source.as_str().to_string())
+        });
+        assert_eq!(rendered["image_urls"], json!(["https://example.com/b.png"]));
     }
 }
 

@@ -95,7 +95,7 @@ pub(crate) async fn follow_others(
             }
         }
         ticks += 1;
-        if ticks % PRUNE_EVERY == 0 {
+        if ticks.is_multiple_of(PRUNE_EVERY) {
             let pruned = sqlx::query(
                 "DELETE FROM job_changes WHERE seq <= (SELECT MAX(seq) FROM job_changes) - ?1",
             )

@@ -6,6 +6,7 @@
 //! - `queue`: submit, get, cancel, queue positions, queue limits, state counts.
 //! - `leases`: claims (order, routes), heartbeats, complete, fail, release, fencing of a stale
 //!   lease holder, the attempt limit and `fail_abandoned`.
+//! - `listing`: one owner's jobs newest first, paged by cursor (`list_jobs`).
 //! - `retention`: expiry from the end of a job, purge and the files it reports, `blob_is_live`.
 //! - `idempotency`: replay, conflict, scope and window of idempotency keys.
 //! - `live`: previews recorded by heartbeats (and which preview is live), forced cancels of
@@ -32,6 +33,7 @@ mod harness;
 mod idempotency;
 mod keys;
 mod leases;
+mod listing;
 mod live;
 mod queue;
 mod races;
@@ -83,6 +85,11 @@ conformance! {
     leases::a_stale_lease_holder_is_fenced_off,
     leases::a_job_that_keeps_killing_workers_is_failed,
     retention::purge_removes_expired_records_and_reports_their_files,
+    listing::jobs_are_listed_newest_first_and_pages_reach_each_once,
+    listing::a_listed_job_reads_as_get_reads_it,
+    listing::another_owners_jobs_are_never_listed,
+    listing::later_submits_never_shift_older_pages,
+    listing::expired_jobs_are_not_listed,
     live::a_heartbeat_records_the_latest_preview_and_only_it_stays_live,
     live::a_new_claim_keeps_the_last_attempts_preview_until_replaced,
     live::a_forced_cancel_stops_a_running_job,

@@ -8,4 +8,5 @@ mod harness;
 mod in_process;
 mod live;
 mod many_machines;
+mod playground;
 mod processes;
