@@ -40,6 +40,19 @@ pub fn write_config_for(dir: &Path, checkpoint: &Path, steps: u32, extra: &str) 
     path
 }
 
+/// A configuration file serving the FLUX.2 routes (text-to-image and edit) from the engine's
+/// `{fixture}-diffusers` checkpoint (`klein`, `flux2-dev`), with `extra` configuration.
+pub fn write_flux2_config(dir: &Path, fixture: &str, extra: &str) -> PathBuf {
+    let checkpoint = tiny_checkpoint().join(format!("../{fixture}-diffusers"));
+    let path = dir.join("kiln.toml");
+    let config = format!(
+        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n{extra}",
+        checkpoint.display().to_string()
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
 /// The tiny checkpoint as users keep BFL single files: `transformer` (a `flux1-*.safetensors` or
 /// `*.gguf` file of the fixtures) and `ae.safetensors` beside the text encoders' folders.
 pub fn bfl_checkpoint(dir: &Path, transformer: &str) -> PathBuf {

@@ -66,15 +66,10 @@ async fn the_playground_works_in_a_real_browser() {
     let queue_only =
         KilnProcess::serve(&config, &dir.path().join("queue-only"), &["--workers", "0"]);
     // The FLUX.2 routes (edit among them) on the engine's tiny klein fixture.
-    let klein = crate::harness::tiny_checkpoint().join("../klein-diffusers");
-    let edit_config = dir.path().join("edit.toml");
-    let edit_toml = format!(
-        "[models.\"{}\"]\ncheckpoint = {:?}\n",
-        crate::harness::FLEX,
-        klein.display().to_string()
-    );
-    std::fs::write(&edit_config, edit_toml).unwrap();
-    let edit = KilnProcess::serve(&edit_config, &dir.path().join("edit"), &[]);
+    let edit_dir = dir.path().join("edit");
+    std::fs::create_dir(&edit_dir).unwrap();
+    let edit_config = crate::harness::write_flux2_config(&edit_dir, "klein", "");
+    let edit = KilnProcess::serve(&edit_config, &edit_dir.join("data"), &[]);
     let png = dir.path().join("reference.png");
     image::RgbImage::from_pixel(48, 48, image::Rgb([20, 90, 200]))
         .save(&png)

@@ -556,13 +556,7 @@ async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
 /// route (and `extra` configuration), and a client with its first key.
 fn serve_flux2(fixture: &str, extra: &str) -> (tempfile::TempDir, KilnProcess, Client) {
     let dir = tempfile::tempdir().unwrap();
-    let checkpoint = crate::harness::tiny_checkpoint().join(format!("../{fixture}-diffusers"));
-    let config = dir.path().join("kiln.toml");
-    let toml = format!(
-        "[models.\"{FLEX}\"]\ncheckpoint = {:?}\n{extra}",
-        checkpoint.display().to_string()
-    );
-    std::fs::write(&config, toml).unwrap();
+    let config = crate::harness::write_flux2_config(dir.path(), fixture, extra);
     let kiln = KilnProcess::serve(&config, &dir.path().join("data"), &[]);
     let client = Client::new(&kiln.base, kiln.first_key.as_deref().unwrap());
     (dir, kiln, client)
