@@ -226,6 +226,50 @@ fn served_route(state: &AppState, model_id: &str) -> Result<Route, ApiError> {
     Err(ApiError::ModelNotServed { route, served })
 }
 
+/// The parameters in the fingerprint's own form, frozen: a key sent before an upgrade and
+/// replayed after it must still match, whatever `GenerationParams` has become since (this is
+/// its shape from before route options were an enum, field for field).
+#[derive(serde::Serialize)]
+struct FingerprintForm<'a> {
+    prompt: &'a kiln_core::params::Prompt,
+    size: &'a kiln_core::params::OutputSize,
+    seed: u32,
+    num_inference_steps: Option<u32>,
+    guidance_scale: Option<f32>,
+    output_format: kiln_core::params::OutputFormat,
+    raw: bool,
+    enable_prompt_expansion: bool,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    reference_images: &'a [ImageSource],
+}
+
+/// SHA-256 of the route and the parameters in [`FingerprintForm`].
+fn fingerprint(route: Route, params: &GenerationParams) -> Result<String, ApiError> {
+    use kiln_core::params::RouteOptions;
+    let (raw, enable_prompt_expansion) = match params.options {
+        RouteOptions::Flux11Pro { raw } => (raw, false),
+        RouteOptions::Flux2Flex {
+            enable_prompt_expansion,
+        } => (false, enable_prompt_expansion),
+    };
+    let form = FingerprintForm {
+        prompt: &params.prompt,
+        size: &params.size,
+        seed: params.seed,
+        num_inference_steps: params.num_inference_steps,
+        guidance_scale: params.guidance_scale,
+        output_format: params.output_format,
+        raw,
+        enable_prompt_expansion,
+        reference_images: &params.reference_images,
+    };
+    let json = serde_json::to_string(&form).map_err(|e| ApiError::Internal(Box::new(e)))?;
+    Ok(hex::encode(Sha256::digest(format!(
+        "{}\n{json}",
+        route.id()
+    ))))
+}
+
 /// The submit's `Idempotency-Key`, scoped by the store to the caller's token. The fingerprint
 /// covers the model and the parameters after defaults, so a repeat that differs only in
 /// spelling out a default is the same request.
@@ -246,8 +290,7 @@ fn idempotency(
                 && k.bytes().all(|b| b.is_ascii_graphic())
         })
         .ok_or(ApiError::InvalidIdempotencyKey)?;
-    let params_json = serde_json::to_string(params).map_err(|e| ApiError::Internal(Box::new(e)))?;
-    let fingerprint = hex::encode(Sha256::digest(format!("{}\n{params_json}", route.id())));
+    let fingerprint = fingerprint(route, params)?;
     Ok(Some(Idempotency {
         key: key.to_string(),
         fingerprint,
@@ -325,4 +368,34 @@ pub(crate) async fn by_path(
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+    use kiln_core::params::{ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions};
+
+    /// The fingerprint of a request is what kiln computed before route options became an enum
+    /// (the JSON below is that release's `GenerationParams`), so an idempotency key survives
+    /// the upgrade.
+    #[test]
+    fn fingerprints_keep_their_form_across_upgrades() {
+        let params = GenerationParams {
+            prompt: Prompt::parse("a red fox", 100).unwrap(),
+            size: OutputSize::Pixels(ImageSize {
+                width: 1024,
+                height: 768,
+            }),
+            seed: 42,
+            num_inference_steps: Some(28),
+            guidance_scale: None,
+            output_format: OutputFormat::Jpeg,
+            options: RouteOptions::Flux11Pro { raw: true },
+            reference_images: Vec::new(),
+        };
+        let old = r#"{"prompt":"a red fox","size":{"width":1024,"height":768},"seed":42,"num_inference_steps":28,"guidance_scale":null,"output_format":"jpeg","raw":true,"enable_prompt_expansion":false}"#;
+        let route = Route::Flux11ProTextToImage;
+        let expected = hex::encode(Sha256::digest(format!("{}\n{old}", route.id())));
+        assert_eq!(fingerprint(route, &params).unwrap(), expected);
+    }
 }

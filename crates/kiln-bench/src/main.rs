@@ -243,7 +243,7 @@ fn child(workload: Workload, work: &Path, runs: usize) -> anyhow::Result<Measure
                 preview_interval: 0,
             };
             (
-                Box::new(move || Ok(p.run(&req, &mut ())?.final_latents)),
+                Box::new(move || Ok(p.run(&req, &[], &mut ())?.final_latents)),
                 None,
             )
         }

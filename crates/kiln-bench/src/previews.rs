@@ -102,7 +102,7 @@ fn generate(pipeline: &Flux1Pipeline, side: u32, way: Way) -> anyhow::Result<Run
         jpeg_bytes: 0,
     };
     let started = Instant::now();
-    pipeline.run(&request, &mut watch)?;
+    pipeline.run(&request, &[], &mut watch)?;
     Ok(Run {
         seconds: started.elapsed().as_secs_f64(),
         watch,

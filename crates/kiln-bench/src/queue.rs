@@ -30,7 +30,9 @@ use kiln_core::job::{
     CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, OutputMetadata,
     StepReport, Timings,
 };
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::params::{
+    GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
+};
 use kiln_core::store::{
     ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobNotice, JobPage,
     JobStore, Lease, QueueLimits, StateCounts, StoreError,
@@ -170,8 +172,7 @@ fn new_job(owner: KeyId, seed: u32) -> NewJob {
             num_inference_steps: Some(1),
             guidance_scale: None,
             output_format: OutputFormat::Png,
-            raw: false,
-            enable_prompt_expansion: false,
+            options: RouteOptions::Flux11Pro { raw: false },
             reference_images: Vec::new(),
         },
         created_at: now,

@@ -1,6 +1,7 @@
 //! Validated generation parameters. A value of these types has passed the route's schema: the
 //! HTTP layer and `kiln generate` parse into them once, and nothing downstream checks again.
 
+use crate::catalog::Route;
 use crate::ids::BlobKey;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -233,6 +234,25 @@ impl From<ImageSource> for String {
     }
 }
 
+/// A route's own options, beyond the parameters every route shares: each route family's
+/// variant carries exactly what its schema offers, so an engine matches on the variant it
+/// understands and names the rest, rather than every engine reading every route's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "route", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RouteOptions {
+    /// FLUX 1.1 [pro] text-to-image.
+    Flux11Pro {
+        /// "Raw mode" (less processed, more natural images); what it does is the model
+        /// configuration's choice.
+        raw: bool,
+    },
+    /// FLUX.2 [flex], text-to-image and edit.
+    Flux2Flex {
+        /// Prompt expansion by the text encoder's own language model.
+        enable_prompt_expansion: bool,
+    },
+}
+
 /// Everything an engine needs for one generation, in the route's vocabulary mapped to the
 /// engine's: `None` means "the checkpoint's configured default".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,10 +263,8 @@ pub struct GenerationParams {
     pub num_inference_steps: Option<u32>,
     pub guidance_scale: Option<f32>,
     pub output_format: OutputFormat,
-    /// FLUX 1.1 [pro]'s "raw mode"; what it does is the model configuration's choice.
-    pub raw: bool,
-    /// FLUX.2's prompt expansion by the text encoder's own language model.
-    pub enable_prompt_expansion: bool,
+    /// What the request's route offers beyond the parameters every route shares.
+    pub options: RouteOptions,
     /// An edit's reference images, in the request's order; empty for text-to-image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference_images: Vec<ImageSource>,
@@ -259,6 +277,68 @@ impl GenerationParams {
             .iter()
             .filter_map(ImageSource::stored_key)
             .collect()
+    }
+
+    /// Reads a job record's stored parameters (the JSON [`Serialize`] writes), `route` being
+    /// the job's: records written before [`RouteOptions`] existed are read too (see
+    /// [`StoredParams`]). Records are only ever written in the current form.
+    pub fn from_stored_json(route: Route, json: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str::<StoredParams>(json)?.into_params(route)
+    }
+}
+
+/// [`GenerationParams`] as a job record may hold it. Records written before [`RouteOptions`]
+/// have no `options` but two top-level flags, `raw` and `enable_prompt_expansion` (both always
+/// written), and an accepted job must survive an upgrade; which flag counts depends on the
+/// job's route, which only the record (not this JSON) knows. Delete this once no record of
+/// the old form can remain (a job outlives its retention at most).
+#[derive(Deserialize)]
+struct StoredParams {
+    prompt: Prompt,
+    size: OutputSize,
+    seed: u32,
+    num_inference_steps: Option<u32>,
+    guidance_scale: Option<f32>,
+    output_format: OutputFormat,
+    options: Option<RouteOptions>,
+    /// The legacy form's flags; ignored when `options` is present.
+    raw: Option<bool>,
+    enable_prompt_expansion: Option<bool>,
+    #[serde(default)]
+    reference_images: Vec<ImageSource>,
+}
+
+impl StoredParams {
+    fn into_params(self, route: Route) -> Result<GenerationParams, serde_json::Error> {
+        let legacy_flag = |flag: Option<bool>, name| {
+            flag.ok_or_else(|| {
+                <serde_json::Error as serde::de::Error>::custom(format_args!(
+                    "missing field `options` (or the legacy `{name}`)"
+                ))
+            })
+        };
+        let options = match (self.options, route) {
+            (Some(options), _) => options,
+            (None, Route::Flux11ProTextToImage) => RouteOptions::Flux11Pro {
+                raw: legacy_flag(self.raw, "raw")?,
+            },
+            (None, Route::Flux2FlexTextToImage | Route::Flux2FlexEdit) => RouteOptions::Flux2Flex {
+                enable_prompt_expansion: legacy_flag(
+                    self.enable_prompt_expansion,
+                    "enable_prompt_expansion",
+                )?,
+            },
+        };
+        Ok(GenerationParams {
+            prompt: self.prompt,
+            size: self.size,
+            seed: self.seed,
+            num_inference_steps: self.num_inference_steps,
+            guidance_scale: self.guidance_scale,
+            output_format: self.output_format,
+            options,
+            reference_images: self.reference_images,
+        })
     }
 }
 
@@ -326,6 +406,69 @@ mod tests {
             serde_json::from_str::<OutputSize>(&auto).unwrap(),
             OutputSize::FirstReference
         );
+    }
+
+    #[test]
+    fn stored_params_read_in_both_forms() {
+        let current = GenerationParams {
+            prompt: Prompt::parse("a cat", 100).unwrap(),
+            size: OutputSize::Pixels(ImageSize {
+                width: 64,
+                height: 48,
+            }),
+            seed: 7,
+            num_inference_steps: Some(4),
+            guidance_scale: Some(2.5),
+            output_format: OutputFormat::Png,
+            options: RouteOptions::Flux2Flex {
+                enable_prompt_expansion: true,
+            },
+            reference_images: Vec::new(),
+        };
+        let json = serde_json::to_string(&current).unwrap();
+        assert!(
+            json.contains(r#""options":{"route":"flux2_flex","enable_prompt_expansion":true}"#),
+            "{json}"
+        );
+        assert!(
+            !json.contains(r#""raw""#),
+            "only the current form is written: {json}"
+        );
+        assert_eq!(
+            GenerationParams::from_stored_json(Route::Flux2FlexTextToImage, &json).unwrap(),
+            current
+        );
+        assert_eq!(
+            serde_json::from_str::<GenerationParams>(&json).unwrap(),
+            current
+        );
+
+        // Written before `RouteOptions`: the job's route picks the flag that counts.
+        let legacy = r#"{"prompt":"a cat","size":{"width":64,"height":48},"seed":7,
+            "num_inference_steps":null,"guidance_scale":null,"output_format":"jpeg",
+            "raw":true,"enable_prompt_expansion":false}"#;
+        let pro = GenerationParams::from_stored_json(Route::Flux11ProTextToImage, legacy).unwrap();
+        assert_eq!(pro.options, RouteOptions::Flux11Pro { raw: true });
+        assert_eq!(pro.seed, 7);
+        assert_eq!(pro.output_format, OutputFormat::Jpeg);
+        for route in [Route::Flux2FlexTextToImage, Route::Flux2FlexEdit] {
+            let flex = GenerationParams::from_stored_json(route, legacy).unwrap();
+            assert_eq!(
+                flex.options,
+                RouteOptions::Flux2Flex {
+                    enable_prompt_expansion: false
+                }
+            );
+        }
+        assert!(
+            serde_json::from_str::<GenerationParams>(legacy).is_err(),
+            "the legacy form needs the route"
+        );
+        let neither = r#"{"prompt":"a cat","size":null,"seed":7,"output_format":"jpeg"}"#;
+        let err = GenerationParams::from_stored_json(Route::Flux2FlexEdit, neither).unwrap_err();
+        assert!(err.to_string().contains("enable_prompt_expansion"), "{err}");
+        let unknown = json.replace("enable_prompt_expansion", "expand");
+        assert!(GenerationParams::from_stored_json(Route::Flux2FlexEdit, &unknown).is_err());
     }
 
     #[test]

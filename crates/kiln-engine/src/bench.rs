@@ -8,9 +8,10 @@
 //! loads the very same weights and inputs: the two outputs can be compared at full size.
 
 use crate::error::{Error, Result};
-use crate::nn::Linear;
+use crate::flux1::transformer::{FluxTransformer, TransformerConfig};
+use crate::layers::blocks::Rope;
+use crate::layers::Linear;
 use crate::sampling;
-use crate::transformer::{FluxTransformer, Rope, TransformerConfig};
 use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
@@ -319,7 +320,7 @@ impl TransformerCall {
         let config = std::fs::read_to_string(paths.transformer.join("config.json"))
             .map_err(|e| Error::io(&paths.transformer, e))?;
         let cfg = TransformerConfig::from_diffusers_json(&config, &w)?;
-        let model = FluxTransformer::load(cfg, &w, &mut |_, _| {})?;
+        let model = FluxTransformer::load(cfg, &w, &mut |_| {})?;
         let inputs = read_inputs(paths, device)?;
         let grid = side / 16;
         let rope = model.rope(TEXT_TOKENS, grid, grid, device)?;

@@ -1,11 +1,14 @@
 //! What is on disk: which checkpoint layout a directory holds and where each part is.
 
 use crate::error::{Error, Result};
+use crate::pipeline::Runtime;
+use crate::weights::{NameMap, Weights};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// How a FLUX.1 checkpoint directory is laid out.
+/// How a checkpoint directory is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// A diffusers folder: `model_index.json`, `transformer/`, `vae/`, ...
@@ -65,7 +68,7 @@ pub struct CheckpointSettings {
     /// result's notes.
     #[serde(default)]
     pub description: Option<String>,
-    /// FLUX.1 only: the checkpoint was trained with captions dropped and is sampled with true
+    /// The checkpoint was trained with captions dropped and is sampled with true
     /// classifier-free guidance against the empty prompt at this scale, as diffusers'
     /// `FluxPipeline` does with `true_cfg_scale` and `negative_prompt=""`. For a checkpoint
     /// without a guidance embedding a request's guidance sets this scale.
@@ -330,6 +333,76 @@ pub(crate) fn bfl_transformer_file(
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("invalid JSON: {e}")))
+}
+
+/// A component's JSON configuration (a `config.json`), as `T`.
+pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    serde_json::from_value(read_json(path)?).map_err(|e| Error::checkpoint(path, e.to_string()))
+}
+
+/// The transformer's weights, mapped from their files in either format.
+pub(crate) fn open_transformer(
+    format: WeightFormat,
+    files: &[PathBuf],
+    rt: &Runtime,
+) -> Result<Weights> {
+    match format {
+        WeightFormat::Safetensors => Weights::open_safetensors(files, &rt.device, rt.dtype),
+        WeightFormat::Gguf => Weights::open_gguf(&files[0], &rt.device, rt.dtype),
+    }
+}
+
+/// How a transformer's weights are stored, where that is worth telling: "GGUF Q8_0
+/// transformer" (the block quantizations the file holds).
+pub(crate) fn gguf_description(format: WeightFormat, files: &[PathBuf]) -> Option<String> {
+    (format == WeightFormat::Gguf).then(|| {
+        let kinds = gguf_quantization(&files[0]).unwrap_or_else(|| "unreadable".into());
+        format!("GGUF {kinds} transformer")
+    })
+}
+
+/// Which block quantizations a GGUF file holds (e.g. "Q8_0" or "Q4_K+Q6_K"), or
+/// "unquantized"; `None` if it cannot be read.
+fn gguf_quantization(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).ok()?;
+    let mut kinds: Vec<String> = content
+        .tensor_infos
+        .values()
+        .map(|i| format!("{:?}", i.ggml_dtype))
+        .filter(|k| !matches!(k.as_str(), "F32" | "F16" | "BF16"))
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    Some(if kinds.is_empty() {
+        "unquantized".into()
+    } else {
+        kinds.join("+")
+    })
+}
+
+/// The autoencoder's configuration and weights: diffusers' `config.json` where there is one,
+/// else BFL's `ae.safetensors` read from its tensors (`infer`, with the checkpoint's GroupNorm
+/// groups) under BFL's names.
+pub(crate) fn open_vae<C: DeserializeOwned + crate::vae::UpBlocks>(
+    files: &[PathBuf],
+    config: Option<&Path>,
+    settings: &CheckpointSettings,
+    rt: &Runtime,
+    infer: impl Fn(&Weights, usize) -> Result<C>,
+) -> Result<(C, Weights)> {
+    let w = Weights::open_safetensors(files, &rt.device, rt.dtype)?;
+    match config {
+        Some(path) => Ok((read_config(path)?, w)),
+        None => {
+            let groups = settings
+                .autoencoder_norm_groups
+                .unwrap_or(crate::vae::groups());
+            let cfg = infer(&w, groups)?;
+            let up_blocks = cfg.up_blocks();
+            Ok((cfg, w.with_map(NameMap::BflVae { up_blocks })))
+        }
+    }
 }
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>> {

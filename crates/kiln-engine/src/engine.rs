@@ -1,20 +1,26 @@
-//! [`Flux1Engine`]: a loaded FLUX.1 pipeline and its configuration, behind kiln-core's
-//! [`Engine`] trait (the `blackforestlabs/flux-1-1-pro/text-to-image` route).
+//! [`ModelEngine`]: a loaded checkpoint of any family and its configuration, behind kiln-core's
+//! [`Engine`] trait. It turns a request's parameters into a [`PipelineRequest`]: the output
+//! size (an edit's may come from its first reference image), the deployment's defaults, and
+//! each route's own options ([`RouteOptions`]); then runs the one generation path.
 
 use crate::error::{Error, Result};
-use crate::pipeline::{
-    DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress, PipelineRequest, Precision,
-};
+use crate::flux1::Flux1;
+use crate::flux2::Flux2;
+use crate::options::{DeviceSpec, EngineOptions, LoadProgress, Precision};
+use crate::pipeline::{Expanded, Family, Pipeline, PipelineRequest, RequestDefaults};
+use crate::sampling::check_stop;
+use kiln_core::catalog::{SideBounds, FLUX2_SIDES};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, RgbImage, StepObserver};
-use kiln_core::params::{GenerationParams, OutputSize};
+use kiln_core::params::{GenerationParams, ImageSize, OutputSize, RouteOptions};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// The operator's configuration of a FLUX.1 model.
+/// The operator's configuration of a model (a `[models."<route>"]` table).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Flux1Config {
-    /// A diffusers folder or a folder of BFL single files (see [`crate::CheckpointFiles`]).
+pub struct ModelConfig {
+    /// A checkpoint directory in any layout its family reads (see [`crate::CheckpointFiles`]
+    /// and the FLUX.2 module).
     pub checkpoint: PathBuf,
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
@@ -22,28 +28,32 @@ pub struct Flux1Config {
     /// `f32`, `bf16` or `f16`; by default f32 on the CPU and bf16 on CUDA.
     #[serde(default)]
     pub precision: Option<Precision>,
-    /// Default steps when a request gives none (else 28 for dev, 4 for schnell).
+    /// Default steps when a request gives none (else the checkpoint's).
     #[serde(default)]
     pub steps: Option<u32>,
-    /// Default guidance when a request gives none (else 3.5 for dev).
+    /// Default guidance when a request gives none (else the checkpoint's).
     #[serde(default)]
     pub guidance: Option<f32>,
-    /// T5 sequence length (else 512 for dev, 256 for schnell).
+    /// Text sequence length (else the checkpoint's: 512 for FLUX.1 dev and FLUX.2, 256 for
+    /// schnell).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
-    /// A preview every this many steps; 0 for none.
-    #[serde(default = "default_preview_interval")]
-    pub preview_interval: u32,
-    /// What a request's `raw: true` does. Without it, raw requests run as usual, with a note.
+    /// A preview every this many steps; 0 for none (else 4 for FLUX.1, 1 for FLUX.2).
     #[serde(default)]
+    pub preview_interval: Option<u32>,
+    /// FLUX 1.1 [pro]'s route only: what a request's `raw: true` does. Without it, raw
+    /// requests run as usual, with a note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<RawModeConfig>,
+    /// FLUX.2 [flex]'s routes only: whether a request's `enable_prompt_expansion` (on by
+    /// default in that schema) is honoured. Expansion has the text encoder write up to 512
+    /// tokens before the image, which a deployment of a large text encoder on CPU may not
+    /// want to pay; off, the result's notes say the prompt was used as given. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_expansion: Option<bool>,
 }
 
-fn default_preview_interval() -> u32 {
-    4
-}
-
-impl Flux1Config {
+impl ModelConfig {
     /// A checkpoint with every setting at its default.
     pub fn new(checkpoint: impl Into<PathBuf>) -> Self {
         Self {
@@ -53,8 +63,16 @@ impl Flux1Config {
             steps: None,
             guidance: None,
             max_sequence_length: None,
-            preview_interval: default_preview_interval(),
+            preview_interval: None,
             raw: None,
+            prompt_expansion: None,
+        }
+    }
+
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            device: self.device,
+            precision: self.precision,
         }
     }
 }
@@ -76,33 +94,71 @@ pub struct RawModeConfig {
     pub description: Option<String>,
 }
 
-pub struct Flux1Engine {
-    config: Flux1Config,
-    main: Flux1Pipeline,
-    raw: Option<Flux1Pipeline>,
+impl RawModeConfig {
+    /// What raw mode changes, for the result's notes.
+    fn notes(&self) -> Vec<String> {
+        let mut what = vec![];
+        if let Some(c) = &self.checkpoint {
+            what.push(format!("checkpoint {}", crate::checkpoint_name(c)));
+        }
+        if let Some(s) = self.steps {
+            what.push(format!("steps {s}"));
+        }
+        if let Some(g) = self.guidance {
+            what.push(format!("guidance {g}"));
+        }
+        let mut notes = vec![format!(
+            "raw mode: {}",
+            if what.is_empty() {
+                "no changes configured".into()
+            } else {
+                what.join(", ")
+            }
+        )];
+        notes.extend(self.description.iter().map(|d| format!("raw mode: {d}")));
+        notes
+    }
 }
 
-impl Flux1Engine {
+/// A FLUX.1 checkpoint served to the worker.
+pub type Flux1Engine = ModelEngine<Flux1>;
+/// A FLUX.2 checkpoint served to the worker.
+pub type Flux2Engine = ModelEngine<Flux2>;
+
+/// A loaded checkpoint of family `F` (and raw mode's, where configured) and its configuration.
+pub struct ModelEngine<F: Family> {
+    config: ModelConfig,
+    main: Pipeline<F>,
+    raw: Option<Pipeline<F>>,
+}
+
+impl<F: Family> ModelEngine<F> {
     /// Loads the configured checkpoint(s); they stay resident for every later generation.
-    pub fn load(config: Flux1Config, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
-        let options = EngineOptions {
-            device: config.device,
-            precision: config.precision,
-        };
-        let main = Flux1Pipeline::load(&config.checkpoint, &options, progress)?;
+    pub fn load(config: ModelConfig, progress: &mut dyn FnMut(LoadProgress)) -> Result<Self> {
+        let options = config.options();
+        let main = Pipeline::load(&config.checkpoint, &options, progress)?;
         let raw = match config.raw.as_ref().and_then(|r| r.checkpoint.as_ref()) {
-            Some(dir) => Some(Flux1Pipeline::load(dir, &options, progress)?),
+            Some(dir) => Some(Pipeline::load(dir, &options, progress)?),
             None => None,
         };
         Ok(Self { config, main, raw })
     }
 
-    pub fn pipeline(&self) -> &Flux1Pipeline {
+    pub fn pipeline(&self) -> &Pipeline<F> {
         &self.main
     }
 
-    pub fn config(&self) -> &Flux1Config {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn defaults(&self) -> RequestDefaults {
+        RequestDefaults {
+            steps: self.config.steps,
+            guidance: self.config.guidance,
+            max_sequence_length: self.config.max_sequence_length,
+            preview_interval: self.config.preview_interval.unwrap_or(F::PREVIEW_INTERVAL),
+        }
     }
 
     fn generate_inner(
@@ -111,64 +167,22 @@ impl Flux1Engine {
         references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage> {
-        let size = match params.size {
-            OutputSize::Pixels(size) if references.is_empty() => size,
-            _ => {
-                return Err(Error::InvalidRequest(
-                    "FLUX.1 checkpoints cannot take reference images".into(),
-                ))
-            }
-        };
         let mut notes = Vec::new();
-        let raw = match (&self.config.raw, params.raw) {
-            (Some(r), true) => Some(r),
-            (None, true) => {
-                notes.push("raw mode requested; this model's configuration defines none, generated as usual".into());
-                None
+        let size = self.output_size(params.size, references.first(), &mut notes)?;
+        let mut defaults = self.defaults();
+        let (pipeline, expand) = match params.options {
+            RouteOptions::Flux11Pro { raw } => {
+                (self.raw_mode(raw, &mut defaults, &mut notes), false)
             }
-            (_, false) => None,
+            RouteOptions::Flux2Flex {
+                enable_prompt_expansion,
+            } => (&self.main, enable_prompt_expansion),
         };
-        let pipeline = match (&self.raw, raw) {
-            (Some(p), Some(_)) => p,
-            _ => &self.main,
-        };
-        if let Some(r) = raw {
-            let mut what = vec![];
-            if let Some(c) = &r.checkpoint {
-                what.push(format!("checkpoint {}", c.display()));
-            }
-            if let Some(s) = r.steps {
-                what.push(format!("steps {s}"));
-            }
-            if let Some(g) = r.guidance {
-                what.push(format!("guidance {g}"));
-            }
-            notes.push(format!(
-                "raw mode: {}",
-                if what.is_empty() {
-                    "no changes configured".into()
-                } else {
-                    what.join(", ")
-                }
-            ));
-            if let Some(d) = &r.description {
-                notes.push(format!("raw mode: {d}"));
-            }
+        let mut request = PipelineRequest::from_params(params, size, &defaults);
+        if expand {
+            self.expand(&mut request, observer, &mut notes)?;
         }
-        if params.enable_prompt_expansion {
-            notes.push(
-                "prompt expansion is not available for FLUX.1; the prompt was used as given".into(),
-            );
-        }
-        let request = PipelineRequest::from_params(
-            params,
-            size,
-            raw.and_then(|r| r.steps).or(self.config.steps),
-            raw.and_then(|r| r.guidance).or(self.config.guidance),
-            self.config.max_sequence_length,
-            self.config.preview_interval,
-        );
-        let out = pipeline.run(&request, observer)?;
+        let out = pipeline.run(&request, references, observer)?;
         let mut applied = out.applied;
         applied.notes.extend(notes);
         Ok(GeneratedImage {
@@ -176,9 +190,111 @@ impl Flux1Engine {
             applied,
         })
     }
+
+    /// The pipeline a request runs on, raw mode's settings applied to `defaults` where asked
+    /// for and configured.
+    fn raw_mode(
+        &self,
+        raw: bool,
+        defaults: &mut RequestDefaults,
+        notes: &mut Vec<String>,
+    ) -> &Pipeline<F> {
+        match (&self.config.raw, raw) {
+            (_, false) => &self.main,
+            (None, true) => {
+                notes.push("raw mode requested; this model's configuration defines none, generated as usual".into());
+                &self.main
+            }
+            (Some(r), true) => {
+                defaults.steps = r.steps.or(defaults.steps);
+                defaults.guidance = r.guidance.or(defaults.guidance);
+                notes.extend(r.notes());
+                self.raw.as_ref().unwrap_or(&self.main)
+            }
+        }
+    }
+
+    /// The prompt rewritten by the text encoder where the deployment allows it and the
+    /// checkpoint can; the notes say which, and keep the original.
+    fn expand(
+        &self,
+        request: &mut PipelineRequest,
+        observer: &mut dyn StepObserver,
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        if self.config.prompt_expansion == Some(false) {
+            notes.push("prompt expansion is turned off in this deployment's configuration (prompt_expansion = false); the prompt was used as given".into());
+            return Ok(());
+        }
+        check_stop(observer)?;
+        let expanded =
+            self.main
+                .model()
+                .expand_prompt(&request.prompt, request.seed, &mut || {
+                    observer.stop_requested()
+                })?;
+        match expanded {
+            Expanded::Text(e) if !e.text.trim().is_empty() => {
+                notes.push(format!(
+                    "prompt expanded by the text encoder ({} tokens, temperature {}); the original: {}",
+                    e.tokens.len(),
+                    crate::flux2::EXPANSION_TEMPERATURE,
+                    request.prompt
+                ));
+                request.prompt = e.text.trim().to_string();
+            }
+            Expanded::Text(_) => {
+                notes.push("prompt expansion wrote nothing; the prompt was used as given".into())
+            }
+            Expanded::Unavailable(why) => notes.push(format!(
+                "prompt expansion is not available: {why}; the prompt was used as given"
+            )),
+        }
+        Ok(())
+    }
+
+    /// The size to generate: the request's, or (`image_size: "auto"`) the first reference's,
+    /// as the family prepares it, kept within the sizes of the route that offers "auto" (the
+    /// FLUX.2 [flex] edit route).
+    fn output_size(
+        &self,
+        size: OutputSize,
+        first: Option<&RgbImage>,
+        notes: &mut Vec<String>,
+    ) -> Result<ImageSize> {
+        let first = match (size, first) {
+            (OutputSize::Pixels(size), _) => return Ok(size),
+            (OutputSize::FirstReference, Some(first)) => first,
+            (OutputSize::FirstReference, None) => {
+                return Err(Error::InvalidRequest(
+                    "the image size comes from the first reference image, and none was given"
+                        .into(),
+                ))
+            }
+        };
+        let size = self.main.reference_size(first)?;
+        notes.push(format!(
+            "image size {}x{} from the first reference image",
+            size.width, size.height
+        ));
+        // A reference may be any shape (4096x16 is under a megapixel); the result keeps to
+        // what the route accepts as an explicit size.
+        let bounds = SideBounds {
+            step: self.main.size_multiple(),
+            ..FLUX2_SIDES
+        };
+        let (width, height) = bounds.fit(size.width, size.height);
+        if (width, height) != (size.width, size.height) {
+            notes.push(format!(
+                "brought to {width}x{height}, within the route's sizes (sides {} to {}, at most {} pixels)",
+                FLUX2_SIDES.min, FLUX2_SIDES.max, FLUX2_SIDES.max_pixels
+            ));
+        }
+        Ok(ImageSize { width, height })
+    }
 }
 
-impl Engine for Flux1Engine {
+impl<F: Family> Engine for ModelEngine<F> {
     fn describe(&self) -> String {
         match &self.raw {
             Some(raw) => format!("{}; raw mode: {}", self.main.describe(), raw.describe()),
@@ -186,6 +302,9 @@ impl Engine for Flux1Engine {
         }
     }
 
+    /// Text-to-image, or an edit conditioned on `references` (the `image_urls` of the
+    /// `flux-2/flex/edit` route, fetched and decoded by the worker) where the family takes
+    /// them.
     fn generate(
         &self,
         params: &GenerationParams,

@@ -1,39 +1,44 @@
-//! kiln's FLUX.1 inference engine (dev, schnell and their fine-tunes) on candle.
+//! kiln's inference engine on candle: FLUX.1 (dev, schnell and their fine-tunes) and FLUX.2
+//! (dev, klein), text-to-image and, for FLUX.2, editing with reference images.
 //!
-//! Two ways in: [`Flux1Engine`], kiln-core's [`kiln_core::engine::Engine`] for the worker, built
-//! from an operator's [`Flux1Config`]; and [`Flux1Pipeline`], the direct API `kiln generate`
-//! uses (explicit sizes, steps, seeds, initial latents, final latents).
+//! Two ways in: [`ModelEngine`], kiln-core's [`kiln_core::engine::Engine`] for the worker,
+//! built from an operator's [`ModelConfig`]; and [`Pipeline`], the direct API `kiln generate`
+//! and the parity tests use (explicit sizes, steps, seeds, initial latents, final latents).
+//! Both are generic over a model [`Family`]: [`Flux1`] or [`Flux2`].
 //!
 //! # Layout
-//! - [`checkpoint`]: which layout a directory holds (diffusers folder, BFL single files, GGUF
-//!   transformer) and where each part is; a clear error for anything else.
-//! - `weights`: memory-mapped safetensors/GGUF tensors, the BFL -> diffusers name mapping,
+//! - [`pipeline`]: the [`Family`] trait and the one generation path every family runs.
+//! - `engine`: [`ModelEngine`] and its [`ModelConfig`]: deployment defaults, route options
+//!   (raw mode, prompt expansion), an edit's output size.
+//! - [`options`]: device, precision, load progress, sampling defaults.
+//! - [`checkpoint`]: which layout a directory holds and where each part is; shared loaders.
+//! - `weights`: memory-mapped safetensors/GGUF tensors, the BFL -> diffusers name maps,
 //!   quantized tensors kept quantized.
-//! - `nn`: linear layers (dense or quantized), attention, norms.
-//! - `tokenizer`: CLIP's BPE from `vocab.json` + `merges.txt`, T5's `tokenizer.json`.
-//! - `clip`, `t5`: the text encoders (pooled CLIP vector, T5 hidden states).
-//! - `transformer`: the FLUX.1 transformer, RoPE in f32.
-//! - `vae`: the autoencoder's decoder.
-//! - [`sampling`]: noise, packing, the shifted schedule, Euler steps.
+//! - `layers`: linear layers (dense or quantized), attention, norms; `layers::blocks` the
+//!   transformer blocks both families share (double-stream attention, RoPE, timestep
+//!   embedding).
+//! - [`text`]: CLIP, T5 and the decoder-only language models (Qwen3, Mistral), tokenizers,
+//!   chat templates.
+//! - `vae`: the autoencoder (FLUX.1's decoder; `vae::flux2` FLUX.2's, with its encoder).
+//! - [`sampling`]: noise, packing, the shifted schedule, the Euler loop.
 //! - `image_io`: RGB from the decoder, latent previews (encoding is `kiln_core::image_file`).
-//! - [`pipeline`]: [`Flux1Pipeline`], loading and running a whole generation.
-//! - `engine`: [`Flux1Engine`] and its configuration (defaults, raw mode).
-//! - [`flux2`]: FLUX.2 klein ([`flux2::Flux2Pipeline`]), its own module tree on the pieces above.
+//! - [`flux1`], [`flux2`]: each family's models and its [`Family`] implementation.
+//! - [`bench`] (feature `bench`): the benchmark's workloads.
 //! - `error`: the crate's [`Error`].
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod checkpoint;
-mod clip;
 mod engine;
 mod error;
+pub mod flux1;
 pub mod flux2;
 mod image_io;
-mod nn;
+mod layers;
+pub mod options;
 pub mod pipeline;
 pub mod sampling;
-mod t5;
-mod tokenizer;
-mod transformer;
+pub mod text;
 mod vae;
 mod weights;
 
@@ -41,16 +46,18 @@ pub use candle_core::Tensor;
 pub use checkpoint::{
     checkpoint_family, checkpoint_name, CheckpointFiles, CheckpointSettings, Layout, WeightFormat,
 };
-pub use clip::ClipTextConfig;
-pub use engine::{Flux1Config, Flux1Engine, RawModeConfig};
+pub use engine::{Flux1Engine, Flux2Engine, ModelConfig, ModelEngine, RawModeConfig};
 pub use error::{Error, Result};
-pub use flux2::{Flux2Config, Flux2Engine, Flux2Pipeline};
+pub use flux1::transformer::TransformerConfig;
+pub use flux1::{Flux1, Flux1Pipeline, PromptEmbeddings, Variant};
+pub use flux2::{Flux2, Flux2Pipeline};
+pub use options::{DeviceSpec, EngineOptions, LoadProgress, Precision, SamplingDefaults};
 pub use pipeline::{
-    read_latents, write_latents, DeviceSpec, EngineOptions, Flux1Pipeline, LoadProgress,
-    PipelineOutput, PipelineRequest, Precision, PromptEmbeddings, SamplingDefaults, Variant,
+    read_latents, write_latents, Expanded, Expansion, Family, Pipeline, PipelineOutput,
+    PipelineRequest,
 };
-pub use t5::T5Config;
-pub use transformer::TransformerConfig;
+pub use text::clip::ClipTextConfig;
+pub use text::t5::T5Config;
 pub use vae::VaeConfig;
 
 /// Loads the CPU's matrix-product library (OpenBLAS where the machine has it) now rather than

@@ -1,130 +1,173 @@
-//! The FLUX.1 text-to-image pipeline (diffusers' `FluxPipeline`): load a checkpoint once, then
-//! prompt -> CLIP + T5 -> denoise with the transformer -> VAE decode -> RGB.
+//! The one generation path: a [`Family`] says what its models do, and [`Pipeline`] runs every
+//! family's generation the same way: guidance plan -> prompt encoding -> initial latents ->
+//! denoise with the observer -> decode -> the settings that were applied.
+//!
+//! What differs between FLUX.1 and FLUX.2 (text encoders, latent layout, schedule shift,
+//! reference images, how the VAE reads latents) sits behind the trait; what they share (step
+//! and size checks, classifier-free guidance, the Euler loop, previews, upscaling, the notes
+//! a result carries) is written here once.
 
-use crate::checkpoint::{read_json, CheckpointFiles, Layout, WeightFormat};
-use crate::clip::ClipTextModel;
+use crate::checkpoint::{CheckpointSettings, Layout};
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
-use crate::sampling::{self, ScheduleConfig};
-use crate::t5::{T5Config, T5Encoder};
-use crate::tokenizer::PromptTokenizer;
-use crate::transformer::{FluxTransformer, TransformerConfig};
-use crate::vae::{groups, VaeConfig, VaeDecoder};
-use crate::weights::{NameMap, Weights};
+use crate::options::{EngineOptions, LoadProgress, SamplingDefaults};
+use crate::sampling;
 use candle_core::{DType, Device, Tensor};
 use kiln_core::engine::{AppliedSettings, RgbImage, StepObserver};
 use kiln_core::params::{GenerationParams, ImageSize};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum DeviceSpec {
-    #[default]
-    Cpu,
-    /// A CUDA device by ordinal (`"cuda"` is `"cuda:0"`); needs the `cuda` feature.
-    Cuda(usize),
+/// Where a loaded model computes: its device and compute dtype.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub device: Device,
+    pub dtype: DType,
 }
 
-impl From<DeviceSpec> for String {
-    fn from(device: DeviceSpec) -> Self {
-        match device {
-            DeviceSpec::Cpu => "cpu".to_string(),
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-        }
+impl Runtime {
+    /// `x` on this device in this dtype.
+    pub(crate) fn put(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 }
 
-impl TryFrom<String> for DeviceSpec {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        match s.as_str() {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("device {other:?}: expected cpu, cuda or cuda:N")),
-        }
-    }
+/// What a family's loader found about the checkpoint, for descriptions and defaults.
+#[derive(Debug, Clone)]
+pub struct CheckpointInfo {
+    /// What clients are told the checkpoint is called (never its path).
+    pub name: String,
+    pub layout: Layout,
+    /// How the transformer's weights are stored where that is worth saying ("GGUF Q8_0
+    /// transformer"); `None` for the layout's usual safetensors.
+    pub transformer_weights: Option<String>,
+    pub settings: CheckpointSettings,
 }
 
-/// Compute precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// How to load a checkpoint.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineOptions {
-    pub device: DeviceSpec,
-    /// `None`: f32 on the CPU, bf16 on CUDA (what the references run FLUX in).
-    pub precision: Option<Precision>,
-}
-
-impl EngineOptions {
-    pub(crate) fn device(&self) -> Result<Device> {
-        match self.device {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
-        }
-    }
-    pub(crate) fn dtype(&self) -> DType {
-        match (self.precision, self.device) {
-            (Some(Precision::F32), _) | (None, DeviceSpec::Cpu) => DType::F32,
-            (Some(Precision::Bf16), _) | (None, DeviceSpec::Cuda(_)) => DType::BF16,
-            (Some(Precision::F16), _) => DType::F16,
-        }
-    }
-}
-
-/// Loading progress: `done` of `total` units of a component (the transformer counts blocks).
+/// A latent image's grid, before 2x2 patching: `h x w` latent pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoadProgress {
-    pub component: &'static str,
-    pub done: usize,
-    pub total: usize,
+pub struct LatentGrid {
+    pub h: usize,
+    pub w: usize,
 }
 
-/// Which FLUX.1 a checkpoint is, from its weights: dev has a guidance embedding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    Dev,
-    Schnell,
-}
-
-/// Sampling settings used when a request does not say.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SamplingDefaults {
-    pub steps: u32,
-    /// `None` for schnell, which takes no guidance.
-    pub guidance: Option<f32>,
-    pub max_sequence_length: usize,
-}
-
-impl Variant {
-    pub fn defaults(self) -> SamplingDefaults {
-        match self {
-            Variant::Dev => SamplingDefaults {
-                steps: 28,
-                guidance: Some(3.5),
-                max_sequence_length: 512,
-            },
-            Variant::Schnell => SamplingDefaults {
-                steps: 4,
-                guidance: None,
-                max_sequence_length: 256,
-            },
-        }
+impl LatentGrid {
+    /// Image tokens: one per 2x2 patch.
+    pub fn tokens(self) -> usize {
+        (self.h / 2) * (self.w / 2)
     }
+}
+
+/// A prompt expansion's outcome: the rewrite, or why the family cannot write one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expanded {
+    Text(Expansion),
+    /// The reason, to complete "prompt expansion is not available: ...".
+    Unavailable(String),
+}
+
+/// A prompt rewritten by the text encoder's own language model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expansion {
+    /// The new tokens, the stop token included where one was written.
+    pub tokens: Vec<u32>,
+    /// The tokens as text, special tokens left out.
+    pub text: String,
+}
+
+/// What a model family supplies to the one generation path. Each method is one of the
+/// path's stages; the path itself (`Pipeline::run`) never asks which family it runs.
+pub trait Family: Sized + Send + Sync + 'static {
+    /// The family's name in messages: "FLUX.1", "FLUX.2".
+    const NAME: &'static str;
+    /// A preview every this many steps unless the operator says otherwise.
+    const PREVIEW_INTERVAL: u32;
+    /// A prompt's encoding, as the transformer reads it.
+    type Text;
+    /// What every step conditions on besides the prompt: position tables, reference tokens.
+    type Conditioning;
+
+    /// Loads the checkpoint in `dir` (any layout the family reads) onto `rt`.
+    fn load(
+        dir: &Path,
+        rt: &Runtime,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<(Self, CheckpointInfo)>;
+    /// The variant, e.g. "FLUX.1 dev" or "FLUX.2 klein (distilled)".
+    fn kind(&self) -> String;
+    /// The variant's defaults (the checkpoint's own `steps` setting is applied on top).
+    fn defaults(&self) -> SamplingDefaults;
+    /// Whether the transformer takes guidance as an input (a guidance embedding).
+    fn embeds_guidance(&self) -> bool;
+    /// Why a request's guidance is ignored by a checkpoint that takes none, to complete
+    /// "guidance ignored: ...".
+    fn ignores_guidance_because(&self) -> &'static str;
+    /// The longest prompt encoding, in tokens.
+    fn max_text_tokens(&self) -> usize;
+    /// Encodes a prompt to `max_len` tokens (checked against [`Self::max_text_tokens`]).
+    fn encode_prompt(&self, prompt: &str, max_len: usize) -> Result<Self::Text>;
+    /// Pixels per latent pixel.
+    fn vae_scale(&self) -> usize;
+    /// Channels of a packed latent token (the transformer's input width).
+    fn packed_channels(&self) -> usize;
+    /// Seeded standard-normal noise, packed `(1, tokens, packed_channels)`, f32 on the CPU.
+    fn noise(&self, seed: u64, grid: LatentGrid) -> Result<Tensor>;
+    /// Given initial latents in the layout the family's reference pipeline takes them, packed.
+    fn pack_given(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(latents.clone())
+    }
+    /// The `steps + 1` noise levels for `tokens` image tokens; a note says how they shift.
+    fn sigmas(&self, steps: usize, tokens: usize, notes: &mut Vec<String>) -> Vec<f32>;
+    /// What the steps condition on besides the prompt, reference images included (the path
+    /// refuses those before it gets here when [`Self::TAKES_REFERENCES`] is false).
+    fn condition(
+        &self,
+        rt: &Runtime,
+        text: &Self::Text,
+        grid: LatentGrid,
+        references: &[RgbImage],
+        notes: &mut Vec<String>,
+    ) -> Result<Self::Conditioning>;
+    /// Whether the family conditions on reference images.
+    const TAKES_REFERENCES: bool;
+    /// The velocity of packed latents `x` (on the device, compute dtype) at the model's
+    /// timestep `t`, with the embedded guidance `guidance`.
+    fn velocity(
+        &self,
+        x: &Tensor,
+        t: f32,
+        guidance: Option<f32>,
+        text: &Self::Text,
+        cond: &Self::Conditioning,
+    ) -> Result<Tensor>;
+    /// Packed latents as the VAE reads them, `(1, C, h, w)` (FLUX.2 undoes its normalisation).
+    fn unpack(&self, packed: &Tensor, grid: LatentGrid) -> Result<Tensor>;
+    /// The VAE's image of `unpack`'s latents, `(1, 3, H, W)` in [-1, 1].
+    fn decode(&self, z: &Tensor) -> Result<Tensor>;
+    /// The size an image-conditioned request without one is generated at: the first
+    /// reference's, as the family prepares it.
+    fn reference_size(&self, _first: &RgbImage) -> Result<ImageSize> {
+        Err(no_references::<Self>())
+    }
+    /// The text encoder's rewrite of a prompt, sampled from `seed`.
+    fn expand_prompt(
+        &self,
+        _prompt: &str,
+        _seed: u64,
+        _should_stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Expanded> {
+        Ok(Expanded::Unavailable(format!(
+            "{} has no language model to write one",
+            Self::NAME
+        )))
+    }
+}
+
+fn no_references<F: Family>() -> Error {
+    Error::InvalidRequest(format!(
+        "{} checkpoints cannot take reference images",
+        F::NAME
+    ))
 }
 
 /// One generation, in the pipeline's own terms.
@@ -137,8 +180,8 @@ pub struct PipelineRequest {
     pub guidance: Option<f32>,
     pub seed: u64,
     pub max_sequence_length: Option<usize>,
-    /// Packed initial latents `(1, tokens, in_channels)` instead of seeded noise (diffusers'
-    /// `latents=`).
+    /// Initial latents instead of seeded noise (diffusers' `latents=`), in the layout the
+    /// family's reference pipeline takes them.
     pub initial_latents: Option<Tensor>,
     /// A preview every this many steps; 0 for none.
     pub preview_interval: u32,
@@ -151,23 +194,29 @@ impl PipelineRequest {
     pub(crate) fn from_params(
         params: &GenerationParams,
         size: ImageSize,
-        steps: Option<u32>,
-        guidance: Option<f32>,
-        max_sequence_length: Option<usize>,
-        preview_interval: u32,
+        defaults: &RequestDefaults,
     ) -> Self {
         Self {
             prompt: params.prompt.as_str().to_string(),
             width: size.width,
             height: size.height,
-            steps: params.num_inference_steps.or(steps),
-            guidance: params.guidance_scale.or(guidance),
+            steps: params.num_inference_steps.or(defaults.steps),
+            guidance: params.guidance_scale.or(defaults.guidance),
             seed: u64::from(params.seed),
-            max_sequence_length,
+            max_sequence_length: defaults.max_sequence_length,
             initial_latents: None,
-            preview_interval,
+            preview_interval: defaults.preview_interval,
         }
     }
+}
+
+/// What a deployment's configuration fills in where a request leaves it out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RequestDefaults {
+    pub steps: Option<u32>,
+    pub guidance: Option<f32>,
+    pub max_sequence_length: Option<usize>,
+    pub preview_interval: u32,
 }
 
 pub struct PipelineOutput {
@@ -177,142 +226,109 @@ pub struct PipelineOutput {
     pub applied: AppliedSettings,
 }
 
-/// A prompt's encodings.
-pub struct PromptEmbeddings {
-    pub clip_ids: Vec<u32>,
-    pub t5_ids: Vec<u32>,
-    /// CLIP's pooled output `(1, clip_hidden)`.
-    pub pooled: Tensor,
-    /// T5's hidden states `(1, max_sequence_length, t5_hidden)`.
-    pub t5: Tensor,
+/// How a request's guidance is applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GuidancePlan {
+    /// Fed to the transformer's guidance embedding.
+    embedded: Option<f32>,
+    /// True classifier-free guidance against the empty prompt at this scale (above 1).
+    cfg: Option<f32>,
+    /// What the result reports.
+    applied: Option<f32>,
 }
 
-/// A loaded FLUX.1 checkpoint, resident on its device.
-pub struct Flux1Pipeline {
-    files: CheckpointFiles,
-    device: Device,
-    dtype: DType,
-    clip_tokenizer: PromptTokenizer,
-    t5_tokenizer: PromptTokenizer,
-    clip: ClipTextModel,
-    t5: T5Encoder,
-    transformer: FluxTransformer,
-    vae: VaeDecoder,
-    schedule: ScheduleConfig,
-    quantization: Option<String>,
+/// A request checked and resolved against the checkpoint.
+struct Plan {
+    steps: u32,
+    guidance: GuidancePlan,
+    max_len: usize,
+    /// The size generated at (before any upscaling to the requested size) and its grid.
+    generated: (u32, u32),
+    grid: LatentGrid,
 }
 
-fn config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    serde_json::from_value(read_json(path)?).map_err(|e| Error::checkpoint(path, e.to_string()))
+/// A loaded checkpoint of family `F`, resident on its device.
+pub struct Pipeline<F: Family> {
+    model: F,
+    checkpoint: CheckpointInfo,
+    rt: Runtime,
 }
 
-impl Flux1Pipeline {
-    /// Loads the checkpoint in `dir` (any supported layout), reporting progress as it goes.
+impl<F: Family> Pipeline<F> {
+    /// Loads the checkpoint in `dir`, reporting progress as it goes.
     pub fn load(
         dir: &Path,
         options: &EngineOptions,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
-        let files = CheckpointFiles::detect(dir)?;
-        let device = options.device()?;
-        let dtype = options.dtype();
-        let mut report = |component, done, total| {
-            progress(LoadProgress {
-                component,
-                done,
-                total,
-            })
+        let rt = Runtime {
+            device: options.device()?,
+            dtype: options.dtype(),
         };
-
-        let clip_tokenizer = PromptTokenizer::clip(&files.tokenizer)?;
-        let t5_tokenizer = PromptTokenizer::t5(&files.tokenizer_2)?;
-        report("tokenizers", 1, 1);
-
-        let text_weights = |d: &Path| -> Result<Weights> {
-            Weights::open_safetensors(
-                &crate::checkpoint::safetensors_files(d, "model")?,
-                &device,
-                dtype,
-            )
-        };
-        let clip = ClipTextModel::load(
-            config(&files.text_encoder.join("config.json"))?,
-            &text_weights(&files.text_encoder)?,
-        )?;
-        report("text_encoder", 1, 1);
-        let t5_cfg: T5Config = config(&files.text_encoder_2.join("config.json"))?;
-        let t5 = T5Encoder::load(t5_cfg, &text_weights(&files.text_encoder_2)?)?;
-        report("text_encoder_2", 1, 1);
-
-        let tw = match files.transformer_format {
-            WeightFormat::Safetensors => {
-                Weights::open_safetensors(&files.transformer, &device, dtype)?
-            }
-            WeightFormat::Gguf => Weights::open_gguf(&files.transformer[0], &device, dtype)?,
-        };
-        let (tcfg, tw) = transformer_config(&files, tw)?;
-        let quantization = quantization_summary(&files);
-        let transformer =
-            FluxTransformer::load(tcfg, &tw, &mut |d, t| report("transformer", d, t))?;
-
-        let vw = Weights::open_safetensors(&files.vae, &device, dtype)?;
-        let (vcfg, vw) = match &files.vae_config {
-            Some(p) => (config::<VaeConfig>(p)?, vw),
-            None => {
-                let groups = files.settings.autoencoder_norm_groups.unwrap_or(groups());
-                let c = VaeConfig::infer_bfl(&vw, groups)?;
-                let up_blocks = c.block_out_channels.len();
-                (c, vw.with_map(NameMap::BflVae { up_blocks }))
-            }
-        };
-        let vae = VaeDecoder::load(vcfg, &vw)?;
-        report("vae", 1, 1);
-
-        let schedule = match &files.scheduler_config {
-            Some(p) => config(p)?,
-            None => ScheduleConfig::for_guidance_distilled(transformer.config().guidance_embeds),
-        };
+        let (model, checkpoint) = F::load(dir, &rt, progress)?;
         Ok(Self {
-            files,
-            device,
-            dtype,
-            clip_tokenizer,
-            t5_tokenizer,
-            clip,
-            t5,
-            transformer,
-            vae,
-            schedule,
-            quantization,
+            model,
+            checkpoint,
+            rt,
         })
     }
 
-    pub fn variant(&self) -> Variant {
-        if self.transformer.config().guidance_embeds {
-            Variant::Dev
-        } else {
-            Variant::Schnell
+    /// The family's loaded models, for what only that family does.
+    pub fn model(&self) -> &F {
+        &self.model
+    }
+
+    pub fn checkpoint(&self) -> &CheckpointInfo {
+        &self.checkpoint
+    }
+
+    /// E.g. "FLUX.1 dev, diffusers layout, GGUF Q8_0 transformer, FLUX.1-dev on cuda:0 (BF16)":
+    /// the checkpoint by name, never by path (clients see this in result metadata).
+    pub fn describe(&self) -> String {
+        let c = &self.checkpoint;
+        let layout = match c.layout {
+            Layout::Diffusers => "diffusers layout",
+            Layout::BflSingleFile => "BFL single files",
+        };
+        let weights = c
+            .transformer_weights
+            .as_ref()
+            .map(|w| format!(", {w}"))
+            .unwrap_or_default();
+        let about = c
+            .settings
+            .description
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        format!(
+            "{}, {layout}{weights}, {} on {} ({:?}){about}",
+            self.model.kind(),
+            c.name,
+            device_name(&self.rt.device),
+            self.rt.dtype
+        )
+    }
+
+    /// The defaults a request falls back on: the family's, the checkpoint's steps first.
+    pub fn defaults(&self) -> SamplingDefaults {
+        let family = self.model.defaults();
+        SamplingDefaults {
+            steps: self.checkpoint.settings.steps.unwrap_or(family.steps),
+            ..family
         }
     }
 
-    /// The defaults a request falls back on: the variant's, except where the checkpoint's own
-    /// settings say otherwise, and T5 never padded past its tokenizer's `model_max_length`.
-    pub fn defaults(&self) -> SamplingDefaults {
-        let variant = self.variant().defaults();
-        SamplingDefaults {
-            steps: self.files.settings.steps.unwrap_or(variant.steps),
-            max_sequence_length: variant
-                .max_sequence_length
-                .min(self.t5_tokenizer.max_length),
-            ..variant
-        }
+    /// Image sides must be multiples of this.
+    pub fn size_multiple(&self) -> u32 {
+        (self.model.vae_scale() * 2) as u32
     }
 
     /// The size a `width x height` request is generated at: itself, or for a checkpoint with
     /// a `max_pixels` setting and a larger request, the size of at most `max_pixels` (and at
     /// least half that, where possible) whose aspect ratio is closest to the request's.
     pub fn generation_size(&self, width: u32, height: u32) -> (u32, u32) {
-        match self.files.settings.max_pixels {
+        match self.checkpoint.settings.max_pixels {
             Some(max) if width as u64 * height as u64 > max as u64 => {
                 fit_area(width, height, max, self.size_multiple())
             }
@@ -320,235 +336,251 @@ impl Flux1Pipeline {
         }
     }
 
-    pub fn transformer_config(&self) -> &TransformerConfig {
-        self.transformer.config()
+    /// The size an edit without one is generated at (see [`Family::reference_size`]).
+    pub fn reference_size(&self, first: &RgbImage) -> Result<ImageSize> {
+        self.model.reference_size(first)
     }
 
-    pub fn vae_config(&self) -> &VaeConfig {
-        self.vae.config()
-    }
-
-    /// Image sides must be multiples of this.
-    pub fn size_multiple(&self) -> u32 {
-        (self.vae.config().scale_factor() * 2) as u32
-    }
-
-    /// E.g. "FLUX.1 dev, diffusers layout, GGUF Q8_0 transformer, FLUX.1-dev on cuda:0 (bf16)":
-    /// the checkpoint by name, never by path (clients see this in result metadata).
-    pub fn describe(&self) -> String {
-        let variant = match self.variant() {
-            Variant::Dev => "dev",
-            Variant::Schnell => "schnell",
-        };
-        let layout = match self.files.layout {
-            Layout::Diffusers => "diffusers layout",
-            Layout::BflSingleFile => "BFL single files",
-        };
-        let weights = match &self.quantization {
-            Some(q) => format!(", GGUF {q} transformer"),
-            None => String::new(),
-        };
-        let device = device_name(&self.device);
-        let about = match &self.files.settings.description {
-            Some(d) => format!(": {d}"),
-            None => String::new(),
-        };
-        format!(
-            "FLUX.1 {variant}, {layout}{weights}, {} on {device} ({:?}){about}",
-            self.files.name, self.dtype
-        )
-    }
-
-    /// CLIP's pooled vector and T5's hidden states for a prompt, T5 padded to
-    /// `max_sequence_length` with no attention mask, as FLUX.1 was trained.
-    pub fn encode_prompt(
-        &self,
-        prompt: &str,
-        max_sequence_length: usize,
-    ) -> Result<PromptEmbeddings> {
-        if max_sequence_length == 0 || max_sequence_length > self.t5_tokenizer.max_length {
+    /// A prompt's encoding at `max_sequence_length` tokens.
+    pub fn encode_prompt(&self, prompt: &str, max_sequence_length: usize) -> Result<F::Text> {
+        let max = self.model.max_text_tokens();
+        if max_sequence_length == 0 || max_sequence_length > max {
             return Err(Error::InvalidRequest(format!(
-                "max_sequence_length must be between 1 and {} (got {max_sequence_length})",
-                self.t5_tokenizer.max_length
+                "max_sequence_length must be between 1 and {max} (got {max_sequence_length})"
             )));
         }
-        let clip_ids = self
-            .clip_tokenizer
-            .encode(prompt, self.clip_tokenizer.max_length)?;
-        let t5_ids = self.t5_tokenizer.encode(prompt, max_sequence_length)?;
-        let pooled = self.clip.pooled(&clip_ids)?;
-        let t5 = self.t5.forward(&t5_ids)?;
-        Ok(PromptEmbeddings {
-            clip_ids,
-            t5_ids,
-            pooled,
-            t5,
-        })
+        self.model.encode_prompt(prompt, max_sequence_length)
     }
 
-    /// The transformer's velocity for packed latents at noise level `sigma`.
+    /// The transformer's velocity for packed latents at noise level `sigma`, text-to-image.
     pub fn velocity(
         &self,
         latents: &Tensor,
         sigma: f32,
         guidance: Option<f32>,
-        text: &PromptEmbeddings,
+        text: &F::Text,
         width: u32,
         height: u32,
     ) -> Result<Tensor> {
-        let (h, w) = self.latent_grid(width, height)?;
-        let rope = self
-            .transformer
-            .rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
-        self.velocity_with(latents, sigma, guidance, text, &rope)
+        let grid = self.latent_grid(width, height)?;
+        let cond = self
+            .model
+            .condition(&self.rt, text, grid, &[], &mut Vec::new())?;
+        self.velocity_with(latents, sigma, guidance, text, &cond)
     }
 
+    /// The model's timestep and guidance rounded through the compute dtype as diffusers
+    /// rounds them, then the family's velocity.
     fn velocity_with(
         &self,
         latents: &Tensor,
         sigma: f32,
         guidance: Option<f32>,
-        text: &PromptEmbeddings,
-        rope: &crate::transformer::Rope,
+        text: &F::Text,
+        cond: &F::Conditioning,
     ) -> Result<Tensor> {
-        let g = guidance.map(|g| sampling::model_guidance(g, self.dtype));
-        let t = sampling::model_timestep(sigma, self.dtype);
-        let x = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        self.transformer
-            .forward(&x, &text.t5, &text.pooled, t, g, rope)
+        let g = guidance.map(|g| sampling::model_guidance(g, self.rt.dtype));
+        let t = sampling::model_timestep(sigma, self.rt.dtype);
+        self.model
+            .velocity(&self.rt.put(latents)?, t, g, text, cond)
+    }
+
+    /// Packed latents as diffusers' `output_type="latent"` returns them, `(1, C, h, w)` f32 on
+    /// the CPU.
+    pub fn unpack_latents(&self, packed: &Tensor, width: u32, height: u32) -> Result<Tensor> {
+        let grid = self.latent_grid(width, height)?;
+        let z = self.model.unpack(&self.rt.put(packed)?, grid)?;
+        Ok(z.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }
 
     /// Decodes packed latents to an image of `width x height`.
     pub fn decode(&self, packed: &Tensor, width: u32, height: u32) -> Result<RgbImage> {
-        to_rgb(&self.decode_tensor(packed, width, height)?)
+        to_rgb(&self.decode_tensor(packed, self.latent_grid(width, height)?)?)
     }
 
-    /// The decoder's output `(1, 3, height, width)` in [-1, 1].
-    fn decode_tensor(&self, packed: &Tensor, width: u32, height: u32) -> Result<Tensor> {
-        let (h, w) = self.latent_grid(width, height)?;
-        let z = sampling::unpack(&packed.to_device(&self.device)?.to_dtype(self.dtype)?, h, w)?;
-        self.vae.decode(&z)
+    fn decode_tensor(&self, packed: &Tensor, grid: LatentGrid) -> Result<Tensor> {
+        let z = self.model.unpack(&self.rt.put(packed)?, grid)?;
+        self.model.decode(&z)
     }
 
     /// The latent grid for an image, or why the size is unusable.
-    fn latent_grid(&self, width: u32, height: u32) -> Result<(usize, usize)> {
-        sampling::checked_latent_grid(width, height, self.vae.config().scale_factor())
+    fn latent_grid(&self, width: u32, height: u32) -> Result<LatentGrid> {
+        let (h, w) = sampling::checked_latent_grid(width, height, self.model.vae_scale())?;
+        Ok(LatentGrid { h, w })
     }
 
-    /// Runs a whole generation.
+    /// Runs a whole generation, conditioned on `references` where the family takes them
+    /// (editing).
     pub fn run(
         &self,
         req: &PipelineRequest,
+        references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<PipelineOutput> {
+        if !references.is_empty() && !F::TAKES_REFERENCES {
+            return Err(no_references::<F>());
+        }
+        let mut notes: Vec<String> = self
+            .checkpoint
+            .settings
+            .description
+            .iter()
+            .cloned()
+            .collect();
+        notes.push(format!("seed {}", req.seed));
+        let plan = self.plan(req, &mut notes)?;
+        let latents = self.sample(req, &plan, references, observer, &mut notes)?;
+        sampling::check_stop(observer)?;
+        let mut image = self.decode_tensor(&latents, plan.grid)?;
+        if plan.generated != (req.width, req.height) {
+            image = image.upsample_bilinear2d(req.height as usize, req.width as usize, false)?;
+        }
+        Ok(PipelineOutput {
+            image: to_rgb(&image)?,
+            final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            applied: AppliedSettings {
+                num_inference_steps: plan.steps,
+                guidance: plan.guidance.applied,
+                prompt: req.prompt.clone(),
+                notes,
+            },
+        })
+    }
+
+    /// Steps, guidance, text length and sizes for a request, or why it cannot run.
+    fn plan(&self, req: &PipelineRequest, notes: &mut Vec<String>) -> Result<Plan> {
         let defaults = self.defaults();
         let steps = sampling::checked_steps(req.steps, defaults.steps)?;
-        let mut notes: Vec<String> = self.files.settings.description.iter().cloned().collect();
-        notes.push(format!("seed {}", req.seed));
-        let true_cfg = self.files.settings.true_cfg_scale;
-        // `guidance` goes to the guidance embedding (dev); `cfg_scale` weighs the prompt's
-        // velocity against the empty prompt's, for a checkpoint trained for that.
-        let (guidance, cfg_scale) = match (self.variant(), req.guidance, true_cfg) {
-            (Variant::Dev, g, cfg) => (g.or(defaults.guidance), cfg),
-            (Variant::Schnell, g, Some(cfg)) => (None, Some(g.unwrap_or(cfg))),
-            (Variant::Schnell, Some(_), None) => {
-                notes.push(
-                    "guidance ignored: this checkpoint has no guidance embedding (schnell)".into(),
-                );
-                (None, None)
-            }
-            (Variant::Schnell, None, None) => (None, None),
-        };
-        // As diffusers: a scale of 1 or less is no guidance at all.
-        let cfg_scale = cfg_scale.filter(|s| *s > 1.0);
+        let guidance = self.guidance_plan(req.guidance, &defaults, notes);
         let max_len = req
             .max_sequence_length
             .unwrap_or(defaults.max_sequence_length);
         notes.push(format!("max_sequence_length {max_len}"));
         // The requested size is checked even when another is generated.
         self.latent_grid(req.width, req.height)?;
-        let (gen_w, gen_h) = self.generation_size(req.width, req.height);
-        if (gen_w, gen_h) != (req.width, req.height) {
+        let generated = self.generation_size(req.width, req.height);
+        if generated != (req.width, req.height) {
             notes.push(format!(
-                "generated at {gen_w}x{gen_h} (this checkpoint's maximum is {} pixels), upscaled to {}x{}",
-                self.files.settings.max_pixels.unwrap_or_default(),
+                "generated at {}x{} (this checkpoint's maximum is {} pixels), upscaled to {}x{}",
+                generated.0,
+                generated.1,
+                self.checkpoint.settings.max_pixels.unwrap_or_default(),
                 req.width,
                 req.height
             ));
         }
-        let (h, w) = self.latent_grid(gen_w, gen_h)?;
-        let channels = self.transformer.config().in_channels / 4;
-        let tokens = (h / 2) * (w / 2);
+        Ok(Plan {
+            steps,
+            guidance,
+            max_len,
+            generated,
+            grid: self.latent_grid(generated.0, generated.1)?,
+        })
+    }
 
+    /// How guidance is applied: through the guidance embedding where the transformer has one
+    /// (and, for a checkpoint whose settings ask for it, true classifier-free guidance at the
+    /// configured scale too); else as true classifier-free guidance at the requested scale
+    /// where the checkpoint is guided at all; else not, with a note when one was asked for.
+    fn guidance_plan(
+        &self,
+        requested: Option<f32>,
+        defaults: &SamplingDefaults,
+        notes: &mut Vec<String>,
+    ) -> GuidancePlan {
+        let true_cfg = self.checkpoint.settings.true_cfg_scale;
+        let (embedded, cfg) = if self.model.embeds_guidance() {
+            (requested.or(defaults.guidance), true_cfg)
+        } else if let Some(scale) = true_cfg.or(defaults.guidance) {
+            (None, Some(requested.unwrap_or(scale)))
+        } else {
+            if requested.is_some() {
+                let why = self.model.ignores_guidance_because();
+                notes.push(format!("guidance ignored: {why}"));
+            }
+            (None, None)
+        };
+        GuidancePlan {
+            embedded,
+            // As diffusers: a scale of 1 or less is no guidance at all.
+            cfg: cfg.filter(|s| *s > 1.0),
+            applied: embedded.or(cfg),
+        }
+    }
+
+    /// Encodes the prompt (and the empty prompt it is guided against), draws or takes the
+    /// initial latents and runs the Euler loop with previews.
+    fn sample(
+        &self,
+        req: &PipelineRequest,
+        plan: &Plan,
+        references: &[RgbImage],
+        observer: &mut dyn StepObserver,
+        notes: &mut Vec<String>,
+    ) -> Result<Tensor> {
         sampling::check_stop(observer)?;
-        let text = self.encode_prompt(&req.prompt, max_len)?;
-        // The empty prompt's encoding and the scale it is guided against.
-        let unconditional = match cfg_scale {
+        let text = self.encode_prompt(&req.prompt, plan.max_len)?;
+        let unconditional = match plan.guidance.cfg {
             Some(s) => {
                 notes.push(format!(
                     "true classifier-free guidance {s} against the empty prompt"
                 ));
                 sampling::check_stop(observer)?;
-                Some((self.encode_prompt("", max_len)?, s))
+                Some((self.encode_prompt("", plan.max_len)?, s))
             }
             None => None,
         };
-        let latents = match &req.initial_latents {
-            Some(l) => {
-                if l.dims() != [1, tokens, channels * 4] {
-                    return Err(Error::InvalidRequest(format!(
-                        "initial latents have shape {:?}; {gen_w}x{gen_h} needs [1, {tokens}, {}]",
-                        l.dims(),
-                        channels * 4
-                    )));
-                }
-                notes.push("initial latents given".into());
-                l.to_device(&self.device)?.to_dtype(self.dtype)?
-            }
-            None => sampling::pack(&sampling::noise(req.seed, channels, h, w)?)?
-                .to_device(&self.device)?
-                .to_dtype(self.dtype)?,
-        };
-        let sigmas = self.schedule.sigmas(steps as usize, tokens);
-        if self.schedule.use_dynamic_shifting {
-            notes.push(format!("schedule shifted for {tokens} image tokens"));
-        }
-        let rope = self
-            .transformer
-            .rope(text.t5.dim(1)?, h / 2, w / 2, &self.device)?;
-        let latents = sampling::denoise(
+        let latents = self.initial_latents(req, plan, notes)?;
+        let sigmas = self
+            .model
+            .sigmas(plan.steps as usize, plan.grid.tokens(), notes);
+        sampling::check_stop(observer)?;
+        let cond = self
+            .model
+            .condition(&self.rt, &text, plan.grid, references, notes)?;
+        sampling::check_stop(observer)?;
+        let embedded = plan.guidance.embedded;
+        sampling::denoise(
             latents,
             &sigmas,
             req.preview_interval,
             observer,
             &mut |x, sigma| {
-                let v = self.velocity_with(x, sigma, guidance, &text, &rope)?;
+                let v = self.velocity_with(x, sigma, embedded, &text, &cond)?;
                 match &unconditional {
                     Some((empty, s)) => {
-                        let vn = self.velocity_with(x, sigma, guidance, empty, &rope)?;
+                        let vn = self.velocity_with(x, sigma, embedded, empty, &cond)?;
                         sampling::guided(&v, &vn, *s)
                     }
                     None => Ok(v),
                 }
             },
-            &|x0| preview(&sampling::unpack(x0, h, w)?),
-        )?;
-        sampling::check_stop(observer)?;
-        let mut image = self.decode_tensor(&latents, gen_w, gen_h)?;
-        if (gen_w, gen_h) != (req.width, req.height) {
-            image = image.upsample_bilinear2d(req.height as usize, req.width as usize, false)?;
+            &|x0| preview(&self.model.unpack(x0, plan.grid)?),
+        )
+    }
+
+    /// The request's initial latents, checked against the grid, or seeded noise.
+    fn initial_latents(
+        &self,
+        req: &PipelineRequest,
+        plan: &Plan,
+        notes: &mut Vec<String>,
+    ) -> Result<Tensor> {
+        let Some(given) = &req.initial_latents else {
+            return self.rt.put(&self.model.noise(req.seed, plan.grid)?);
+        };
+        let packed = self.model.pack_given(given)?;
+        let (tokens, channels) = (plan.grid.tokens(), self.model.packed_channels());
+        if packed.dims() != [1, tokens, channels] {
+            return Err(Error::InvalidRequest(format!(
+                "initial latents have shape {:?}; {}x{} needs [1, {tokens}, {channels}]",
+                given.dims(),
+                plan.generated.0,
+                plan.generated.1
+            )));
         }
-        let image = to_rgb(&image)?;
-        Ok(PipelineOutput {
-            image,
-            final_latents: latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-            applied: AppliedSettings {
-                num_inference_steps: steps,
-                guidance: guidance.or(cfg_scale),
-                prompt: req.prompt.clone(),
-                notes,
-            },
-        })
+        notes.push("initial latents given".into());
+        self.rt.put(&packed)
     }
 }
 
@@ -579,62 +611,13 @@ fn fit_area(width: u32, height: u32, max: u32, m: u32) -> (u32, u32) {
         .unwrap_or((m, m))
 }
 
-/// The transformer's configuration and the weights with the name map its layout needs.
-fn transformer_config(files: &CheckpointFiles, w: Weights) -> Result<(TransformerConfig, Weights)> {
-    if let Some(p) = &files.transformer_config {
-        // A diffusers folder may hold a GGUF transformer, which keeps BFL's names.
-        if files.transformer_format == WeightFormat::Safetensors
-            || w.stored_shape("x_embedder.weight").is_some()
-        {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            return Ok((TransformerConfig::from_diffusers_json(&text, &w)?, w));
-        }
-    }
-    let prefix = w.bfl_prefix("FLUX.1")?;
-    let cfg = TransformerConfig::infer_bfl(&w, prefix)?;
-    let map = NameMap::BflTransformer {
-        prefix: prefix.to_string(),
-        hidden: cfg.hidden(),
-        mlp: cfg.mlp_hidden,
-    };
-    Ok((cfg, w.with_map(map)))
-}
-
-/// For a GGUF transformer, which block quantizations it holds (e.g. "Q8_0" or "Q4_K+Q6_K").
-fn quantization_summary(files: &CheckpointFiles) -> Option<String> {
-    if files.transformer_format != WeightFormat::Gguf {
-        return None;
-    }
-    gguf_quantization(&files.transformer[0])
-}
-
 /// "cpu" with what runs its matrix products, or the accelerator's location (e.g.
 /// "Cuda { gpu_id: 0 }").
-pub(crate) fn device_name(device: &Device) -> String {
+fn device_name(device: &Device) -> String {
     match device {
         Device::Cpu => format!("cpu, matrix products by {}", kiln_kernels::gemm::describe()),
         d => format!("{:?}", d.location()),
     }
-}
-
-/// Which block quantizations a GGUF file holds (e.g. "Q8_0" or "Q4_K+Q6_K"), or
-/// "unquantized"; `None` if it cannot be read.
-pub(crate) fn gguf_quantization(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).ok()?;
-    let mut kinds: Vec<String> = content
-        .tensor_infos
-        .values()
-        .map(|i| format!("{:?}", i.ggml_dtype))
-        .filter(|k| !matches!(k.as_str(), "F32" | "F16" | "BF16"))
-        .collect();
-    kinds.sort();
-    kinds.dedup();
-    Some(if kinds.is_empty() {
-        "unquantized".into()
-    } else {
-        kinds.join("+")
-    })
 }
 
 /// Reads packed latents saved as the safetensors tensor `latents` (f32, on the CPU).

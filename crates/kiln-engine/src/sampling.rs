@@ -196,9 +196,6 @@ pub(crate) fn euler_step(x: &Tensor, v: &Tensor, sigma: f32, sigma_next: f32) ->
     Ok((xf + (vf * dt)?)?.to_dtype(dtype)?)
 }
 
-/// The Euler loop over `sigmas`: `velocity(x, sigma)` at each level but the last; after each
-/// step the observer is told (and may stop the run), with a preview every `preview_interval`
-/// steps but the last, made by `preview_of` from the clean estimate `x0 = x - sigma v` in f32.
 /// True classifier-free guidance: the unconditional velocity `uncond` moved `scale` times as
 /// far towards the conditional one `cond`.
 pub(crate) fn guided(cond: &Tensor, uncond: &Tensor, scale: f32) -> Result<Tensor> {
@@ -213,6 +210,9 @@ pub(crate) fn check_stop(observer: &mut dyn StepObserver) -> Result<()> {
     Ok(())
 }
 
+/// The Euler loop over `sigmas`: `velocity(x, sigma)` at each level but the last; after each
+/// step the observer is told (and may stop the run), with a preview every `preview_interval`
+/// steps but the last, made by `preview_of` from the clean estimate `x0 = x - sigma v` in f32.
 pub(crate) fn denoise(
     mut latents: Tensor,
     sigmas: &[f32],

@@ -3,11 +3,11 @@
 
 use kiln_core::engine::{Engine, EngineError, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
-use kiln_engine::flux2::{TokenChoice, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
-use kiln_engine::{
-    CheckpointFiles, Error, Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, RawModeConfig,
+use kiln_core::params::{
+    GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
 };
+use kiln_engine::flux2::{TokenChoice, EXPANSION_MAX_NEW_TOKENS, EXPANSION_TEMPERATURE};
+use kiln_engine::{CheckpointFiles, Error, Flux1Engine, Flux2Engine, ModelConfig, RawModeConfig};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -17,8 +17,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn config(checkpoint: &str) -> Flux1Config {
-    Flux1Config::new(fixture(checkpoint))
+fn config(checkpoint: &str) -> ModelConfig {
+    ModelConfig::new(fixture(checkpoint))
 }
 
 fn params(seed: u32) -> GenerationParams {
@@ -32,8 +32,7 @@ fn params(seed: u32) -> GenerationParams {
         num_inference_steps: None,
         guidance_scale: None,
         output_format: OutputFormat::Png,
-        raw: false,
-        enable_prompt_expansion: false,
+        options: RouteOptions::Flux11Pro { raw: false },
         reference_images: Vec::new(),
     }
 }
@@ -63,7 +62,7 @@ impl StepObserver for Recorder {
 #[test]
 fn defaults_steps_previews_and_reproducible_seeds() {
     let mut cfg = config("schnell-diffusers");
-    cfg.preview_interval = 1;
+    cfg.preview_interval = Some(1);
     let mut loaded = Vec::new();
     let engine = Flux1Engine::load(cfg, &mut |p| loaded.push(p.component)).unwrap();
     for c in [
@@ -108,16 +107,17 @@ fn defaults_steps_previews_and_reproducible_seeds() {
 
 #[test]
 fn configuration_deserializes_with_defaults() {
-    let cfg: Flux1Config = serde_json::from_value(serde_json::json!({
+    let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
         "checkpoint": "/models/flux1-dev",
         "device": "cuda:1",
         "raw": { "guidance": 2.0 },
     }))
     .unwrap();
     assert_eq!(cfg.device, kiln_engine::DeviceSpec::Cuda(1));
-    assert_eq!(cfg.preview_interval, 4);
+    // The family's interval (4 for FLUX.1) unless the operator sets one.
+    assert_eq!(cfg.preview_interval, None);
     assert_eq!(cfg.raw.unwrap().guidance, Some(2.0));
-    let bad = serde_json::from_value::<Flux1Config>(
+    let bad = serde_json::from_value::<ModelConfig>(
         serde_json::json!({ "checkpoint": "x", "device": "tpu" }),
     );
     assert!(bad
@@ -211,7 +211,7 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
     );
 
     let mut raw = params(3);
-    raw.raw = true;
+    raw.options = RouteOptions::Flux11Pro { raw: true };
     raw.size = OutputSize::Pixels(ImageSize {
         width: 16,
         height: 16,
@@ -246,7 +246,7 @@ fn configured_defaults_and_raw_mode_are_applied_and_reported() {
 fn raw_without_configuration_is_noted() {
     let engine = Flux1Engine::load(config("schnell-diffusers"), &mut |_| {}).unwrap();
     let mut p = params(2);
-    p.raw = true;
+    p.options = RouteOptions::Flux11Pro { raw: true };
     p.num_inference_steps = Some(1);
     p.guidance_scale = Some(5.0);
     let out = engine.generate(&p, &[], &mut Recorder::default()).unwrap();
@@ -325,7 +325,7 @@ fn checkpoint_settings_give_defaults_and_a_maximum_size() {
     edit_json(&dir.join("tokenizer_2/tokenizer_config.json"), |v| {
         v["model_max_length"] = 32.into();
     });
-    let engine = Flux1Engine::load(Flux1Config::new(&dir), &mut |_| {}).unwrap();
+    let engine = Flux1Engine::load(ModelConfig::new(&dir), &mut |_| {}).unwrap();
     assert_eq!(engine.pipeline().defaults().steps, 2);
     assert_eq!(engine.pipeline().defaults().max_sequence_length, 32);
 
@@ -375,7 +375,7 @@ fn malformed_checkpoint_settings_are_refused() {
 #[test]
 fn engine_applies_klein_defaults_and_says_what_it_ignored() {
     let engine =
-        Flux2Engine::load(Flux2Config::new(fixture("klein-diffusers")), &mut |_| {}).unwrap();
+        Flux2Engine::load(ModelConfig::new(fixture("klein-diffusers")), &mut |_| {}).unwrap();
     assert!(engine.describe().starts_with("FLUX.2 klein (distilled)"));
     let mut rec = Recorder::default();
     let plain = engine.generate(&params(3), &[], &mut rec).unwrap();
@@ -403,7 +403,9 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
     // Prompt expansion: the text encoder rewrites the prompt (sampled from the request's
     // seed), the image is made from the rewrite, and the result shows it.
     let expand = GenerationParams {
-        enable_prompt_expansion: true,
+        options: RouteOptions::Flux2Flex {
+            enable_prompt_expansion: true,
+        },
         ..params(3)
     };
     let expanded = engine
@@ -416,7 +418,8 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
     assert_ne!(expanded.image.pixels, plain.image.pixels);
     let rewrite = engine
         .pipeline()
-        .expand_prompt(
+        .model()
+        .rewrite_prompt(
             "a lighthouse in a storm",
             EXPANSION_MAX_NEW_TOKENS,
             TokenChoice::Sampled {
@@ -429,7 +432,7 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
         .unwrap();
     // A stop asked for mid-expansion is honoured at the next token, not after all of them.
     let mut asked = 0;
-    let stopped = engine.pipeline().expand_prompt(
+    let stopped = engine.pipeline().model().rewrite_prompt(
         "a lighthouse in a storm",
         EXPANSION_MAX_NEW_TOKENS,
         TokenChoice::Greedy,
@@ -453,9 +456,9 @@ fn engine_applies_klein_defaults_and_says_what_it_ignored() {
 
     // A deployment that turns expansion off draws the prompt as given, and says so.
     let off = Flux2Engine::load(
-        Flux2Config {
-            prompt_expansion: false,
-            ..Flux2Config::new(fixture("klein-diffusers"))
+        ModelConfig {
+            prompt_expansion: Some(false),
+            ..ModelConfig::new(fixture("klein-diffusers"))
         },
         &mut |_| {},
     )

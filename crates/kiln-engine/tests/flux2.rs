@@ -48,7 +48,7 @@ fn guidance(r: &Reference) -> Option<f32> {
 #[test]
 fn klein_matches_diffusers() {
     let p = load("klein");
-    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: true });
+    assert_eq!(p.model().variant(), Flux2Variant::Klein { distilled: true });
     assert_eq!(p.defaults().steps, 4);
     assert_matches_reference("klein", &p, None);
 }
@@ -95,7 +95,10 @@ fn klein_bfl_transformer_matches_diffusers() {
         p.describe()
     );
     // The configuration is read from the tensors: the same as diffusers' config.json.
-    assert_eq!(p.transformer_config(), load("klein").transformer_config());
+    assert_eq!(
+        p.model().transformer_config(),
+        load("klein").model().transformer_config()
+    );
     assert_matches_reference("klein", &p, None);
 }
 
@@ -130,7 +133,7 @@ fn klein_gguf_q8_0_transformer_stays_close() {
 #[test]
 fn dev_matches_diffusers() {
     let p = load("flux2-dev");
-    assert_eq!(p.variant(), Flux2Variant::Dev);
+    assert_eq!(p.model().variant(), Flux2Variant::Dev);
     assert_eq!(p.defaults().guidance, Some(4.0));
     assert_matches_reference("flux2-dev", &p, Some(4.0));
 }
@@ -166,7 +169,7 @@ fn measure(config: &str, p: &Flux2Pipeline, applied_guidance: Option<f32>) -> Er
     let (w, h) = (r.u32("width"), r.u32("height"));
     let max_len = r.u32("max_sequence_length") as usize;
     assert_eq!(
-        p.chat_text(prompt(&r)),
+        p.model().chat_text(prompt(&r)),
         r.json["chat_text"].as_str().unwrap()
     );
 
@@ -194,7 +197,7 @@ fn measure(config: &str, p: &Flux2Pipeline, applied_guidance: Option<f32>) -> Er
         .iter()
         .map(|s| s.as_f64().unwrap() as f32)
         .collect();
-    let sigmas = p.schedule_sigmas(steps, tokens);
+    let sigmas = p.model().schedule_sigmas(steps, tokens);
     assert_eq!(sigmas.len(), want_sigmas.len());
     let sigma_err = sigmas
         .iter()
@@ -211,7 +214,7 @@ fn measure(config: &str, p: &Flux2Pipeline, applied_guidance: Option<f32>) -> Er
 
     // The whole run with the reference's initial latents, steps and guidance.
     let req = reference_request(&r, Some(steps as u32), guidance(&r));
-    let out = p.run(&req, &mut ()).unwrap();
+    let out = p.run(&req, &[], &mut ()).unwrap();
     assert_eq!(out.applied.num_inference_steps, steps as u32);
     assert_eq!(out.applied.guidance, applied_guidance);
     // Flux2Pipeline returns the packed latents as the sampler left them, Flux2KleinPipeline
@@ -272,11 +275,11 @@ fn klein_previews_at_latent_resolution_and_stops_when_asked() {
         previews: Vec::new(),
         stop_after: None,
     };
-    let out = p.run(&req, &mut watch).unwrap();
+    let out = p.run(&req, &[], &mut watch).unwrap();
     // 4 steps, a preview after each but the last, one pixel per un-patchified latent pixel.
     assert_eq!(watch.previews, vec![(1, 16, 24), (2, 16, 24), (3, 16, 24)]);
     // Seeded noise: the same seed gives the same image.
-    let again = p.run(&req, &mut ()).unwrap();
+    let again = p.run(&req, &[], &mut ()).unwrap();
     assert_eq!(out.image.pixels, again.image.pixels);
 
     let mut stop = Watch {
@@ -284,7 +287,7 @@ fn klein_previews_at_latent_resolution_and_stops_when_asked() {
         stop_after: Some(2),
     };
     assert!(matches!(
-        p.run(&req, &mut stop),
+        p.run(&req, &[], &mut stop),
         Err(kiln_engine::Error::Interrupted)
     ));
 }
@@ -302,11 +305,14 @@ fn klein_base_guidance_matches_diffusers() {
     index["is_distilled"] = false.into();
     std::fs::write(dir.path().join("model_index.json"), index.to_string()).unwrap();
     let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
-    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: false });
+    assert_eq!(
+        p.model().variant(),
+        Flux2Variant::Klein { distilled: false }
+    );
 
     let (w, h) = (r.u32("width"), r.u32("height"));
     let req = reference_request(&r, Some(r.u32("base_steps")), None);
-    let out = p.run(&req, &mut ()).unwrap();
+    let out = p.run(&req, &[], &mut ()).unwrap();
     assert_eq!(
         out.applied.guidance,
         r.json["base_guidance"].as_f64().map(|g| g as f32)
@@ -349,7 +355,7 @@ fn assert_edit_matches_reference(p: &Flux2Pipeline) {
             .unwrap(),
     };
     let req = reference_request(&r, None, None);
-    let out = p.run_with_references(&req, &[reference], &mut ()).unwrap();
+    let out = p.run(&req, &[reference], &mut ()).unwrap();
     let final_err = max_abs(
         &p.unpack_latents(&out.final_latents, w, h).unwrap(),
         r.t("edit_final_latents"),
@@ -403,11 +409,20 @@ fn klein_bfl_layout(transformer_name: &str) -> tempfile::TempDir {
 fn klein_bfl_single_files_match_diffusers() {
     let dir = klein_bfl_layout("flux-2-klein-tiny.safetensors");
     let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
-    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: true });
+    assert_eq!(p.model().variant(), Flux2Variant::Klein { distilled: true });
+    assert!(
+        p.describe()
+            .starts_with("FLUX.2 klein (distilled), BFL single files,"),
+        "{}",
+        p.describe()
+    );
     let diffusers = load("klein");
     // Both configurations are read from the tensors: the same as diffusers' config.json files.
-    assert_eq!(p.transformer_config(), diffusers.transformer_config());
-    assert_eq!(p.vae_config(), diffusers.vae_config());
+    assert_eq!(
+        p.model().transformer_config(),
+        diffusers.model().transformer_config()
+    );
+    assert_eq!(p.model().vae_config(), diffusers.model().vae_config());
     assert_matches_reference("klein", &p, None);
     // The encoder's names too (reference images).
     assert_edit_matches_reference(&p);
@@ -415,7 +430,10 @@ fn klein_bfl_single_files_match_diffusers() {
     // Nothing in klein's weights tells the undistilled base; BFL's file name does.
     let base = klein_bfl_layout("flux-2-klein-base-tiny.safetensors");
     let p = Flux2Pipeline::load(base.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
-    assert_eq!(p.variant(), Flux2Variant::Klein { distilled: false });
+    assert_eq!(
+        p.model().variant(),
+        Flux2Variant::Klein { distilled: false }
+    );
 
     // A BFL folder without its autoencoder says so.
     std::fs::remove_file(base.path().join("ae.safetensors")).unwrap();
@@ -452,17 +470,18 @@ fn prompt_expansion_matches_transformers_token_for_token() {
     for config in ["klein", "flux2-dev"] {
         let r = Reference::load(config);
         let p = load(config);
-        assert!(p.can_expand_prompts(), "{config} ships its LM head");
-        let chat = p.expansion_chat_text(prompt(&r));
+        assert!(p.model().can_expand_prompts(), "{config} ships its LM head");
+        let chat = p.model().expansion_chat_text(prompt(&r));
         assert_eq!(chat, r.json["expansion_chat_text"].as_str().unwrap());
         assert_eq!(
-            p.text_ids(&chat).unwrap(),
+            p.model().text_ids(&chat).unwrap(),
             r.ids("expansion_prompt_ids"),
             "{config} prompt tokens"
         );
         let max = r.u32("expansion_max_new_tokens") as usize;
         let e = p
-            .expand_prompt(prompt(&r), max, TokenChoice::Greedy, &mut || false)
+            .model()
+            .rewrite_prompt(prompt(&r), max, TokenChoice::Greedy, &mut || false)
             .unwrap()
             .unwrap();
         assert_eq!(e.tokens, r.ids("expansion_ids"), "{config} new tokens");
@@ -476,18 +495,19 @@ fn prompt_expansion_matches_transformers_token_for_token() {
 fn sampled_prompt_expansion_is_seeded() {
     let p = load("klein");
     let sampled = |seed| {
-        p.expand_prompt(
-            "a lighthouse in a storm",
-            32,
-            TokenChoice::Sampled {
-                temperature: EXPANSION_TEMPERATURE,
-                seed,
-            },
-            &mut || false,
-        )
-        .unwrap()
-        .unwrap()
-        .tokens
+        p.model()
+            .rewrite_prompt(
+                "a lighthouse in a storm",
+                32,
+                TokenChoice::Sampled {
+                    temperature: EXPANSION_TEMPERATURE,
+                    seed,
+                },
+                &mut || false,
+            )
+            .unwrap()
+            .unwrap()
+            .tokens
     };
     assert_eq!(sampled(7), sampled(7));
     assert!(!sampled(7).is_empty());
@@ -511,10 +531,11 @@ fn a_text_encoder_without_its_head_cannot_expand_prompts() {
     candle_core::safetensors::save(&tensors, tdir.join("model.safetensors")).unwrap();
 
     let headless = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
-    assert!(!headless.can_expand_prompts());
+    assert!(!headless.model().can_expand_prompts());
     assert_eq!(
         headless
-            .expand_prompt("a fox", 8, TokenChoice::Greedy, &mut || false)
+            .model()
+            .rewrite_prompt("a fox", 8, TokenChoice::Greedy, &mut || false)
             .unwrap(),
         None
     );

@@ -55,7 +55,7 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
     let (w, h) = (r.u32("width"), r.u32("height"));
     let max_len = r.u32("max_sequence_length") as usize;
     assert_eq!(
-        p.variant().defaults().max_sequence_length,
+        p.model().variant().defaults().max_sequence_length,
         max_len,
         "variant default T5 length"
     );
@@ -86,7 +86,7 @@ fn run_against_reference(config: &str, dir: &Path) -> Errors {
         ),
         preview_interval: 0,
     };
-    let out = p.run(&req, &mut ()).unwrap();
+    let out = p.run(&req, &[], &mut ()).unwrap();
     assert_eq!(out.applied.num_inference_steps, r.u32("steps"));
     assert_eq!(out.applied.guidance, guidance(&r));
     let want_px = r.t("image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
@@ -261,7 +261,7 @@ fn true_cfg_checkpoints_match_diffusers() {
             initial_latents: Some(initial.clone()),
             preview_interval: 0,
         };
-        let out = p.run(&request(None), &mut ()).unwrap();
+        let out = p.run(&request(None), &[], &mut ()).unwrap();
         let e = max_abs(&out.final_latents, r.t("final_latents_true_cfg"));
         let moved = max_abs(r.t("final_latents_true_cfg"), r.t("final_latents"));
         eprintln!("{config} true CFG {scale}: final latents {e} (guidance moved them {moved})");
@@ -280,7 +280,7 @@ fn true_cfg_checkpoints_match_diffusers() {
             _ => {
                 assert_eq!(out.applied.guidance, Some(scale));
                 // A request's guidance is the scale; 1 is none at all, as in diffusers.
-                let unguided = p.run(&request(Some(1.0)), &mut ()).unwrap();
+                let unguided = p.run(&request(Some(1.0)), &[], &mut ()).unwrap();
                 let e = max_abs(&unguided.final_latents, r.t("final_latents"));
                 assert!(e <= TOL, "schnell at scale 1: {e}");
             }

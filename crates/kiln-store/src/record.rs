@@ -5,6 +5,7 @@
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{Job, JobState, JobStatus, JobView, Preview, Progress};
+use kiln_core::params::GenerationParams;
 use kiln_core::store::{ApiKey, Lease, StoreError};
 use kiln_core::webhook::{DeliveryState, WebhookDelivery, WebhookRecord, WebhookUrl};
 use time::OffsetDateTime;
@@ -68,14 +69,17 @@ pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, StoreError> {
 impl JobRow {
     pub(crate) fn into_job(self) -> Result<Job, StoreError> {
         let uuid = |s: &str, what| uuid::Uuid::parse_str(s).map_err(|e| corrupt(what, e));
+        let route = self
+            .route
+            .parse::<Route>()
+            .map_err(|e| corrupt("route", e))?;
         Ok(Job {
             id: self.id.parse::<RequestId>().map_err(|e| corrupt("id", e))?,
             owner: KeyId::from_uuid(uuid(&self.owner, "owner")?),
-            route: self
-                .route
-                .parse::<Route>()
-                .map_err(|e| corrupt("route", e))?,
-            params: serde_json::from_str(&self.params).map_err(|e| corrupt("params", e))?,
+            route,
+            // The route too: records written before `RouteOptions` need it to be read.
+            params: GenerationParams::from_stored_json(route, &self.params)
+                .map_err(|e| corrupt("params", e))?,
             created_at: from_millis(self.created_at)?,
             expires_at: from_millis(self.expires_at)?,
             webhook: self

@@ -3,7 +3,9 @@
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId};
 use kiln_core::job::{JobOutput, NewJob, OutputMetadata, Preview, Progress, StepReport, Timings};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::params::{
+    GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
+};
 use kiln_core::webhook::WebhookUrl;
 use kiln_core::OffsetDateTime;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 /// The route [`new_job`] submits to.
 pub const ROUTE: Route = Route::Flux11ProTextToImage;
 
-/// Valid parameters for `prompt`: 1024x768 JPEG, seed 7.
+/// Valid parameters for `prompt` on [`ROUTE`]: 1024x768 JPEG, seed 7, not raw.
 pub fn params(prompt: &str) -> GenerationParams {
     GenerationParams {
         prompt: Prompt::parse(prompt, 100).unwrap(),
@@ -23,9 +25,18 @@ pub fn params(prompt: &str) -> GenerationParams {
         num_inference_steps: None,
         guidance_scale: None,
         output_format: OutputFormat::Jpeg,
-        raw: false,
-        enable_prompt_expansion: false,
+        options: options_on(ROUTE),
         reference_images: Vec::new(),
+    }
+}
+
+/// `route`'s options, every flag off.
+pub fn options_on(route: Route) -> RouteOptions {
+    match route {
+        Route::Flux11ProTextToImage => RouteOptions::Flux11Pro { raw: false },
+        Route::Flux2FlexTextToImage | Route::Flux2FlexEdit => RouteOptions::Flux2Flex {
+            enable_prompt_expansion: false,
+        },
     }
 }
 
@@ -41,7 +52,10 @@ pub fn new_job_on(route: Route, owner: KeyId, prompt: &str) -> NewJob {
         id: RequestId::new(),
         owner,
         route,
-        params: params(prompt),
+        params: GenerationParams {
+            options: options_on(route),
+            ..params(prompt)
+        },
         created_at: now,
         expires_at: now + Duration::from_secs(3600),
         webhook: None,

@@ -9,7 +9,7 @@ use kiln_core::job::{
     CancelMode, CancelOutcome, Job, JobErrorCode, JobState, JobStatus, NewJob, Preview,
 };
 use kiln_core::params::{
-    GenerationParams, ImageSize, ImageSource, OutputFormat, OutputSize, Prompt,
+    GenerationParams, ImageSize, ImageSource, OutputFormat, OutputSize, Prompt, RouteOptions,
 };
 use kiln_core::store::{ClaimPolicy, JobStore, QueueLimits};
 use kiln_store::SqliteStore;
@@ -192,8 +192,9 @@ fn params(prompt: &str, seed: u32, format: OutputFormat) -> GenerationParams {
         num_inference_steps: Some(3),
         guidance_scale: Some(3.5),
         output_format: format,
-        raw: false,
-        enable_prompt_expansion: false,
+        options: RouteOptions::Flux2Flex {
+            enable_prompt_expansion: false,
+        },
         reference_images: Vec::new(),
     }
 }
@@ -392,8 +393,9 @@ async fn the_sweep_purges_expired_records_with_their_files() {
         num_inference_steps: Some(1),
         guidance_scale: None,
         output_format: OutputFormat::Png,
-        raw: false,
-        enable_prompt_expansion: false,
+        options: RouteOptions::Flux2Flex {
+            enable_prompt_expansion: false,
+        },
         reference_images: Vec::new(),
     };
     let job = NewJob {

@@ -12,8 +12,8 @@ use kiln_core::engine::{AppliedSettings, RgbImage, StepEvent, StepObserver};
 use kiln_core::image_file::encode_image;
 use kiln_core::params::OutputFormat;
 use kiln_engine::{
-    checkpoint_family, write_latents, EngineOptions, Flux1Pipeline, Flux2Pipeline, LoadProgress,
-    PipelineRequest,
+    checkpoint_family, write_latents, EngineOptions, Family, Flux1, Flux2, LoadProgress, Pipeline,
+    PipelineOutput, PipelineRequest,
 };
 use kiln_worker::{run_pool, ReferenceFetcher};
 use std::ops::ControlFlow;
@@ -221,24 +221,11 @@ pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
     let mut on_load = spinner_progress(&loading);
     let bar = step_bar();
     let mut observer = BarObserver(bar.clone());
-    let (dir, options) = (&request.model_dir, &request.options);
-    let started;
-    let output = match checkpoint_family(dir)? {
-        ModelFamily::Flux1 => {
-            let pipeline = Flux1Pipeline::load(dir, options, &mut on_load)?;
-            loading.finish_and_clear();
-            eprintln!("loaded {}", pipeline.describe());
-            started = Instant::now();
-            pipeline.run(&request.pipeline, &mut observer)?
-        }
-        ModelFamily::Flux2 => {
-            let pipeline = Flux2Pipeline::load(dir, options, &mut on_load)?;
-            loading.finish_and_clear();
-            eprintln!("loaded {}", pipeline.describe());
-            started = Instant::now();
-            pipeline.run(&request.pipeline, &mut observer)?
-        }
+    let run = match checkpoint_family(&request.model_dir)? {
+        ModelFamily::Flux1 => run_direct::<Flux1>,
+        ModelFamily::Flux2 => run_direct::<Flux2>,
     };
+    let (output, started) = run(&request, &mut on_load, &loading, &mut observer)?;
     bar.finish_and_clear();
     if let Some(path) = &request.dump_latents {
         write_latents(path, &output.final_latents)?;
@@ -252,6 +239,21 @@ pub fn generate_direct(request: DirectRequest) -> anyhow::Result<()> {
         started,
     );
     Ok(())
+}
+
+/// Loads the checkpoint of family `F` and runs the request on it: the output and when the
+/// generation (not the loading) started.
+fn run_direct<F: Family>(
+    request: &DirectRequest,
+    on_load: &mut dyn FnMut(LoadProgress),
+    loading: &ProgressBar,
+    observer: &mut dyn StepObserver,
+) -> anyhow::Result<(PipelineOutput, Instant)> {
+    let pipeline = Pipeline::<F>::load(&request.model_dir, &request.options, on_load)?;
+    loading.finish_and_clear();
+    eprintln!("loaded {}", pipeline.describe());
+    let started = Instant::now();
+    Ok((pipeline.run(&request.pipeline, &[], observer)?, started))
 }
 
 /// Shows a checkpoint's loading, component by component, on `spinner`.

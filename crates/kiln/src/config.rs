@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use kiln_blob::BlobLocation;
 use kiln_core::catalog::Route;
-use kiln_engine::{Flux1Config, Flux2Config};
+use kiln_engine::ModelConfig;
 use kiln_worker::{AllowList, FetchPolicy};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -202,9 +202,40 @@ impl Default for WebhooksConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ModelsConfig {
     #[serde(rename = "blackforestlabs/flux-1-1-pro/text-to-image")]
-    pub flux11_pro: Option<Flux1Config>,
+    pub flux11_pro: Option<ModelConfig>,
     #[serde(rename = "blackforestlabs/flux-2/flex/text-to-image")]
-    pub flux2_flex: Option<Flux2Config>,
+    pub flux2_flex: Option<ModelConfig>,
+}
+
+impl ModelsConfig {
+    /// Each table sets only its own route's options: `raw` belongs to FLUX 1.1 [pro] and
+    /// `prompt_expansion` to FLUX.2 [flex], and one set on the other route would do nothing.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let misplaced = |route: &str, key: &str, owner: &str| {
+            ConfigError::Invalid(format!(
+                "models.\"{route}\".{key}: `{key}` is a {owner} option; this route has none"
+            ))
+        };
+        if self
+            .flux11_pro
+            .as_ref()
+            .is_some_and(|c| c.prompt_expansion.is_some())
+        {
+            return Err(misplaced(
+                "blackforestlabs/flux-1-1-pro/text-to-image",
+                "prompt_expansion",
+                "FLUX.2 [flex]",
+            ));
+        }
+        if self.flux2_flex.as_ref().is_some_and(|c| c.raw.is_some()) {
+            return Err(misplaced(
+                "blackforestlabs/flux-2/flex/text-to-image",
+                "raw",
+                "FLUX 1.1 [pro]",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Settings {
@@ -429,7 +460,7 @@ impl Settings {
                 "workers.job_timeout_secs must be at least 1".into(),
             ));
         }
-        Ok(())
+        self.models.validate()
     }
 
     /// Every setting in force, as a TOML file would set it, with secrets redacted: what
@@ -589,6 +620,26 @@ mod tests {
             let err = Settings::load(Some(Path::new("model.toml")), &FlagOverrides::default())
                 .unwrap_err();
             assert!(err.to_string().contains("flux/none"), "{err}");
+            // A route's option set on the other route's table.
+            jail.create_file(
+                "raw.toml",
+                "[models.\"blackforestlabs/flux-2/flex/text-to-image\"]\ncheckpoint = \"/x\"\nraw = { steps = 2 }",
+            )?;
+            let err = Settings::load(Some(Path::new("raw.toml")), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("flex/text-to-image\".raw") && err.contains("FLUX 1.1 [pro] option"),
+                "{err}"
+            );
+            jail.create_file(
+                "expand.toml",
+                "[models.\"blackforestlabs/flux-1-1-pro/text-to-image\"]\ncheckpoint = \"/x\"\nprompt_expansion = false",
+            )?;
+            let err = Settings::load(Some(Path::new("expand.toml")), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(".prompt_expansion"), "{err}");
             let err = Settings::load(Some(Path::new("missing.toml")), &FlagOverrides::default())
                 .unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");

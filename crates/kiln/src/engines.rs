@@ -9,7 +9,7 @@ use crate::config::Settings;
 use crate::demo;
 use kiln_core::catalog::Route;
 use kiln_core::engine::Engine;
-use kiln_engine::{Flux1Config, Flux1Engine, Flux2Config, Flux2Engine, LoadProgress};
+use kiln_engine::{Family, Flux1, Flux2, LoadProgress, ModelConfig, ModelEngine};
 use kiln_worker::EngineSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,9 +52,9 @@ pub fn load_engine(
 struct Loader<'a> {
     settings: &'a Settings,
     /// `None` until first needed; then the demo engine, or `None` inside when it cannot be had.
-    demo: Option<Option<Arc<Flux1Engine>>>,
+    demo: Option<Option<Arc<ModelEngine<Flux1>>>>,
     /// The FLUX.2 checkpoint serves both FLUX.2 [flex] routes.
-    flux2: Option<Arc<Flux2Engine>>,
+    flux2: Option<Arc<ModelEngine<Flux2>>>,
 }
 
 impl<'a> Loader<'a> {
@@ -74,11 +74,11 @@ impl<'a> Loader<'a> {
         let models = &self.settings.models;
         let engine: Arc<dyn Engine> = match (route, &models.flux11_pro, &models.flux2_flex) {
             (Route::Flux11ProTextToImage, Some(config), _) => {
-                Arc::new(load_flux1(route, config.clone(), progress)?)
+                Arc::new(load::<Flux1>(route, config.clone(), progress)?)
             }
             (Route::Flux2FlexTextToImage | Route::Flux2FlexEdit, _, Some(config)) => {
                 if self.flux2.is_none() {
-                    let engine = load_flux2(route, config.clone(), progress)?;
+                    let engine = load::<Flux2>(route, config.clone(), progress)?;
                     self.flux2 = Some(Arc::new(engine));
                 }
                 self.flux2.clone().expect("loaded above")
@@ -98,9 +98,9 @@ impl<'a> Loader<'a> {
     ) -> Result<Option<Arc<dyn Engine>>, EngineLoadError> {
         if self.demo.is_none() {
             let loaded = match demo_dir(self.settings) {
-                Some(dir) => Some(Arc::new(load_flux1(
+                Some(dir) => Some(Arc::new(load::<Flux1>(
                     route,
-                    Flux1Config::new(dir),
+                    ModelConfig::new(dir),
                     progress,
                 )?)),
                 None => None,
@@ -151,26 +151,14 @@ fn demo_dir(settings: &Settings) -> Option<PathBuf> {
     Some(dir.canonicalize().unwrap_or(dir))
 }
 
-fn load_flux1(
+fn load<F: Family>(
     route: Route,
-    config: Flux1Config,
+    config: ModelConfig,
     progress: &mut dyn FnMut(LoadProgress),
-) -> Result<Flux1Engine, EngineLoadError> {
+) -> Result<ModelEngine<F>, EngineLoadError> {
     tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
     let engine =
-        Flux1Engine::load(config, progress).map_err(|source| EngineLoadError { route, source })?;
-    log_loaded(route, &engine);
-    Ok(engine)
-}
-
-fn load_flux2(
-    route: Route,
-    config: Flux2Config,
-    progress: &mut dyn FnMut(LoadProgress),
-) -> Result<Flux2Engine, EngineLoadError> {
-    tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
-    let engine =
-        Flux2Engine::load(config, progress).map_err(|source| EngineLoadError { route, source })?;
+        ModelEngine::load(config, progress).map_err(|source| EngineLoadError { route, source })?;
     log_loaded(route, &engine);
     Ok(engine)
 }

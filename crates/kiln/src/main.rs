@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use kiln::commands::{self, DirectRequest, GenerateRequest, KeysAction};
 use kiln::config::{FlagOverrides, Settings};
 use kiln::telemetry;
-use kiln_engine::{read_latents, EngineOptions, PipelineRequest};
+use kiln_engine::{read_latents, DeviceSpec, EngineOptions, PipelineRequest, Precision};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,10 +98,10 @@ struct GenerateArgs {
     max_sequence_length: Option<usize>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu", requires = "model_dir")]
-    device: String,
+    device: DeviceSpec,
     /// `f32`, `bf16` or `f16` (default: f32 on CPU, bf16 on CUDA).
     #[arg(long, requires = "model_dir")]
-    precision: Option<String>,
+    precision: Option<Precision>,
     /// Initial latents (safetensors, tensor `latents`), as diffusers' `latents=` takes them:
     /// packed for FLUX.1, patchified for FLUX.2.
     #[arg(long, value_name = "FILE", requires = "model_dir")]
@@ -188,13 +188,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(model_dir) = args.model_dir {
         let prompt = args.prompt.context("--model-dir needs --prompt")?;
-        let device = serde_json::from_value(serde_json::Value::String(args.device))
-            .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-        let precision = args
-            .precision
-            .map(|p| serde_json::from_value(serde_json::Value::String(p)))
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("--precision: {e} (expected f32, bf16 or f16)"))?;
         let pipeline = PipelineRequest {
             prompt,
             width: args.width,
@@ -208,7 +201,10 @@ fn generate(settings: Settings, args: GenerateArgs) -> anyhow::Result<()> {
         };
         return commands::generate_direct(DirectRequest {
             model_dir,
-            options: EngineOptions { device, precision },
+            options: EngineOptions {
+                device: args.device,
+                precision: args.precision,
+            },
             pipeline,
             dump_latents: args.dump_latents,
             output: args.output,

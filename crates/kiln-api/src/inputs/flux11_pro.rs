@@ -3,7 +3,9 @@
 
 use super::read_prompt;
 use super::reader::{rounded_side, within, Choice, FieldReader};
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::params::{
+    GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
+};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
@@ -134,8 +136,7 @@ impl Flux11ProInput {
             num_inference_steps: None,
             guidance_scale: None,
             output_format: OutputFormat::Jpeg,
-            raw: self.raw,
-            enable_prompt_expansion: false,
+            options: RouteOptions::Flux11Pro { raw: self.raw },
             reference_images: Vec::new(),
         }
     }
@@ -202,6 +203,9 @@ pub(super) fn render(params: &GenerationParams) -> Map<String, Value> {
         }
     }
     fields.insert("seed".into(), json!(params.seed));
-    fields.insert("raw".into(), json!(params.raw));
+    // Another route's options are never this route's: its default stands then.
+    if let RouteOptions::Flux11Pro { raw } = params.options {
+        fields.insert("raw".into(), json!(raw));
+    }
     fields
 }

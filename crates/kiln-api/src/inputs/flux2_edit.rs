@@ -8,7 +8,7 @@ use super::flux2_flex::{
 };
 use super::read_prompt;
 use super::reader::{Choice, FieldReader};
-use kiln_core::params::{GenerationParams, ImageSource, OutputSize, Prompt};
+use kiln_core::params::{GenerationParams, ImageSource, OutputSize, Prompt, RouteOptions};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
@@ -97,8 +97,9 @@ impl Flux2EditInput {
             num_inference_steps: Some(self.num_inference_steps),
             guidance_scale: Some(self.guidance_scale),
             output_format: self.output_format.to_core(),
-            raw: false,
-            enable_prompt_expansion: self.enable_prompt_expansion,
+            options: RouteOptions::Flux2Flex {
+                enable_prompt_expansion: self.enable_prompt_expansion,
+            },
             reference_images: self.image_urls,
         }
     }

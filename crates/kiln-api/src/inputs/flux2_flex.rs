@@ -4,7 +4,9 @@
 use super::read_prompt;
 use super::reader::{one_of, rounded_side, within, Choice, FieldReader};
 use kiln_core::catalog::FLUX2_SIDES;
-use kiln_core::params::{GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt};
+use kiln_core::params::{
+    GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
+};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
@@ -170,8 +172,9 @@ impl Flux2FlexInput {
             num_inference_steps: Some(self.num_inference_steps),
             guidance_scale: Some(self.guidance_scale),
             output_format: self.output_format.to_core(),
-            raw: false,
-            enable_prompt_expansion: self.enable_prompt_expansion,
+            options: RouteOptions::Flux2Flex {
+                enable_prompt_expansion: self.enable_prompt_expansion,
+            },
             reference_images: Vec::new(),
         }
     }
@@ -345,10 +348,16 @@ pub(super) fn render_image_size(size: ImageSize) -> Value {
 /// [`read_options`]' inverse, into `fields`. Steps and guidance are always set for FLUX.2
 /// routes; were one not, it is left out and its default stands.
 pub(super) fn render_options(params: &GenerationParams, fields: &mut Map<String, Value>) {
-    fields.insert(
-        "enable_prompt_expansion".into(),
-        json!(params.enable_prompt_expansion),
-    );
+    // Another route's options are never these routes': the default stands then.
+    if let RouteOptions::Flux2Flex {
+        enable_prompt_expansion,
+    } = params.options
+    {
+        fields.insert(
+            "enable_prompt_expansion".into(),
+            json!(enable_prompt_expansion),
+        );
+    }
     fields.insert("seed".into(), json!(params.seed));
     let format = ImageFormat::from_core(params.output_format);
     fields.insert("output_format".into(), json!(format.name()));

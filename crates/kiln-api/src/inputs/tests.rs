@@ -1,7 +1,7 @@
 //! Every rule of the routes' schemas, and the schemas' agreement with the parser.
 
 use super::*;
-use kiln_core::params::{ImageSize, OutputFormat, OutputSize};
+use kiln_core::params::{ImageSize, OutputFormat, OutputSize, RouteOptions};
 use serde_json::json;
 
 const MAX_PROMPT: usize = 10_000;
@@ -71,11 +71,10 @@ mod flux11_pro {
             })
         );
         assert_eq!(p.seed, 81_048_285);
-        assert!(!p.raw);
+        assert_eq!(p.options, RouteOptions::Flux11Pro { raw: false });
         assert_eq!(p.output_format, OutputFormat::Jpeg);
         assert_eq!(p.num_inference_steps, None);
         assert_eq!(p.guidance_scale, None);
-        assert!(!p.enable_prompt_expansion);
     }
 
     #[test]
@@ -187,7 +186,10 @@ mod flux11_pro {
 
     #[test]
     fn raw_is_a_boolean() {
-        assert!(ok(PRO, json!({"prompt": "x", "raw": true})).raw);
+        assert_eq!(
+            ok(PRO, json!({"prompt": "x", "raw": true})).options,
+            RouteOptions::Flux11Pro { raw: true }
+        );
         for bad in [json!("true"), json!(1), json!(null)] {
             assert_eq!(
                 violation(PRO, json!({"prompt": "x", "raw": bad})),
@@ -236,6 +238,16 @@ mod flux11_pro {
         let defaults = round_trip(PRO, json!({"prompt": "a cat"}));
         assert_eq!(defaults["image_size"], "16:9");
         assert_eq!(defaults["seed"], 81_048_285);
+        // Another route's options (never made by the parser) leave the route's default.
+        let flex = ok(FLEX, json!({"prompt": "a cat"}));
+        let rendered = render_input(PRO, &flex, |_| None);
+        assert!(rendered.get("raw").is_none(), "{rendered}");
+        let pro = ok(PRO, json!({"prompt": "a cat", "raw": true}));
+        let rendered = render_input(FLEX, &pro, |_| None);
+        assert!(
+            rendered.get("enable_prompt_expansion").is_none(),
+            "{rendered}"
+        );
         for ratio in ["16:9", "4:3", "1:1", "1:1 (hd)", "3:4", "9:16"] {
             let rendered = round_trip(PRO, json!({"prompt": "x", "image_size": ratio}));
             assert_eq!(rendered["image_size"], ratio);
@@ -264,12 +276,16 @@ mod flux2_flex {
                 height: 768
             })
         );
-        assert!(p.enable_prompt_expansion);
+        assert_eq!(
+            p.options,
+            RouteOptions::Flux2Flex {
+                enable_prompt_expansion: true
+            }
+        );
         assert_eq!(p.seed, 0);
         assert_eq!(p.output_format, OutputFormat::Jpeg);
         assert_eq!(p.guidance_scale, Some(3.5));
         assert_eq!(p.num_inference_steps, Some(28));
-        assert!(!p.raw);
     }
 
     #[test]
@@ -286,7 +302,12 @@ mod flux2_flex {
                 height: 512
             })
         );
-        assert!(!p.enable_prompt_expansion);
+        assert_eq!(
+            p.options,
+            RouteOptions::Flux2Flex {
+                enable_prompt_expansion: false
+            }
+        );
         assert_eq!(p.seed, 7);
         assert_eq!(p.output_format, OutputFormat::Png);
         assert_eq!(p.guidance_scale, Some(5.0));
@@ -558,7 +579,12 @@ mod flux2_edit {
                 flex.output_format
             )
         );
-        assert!(p.enable_prompt_expansion);
+        assert_eq!(
+            p.options,
+            RouteOptions::Flux2Flex {
+                enable_prompt_expansion: true
+            }
+        );
     }
 
     #[test]
@@ -889,9 +915,15 @@ mod schemas {
         );
         assert_eq!(property(FLEX, "num_inference_steps")["minimum"], json!(2));
         assert_eq!(property(FLEX, "num_inference_steps")["maximum"], json!(50));
+        let RouteOptions::Flux2Flex {
+            enable_prompt_expansion,
+        } = flex.options
+        else {
+            panic!("{:?} on {FLEX:?}", flex.options)
+        };
         assert_eq!(
             property(FLEX, "enable_prompt_expansion")["default"],
-            json!(flex.enable_prompt_expansion)
+            json!(enable_prompt_expansion)
         );
     }
 

@@ -3,11 +3,12 @@
 //! blocks with fused qkv+MLP projections, 4-axis RoPE.
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, chunks, gated_residual, modulated_layer_norm, rms_norm, Linear};
-use crate::transformer::{
-    apply_rope, count_indexed, merge_heads, timestep_embedding, DoubleStreams, FeedForward, Mlp2,
-    Qkv, Rope, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
+use crate::layers::blocks::{
+    count_indexed, load_blocks, modulation, single_stream_residual, DoubleStreams, FeedForward,
+    FinalLayer, Qkv, Rope, TimeEmbed, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
 };
+use crate::layers::{modulated_layer_norm, rms_norm, Linear};
+use crate::options::LoadProgress;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, D};
 use serde::Deserialize;
@@ -140,22 +141,20 @@ pub(crate) struct Flux2Transformer {
     cfg: Flux2TransformerConfig,
     x_embedder: Linear,
     context_embedder: Linear,
-    time: Mlp2,
-    guidance: Option<Mlp2>,
+    time: TimeEmbed,
     mod_img: Linear,
     mod_txt: Linear,
     mod_single: Linear,
     double: Vec<DoubleStreams<SwiGlu>>,
     single: Vec<SingleBlock>,
-    norm_out: Linear,
-    proj_out: Linear,
+    out: FinalLayer,
 }
 
 impl Flux2Transformer {
     pub(crate) fn load(
         cfg: Flux2TransformerConfig,
         w: &Weights,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
         if cfg.patch_size != 1 {
             return Err(Error::checkpoint(
@@ -172,58 +171,44 @@ impl Flux2Transformer {
             ));
         }
         let total = cfg.num_layers + cfg.num_single_layers;
-        let mut double = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
+        let double = load_blocks(cfg.num_layers, (0, total), progress, |i| {
             let p = format!("transformer_blocks.{i}");
-            double.push(DoubleStreams {
+            Ok(DoubleStreams {
                 img_qkv: Qkv::load(w, &p, IMAGE_QKV)?,
                 txt_qkv: Qkv::load(w, &p, TEXT_QKV)?,
                 img_out: w.linear(&format!("{p}.attn.to_out.0"))?,
                 txt_out: w.linear(&format!("{p}.attn.to_add_out"))?,
                 img_ff: SwiGlu::load(w, &format!("{p}.ff"))?,
                 txt_ff: SwiGlu::load(w, &format!("{p}.ff_context"))?,
-            });
-            progress(i + 1, total);
-        }
-        let mut single = Vec::with_capacity(cfg.num_single_layers);
-        for i in 0..cfg.num_single_layers {
-            let p = format!("single_transformer_blocks.{i}.attn");
-            single.push(SingleBlock {
-                qkv_mlp: w.linear(&format!("{p}.to_qkv_mlp_proj"))?,
-                norm_q: w.tensor(&format!("{p}.norm_q.weight"))?,
-                norm_k: w.tensor(&format!("{p}.norm_k.weight"))?,
-                out: w.linear(&format!("{p}.to_out"))?,
-            });
-            progress(cfg.num_layers + i + 1, total);
-        }
+            })
+        })?;
+        let single = load_blocks(
+            cfg.num_single_layers,
+            (cfg.num_layers, total),
+            progress,
+            |i| {
+                let p = format!("single_transformer_blocks.{i}.attn");
+                Ok(SingleBlock {
+                    qkv_mlp: w.linear(&format!("{p}.to_qkv_mlp_proj"))?,
+                    norm_q: w.tensor(&format!("{p}.norm_q.weight"))?,
+                    norm_k: w.tensor(&format!("{p}.norm_k.weight"))?,
+                    out: w.linear(&format!("{p}.to_out"))?,
+                })
+            },
+        )?;
         let tge = "time_guidance_embed";
         let has_guidance = w.contains(&format!("{tge}.guidance_embedder.linear_1.weight"));
+        let channels = cfg.timestep_guidance_channels;
         Ok(Self {
             x_embedder: w.linear("x_embedder")?,
             context_embedder: w.linear("context_embedder")?,
-            time: Mlp2::load(
-                w,
-                &format!("{tge}.timestep_embedder"),
-                "linear_1",
-                "linear_2",
-            )?,
-            guidance: if has_guidance {
-                Some(Mlp2::load(
-                    w,
-                    &format!("{tge}.guidance_embedder"),
-                    "linear_1",
-                    "linear_2",
-                )?)
-            } else {
-                None
-            },
+            time: TimeEmbed::load(w, tge, has_guidance, channels)?,
             mod_img: w.linear("double_stream_modulation_img.linear")?,
             mod_txt: w.linear("double_stream_modulation_txt.linear")?,
             mod_single: w.linear("single_stream_modulation.linear")?,
             double,
             single,
-            norm_out: w.linear("norm_out.linear")?,
-            proj_out: w.linear("proj_out")?,
+            out: FinalLayer::load(w)?,
             cfg: Flux2TransformerConfig {
                 guidance_embeds: has_guidance,
                 ..cfg
@@ -277,64 +262,49 @@ impl Flux2Transformer {
         rope: &Rope,
     ) -> Result<Tensor> {
         let dtype = img.dtype();
-        let dev = img.device();
-        let channels = self.cfg.timestep_guidance_channels;
-        let mut temb = self
+        let temb_act = self
             .time
-            .forward_silu(&timestep_embedding(timestep, channels, dev, dtype)?)?;
-        if let (Some(g_mlp), Some(g)) = (&self.guidance, guidance) {
-            temb = (temb + g_mlp.forward_silu(&timestep_embedding(g, channels, dev, dtype)?)?)?;
-        }
-        let temb_act = temb.silu()?;
-        let modulation = |l: &Linear, n: usize| -> Result<Vec<Tensor>> {
-            Ok(chunks(&l.forward(&temb_act)?.unsqueeze(1)?, n)?)
-        };
-        let im = modulation(&self.mod_img, 6)?;
-        let tm = modulation(&self.mod_txt, 6)?;
-        let sm = modulation(&self.mod_single, 3)?;
-
+            .forward(timestep, guidance, img.device(), dtype)?
+            .silu()?;
+        let im = modulation(&self.mod_img, &temb_act, 6)?;
+        let tm = modulation(&self.mod_txt, &temb_act, 6)?;
+        let sm = modulation(&self.mod_single, &temb_act, 3)?;
         let mut img = self.x_embedder.forward(img)?;
         let mut txt = self.context_embedder.forward(txt)?;
         let heads = self.cfg.num_attention_heads;
-        let scale = 1.0 / (self.cfg.attention_head_dim as f64).sqrt();
         let txt_len = txt.dim(1)?;
-
         for b in &self.double {
             (img, txt) = b.forward(&img, &txt, &im, &tm, heads, rope)?;
         }
-
-        let inner = self.cfg.hidden();
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
-        let (bsz, seq, _) = x.dims3()?;
         for b in &self.single {
-            let n = modulated_layer_norm(&x, &sm[0], &sm[1], NORM_EPS)?;
-            let proj = b.qkv_mlp.forward(&n)?;
-            let split = |i: usize| {
-                proj.narrow(D::Minus1, i * inner, inner)?.reshape((
-                    bsz,
-                    seq,
-                    heads,
-                    self.cfg.attention_head_dim,
-                ))
-            };
-            let q = rms_norm(&split(0)?, &b.norm_q, QK_NORM_EPS)?.transpose(1, 2)?;
-            let k = rms_norm(&split(1)?, &b.norm_k, QK_NORM_EPS)?.transpose(1, 2)?;
-            let v = split(2)?.transpose(1, 2)?;
-            let mlp = swiglu(&proj.narrow(D::Minus1, 3 * inner, 2 * self.cfg.mlp_hidden())?)?;
-            let a = attention(
-                &apply_rope(&q, rope)?,
-                &apply_rope(&k, rope)?,
-                &v,
-                scale,
-                None,
-            )?;
-            let y = b.out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
-            x = gated_residual(&x, &sm[2], &y)?;
+            x = self.single_block(b, &x, &sm, rope)?;
         }
-        let img = x.narrow(1, txt_len, seq - txt_len)?;
-        // AdaLayerNormContinuous: (scale, shift) in that order.
-        let m = chunks(&self.norm_out.forward(&temb_act)?.unsqueeze(1)?, 2)?;
-        let img = modulated_layer_norm(&img, &m[1], &m[0], NORM_EPS)?;
-        Ok(self.proj_out.forward(&img)?.to_dtype(dtype)?)
+        Ok(self.out.forward(&x, txt_len, &temb_act)?.to_dtype(dtype)?)
+    }
+
+    /// A single-stream block: one fused projection gives q, k, v (RMS-normed) and the SwiGLU
+    /// MLP's input, all modulated by the shared single-stream vectors `sm`.
+    fn single_block(
+        &self,
+        b: &SingleBlock,
+        x: &Tensor,
+        sm: &[Tensor],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let (heads, head_dim) = (self.cfg.num_attention_heads, self.cfg.attention_head_dim);
+        let inner = self.cfg.hidden();
+        let (bsz, seq, _) = x.dims3()?;
+        let n = modulated_layer_norm(x, &sm[0], &sm[1], NORM_EPS)?;
+        let proj = b.qkv_mlp.forward(&n)?;
+        let split = |i: usize| {
+            proj.narrow(D::Minus1, i * inner, inner)?
+                .reshape((bsz, seq, heads, head_dim))
+        };
+        let q = rms_norm(&split(0)?, &b.norm_q, QK_NORM_EPS)?.transpose(1, 2)?;
+        let k = rms_norm(&split(1)?, &b.norm_k, QK_NORM_EPS)?.transpose(1, 2)?;
+        let v = split(2)?.transpose(1, 2)?;
+        let mlp = swiglu(&proj.narrow(D::Minus1, 3 * inner, 2 * self.cfg.mlp_hidden())?)?;
+        single_stream_residual(x, (&q, &k, &v), mlp, rope, &b.out, &sm[2])
     }
 }

@@ -26,6 +26,9 @@ pub trait Backend: Sized + 'static {
     /// Another handle on the same database with connections of its own.
     async fn another_handle(&self) -> Arc<Self::Store>;
 
+    /// Runs `sql` on the database itself, past the store (as an older kiln wrote its records).
+    async fn execute(&self, sql: &str);
+
     /// `n` handles: the test's own, then `n - 1` others.
     async fn handles(&self, n: usize) -> Vec<Arc<Self::Store>> {
         let mut handles = vec![self.store()];
@@ -65,6 +68,13 @@ impl Backend for Sqlite {
     async fn another_handle(&self) -> Arc<Self::Store> {
         Arc::new(kiln_store::SqliteStore::open(&self.path).await.unwrap())
     }
+
+    async fn execute(&self, sql: &str) {
+        let conn = rusqlite::Connection::open(&self.path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute_batch(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }
 
 /// PostgreSQL: a fresh database per test (`kiln_testkit::postgres`); more handles connect again
@@ -99,6 +109,17 @@ impl Backend for Postgres {
                 .await
                 .unwrap(),
         )
+    }
+
+    async fn execute(&self, sql: &str) {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(self.database.url())
+            .await
+            .unwrap();
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 }
 

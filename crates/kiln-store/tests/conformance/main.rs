@@ -71,6 +71,7 @@ conformance! {
     events::every_change_of_a_job_is_an_event_in_order,
     events::a_released_or_failed_job_is_announced,
     queue::a_submitted_job_reads_back_as_submitted,
+    queue::a_job_stored_before_route_options_reads_back,
     queue::queue_positions_follow_submission_order,
     queue::another_owner_sees_nothing,
     queue::the_queue_limit_counts_waiting_jobs,

@@ -3,6 +3,7 @@
 use crate::harness::*;
 use kiln_core::ids::{KeyId, RequestId};
 use kiln_core::job::{CancelOutcome, JobState, JobStatus};
+use kiln_core::params::{GenerationParams, RouteOptions};
 use kiln_core::store::{JobStore, QueueLimits, StoreError};
 
 pub async fn a_submitted_job_reads_back_as_submitted<B: Backend>(b: B) {
@@ -39,6 +40,49 @@ pub async fn a_submitted_job_reads_back_as_submitted<B: Backend>(b: B) {
         "expires_at",
     );
     assert!(store.get(owner, RequestId::new()).await.unwrap().is_none());
+}
+
+/// Jobs accepted before `RouteOptions` hold the two flags at the top level of their params; an
+/// upgrade must still read them, taking the flag of the job's route.
+pub async fn a_job_stored_before_route_options_reads_back<B: Backend>(b: B) {
+    let store = b.store();
+    let owner = KeyId::new();
+    let legacy = r#"{"prompt":"a lighthouse","size":{"width":1024,"height":768},"seed":7,"num_inference_steps":null,"guidance_scale":null,"output_format":"jpeg","raw":true,"enable_prompt_expansion":false}"#;
+    let cases = [
+        (ROUTE, RouteOptions::Flux11Pro { raw: true }),
+        (
+            OTHER_ROUTE,
+            RouteOptions::Flux2Flex {
+                enable_prompt_expansion: false,
+            },
+        ),
+    ];
+    for (route, options) in cases {
+        let job = new_job_on(route, owner, "a lighthouse");
+        store.enqueue(job.clone(), None, ROOMY).await.unwrap();
+        b.execute(&format!(
+            "UPDATE jobs SET params = '{legacy}' WHERE id = '{}'",
+            job.id
+        ))
+        .await;
+        let read = view(&*store, owner, job.id).await.job;
+        let expected = GenerationParams {
+            options,
+            ..job.params.clone()
+        };
+        assert_eq!((read.route, &read.params), (route, &expected));
+        let written = serde_json::to_value(&read.params).unwrap();
+        assert!(
+            written.get("raw").is_none() && written.get("enable_prompt_expansion").is_none(),
+            "written back in the current form only: {written}"
+        );
+    }
+    // A worker can take it too.
+    let lease = claim(&*store, "w", LONG_LEASE).await;
+    assert_eq!(
+        lease.job.params.options,
+        RouteOptions::Flux11Pro { raw: true }
+    );
 }
 
 pub async fn queue_positions_follow_submission_order<B: Backend>(b: B) {

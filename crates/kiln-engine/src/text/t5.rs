@@ -1,7 +1,7 @@
 //! The T5 v1.1 encoder (transformers' `T5EncoderModel`): the FLUX.1 prompt embeddings.
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, rms_norm, Linear};
+use crate::layers::{attention, rms_norm, Linear};
 use crate::weights::Weights;
 use candle_core::Tensor;
 use serde::Deserialize;

@@ -7,7 +7,7 @@
 //! model itself, a token at a time against a key/value cache.
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, rms_norm, Linear};
+use crate::layers::{attention, rms_norm, Linear};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};

@@ -40,6 +40,12 @@ fn patch() -> Vec<usize> {
     vec![2, 2]
 }
 
+impl super::UpBlocks for Flux2VaeConfig {
+    fn up_blocks(&self) -> usize {
+        self.block_out_channels.len()
+    }
+}
+
 impl Flux2VaeConfig {
     /// The configuration of BFL's FLUX.2 `ae.safetensors`, read from its tensors (the
     /// GroupNorm groups excepted: BFL's are 32).

@@ -1,13 +1,27 @@
-//! The decoder half of FLUX.1's VAE (diffusers' `AutoencoderKL`, 16 latent channels).
+//! The autoencoders: the encoder and decoder networks FLUX.1 and FLUX.2 share, FLUX.1's
+//! decoder (diffusers' `AutoencoderKL`, 16 latent channels) here, FLUX.2's in [`flux2`].
+
+pub(crate) mod flux2;
 
 use crate::error::{Error, Result};
-use crate::nn::{attention, Conv2d, GroupNorm, Linear};
-use crate::transformer::count_indexed;
+use crate::layers::blocks::count_indexed;
+use crate::layers::{attention, Conv2d, GroupNorm, Linear};
 use crate::weights::Weights;
 use candle_core::Tensor;
 use serde::Deserialize;
 
 const EPS: f64 = 1e-6;
+
+/// How many up blocks a VAE configuration's decoder has (what BFL's tensor names count).
+pub(crate) trait UpBlocks {
+    fn up_blocks(&self) -> usize;
+}
+
+impl UpBlocks for VaeConfig {
+    fn up_blocks(&self) -> usize {
+        self.block_out_channels.len()
+    }
+}
 
 /// The decoder's shape and latent normalisation. Read from diffusers' `vae/config.json`, or
 /// inferred from BFL's `ae.safetensors` with FLUX.1's normalisation constants, which that

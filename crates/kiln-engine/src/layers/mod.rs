@@ -1,5 +1,6 @@
 //! Layers shared by the models: linear layers that may be quantized, attention, norms.
 
+pub(crate) mod blocks;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -98,7 +99,7 @@ pub(crate) fn attention(
     let per_head = b * sq * sk * 4;
     let heads_at_once = (SCORES_BUDGET / per_head.max(1)).clamp(1, h);
     if heads_at_once == h {
-        return attention_all(q, k, v, scale, bias);
+        return attention_all((q, k, v), scale, bias);
     }
     let mut outs = Vec::with_capacity(h.div_ceil(heads_at_once));
     for start in (0..h).step_by(heads_at_once) {
@@ -108,9 +109,11 @@ pub(crate) fn attention(
             other => other.cloned(),
         };
         outs.push(attention_all(
-            &q.narrow(1, start, n)?,
-            &k.narrow(1, start, n)?,
-            &v.narrow(1, start, n)?,
+            (
+                &q.narrow(1, start, n)?,
+                &k.narrow(1, start, n)?,
+                &v.narrow(1, start, n)?,
+            ),
             scale,
             head_bias.as_ref(),
         )?);
@@ -118,10 +121,9 @@ pub(crate) fn attention(
     Tensor::cat(&outs, 1)
 }
 
+/// [`attention`] of all of `q`'s heads at once.
 fn attention_all(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
@@ -275,7 +277,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, h, s, d), dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, (1, h, s, 1), dev).unwrap();
         let chunked = attention(&q, &k, &v, 0.5, Some(&bias)).unwrap();
-        let whole = attention_all(&q, &k, &v, 0.5, Some(&bias)).unwrap();
+        let whole = attention_all((&q, &k, &v), 0.5, Some(&bias)).unwrap();
         let diff = (chunked - whole)
             .unwrap()
             .abs()

@@ -1,7 +1,7 @@
 //! CLIP's text transformer (transformers' `CLIPTextModel`): FLUX.1's pooled prompt vector.
 
 use crate::error::Result;
-use crate::nn::{attention, layer_norm, Linear};
+use crate::layers::{attention, layer_norm, Linear};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;

@@ -1,0 +1,184 @@
+//! How a checkpoint is loaded (device, precision) and what loading and sampling report, shared
+//! by every model family. Both choices parse from the strings operators write (`cuda:1`,
+//! `bf16`) through [`FromStr`], which the configuration's serde and the CLI's flags both use.
+
+use crate::error::Result;
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal (`"cuda"` is `"cuda:0"`); needs the `cuda` feature.
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("device {other:?}: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(device: DeviceSpec) -> Self {
+        device.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("precision {s:?}: expected f32, bf16 or f16"))
+    }
+}
+
+impl From<Precision> for String {
+    fn from(p: Precision) -> Self {
+        p.as_str().to_string()
+    }
+}
+
+impl TryFrom<String> for Precision {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineOptions {
+    pub device: DeviceSpec,
+    /// `None`: f32 on the CPU, bf16 on CUDA (what the references run FLUX in).
+    pub precision: Option<Precision>,
+}
+
+impl EngineOptions {
+    pub(crate) fn device(&self) -> Result<Device> {
+        match self.device {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
+        }
+    }
+    pub(crate) fn dtype(&self) -> DType {
+        match (self.precision, self.device) {
+            (Some(Precision::F32), _) | (None, DeviceSpec::Cpu) => DType::F32,
+            (Some(Precision::Bf16), _) | (None, DeviceSpec::Cuda(_)) => DType::BF16,
+            (Some(Precision::F16), _) => DType::F16,
+        }
+    }
+}
+
+/// Loading progress: `done` of `total` units of a component (the transformer counts blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub component: &'static str,
+    pub done: usize,
+    pub total: usize,
+}
+
+impl LoadProgress {
+    /// `component` loaded whole.
+    pub(crate) fn whole(component: &'static str) -> Self {
+        Self {
+            component,
+            done: 1,
+            total: 1,
+        }
+    }
+}
+
+/// Sampling settings used when a request does not say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    pub steps: u32,
+    /// `None` where the checkpoint takes no guidance (schnell, distilled klein).
+    pub guidance: Option<f32>,
+    pub max_sequence_length: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_precisions_parse_and_print_alike() {
+        for s in ["cpu", "cuda:0", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
+        }
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert!("gpu"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("cpu, cuda or cuda:N"));
+        for p in Precision::ALL {
+            assert_eq!(p.to_string().parse::<Precision>(), Ok(p));
+        }
+        assert!("fp8"
+            .parse::<Precision>()
+            .unwrap_err()
+            .contains("f32, bf16 or f16"));
+        let p: Precision = serde_json::from_str("\"bf16\"").unwrap();
+        assert_eq!(p, Precision::Bf16);
+    }
+}
