@@ -19,6 +19,14 @@ pub enum Error {
     },
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
+    /// The configured device cannot be used: no CUDA in this build, or no driver or device.
+    #[error("device {device}: {message}")]
+    Device {
+        device: String,
+        message: String,
+        #[source]
+        source: Option<candle_core::Error>,
+    },
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
     /// The step observer asked to stop.

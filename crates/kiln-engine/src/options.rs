@@ -2,7 +2,7 @@
 //! by every model family. Both choices parse from the strings operators write (`cuda:1`,
 //! `bf16`) through [`FromStr`], which the configuration's serde and the CLI's flags both use.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -114,10 +114,12 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
+    /// The device, or a message that says what is missing: checked when a checkpoint loads,
+    /// so a worker with a bad `device` fails at start, never mid-generation.
     pub(crate) fn device(&self) -> Result<Device> {
         match self.device {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => Ok(Device::new_cuda(i)?),
+            DeviceSpec::Cuda(i) => cuda_device(i),
         }
     }
     pub(crate) fn dtype(&self) -> DType {
@@ -127,6 +129,29 @@ impl EngineOptions {
             (Some(Precision::F16), _) => DType::F16,
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| Error::Device {
+        device: DeviceSpec::Cuda(ordinal).to_string(),
+        message: format!(
+            "CUDA device {ordinal} cannot be opened (is the NVIDIA driver installed, and does \
+             `nvidia-smi` list a GPU {ordinal}?): {e}"
+        ),
+        source: Some(e),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Err(Error::Device {
+        device: DeviceSpec::Cuda(ordinal).to_string(),
+        message: "this kiln was built without CUDA; build it with `--features cuda` \
+                  (README: CUDA) or use device = \"cpu\""
+            .into(),
+        source: None,
+    })
 }
 
 /// Loading progress: `done` of `total` units of a component (the transformer counts blocks).

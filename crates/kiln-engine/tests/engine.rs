@@ -105,6 +105,23 @@ fn defaults_steps_previews_and_reproducible_seeds() {
     assert_ne!(a.image, c.image, "another seed, another image");
 }
 
+/// A CUDA device in a build without CUDA is refused when the checkpoint loads, saying how to
+/// get one, before any weights are read.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cuda_device_without_cuda_is_refused_at_load() {
+    let mut cfg = config("schnell-diffusers");
+    cfg.device = kiln_engine::DeviceSpec::Cuda(0);
+    let err = match Flux1Engine::load(cfg, &mut |_| {}) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("loaded on CUDA without CUDA"),
+    };
+    assert!(
+        err.contains("device cuda:0") && err.contains("--features cuda"),
+        "{err}"
+    );
+}
+
 #[test]
 fn configuration_deserializes_with_defaults() {
     let cfg: ModelConfig = serde_json::from_value(serde_json::json!({

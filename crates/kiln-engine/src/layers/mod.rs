@@ -75,15 +75,17 @@ fn on_cpu_in_f32(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Bytes of f32 attention scores computed at once; larger problems go a few heads at a time
-/// (a 1024x1024 FLUX image has 4608 tokens: 2 GB of scores for 24 heads).
+/// Bytes of f32 attention scores computed at once: larger problems go a few heads at a time,
+/// and where one head's scores alone exceed it, a block of query rows at a time (a 1024x1024
+/// FLUX image has 4608 tokens: 2 GB of scores for 24 heads). So no device ever holds the full
+/// score matrix: memory grows with the tokens, not their square, on CUDA as on the CPU.
 const SCORES_BUDGET: usize = 256 << 20;
 
 /// Softmax attention over `(batch, heads, seq, head_dim)` tensors, with an optional additive
 /// bias (`(1 or batch, heads, seq, seq)` or broadcastable) on the scores. The softmax runs in
 /// f32, as PyTorch's kernels do for bf16. Without a bias, f32 on the CPU runs kiln's kernel
-/// (a block of queries at a time, `kiln_kernels::ops::attention`), whose result is a view of `(batch, seq, heads, head_dim)` memory, so merging the
-/// heads afterwards copies nothing.
+/// (a block of queries at a time, `kiln_kernels::ops::attention`), whose result is a view of
+/// `(batch, seq, heads, head_dim)` memory, so merging the heads afterwards copies nothing.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -94,31 +96,63 @@ pub(crate) fn attention(
     if bias.is_none() && on_cpu_in_f32(q) {
         return kiln_kernels::ops::attention(q, k, v, scale)?.transpose(1, 2);
     }
+    attention_within(q, k, v, scale, bias, SCORES_BUDGET)
+}
+
+/// [`attention`] computing at most `budget` bytes of scores at once: heads in groups, and
+/// query rows in blocks where one head is over the budget.
+fn attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, h, sq, _) = q.dims4()?;
-    let sk = k.dim(2)?;
-    let per_head = b * sq * sk * 4;
-    let heads_at_once = (SCORES_BUDGET / per_head.max(1)).clamp(1, h);
+    let row_bytes = (b * k.dim(2)? * 4).max(1);
+    let rows = (budget / row_bytes).clamp(1, sq);
+    let heads_at_once = (budget / (row_bytes * sq)).clamp(1, h);
     if heads_at_once == h {
         return attention_all((q, k, v), scale, bias);
     }
     let mut outs = Vec::with_capacity(h.div_ceil(heads_at_once));
     for start in (0..h).step_by(heads_at_once) {
         let n = heads_at_once.min(h - start);
-        let head_bias = match bias {
-            Some(bb) if bb.dim(1)? == h => Some(bb.narrow(1, start, n)?),
-            other => other.cloned(),
-        };
-        outs.push(attention_all(
-            (
-                &q.narrow(1, start, n)?,
-                &k.narrow(1, start, n)?,
-                &v.narrow(1, start, n)?,
-            ),
-            scale,
-            head_bias.as_ref(),
-        )?);
+        let head_bias = narrow_bias(bias, 1, h, start, n)?;
+        let (q, k, v) = (
+            q.narrow(1, start, n)?,
+            k.narrow(1, start, n)?,
+            v.narrow(1, start, n)?,
+        );
+        let mut blocks = Vec::with_capacity(sq.div_ceil(rows));
+        for row in (0..sq).step_by(rows) {
+            let m = rows.min(sq - row);
+            let row_bias = narrow_bias(head_bias.as_ref(), 2, sq, row, m)?;
+            blocks.push(attention_all(
+                (&q.narrow(2, row, m)?, &k, &v),
+                scale,
+                row_bias.as_ref(),
+            )?);
+        }
+        outs.push(Tensor::cat(&blocks, 2)?);
     }
     Tensor::cat(&outs, 1)
+}
+
+/// The part of a (broadcastable) bias for `n` of the `full` entries of dimension `dim` from
+/// `start`: cut where the bias has that dimension in full, kept where it broadcasts.
+fn narrow_bias(
+    bias: Option<&Tensor>,
+    dim: usize,
+    full: usize,
+    start: usize,
+    n: usize,
+) -> Result<Option<Tensor>> {
+    match bias {
+        Some(b) if b.dim(dim)? == full && full > 1 => Ok(Some(b.narrow(dim, start, n)?)),
+        other => Ok(other.cloned()),
+    }
 }
 
 /// [`attention`] of all of `q`'s heads at once.
@@ -287,5 +321,31 @@ mod tests {
             .max(0)
             .unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// Where one head's scores exceed the budget, query rows go in blocks, each with its own
+    /// rows of the bias; the result is the same as all at once.
+    #[test]
+    fn attention_in_row_blocks_equals_all_at_once() {
+        let dev = &Device::Cpu;
+        let (h, s, d) = (3, 50, 8);
+        let q = Tensor::randn(0f32, 1.0, (2, h, s, d), dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, h, s, d), dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, h, s, d), dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, (2, h, s, s), dev).unwrap();
+        // 7 rows of one head's scores: 2 x 7 x 50 x 4 bytes.
+        let blocked = attention_within(&q, &k, &v, 0.3, Some(&bias), 2 * 7 * 50 * 4).unwrap();
+        let whole = attention_all((&q, &k, &v), 0.3, Some(&bias)).unwrap();
+        let diff = (blocked - whole)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 }
