@@ -25,7 +25,7 @@ pub enum Error {
         device: String,
         message: String,
         #[source]
-        source: Option<candle_core::Error>,
+        source: Option<Box<candle_core::Error>>,
     },
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),

@@ -139,7 +139,7 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             "CUDA device {ordinal} cannot be opened (is the NVIDIA driver installed, and does \
              `nvidia-smi` list a GPU {ordinal}?): {e}"
         ),
-        source: Some(e),
+        source: Some(Box::new(e)),
     })
 }
 
