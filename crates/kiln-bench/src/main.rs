@@ -13,12 +13,12 @@ mod queue;
 mod streams;
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use kiln_engine::bench::{
     write_checkpoint, CheckpointPaths, MatrixProduct, TransformerCall, VaeDecode,
 };
-use kiln_engine::{EngineOptions, Flux1Pipeline, PipelineRequest};
+use kiln_engine::{DeviceSpec, EngineOptions, Flux1Pipeline, PipelineRequest, Precision};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -58,6 +58,22 @@ struct RunArgs {
     /// Also append the results as a Markdown table to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Where both run: `cpu`, or `cuda:N` (a build with `--features cuda`; diffusers on the same
+    /// GPU, peak memory read from nvidia-smi for both).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// `f32` (the CPU's default) or `bf16` (CUDA's), for both.
+    #[arg(long)]
+    precision: Option<Precision>,
+}
+
+impl RunArgs {
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            device: self.device,
+            precision: self.precision,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -83,6 +99,10 @@ enum Mode {
         work: PathBuf,
         #[arg(long)]
         runs: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        #[arg(long)]
+        precision: Option<Precision>,
     },
 }
 
@@ -179,8 +199,10 @@ fn main() -> anyhow::Result<()> {
             workload,
             work,
             runs,
+            device,
+            precision,
         }) => {
-            let m = child(workload, &work, runs)?;
+            let m = child(workload, &work, runs, &EngineOptions { device, precision })?;
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
@@ -198,12 +220,17 @@ fn output_path(work: &Path, side: &str, workload: Workload) -> PathBuf {
 }
 
 /// Loads, resets the peak, warms up, times `runs` runs and saves the last output.
-fn child(workload: Workload, work: &Path, runs: usize) -> anyhow::Result<Measurement> {
-    let device = Device::Cpu;
+fn child(
+    workload: Workload,
+    work: &Path,
+    runs: usize,
+    options: &EngineOptions,
+) -> anyhow::Result<Measurement> {
+    let (device, dtype) = (options.device()?, options.dtype());
     let paths = CheckpointPaths::new(work);
     let (run, flops): (Box<dyn Fn() -> anyhow::Result<Tensor>>, Option<f64>) = match workload {
         Workload::Matmul4096 => {
-            let m = MatrixProduct::new(4096, &device)?;
+            let m = MatrixProduct::new(4096, &device, dtype)?;
             let f = m.flops();
             (Box::new(move || Ok(m.run()?)), Some(f))
         }
@@ -213,24 +240,24 @@ fn child(workload: Workload, work: &Path, runs: usize) -> anyhow::Result<Measure
             } else {
                 1024
             };
-            let t = TransformerCall::load(&paths, side, &device)?;
+            let t = TransformerCall::load(&paths, side, &device, dtype)?;
             let f = t.flops();
             (Box::new(move || Ok(t.run()?)), Some(f))
         }
         Workload::VaeDecode1024 => {
-            let v = VaeDecode::load(&paths, 1024, &device)?;
+            let v = VaeDecode::load(&paths, 1024, &device, dtype)?;
             let f = v.flops()?;
             (Box::new(move || Ok(v.run()?)), Some(f))
         }
         Workload::Generation1024 => {
-            let t = TransformerCall::load(&paths, 1024, &device)?;
-            let v = VaeDecode::load(&paths, 1024, &device)?;
+            let t = TransformerCall::load(&paths, 1024, &device, dtype)?;
+            let v = VaeDecode::load(&paths, 1024, &device, dtype)?;
             let f = t.flops() + v.flops()?;
             (Box::new(move || Ok(v.decode_packed(&t.run()?)?)), Some(f))
         }
         Workload::DemoGeneration => {
             let dir = Path::new(kiln::config::BUNDLED_DEMO_CHECKPOINT);
-            let p = Flux1Pipeline::load(dir, &EngineOptions::default(), &mut |_| {})?;
+            let p = Flux1Pipeline::load(dir, options, &mut |_| {})?;
             let req = PipelineRequest {
                 prompt: DEMO_PROMPT.into(),
                 width: 64,
@@ -250,18 +277,23 @@ fn child(workload: Workload, work: &Path, runs: usize) -> anyhow::Result<Measure
     };
     reset_peak_memory()?;
     run()?;
+    device.synchronize()?;
     let mut seconds = Vec::with_capacity(runs);
     let mut out = None;
     for _ in 0..runs {
         let t0 = Instant::now();
         out = Some(run()?);
+        // A GPU's work is queued: the time is until it is done.
+        device.synchronize()?;
         seconds.push(t0.elapsed().as_secs_f64());
     }
     let peak_bytes = peak_memory()?;
     if let Some(out) = out {
         let path = output_path(work, "kiln", workload);
         std::fs::create_dir_all(path.parent().unwrap())?;
-        out.save_safetensors("output", &path)?;
+        out.to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .save_safetensors("output", &path)?;
     }
     Ok(Measurement {
         seconds,
@@ -298,6 +330,59 @@ fn python(args: &RunArgs) -> PathBuf {
 
 fn peer_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/diffusers_bench.py")
+}
+
+/// PyTorch's name for a device.
+fn torch_device(device: DeviceSpec) -> String {
+    match device {
+        DeviceSpec::Cpu => "cpu".into(),
+        DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// [`measure`], with the peak memory on a GPU read by `nvidia-smi` while the child runs (the
+/// same way for kiln and diffusers: device memory in use, the CUDA context included), in place
+/// of the host's resident peak.
+fn measure_on(cmd: Command, what: &str, device: DeviceSpec) -> anyhow::Result<Measurement> {
+    let DeviceSpec::Cuda(gpu) = device else {
+        return measure(cmd, what);
+    };
+    let mut watch = Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.used",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "20",
+        ])
+        .args(["-i", &gpu.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting nvidia-smi to watch the GPU's memory")?;
+    let stdout = watch.stdout.take().context("nvidia-smi's output")?;
+    let peak = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    });
+    let result = measure(cmd, what);
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let peak_mib = peak.join().unwrap_or(0);
+    let mut m = result?;
+    m.peak_bytes = peak_mib << 20;
+    Ok(m)
 }
 
 /// Runs a child command and reads its last line as a [`Measurement`].
@@ -365,10 +450,15 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
             &w.name(),
             "--runs",
             &args.runs.to_string(),
+            "--device",
+            &args.device.to_string(),
             "--work",
         ])
         .arg(&args.work);
-        let kiln = measure(cmd, &format!("kiln {}", w.name()))?;
+        if let Some(p) = args.precision {
+            cmd.args(["--precision", p.as_str()]);
+        }
+        let kiln = measure_on(cmd, &format!("kiln {}", w.name()), args.device)?;
         let peer = match &peer {
             Some(py) => {
                 eprintln!("{}: diffusers", w.name());
@@ -384,8 +474,10 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
                     .arg("--work")
                     .arg(&args.work)
                     .arg("--demo")
-                    .arg(kiln::config::BUNDLED_DEMO_CHECKPOINT);
-                let mut m = measure(cmd, &format!("diffusers {}", w.name()))?;
+                    .arg(kiln::config::BUNDLED_DEMO_CHECKPOINT)
+                    .args(["--device", &torch_device(args.device)])
+                    .args(["--dtype", dtype_name(args.options().dtype())]);
+                let mut m = measure_on(cmd, &format!("diffusers {}", w.name()), args.device)?;
                 // The same work: GFLOP/s from kiln's count.
                 m.flops = kiln.flops;
                 Some(m)
@@ -403,7 +495,15 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
             difference,
         });
     }
-    let table = render(&rows, matrix_products);
+    let precision = match args.device {
+        DeviceSpec::Cpu => dtype_name(args.options().dtype()).to_string(),
+        DeviceSpec::Cuda(_) => format!(
+            "{} on {} (peak: GPU memory in use)",
+            dtype_name(args.options().dtype()),
+            gpu_name()
+        ),
+    };
+    let table = render(&rows, matrix_products, &precision);
     println!("{table}");
     if let Some(path) = &args.markdown {
         use std::io::Write;
@@ -437,6 +537,17 @@ fn compare(work: &Path, w: Workload) -> anyhow::Result<(f32, f32)> {
     Ok((max_abs(&(&k - &d)?)?, max_abs(&d)?))
 }
 
+/// The GPU's name as nvidia-smi gives it.
+fn gpu_name() -> String {
+    Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "an unknown GPU".into())
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -449,7 +560,7 @@ fn cpu_name() -> String {
 }
 
 /// A Markdown table; the peak is the fastest matrix product measured in this run.
-fn render(rows: &[Row], matrix_products: &str) -> String {
+fn render(rows: &[Row], matrix_products: &str, precision: &str) -> String {
     let peak = rows
         .iter()
         .filter(|r| r.workload == Workload::Matmul4096)
@@ -461,8 +572,9 @@ fn render(rows: &[Row], matrix_products: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n{date}, {}, {threads} threads, f32, median of the timed runs",
-        cpu_name()
+        "\n{date}, {}, {threads} threads, {}, median of the timed runs",
+        cpu_name(),
+        precision
     );
     let _ = writeln!(s, "kiln's matrix products: {matrix_products}");
     if let Some(p) = peak {

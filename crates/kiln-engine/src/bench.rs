@@ -283,16 +283,24 @@ fn vae_decoder_tensors() -> Vec<(String, Vec<usize>)> {
     t
 }
 
-fn open(dir: &Path, device: &Device) -> Result<Weights> {
+fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Weights> {
     Weights::open_safetensors(
         &[dir.join("diffusion_pytorch_model.safetensors")],
         device,
-        DType::F32,
+        dtype,
     )
 }
 
-fn read_inputs(paths: &CheckpointPaths, device: &Device) -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(&paths.inputs, device)?)
+/// The inputs (stored in f32) on `device` in `dtype`.
+fn read_inputs(
+    paths: &CheckpointPaths,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(&paths.inputs, device)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+        .collect()
 }
 
 fn input(inputs: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
@@ -312,16 +320,23 @@ pub struct TransformerCall {
     pooled: Tensor,
     rope: Rope,
     side: usize,
+    dtype: DType,
 }
 
 impl TransformerCall {
-    pub fn load(paths: &CheckpointPaths, side: usize, device: &Device) -> Result<Self> {
-        let w = open(&paths.transformer, device)?;
+    /// The model and inputs on `device` in `dtype` (the inputs are stored in f32).
+    pub fn load(
+        paths: &CheckpointPaths,
+        side: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let w = open(&paths.transformer, device, dtype)?;
         let config = std::fs::read_to_string(paths.transformer.join("config.json"))
             .map_err(|e| Error::io(&paths.transformer, e))?;
         let cfg = TransformerConfig::from_diffusers_json(&config, &w)?;
         let model = FluxTransformer::load(cfg, &w, &mut |_| {})?;
-        let inputs = read_inputs(paths, device)?;
+        let inputs = read_inputs(paths, device, dtype)?;
         let grid = side / 16;
         let rope = model.rope(TEXT_TOKENS, grid, grid, device)?;
         Ok(Self {
@@ -331,12 +346,13 @@ impl TransformerCall {
             model,
             rope,
             side,
+            dtype,
         })
     }
 
     pub fn run(&self) -> Result<Tensor> {
-        let t = sampling::model_timestep(0.5, DType::F32);
-        let g = sampling::model_guidance(3.5, DType::F32);
+        let t = sampling::model_timestep(0.5, self.dtype);
+        let g = sampling::model_guidance(3.5, self.dtype);
         self.model
             .forward(&self.img, &self.txt, &self.pooled, t, Some(g), &self.rope)
     }
@@ -372,13 +388,19 @@ pub struct VaeDecode {
 }
 
 impl VaeDecode {
-    pub fn load(paths: &CheckpointPaths, side: usize, device: &Device) -> Result<Self> {
-        let w = open(&paths.vae, device)?;
+    /// The decoder and latents on `device` in `dtype`.
+    pub fn load(
+        paths: &CheckpointPaths,
+        side: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let w = open(&paths.vae, device, dtype)?;
         let config = std::fs::read_to_string(paths.vae.join("config.json"))
             .map_err(|e| Error::io(&paths.vae, e))?;
         let cfg: VaeConfig = serde_json::from_str(&config)
             .map_err(|e| Error::checkpoint(&paths.vae, format!("config.json: {e}")))?;
-        let inputs = read_inputs(paths, device)?;
+        let inputs = read_inputs(paths, device, dtype)?;
         Ok(Self {
             decoder: VaeDecoder::load(cfg, &w)?,
             latents: input(&inputs, &format!("latents_{side}"))?,
@@ -448,10 +470,14 @@ pub struct MatrixProduct {
 }
 
 impl MatrixProduct {
-    pub fn new(n: usize, device: &Device) -> Result<Self> {
-        let weight = normal(INPUT_SEED + 1, &[n, n], 1.0)?.to_device(device)?;
+    pub fn new(n: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let weight = normal(INPUT_SEED + 1, &[n, n], 1.0)?
+            .to_device(device)?
+            .to_dtype(dtype)?;
         Ok(Self {
-            x: normal(INPUT_SEED, &[n, n], 1.0)?.to_device(device)?,
+            x: normal(INPUT_SEED, &[n, n], 1.0)?
+                .to_device(device)?
+                .to_dtype(dtype)?,
             layer: Linear::dense(weight, None),
             n,
         })

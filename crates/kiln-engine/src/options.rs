@@ -116,13 +116,13 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// The device, or a message that says what is missing: checked when a checkpoint loads,
     /// so a worker with a bad `device` fails at start, never mid-generation.
-    pub(crate) fn device(&self) -> Result<Device> {
+    pub fn device(&self) -> Result<Device> {
         match self.device {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(i) => cuda_device(i),
         }
     }
-    pub(crate) fn dtype(&self) -> DType {
+    pub fn dtype(&self) -> DType {
         match (self.precision, self.device) {
             (Some(Precision::F32), _) | (None, DeviceSpec::Cpu) => DType::F32,
             (Some(Precision::Bf16), _) | (None, DeviceSpec::Cuda(_)) => DType::BF16,
