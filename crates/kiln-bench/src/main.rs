@@ -328,7 +328,13 @@ fn python(args: &RunArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
+/// The peer's script: in the checkout this runs from (a built binary copied to another
+/// machine with the repository), else where it was built.
 fn peer_script() -> PathBuf {
+    let here = Path::new("tools/bench/diffusers_bench.py");
+    if here.is_file() {
+        return here.to_path_buf();
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/diffusers_bench.py")
 }
 
