@@ -34,6 +34,10 @@ struct RunSignals {
     preview: LatestPreview,
     /// Set to ask the engine to stop at its next step.
     stop: AtomicBool,
+    /// Told when the engine finishes its first step, so that the job's progress is reported at
+    /// once, not at the next heartbeat: a job shorter than the heartbeat interval would
+    /// otherwise show no step at all.
+    first_step: tokio::sync::Notify,
 }
 
 impl RunSignals {
@@ -65,6 +69,9 @@ impl StepObserver for ProgressObserver {
         if let Some(preview) = event.preview {
             // Only kept here: scaling and encoding wait for the heartbeat, off this thread.
             self.signals.preview.offer(event.step, preview);
+        }
+        if event.step == 1 {
+            self.signals.first_step.notify_one();
         }
         if self.signals.stop.load(Ordering::Relaxed) {
             ControlFlow::Break(())
@@ -169,6 +176,7 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
     heartbeat.tick().await;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut stop_reason: Option<StopReason> = None;
+    let mut first_step_reported = false;
     let mut previews = Previews::inherited(&job.status);
     let job_timeout = tokio::time::sleep(context.settings.job_timeout);
     tokio::pin!(job_timeout);
@@ -182,6 +190,12 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
         tokio::select! {
             result = &mut generation => break result,
             _ = heartbeat.tick() => {
+                if let Some(reason) = beat(context, lease, &signals, &mut previews, stop_reason.is_some()).await {
+                    request_stop(&mut stop_reason, reason, &signals);
+                }
+            }
+            () = signals.first_step.notified(), if !first_step_reported => {
+                first_step_reported = true;
                 if let Some(reason) = beat(context, lease, &signals, &mut previews, stop_reason.is_some()).await {
                     request_stop(&mut stop_reason, reason, &signals);
                 }
