@@ -82,6 +82,8 @@ pub trait Family: Sized + Send + Sync + 'static {
     const NAME: &'static str;
     /// A preview every this many steps unless the operator says otherwise.
     const PREVIEW_INTERVAL: u32;
+    /// Whether the family conditions on reference images.
+    const TAKES_REFERENCES: bool;
     /// A prompt's encoding, as the transformer reads it.
     type Text;
     /// What every step conditions on besides the prompt: position tables, reference tokens.
@@ -128,8 +130,6 @@ pub trait Family: Sized + Send + Sync + 'static {
         references: &[RgbImage],
         notes: &mut Vec<String>,
     ) -> Result<Self::Conditioning>;
-    /// Whether the family conditions on reference images.
-    const TAKES_REFERENCES: bool;
     /// The velocity of packed latents `x` (on the device, compute dtype) at the model's
     /// timestep `t`, with the embedded guidance `guidance`.
     fn velocity(

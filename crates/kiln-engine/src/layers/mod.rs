@@ -301,6 +301,19 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn attention_in_head_chunks_equals_all_at_once() {
         let dev = &Device::Cpu;
@@ -312,15 +325,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, (1, h, s, 1), dev).unwrap();
         let chunked = attention(&q, &k, &v, 0.5, Some(&bias)).unwrap();
         let whole = attention_all((&q, &k, &v), 0.5, Some(&bias)).unwrap();
-        let diff = (chunked - whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&chunked, &whole), 0.0);
     }
 
     /// Where one head's scores exceed the budget, query rows go in blocks, each with its own
@@ -336,16 +341,7 @@ mod tests {
         // 7 rows of one head's scores: 2 x 7 x 50 x 4 bytes.
         let blocked = attention_within(&q, &k, &v, 0.3, Some(&bias), 2 * 7 * 50 * 4).unwrap();
         let whole = attention_all((&q, &k, &v), 0.3, Some(&bias)).unwrap();
-        let diff = (blocked - whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&blocked, &whole);
         assert!(diff < 1e-6, "{diff}");
     }
 }
