@@ -17,7 +17,7 @@ libs=$(dirname "$(find "$nv" -name 'libcublas.so.13' | head -1)")
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 ldd /tmp/bin/kiln | grep -E 'not found|cuda|cublas|curand|nvrtc'
 python3 -c 'import torch, diffusers; print(torch.__version__, diffusers.__version__)'
-PYTHONUNBUFFERED=1 timeout 200 python3 tools/cuda/gpu_parity.py --kiln /tmp/bin/kiln --out "$OUT/parity" 2>&1 | tee "$OUT/parity.log" | tail -20
+PYTHONUNBUFFERED=1 timeout 200 python3 tools/reference/bf16_parity.py --device cuda:0 --kiln /tmp/bin/kiln --out "$OUT/parity" 2>&1 | tee "$OUT/parity.log" | tail -20
 timeout 300 /tmp/bin/kiln-bench --work /tmp/kb --device cuda:0 --precision bf16 --python python3 --runs 5 \
     --only transformer-512 --only transformer-1024 --only vae-decode-1024 --only generation-1024 \
     --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" | tail -40

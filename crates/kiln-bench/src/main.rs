@@ -226,11 +226,12 @@ fn child(
     runs: usize,
     options: &EngineOptions,
 ) -> anyhow::Result<Measurement> {
-    let (device, dtype) = (options.device()?, options.dtype());
+    let rt = options.runtime()?;
+    let device = rt.device.clone();
     let paths = CheckpointPaths::new(work);
     let (run, flops): (Box<dyn Fn() -> anyhow::Result<Tensor>>, Option<f64>) = match workload {
         Workload::Matmul4096 => {
-            let m = MatrixProduct::new(4096, &device, dtype)?;
+            let m = MatrixProduct::new(4096, &rt)?;
             let f = m.flops();
             (Box::new(move || Ok(m.run()?)), Some(f))
         }
@@ -240,18 +241,18 @@ fn child(
             } else {
                 1024
             };
-            let t = TransformerCall::load(&paths, side, &device, dtype)?;
+            let t = TransformerCall::load(&paths, side, &rt)?;
             let f = t.flops();
             (Box::new(move || Ok(t.run()?)), Some(f))
         }
         Workload::VaeDecode1024 => {
-            let v = VaeDecode::load(&paths, 1024, &device, dtype)?;
+            let v = VaeDecode::load(&paths, 1024, &rt)?;
             let f = v.flops()?;
             (Box::new(move || Ok(v.run()?)), Some(f))
         }
         Workload::Generation1024 => {
-            let t = TransformerCall::load(&paths, 1024, &device, dtype)?;
-            let v = VaeDecode::load(&paths, 1024, &device, dtype)?;
+            let t = TransformerCall::load(&paths, 1024, &rt)?;
+            let v = VaeDecode::load(&paths, 1024, &rt)?;
             let f = t.flops() + v.flops()?;
             (Box::new(move || Ok(v.decode_packed(&t.run()?)?)), Some(f))
         }
@@ -343,14 +344,6 @@ fn torch_device(device: DeviceSpec) -> String {
     match device {
         DeviceSpec::Cpu => "cpu".into(),
         DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-    }
-}
-
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
     }
 }
 
@@ -482,7 +475,7 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
                     .arg("--demo")
                     .arg(kiln::config::BUNDLED_DEMO_CHECKPOINT)
                     .args(["--device", &torch_device(args.device)])
-                    .args(["--dtype", dtype_name(args.options().dtype())]);
+                    .args(["--dtype", args.options().precision().as_str()]);
                 let mut m = measure_on(cmd, &format!("diffusers {}", w.name()), args.device)?;
                 // The same work: GFLOP/s from kiln's count.
                 m.flops = kiln.flops;
@@ -501,13 +494,13 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
             difference,
         });
     }
-    let precision = match args.device {
-        DeviceSpec::Cpu => dtype_name(args.options().dtype()).to_string(),
-        DeviceSpec::Cuda(_) => format!(
-            "{} on {} (peak: GPU memory in use)",
-            dtype_name(args.options().dtype()),
-            gpu_name()
+    let precision = match (args.device, args.options().precision()) {
+        (DeviceSpec::Cpu, Precision::Bf16) => format!(
+            "bf16 (kiln: bf16 weights and products on {}, f32 activations)",
+            kiln_engine::cpu_bf16_kernel().unwrap_or("no bf16 kernel")
         ),
+        (DeviceSpec::Cpu, p) => p.to_string(),
+        (DeviceSpec::Cuda(_), p) => format!("{p} on {} (peak: GPU memory in use)", gpu_name()),
     };
     let table = render(&rows, matrix_products, &precision);
     println!("{table}");

@@ -11,10 +11,11 @@ use crate::error::{Error, Result};
 use crate::flux1::transformer::{FluxTransformer, TransformerConfig};
 use crate::layers::blocks::Rope;
 use crate::layers::Linear;
+use crate::options::{Products, Runtime};
 use crate::sampling;
 use crate::vae::{VaeConfig, VaeDecoder};
 use crate::weights::Weights;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -283,23 +284,15 @@ fn vae_decoder_tensors() -> Vec<(String, Vec<usize>)> {
     t
 }
 
-fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Weights> {
-    Weights::open_safetensors(
-        &[dir.join("diffusion_pytorch_model.safetensors")],
-        device,
-        dtype,
-    )
+fn open(dir: &Path, rt: &Runtime) -> Result<Weights> {
+    Weights::open_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], rt)
 }
 
-/// The inputs (stored in f32) on `device` in `dtype`.
-fn read_inputs(
-    paths: &CheckpointPaths,
-    device: &Device,
-    dtype: DType,
-) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(&paths.inputs, device)?
+/// The inputs (stored in f32) on `rt`'s device in its dtype.
+fn read_inputs(paths: &CheckpointPaths, rt: &Runtime) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(&paths.inputs, &rt.device)?
         .into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
+        .map(|(k, t)| Ok((k, t.to_dtype(rt.dtype)?)))
         .collect()
 }
 
@@ -324,21 +317,16 @@ pub struct TransformerCall {
 }
 
 impl TransformerCall {
-    /// The model and inputs on `device` in `dtype` (the inputs are stored in f32).
-    pub fn load(
-        paths: &CheckpointPaths,
-        side: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let w = open(&paths.transformer, device, dtype)?;
+    /// The model and inputs as `rt` computes (the inputs are stored in f32).
+    pub fn load(paths: &CheckpointPaths, side: usize, rt: &Runtime) -> Result<Self> {
+        let w = open(&paths.transformer, rt)?;
         let config = std::fs::read_to_string(paths.transformer.join("config.json"))
             .map_err(|e| Error::io(&paths.transformer, e))?;
         let cfg = TransformerConfig::from_diffusers_json(&config, &w)?;
         let model = FluxTransformer::load(cfg, &w, &mut |_| {})?;
-        let inputs = read_inputs(paths, device, dtype)?;
+        let inputs = read_inputs(paths, rt)?;
         let grid = side / 16;
-        let rope = model.rope(TEXT_TOKENS, grid, grid, device)?;
+        let rope = model.rope(TEXT_TOKENS, grid, grid, &rt.device)?;
         Ok(Self {
             img: input(&inputs, &format!("transformer_{side}.img"))?,
             txt: input(&inputs, &format!("transformer_{side}.txt"))?,
@@ -346,7 +334,7 @@ impl TransformerCall {
             model,
             rope,
             side,
-            dtype,
+            dtype: rt.dtype,
         })
     }
 
@@ -388,19 +376,14 @@ pub struct VaeDecode {
 }
 
 impl VaeDecode {
-    /// The decoder and latents on `device` in `dtype`.
-    pub fn load(
-        paths: &CheckpointPaths,
-        side: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
-        let w = open(&paths.vae, device, dtype)?;
+    /// The decoder and latents as `rt` computes.
+    pub fn load(paths: &CheckpointPaths, side: usize, rt: &Runtime) -> Result<Self> {
+        let w = open(&paths.vae, rt)?;
         let config = std::fs::read_to_string(paths.vae.join("config.json"))
             .map_err(|e| Error::io(&paths.vae, e))?;
         let cfg: VaeConfig = serde_json::from_str(&config)
             .map_err(|e| Error::checkpoint(&paths.vae, format!("config.json: {e}")))?;
-        let inputs = read_inputs(paths, device, dtype)?;
+        let inputs = read_inputs(paths, rt)?;
         Ok(Self {
             decoder: VaeDecoder::load(cfg, &w)?,
             latents: input(&inputs, &format!("latents_{side}"))?,
@@ -460,7 +443,7 @@ fn decoder_flops(cfg: &VaeConfig, latent_pixels: usize) -> f64 {
     total + conv(pixels, cin, 3, 3)
 }
 
-/// `n x n` by `n x n` f32 matrices, multiplied the way the engine's layers multiply.
+/// `n x n` by `n x n` matrices, multiplied the way the engine's layers multiply.
 pub struct MatrixProduct {
     x: Tensor,
     /// `x W^T` through the engine's own linear layer (no bias): the product the transformer's
@@ -470,15 +453,15 @@ pub struct MatrixProduct {
 }
 
 impl MatrixProduct {
-    pub fn new(n: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let weight = normal(INPUT_SEED + 1, &[n, n], 1.0)?
-            .to_device(device)?
-            .to_dtype(dtype)?;
+    pub fn new(n: usize, rt: &Runtime) -> Result<Self> {
+        let weight = rt.put(&normal(INPUT_SEED + 1, &[n, n], 1.0)?)?;
+        let layer = match rt.products {
+            Products::Native => Linear::dense(weight, None),
+            Products::CpuBf16 => Linear::packed_bf16(&weight, None)?,
+        };
         Ok(Self {
-            x: normal(INPUT_SEED, &[n, n], 1.0)?
-                .to_device(device)?
-                .to_dtype(dtype)?,
-            layer: Linear::dense(weight, None),
+            x: rt.put(&normal(INPUT_SEED, &[n, n], 1.0)?)?,
+            layer,
             n,
         })
     }

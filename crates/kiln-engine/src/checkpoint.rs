@@ -347,8 +347,8 @@ pub(crate) fn open_transformer(
     rt: &Runtime,
 ) -> Result<Weights> {
     match format {
-        WeightFormat::Safetensors => Weights::open_safetensors(files, &rt.device, rt.dtype),
-        WeightFormat::Gguf => Weights::open_gguf(&files[0], &rt.device, rt.dtype),
+        WeightFormat::Safetensors => Weights::open_safetensors(files, rt),
+        WeightFormat::Gguf => Weights::open_gguf(&files[0], rt),
     }
 }
 
@@ -391,7 +391,7 @@ pub(crate) fn open_vae<C: DeserializeOwned + crate::vae::UpBlocks>(
     rt: &Runtime,
     infer: impl Fn(&Weights, usize) -> Result<C>,
 ) -> Result<(C, Weights)> {
-    let w = Weights::open_safetensors(files, &rt.device, rt.dtype)?;
+    let w = Weights::open_safetensors(files, rt)?;
     match config {
         Some(path) => Ok((read_config(path)?, w)),
         None => {

@@ -25,7 +25,8 @@ pub struct ModelConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceSpec,
-    /// `f32`, `bf16` or `f16`; by default f32 on the CPU and bf16 on CUDA.
+    /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU with bf16 instructions
+    /// (AMX or AVX512-BF16), f32 on other CPUs.
     #[serde(default)]
     pub precision: Option<Precision>,
     /// Default steps when a request gives none (else the checkpoint's).
@@ -67,6 +68,12 @@ impl ModelConfig {
             raw: None,
             prompt_expansion: None,
         }
+    }
+
+    /// Whether this machine can run the configured precision on the configured device
+    /// ([`EngineOptions::check`]).
+    pub fn check_precision(&self) -> std::result::Result<(), String> {
+        self.options().check()
     }
 
     fn options(&self) -> EngineOptions {

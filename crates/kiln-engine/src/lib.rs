@@ -51,7 +51,9 @@ pub use error::{Error, Result};
 pub use flux1::transformer::TransformerConfig;
 pub use flux1::{Flux1, Flux1Pipeline, PromptEmbeddings, Variant};
 pub use flux2::{Flux2, Flux2Pipeline};
-pub use options::{DeviceSpec, EngineOptions, LoadProgress, Precision, SamplingDefaults};
+pub use options::{
+    DeviceSpec, EngineOptions, LoadProgress, Precision, Products, Runtime, SamplingDefaults,
+};
 pub use pipeline::{
     read_latents, write_latents, Expanded, Expansion, Family, Pipeline, PipelineOutput,
     PipelineRequest,
@@ -65,5 +67,14 @@ pub use vae::VaeConfig;
 /// thing in `main`, before other threads exist: loading may set an environment variable for
 /// OpenBLAS (see `kiln_kernels::gemm`).
 pub fn load_cpu_kernels() -> String {
-    kiln_kernels::gemm::describe()
+    format!(
+        "{}; bf16 products: {}",
+        kiln_kernels::gemm::describe(),
+        cpu_bf16_kernel().unwrap_or("none (this CPU has neither AMX-BF16 nor AVX512-BF16)")
+    )
+}
+
+/// What runs bf16 products on this CPU (AMX tiles or AVX512-BF16), if anything does.
+pub fn cpu_bf16_kernel() -> Option<&'static str> {
+    kiln_kernels::bf16::kernel().map(|k| k.name())
 }

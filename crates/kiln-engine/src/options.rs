@@ -109,25 +109,109 @@ impl TryFrom<String> for Precision {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineOptions {
     pub device: DeviceSpec,
-    /// `None`: f32 on the CPU, bf16 on CUDA (what the references run FLUX in).
+    /// `None`: the device's best ([`EngineOptions::precision`]).
     pub precision: Option<Precision>,
 }
 
-impl EngineOptions {
-    /// The device, or a message that says what is missing: checked when a checkpoint loads,
-    /// so a worker with a bad `device` fails at start, never mid-generation.
-    pub fn device(&self) -> Result<Device> {
-        match self.device {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(i) => cuda_device(i),
+/// How a model's dense linear layers keep their weights and multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// Weights in the compute dtype, multiplied in it (by kiln's f32 kernels on the CPU, by
+    /// candle's elsewhere).
+    Native,
+    /// On the CPU in bf16: weights packed once in bf16 tiles, every linear layer's and the
+    /// transformer attention's products on the CPU's bf16 instructions with f32 sums
+    /// (`kiln_kernels::bf16`), while activations, norms, softmax and the sampler stay f32.
+    CpuBf16,
+}
+
+/// What a checkpoint is loaded for: device, activations' dtype, and how products run.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub device: Device,
+    pub dtype: DType,
+    pub products: Products,
+}
+
+impl Runtime {
+    /// f32 on the CPU with f32 products: what tests and tools that compare with a reference
+    /// load in.
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            products: Products::Native,
         }
     }
-    pub fn dtype(&self) -> DType {
-        match (self.precision, self.device) {
-            (Some(Precision::F32), _) | (None, DeviceSpec::Cpu) => DType::F32,
-            (Some(Precision::Bf16), _) | (None, DeviceSpec::Cuda(_)) => DType::BF16,
-            (Some(Precision::F16), _) => DType::F16,
+
+    /// `x` on this device in this dtype.
+    pub(crate) fn put(&self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok(x.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// E.g. "F32" or "BF16", and for the CPU's bf16 products their kernel.
+    pub fn describe(&self) -> String {
+        match self.products {
+            Products::Native => format!("{:?}", self.dtype),
+            Products::CpuBf16 => format!(
+                "BF16 weights and products on {}, f32 activations",
+                kiln_kernels::bf16::kernel().map_or("no kernel", |k| k.name())
+            ),
         }
+    }
+}
+
+impl EngineOptions {
+    /// The precision the checkpoint loads in: the configured one, else bf16 on CUDA and on a
+    /// CPU with bf16 instructions (AMX or AVX512-BF16), f32 on other CPUs.
+    pub fn precision(&self) -> Precision {
+        self.precision.unwrap_or(match self.device {
+            DeviceSpec::Cuda(_) => Precision::Bf16,
+            DeviceSpec::Cpu if kiln_kernels::bf16::kernel().is_some() => Precision::Bf16,
+            DeviceSpec::Cpu => Precision::F32,
+        })
+    }
+
+    /// Refuses a precision this machine cannot run (bf16 on a CPU without bf16 instructions),
+    /// saying what to do instead: checked when the configuration is read, and again at load.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.device == DeviceSpec::Cpu
+            && self.precision() == Precision::Bf16
+            && kiln_kernels::bf16::kernel().is_none()
+        {
+            return Err(
+                "bf16 on the CPU needs AMX-BF16 or AVX512-BF16 instructions, which \
+                        this CPU does not have; use precision = \"f32\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The device, dtype and products to load in, or a message that says what is missing:
+    /// checked when a checkpoint loads, so a worker with a bad `device` or `precision` fails
+    /// at start, never mid-generation.
+    pub fn runtime(&self) -> Result<Runtime> {
+        self.check().map_err(|message| Error::Device {
+            device: self.device.to_string(),
+            message,
+            source: None,
+        })?;
+        let device = match self.device {
+            DeviceSpec::Cpu => Device::Cpu,
+            DeviceSpec::Cuda(i) => cuda_device(i)?,
+        };
+        let (dtype, products) = match (self.device, self.precision()) {
+            (DeviceSpec::Cpu, Precision::Bf16) => (DType::F32, Products::CpuBf16),
+            (_, Precision::F32) => (DType::F32, Products::Native),
+            (_, Precision::Bf16) => (DType::BF16, Products::Native),
+            (_, Precision::F16) => (DType::F16, Products::Native),
+        };
+        Ok(Runtime {
+            device,
+            dtype,
+            products,
+        })
     }
 }
 

@@ -18,19 +18,8 @@ use kiln_core::params::{GenerationParams, ImageSize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Where a loaded model computes: its device and compute dtype.
-#[derive(Debug, Clone)]
-pub struct Runtime {
-    pub device: Device,
-    pub dtype: DType,
-}
-
-impl Runtime {
-    /// `x` on this device in this dtype.
-    pub(crate) fn put(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.to_device(&self.device)?.to_dtype(self.dtype)?)
-    }
-}
+use crate::options::Products;
+pub use crate::options::Runtime;
 
 /// What a family's loader found about the checkpoint, for descriptions and defaults.
 #[derive(Debug, Clone)]
@@ -261,10 +250,7 @@ impl<F: Family> Pipeline<F> {
         options: &EngineOptions,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
-        let rt = Runtime {
-            device: options.device()?,
-            dtype: options.dtype(),
-        };
+        let rt = options.runtime()?;
         let (model, checkpoint) = F::load(dir, &rt, progress)?;
         Ok(Self {
             model,
@@ -302,11 +288,11 @@ impl<F: Family> Pipeline<F> {
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
         format!(
-            "{}, {layout}{weights}, {} on {} ({:?}){about}",
+            "{}, {layout}{weights}, {} on {} ({}){about}",
             self.model.kind(),
             c.name,
-            device_name(&self.rt.device),
-            self.rt.dtype
+            device_name(&self.rt),
+            self.rt.describe()
         )
     }
 
@@ -611,12 +597,15 @@ fn fit_area(width: u32, height: u32, max: u32, m: u32) -> (u32, u32) {
         .unwrap_or((m, m))
 }
 
-/// "cpu" with what runs its matrix products, or the accelerator's location (e.g.
-/// "Cuda { gpu_id: 0 }").
-fn device_name(device: &Device) -> String {
-    match device {
-        Device::Cpu => format!("cpu, matrix products by {}", kiln_kernels::gemm::describe()),
-        d => format!("{:?}", d.location()),
+/// "cpu" with what runs its f32 matrix products (bf16 ones are in [`Runtime::describe`]), or
+/// the accelerator's location (e.g. "Cuda { gpu_id: 0 }").
+fn device_name(rt: &Runtime) -> String {
+    match (&rt.device, rt.products) {
+        (Device::Cpu, Products::Native) => {
+            format!("cpu, matrix products by {}", kiln_kernels::gemm::describe())
+        }
+        (Device::Cpu, Products::CpuBf16) => "cpu".into(),
+        (d, _) => format!("{:?}", d.location()),
     }
 }
 

@@ -5,12 +5,14 @@
 use kiln_core::engine::{StepEvent, StepObserver};
 use kiln_engine::flux2::sampling::pack_channels_last;
 use kiln_engine::flux2::{Flux2Variant, TokenChoice, EXPANSION_TEMPERATURE};
-use kiln_engine::{EngineOptions, Flux2Pipeline, PipelineRequest};
+use kiln_engine::{Flux2Pipeline, PipelineRequest};
 use std::ops::ControlFlow;
 
 mod common;
 use candle_core::quantized::GgmlDType;
-use common::{fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Reference, TOL};
+use common::{
+    f32_options, fixtures, max_abs, max_abs_of, max_pixel_diff, quantize_to_gguf, Reference, TOL,
+};
 use std::path::{Path, PathBuf};
 
 fn prompt(r: &Reference) -> &str {
@@ -20,7 +22,7 @@ fn prompt(r: &Reference) -> &str {
 fn load(config: &str) -> Flux2Pipeline {
     Flux2Pipeline::load(
         &fixtures().join(format!("{config}-diffusers")),
-        &EngineOptions::default(),
+        &f32_options(),
         &mut |_| {},
     )
     .unwrap()
@@ -88,7 +90,7 @@ fn bfl_transformer_file() -> PathBuf {
 #[test]
 fn klein_bfl_transformer_matches_diffusers() {
     let dir = klein_with_bfl_transformer(&bfl_transformer_file());
-    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let p = Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}).unwrap();
     assert!(
         p.describe().contains("BFL-named transformer"),
         "{}",
@@ -112,7 +114,7 @@ fn klein_gguf_q8_0_transformer_stays_close() {
     let quantized = quantize_to_gguf(&bfl_transformer_file(), GgmlDType::Q8_0, &file);
     assert!(!quantized.is_empty());
     let dir = klein_with_bfl_transformer(&file);
-    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let p = Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}).unwrap();
     assert!(
         p.describe().contains("GGUF Q8_0 transformer"),
         "{}",
@@ -304,7 +306,7 @@ fn klein_base_guidance_matches_diffusers() {
             .unwrap();
     index["is_distilled"] = false.into();
     std::fs::write(dir.path().join("model_index.json"), index.to_string()).unwrap();
-    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let p = Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}).unwrap();
     assert_eq!(
         p.model().variant(),
         Flux2Variant::Klein { distilled: false }
@@ -408,7 +410,7 @@ fn klein_bfl_layout(transformer_name: &str) -> tempfile::TempDir {
 #[test]
 fn klein_bfl_single_files_match_diffusers() {
     let dir = klein_bfl_layout("flux-2-klein-tiny.safetensors");
-    let p = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let p = Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}).unwrap();
     assert_eq!(p.model().variant(), Flux2Variant::Klein { distilled: true });
     assert!(
         p.describe()
@@ -429,7 +431,7 @@ fn klein_bfl_single_files_match_diffusers() {
 
     // Nothing in klein's weights tells the undistilled base; BFL's file name does.
     let base = klein_bfl_layout("flux-2-klein-base-tiny.safetensors");
-    let p = Flux2Pipeline::load(base.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let p = Flux2Pipeline::load(base.path(), &f32_options(), &mut |_| {}).unwrap();
     assert_eq!(
         p.model().variant(),
         Flux2Variant::Klein { distilled: false }
@@ -437,7 +439,7 @@ fn klein_bfl_single_files_match_diffusers() {
 
     // A BFL folder without its autoencoder says so.
     std::fs::remove_file(base.path().join("ae.safetensors")).unwrap();
-    let err = Flux2Pipeline::load(base.path(), &EngineOptions::default(), &mut |_| {})
+    let err = Flux2Pipeline::load(base.path(), &f32_options(), &mut |_| {})
         .err()
         .unwrap()
         .to_string();
@@ -456,7 +458,7 @@ fn a_left_padding_tokenizer_is_refused_by_name() {
             .unwrap();
     cfg["padding_side"] = "left".into();
     std::fs::write(tdir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
-    let err = match Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}) {
+    let err = match Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a left-padding tokenizer was accepted"),
     };
@@ -530,7 +532,7 @@ fn a_text_encoder_without_its_head_cannot_expand_prompts() {
     assert!(tensors.remove("lm_head.weight").is_some());
     candle_core::safetensors::save(&tensors, tdir.join("model.safetensors")).unwrap();
 
-    let headless = Flux2Pipeline::load(dir.path(), &EngineOptions::default(), &mut |_| {}).unwrap();
+    let headless = Flux2Pipeline::load(dir.path(), &f32_options(), &mut |_| {}).unwrap();
     assert!(!headless.model().can_expand_prompts());
     assert_eq!(
         headless

@@ -8,9 +8,13 @@
 //! FlashAttention-style loop over small tiles was measured first: its small per-tile products
 //! ran at well under half the speed of these.)
 //!
-//! Everything is f32; the softmax vectorises (AVX-512 or AVX2, chosen at run time).
+//! The products run in f32 or in bf16 with f32 sums ([`Products`]: the scores' probabilities
+//! and the keys and values rounded to bf16, as PyTorch's bf16 attention has them); the softmax
+//! is f32 either way and vectorises (AVX-512 or AVX2, chosen at run time).
 
+use crate::bf16::{self, PackedB};
 use crate::gemm::{matmul, Matrix};
+use crate::ops::Products;
 use crate::simd::{exp, vectorised, LANES};
 use rayon::prelude::*;
 
@@ -25,6 +29,7 @@ pub(crate) fn attend(
     v: &[f32],
     [b, h, sq, sk, d]: [usize; 5],
     scale: f32,
+    products: Products,
 ) -> Vec<f32> {
     let mut out = vec![0f32; b * sq * h * d];
     let block = (SCORES_BUDGET / (4 * sk.max(1))).clamp(1, sq.max(1));
@@ -33,33 +38,51 @@ pub(crate) fn attend(
         let (bi, hi) = (head / h, head % h);
         let kh = &k[head * sk * d..(head + 1) * sk * d];
         let vh = &v[head * sk * d..(head + 1) * sk * d];
+        // Packed once per head for every block of queries.
+        let keys = Operand::new(products, Matrix::transposed(kh, d, sk, d));
+        let values = Operand::new(products, Matrix::row_major(vh, sk, d, d));
         for q0 in (0..sq).step_by(block) {
             let rows = block.min(sq - q0);
             let qh = &q[(head * sq + q0) * d..(head * sq + q0 + rows) * d];
             let scores = &mut scores[..rows * sk];
-            matmul(
-                Matrix::row_major(qh, rows, d, d),
-                Matrix::transposed(kh, d, sk, d),
-                scores,
-                sk,
-                false,
-            );
+            keys.multiply(Matrix::row_major(qh, rows, d, d), scores, sk);
             scores
                 .par_chunks_mut(sk)
                 .for_each(|row| softmax(row, scale));
             // Row i of the block goes to (bi, q0 + i, hi, :): rows h * d apart.
             let start = ((bi * sq + q0) * h + hi) * d;
             let end = start + (rows - 1) * h * d + d;
-            matmul(
+            values.multiply(
                 Matrix::row_major(scores, rows, sk, sk),
-                Matrix::row_major(vh, sk, d, d),
                 &mut out[start..end],
                 h * d,
-                false,
             );
         }
     }
     out
+}
+
+/// The right operand of one of attention's products, in its precision.
+enum Operand<'a> {
+    F32(Matrix<'a>),
+    Bf16(PackedB),
+}
+
+impl<'a> Operand<'a> {
+    fn new(products: Products, b: Matrix<'a>) -> Self {
+        match products {
+            Products::F32 => Operand::F32(b),
+            Products::Bf16 => Operand::Bf16(PackedB::pack(b)),
+        }
+    }
+
+    /// `c = a * self`, rows of `c` `ldc` apart.
+    fn multiply(&self, a: Matrix, c: &mut [f32], ldc: usize) {
+        match self {
+            Operand::F32(b) => matmul(a, *b, c, ldc, false),
+            Operand::Bf16(b) => bf16::matmul(a, b, c, ldc, false),
+        }
+    }
 }
 
 /// `row = softmax(row * scale)`, in place.
@@ -157,10 +180,25 @@ mod tests {
             let k = values(b * h * sk * d, 2, spread);
             let v = values(b * h * sk * d, 3, 2.0);
             let scale = 1.0 / (d as f32).sqrt();
-            let got = attend(&q, &k, &v, dims, scale);
             let want = reference(&q, &k, &v, dims, scale);
+            let got = attend(&q, &k, &v, dims, scale, Products::F32);
             let err = max_abs_diff(&got, &want);
             assert!(err < 2e-5, "{dims:?}: {err}");
+            if bf16::kernel().is_none() {
+                eprintln!("SKIPPED: bf16 attention (this CPU has no bf16 instructions)");
+                continue;
+            }
+            // bf16 operands: the exact attention of the rounded queries, keys and values, but
+            // for the probabilities' own rounding (2^-9 of each, on values within 1).
+            let round = |x: &[f32]| -> Vec<f32> {
+                x.iter()
+                    .map(|&x| bf16::from_bf16(bf16::to_bf16(x)))
+                    .collect()
+            };
+            let want = reference(&round(&q), &round(&k), &round(&v), dims, scale);
+            let got = attend(&q, &k, &v, dims, scale, Products::Bf16);
+            let err = max_abs_diff(&got, &want);
+            assert!(err < 5e-3, "bf16 {dims:?}: {err}");
         }
     }
 }

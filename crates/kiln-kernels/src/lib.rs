@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`gemm`]: f32 matrix products on strided views, by OpenBLAS when the machine has
 //!   `libopenblas.so.0` (loaded at run time) and by the gemm crate otherwise.
+//! - [`bf16`]: bf16 matrix products with f32 accumulation on AMX tiles or AVX512-BF16, the
+//!   right operand packed once (a linear layer's weight at load).
 //! - `attention`: softmax attention a block of queries at a time, so memory stays linear in
 //!   the tokens, both of its products on [`gemm`].
 //! - `pointwise`: the memory-bound layers between the products, fused into one parallel pass
@@ -15,6 +17,7 @@
 //! Everything here is exercised by the engine's parity tests as well as its own.
 
 mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod ops;
 mod pointwise;

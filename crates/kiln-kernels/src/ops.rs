@@ -1,14 +1,19 @@
 //! candle ops on the CPU kernels: a linear layer with its bias fused into the product,
 //! attention a block of queries at a time, stride-1 convolutions by unfolded blocks of rows,
 //! and the fused pointwise layers of [`crate::pointwise`]. All take f32 tensors on the CPU;
-//! callers keep candle's own ops for other devices and dtypes.
+//! callers keep candle's own ops for other devices and dtypes. A linear layer's weight may be
+//! packed in bf16 ([`linear_bf16`]) and attention's products run in bf16 ([`Products`]): the
+//! activations stay f32 either way.
 
 use crate::attention::attend;
+use crate::bf16::{self, PackedB};
 use crate::gemm::{matmul, Matrix};
 use crate::pointwise::{self, Groups};
 use crate::winograd;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, InplaceOp1, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// The f32 elements of a contiguous tensor's storage.
@@ -36,7 +41,32 @@ fn contiguous3<'a>(
     ))
 }
 
-/// `y = x W^T + b` for `x (..., in)`, `W (out, in)`, `b (out)`.
+/// `x W^T + b` for `x (..., k)` and an `n x k` weight: `product(x, y, accumulate)` multiplies
+/// the rows of `x` into `y`, which holds the bias rows (then `accumulate`) or nothing yet.
+fn linear_rows(
+    x: (&CpuStorage, &Layout),
+    (n, k): (usize, usize),
+    b: Option<(&CpuStorage, &Layout)>,
+    product: impl FnOnce(Matrix, &mut [f32], bool),
+) -> Result<(CpuStorage, Shape)> {
+    let xs = contiguous(x.0, x.1, "linear")?;
+    let dims = x.1.shape().dims();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("linear: input {:?} for a weight of {n} x {k}", dims);
+    }
+    let m = xs.len() / k.max(1);
+    // The product accumulates onto the bias rows.
+    let (mut y, accumulate) = match b {
+        Some((bs, bl)) => (contiguous(bs, bl, "linear")?.repeat(m), true),
+        None => (vec![0f32; m * n], false),
+    };
+    product(Matrix::row_major(xs, m, k, k), &mut y, accumulate);
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("checked above") = n;
+    Ok((CpuStorage::F32(y), Shape::from(shape)))
+}
+
+/// `y = x W^T + b` for `x (..., in)`, `W (out, in)`, `b (out)`, all f32.
 struct LinearOp;
 
 impl LinearOp {
@@ -46,29 +76,11 @@ impl LinearOp {
         w: (&CpuStorage, &Layout),
         b: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous(x.0, x.1, "linear")?;
         let ws = contiguous(w.0, w.1, "linear")?;
         let (n, k) = w.1.shape().dims2()?;
-        let dims = x.1.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: input {:?} for a weight of {n} x {k}", dims);
-        }
-        let m = xs.len() / k;
-        // The product accumulates onto the bias rows.
-        let (mut y, accumulate) = match b {
-            Some((bs, bl)) => (contiguous(bs, bl, "linear")?.repeat(m), true),
-            None => (vec![0f32; m * n], false),
-        };
-        matmul(
-            Matrix::row_major(xs, m, k, k),
-            Matrix::transposed(ws, k, n, k),
-            &mut y,
-            n,
-            accumulate,
-        );
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("checked above") = n;
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        linear_rows(x, (n, k), b, |x, y, accumulate| {
+            matmul(x, Matrix::transposed(ws, k, n, k), y, n, accumulate)
+        })
     }
 }
 
@@ -113,8 +125,72 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
+/// `y = x W^T + b` with `W^T` packed in bf16: f32 in and out, bf16 products, f32 sums.
+struct PackedLinearOp<'a>(&'a PackedB);
+
+impl CustomOp1 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-linear-bf16"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward((s, l), None)
+    }
+}
+
+impl CustomOp2 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-linear-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((s1, l1), Some((s2, l2)))
+    }
+}
+
+impl PackedLinearOp<'_> {
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let weight = self.0;
+        let (n, k) = (weight.cols(), weight.rows());
+        linear_rows(x, (n, k), b, |x, y, accumulate| {
+            bf16::matmul(x, weight, y, n, accumulate)
+        })
+    }
+}
+
+/// `x W^T + b` on the CPU for f32 `x` and `b`, with `W^T` packed in bf16 ([`PackedB::pack`] of
+/// the `in x out` transpose); needs a CPU with a [`bf16::kernel`].
+pub fn linear_bf16(x: &Tensor, weight: &PackedB, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if bf16::kernel().is_none() {
+        candle_core::bail!("bf16 linear: this CPU has no bf16 instructions");
+    }
+    match bias {
+        Some(b) => x.apply_op2_no_bwd(&b.contiguous()?, &PackedLinearOp(weight)),
+        None => x.apply_op1_no_bwd(&PackedLinearOp(weight)),
+    }
+}
+
+/// The precision of a CPU op's matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// f32 throughout.
+    F32,
+    /// bf16 operands, f32 sums ([`bf16`]); inputs and outputs stay f32.
+    Bf16,
+}
+
 struct AttentionOp {
     scale: f32,
+    products: Products,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -141,20 +217,30 @@ impl CustomOp3 for AttentionOp {
                 l3.shape()
             );
         }
-        let out = attend(q, k, v, [b, h, sq, sk, d], self.scale);
+        let out = attend(q, k, v, [b, h, sq, sk, d], self.scale, self.products);
         Ok((CpuStorage::F32(out), Shape::from((b, sq, h, d))))
     }
 }
 
 /// `softmax(q k^T * scale) v` for `(batch, heads, seq, head_dim)` f32 tensors on the CPU,
 /// returned as `(batch, seq, heads, head_dim)`: the heads already side by side, as the output
-/// projection wants them.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// projection wants them. Both products in `products`' precision; the softmax in f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    products: Products,
+) -> Result<Tensor> {
+    if products == Products::Bf16 && bf16::kernel().is_none() {
+        candle_core::bail!("bf16 attention: this CPU has no bf16 instructions");
+    }
     q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
         &AttentionOp {
             scale: scale as f32,
+            products,
         },
     )
 }

@@ -210,7 +210,27 @@ pub struct ModelsConfig {
 impl ModelsConfig {
     /// Each table sets only its own route's options: `raw` belongs to FLUX 1.1 [pro] and
     /// `prompt_expansion` to FLUX.2 [flex], and one set on the other route would do nothing.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Where this process runs the models (`runs_models`: it has worker slots), each table's
+    /// precision must be one this machine can run (bf16 on a CPU without bf16 instructions is
+    /// refused here, not at the first generation). An API node's own CPU does not matter.
+    fn validate(&self, runs_models: bool) -> Result<(), ConfigError> {
+        let tables = [
+            (
+                "blackforestlabs/flux-1-1-pro/text-to-image",
+                &self.flux11_pro,
+            ),
+            (
+                "blackforestlabs/flux-2/flex/text-to-image",
+                &self.flux2_flex,
+            ),
+        ];
+        for (route, table) in tables {
+            if let Some(config) = table.as_ref().filter(|_| runs_models) {
+                config.check_precision().map_err(|message| {
+                    ConfigError::Invalid(format!("models.\"{route}\".precision: {message}"))
+                })?;
+            }
+        }
         let misplaced = |route: &str, key: &str, owner: &str| {
             ConfigError::Invalid(format!(
                 "models.\"{route}\".{key}: `{key}` is a {owner} option; this route has none"
@@ -460,7 +480,7 @@ impl Settings {
                 "workers.job_timeout_secs must be at least 1".into(),
             ));
         }
-        self.models.validate()
+        self.models.validate(self.workers.slots > 0)
     }
 
     /// Every setting in force, as a TOML file would set it, with secrets redacted: what

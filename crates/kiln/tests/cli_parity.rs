@@ -54,6 +54,8 @@ fn generate(config: &str, r: &Reference, latents: &Path, out_dir: &Path) -> Stri
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .arg("generate")
+        // The references are f32 (the default is bf16 on a CPU with bf16 instructions).
+        .args(["--precision", "f32"])
         .arg("--model-dir")
         .arg(fixtures().join(format!("{config}-diffusers")))
         .args(["--prompt", r.json["prompt"].as_str().unwrap()])

@@ -112,7 +112,7 @@ impl Family for Flux1 {
         let t5_tokenizer = PromptTokenizer::t5(&files.tokenizer_2)?;
         progress(LoadProgress::whole("tokenizers"));
         let text_weights = |d: &Path| -> Result<Weights> {
-            Weights::open_safetensors(&safetensors_files(d, "model")?, &rt.device, rt.dtype)
+            Weights::open_safetensors(&safetensors_files(d, "model")?, rt)
         };
         let clip = ClipTextModel::load(
             read_config(&files.text_encoder.join("config.json"))?,

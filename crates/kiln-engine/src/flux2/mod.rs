@@ -426,7 +426,7 @@ fn load_text(
             .to_vec()
         });
     let depth = text_layers.iter().copied().max().unwrap_or(0);
-    let tw = Weights::open_safetensors(&safetensors_files(tdir, "model")?, &rt.device, rt.dtype)?;
+    let tw = Weights::open_safetensors(&safetensors_files(tdir, "model")?, rt)?;
     let text = TextModel::load(text_cfg, depth, &tw)?;
     let stop_tokens = stop_tokens(tdir)?;
     Ok((tokenizer, text, text_layers, stop_tokens))

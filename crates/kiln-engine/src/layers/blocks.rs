@@ -3,7 +3,7 @@
 //! projections with RMS norms, rotary position tables, the timestep embedding.
 
 use crate::error::{Error, Result};
-use crate::layers::{attention, chunks, gated_residual, modulated_layer_norm, rms_norm, Linear};
+use crate::layers::{attention_in, chunks, gated_residual, modulated_layer_norm, rms_norm, Linear};
 use crate::options::LoadProgress;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
@@ -136,7 +136,14 @@ impl<F: FeedForward> DoubleStreams<F> {
         let q = apply_rope(&Tensor::cat(&[tq, iq], 2)?, rope)?;
         let k = apply_rope(&Tensor::cat(&[tk, ik], 2)?, rope)?;
         let v = Tensor::cat(&[tv, iv], 2)?;
-        let a = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
+        let a = merge_heads(&attention_in(
+            self.img_out.products(),
+            &q,
+            &k,
+            &v,
+            scale,
+            None,
+        )?)?;
         let txt_a = a.narrow(1, 0, txt_len)?;
         let img_a = a.narrow(1, txt_len, a.dim(1)? - txt_len)?;
 
@@ -289,7 +296,8 @@ pub(crate) fn single_stream_residual(
     gate: &Tensor,
 ) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-    let a = attention(&apply_rope(q, rope)?, &apply_rope(k, rope)?, v, scale, None)?;
+    let (q, k) = (apply_rope(q, rope)?, apply_rope(k, rope)?);
+    let a = attention_in(out.products(), &q, &k, v, scale, None)?;
     let y = out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
     Ok(gated_residual(x, gate, &y)?)
 }

@@ -3,11 +3,21 @@
 pub(crate) mod blocks;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
+use kiln_kernels::bf16::PackedB;
+use kiln_kernels::gemm::Matrix;
+use kiln_kernels::ops::Products;
+use std::sync::Arc;
 
-/// A linear layer `x W^T + b`, dense or block-quantized.
+/// A linear layer `x W^T + b`, dense, packed in bf16 for the CPU's bf16 products, or
+/// block-quantized.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(candle_nn::Linear),
+    /// `W^T` in bf16 tiles (half the memory of f32), for f32 activations on the CPU.
+    PackedBf16 {
+        weight: Arc<PackedB>,
+        bias: Option<Tensor>,
+    },
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -23,12 +33,38 @@ impl Linear {
         Linear::Quantized { weight, bias }
     }
 
+    /// A CPU layer whose `(out, in)` weight is packed in bf16 (the f32 `weight` is dropped).
+    pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w = weight
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let packed = PackedB::pack(Matrix::transposed(&w, k, n, k));
+        Ok(Linear::PackedBf16 {
+            weight: Arc::new(packed),
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
+    /// The precision of this layer's products, which the attention beside it shares.
+    pub(crate) fn products(&self) -> Products {
+        match self {
+            Linear::PackedBf16 { .. } => Products::Bf16,
+            Linear::Dense(_) | Linear::Quantized { .. } => Products::F32,
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) if on_cpu_in_f32(x) => {
                 kiln_kernels::ops::linear(x, l.weight(), l.bias())
             }
             Linear::Dense(l) => l.forward(x),
+            Linear::PackedBf16 { weight, bias } => {
+                kiln_kernels::ops::linear_bf16(x, weight, bias.as_ref())
+            }
             Linear::Quantized { weight, bias } => {
                 // candle's quantized kernels take f32 activations on every backend; the
                 // product is cast back to the compute dtype.
@@ -93,8 +129,21 @@ pub(crate) fn attention(
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    attention_in(Products::F32, q, k, v, scale, bias)
+}
+
+/// [`attention`] with kiln's CPU kernel's products in `products`' precision: a transformer's
+/// attention runs in its projections' ([`Linear::products`]).
+pub(crate) fn attention_in(
+    products: Products,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     if bias.is_none() && on_cpu_in_f32(q) {
-        return kiln_kernels::ops::attention(q, k, v, scale)?.transpose(1, 2);
+        return kiln_kernels::ops::attention(q, k, v, scale, products)?.transpose(1, 2);
     }
     attention_within(q, k, v, scale, bias, SCORES_BUDGET)
 }

@@ -9,6 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::layers::Linear;
+use crate::options::{Products, Runtime};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -78,15 +79,12 @@ pub(crate) struct Weights {
     path: PathBuf,
     device: Device,
     dtype: DType,
+    products: Products,
 }
 
 impl Weights {
-    /// Maps safetensors files (several for a sharded checkpoint) for tensors in `dtype` on `device`.
-    pub(crate) fn open_safetensors(
-        paths: &[PathBuf],
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
+    /// Maps safetensors files (several for a sharded checkpoint) for tensors as `rt` computes.
+    pub(crate) fn open_safetensors(paths: &[PathBuf], rt: &Runtime) -> Result<Self> {
         let first = paths.first().cloned().unwrap_or_default();
         // SAFETY: the files are mapped read-only; like every program that maps model files we
         // rely on nobody truncating them while the model is loaded.
@@ -96,12 +94,13 @@ impl Weights {
             storage: Storage::Safetensors(st),
             map: NameMap::Identity,
             path: first,
-            device: device.clone(),
-            dtype,
+            device: rt.device.clone(),
+            dtype: rt.dtype,
+            products: rt.products,
         })
     }
 
-    pub(crate) fn open_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn open_gguf(path: &Path, rt: &Runtime) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: as for safetensors, a read-only mapping of a file nobody rewrites meanwhile.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -111,8 +110,9 @@ impl Weights {
             storage: Storage::Gguf { mmap, content },
             map: NameMap::Identity,
             path: path.to_path_buf(),
-            device: device.clone(),
-            dtype,
+            device: rt.device.clone(),
+            dtype: rt.dtype,
+            products: rt.products,
         })
     }
 
@@ -186,7 +186,8 @@ impl Weights {
     }
 
     /// `{prefix}.weight` and, if stored, `{prefix}.bias` as a linear layer. Block-quantized
-    /// weights stay quantized and are multiplied by candle's quantized kernels.
+    /// weights stay quantized and are multiplied by candle's quantized kernels; dense ones are
+    /// packed in bf16 where the products are the CPU's bf16 ones.
     pub(crate) fn linear(&self, prefix: &str) -> Result<Linear> {
         let w_name = format!("{prefix}.weight");
         let b_name = format!("{prefix}.bias");
@@ -201,7 +202,10 @@ impl Weights {
                 let qt = quantized(q, &raw.bytes, &raw.shape, &self.device)?;
                 Ok(Linear::quantized(QMatMul::from_qtensor(qt)?, bias))
             }
-            Encoding::Dense(_) => Ok(Linear::dense(self.tensor(&w_name)?, bias)),
+            Encoding::Dense(_) => match self.products {
+                Products::Native => Ok(Linear::dense(self.tensor(&w_name)?, bias)),
+                Products::CpuBf16 => Ok(Linear::packed_bf16(&self.tensor(&w_name)?, bias)?),
+            },
         }
     }
 

@@ -8,6 +8,15 @@ use std::path::{Path, PathBuf};
 /// f32 tolerance for the text encoders, one transformer call and the final latents.
 pub const TOL: f32 = 1e-4;
 
+/// f32 on the CPU: what the references were computed in, so what parity is measured in (the
+/// default is bf16 on a CPU with bf16 instructions; its cases say so).
+pub fn f32_options() -> kiln_engine::EngineOptions {
+    kiln_engine::EngineOptions {
+        precision: Some(kiln_engine::Precision::F32),
+        ..Default::default()
+    }
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

@@ -476,6 +476,29 @@ fn kiln_config_prints_the_settings_in_force_with_secrets_redacted() {
     );
 }
 
+/// On a CPU without bf16 instructions (`KILN_BF16_KERNEL=none` makes this one such a CPU), a
+/// configured bf16 is refused when the configuration is read, naming the table, while an API
+/// node (no worker slots) does not care what its own CPU has.
+#[test]
+fn bf16_on_a_cpu_without_bf16_instructions_is_refused_when_the_configuration_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 3, "");
+    let env = [
+        ("KILN_BF16_KERNEL", "none"),
+        ("KILN_MODELS__FLUX_1_1_PRO__PRECISION", "bf16"),
+    ];
+    let (ok, _, stderr) = kiln_run_with_env(&config, dir.path(), &["config"], &env);
+    assert!(!ok, "bf16 was accepted: {stderr}");
+    assert!(
+        stderr.contains(&format!("models.\"{PRO}\".precision"))
+            && stderr.contains("AMX-BF16 or AVX512-BF16"),
+        "{stderr}"
+    );
+    let api_only = [env[0], env[1], ("KILN_WORKERS__SLOTS", "0")];
+    let (ok, _, stderr) = kiln_run_with_env(&config, dir.path(), &["config"], &api_only);
+    assert!(ok, "an API node refused: {stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_flux2_routes_run_a_configured_flux2_klein_checkpoint() {
     // The edit below fetches a result of this same server, on loopback.

@@ -1,0 +1,681 @@
+//! bf16 matrix products with f32 accumulation, on the CPU's bf16 instructions: AMX tiles
+//! (Sapphire Rapids and later: `tdpbf16ps`, a 16x16x32 product per instruction) or
+//! AVX512-BF16 (Zen 4, Cooper Lake: `vdpbf16ps`), chosen at run time. Inputs and outputs are
+//! f32: the left matrix is rounded to bf16 (to nearest even) as it is packed, the right one is
+//! packed once ([`PackedB`]: a linear layer's weight at load), and every sum is kept in f32.
+//!
+//! # Layout of the packed operands
+//! Both kernels read the same layouts, which are AMX's:
+//! - the left matrix `A (m x k)`: for each block of 16 rows, for each block of 32 columns, one
+//!   1 KiB tile of 16 rows of 32 (`m` rounded up to a multiple of 32, `k` to one of 32, with
+//!   zeros): a row block's tiles follow each other along `k`, so the kernels read memory in
+//!   order;
+//! - the right matrix `B (k x n)`: for each block of 16 columns, for each block of 32 rows, one
+//!   1 KiB tile of 16 rows, each row holding the 16 columns' pairs of consecutive `k`
+//!   (`tile[r][2c + p] = B[32 kb + 2r + p][16 nb + c]`: the "VNNI" order). A tile row is also
+//!   one AVX-512 register of 16 pairs, which is what `vdpbf16ps` multiplies.
+//!
+//! # Blocking
+//! The output is cut into tasks of [`MC`] rows by [`NC`] columns run in parallel; a task walks
+//! `k` in chunks of [`KC`], and each chunk in 32x32 blocks whose four 16x16 accumulators live in
+//! tiles (AMX) or registers.
+//! Blocks over the output's edge go through a 32x32 scratch.
+
+use crate::gemm::Matrix;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows of output per parallel task (a multiple of 32).
+const MC: usize = 256;
+/// Columns of output per parallel task (a multiple of 32).
+const NC: usize = 256;
+/// Blocks of 32 along `k` per chunk (4096 of `k`). Measured on a Sapphire Rapids core pair
+/// (2 MiB of L2 each) over FLUX's shapes: the accumulators' loads and stores at each chunk cost
+/// more than the chunks' operands falling out of L2 (16 blocks: 760-1130 GFLOP/s; 128 blocks:
+/// 930-1450 GFLOP/s).
+const KC: usize = 128;
+/// bf16 elements of one packed tile (16 rows of 32).
+const TILE: usize = 512;
+
+/// Which instructions multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles (`amx_bf16`, `amx_tile`, and the kernel's permission to use their state).
+    Amx,
+    /// AVX-512 with the BF16 extension.
+    Avx512Bf16,
+}
+
+impl Bf16Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Amx => "AMX-BF16 tiles",
+            Bf16Kernel::Avx512Bf16 => "AVX512-BF16",
+        }
+    }
+}
+
+/// The environment variable that narrows the choice: `avx512-bf16` (skip AMX) or `none` (no
+/// bf16 products, as on a CPU without the instructions). For measurements and for operators
+/// who want to rule a kernel out; unset, the best one runs.
+pub const KERNEL_VARIABLE: &str = "KILN_BF16_KERNEL";
+
+/// The best bf16 kernel this CPU (and kernel) offers, within what [`KERNEL_VARIABLE`] allows,
+/// or `None`: then bf16 products are not available on this machine. Decided once per process.
+pub fn kernel() -> Option<Bf16Kernel> {
+    static KERNEL: OnceLock<Option<Bf16Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let best = detect();
+        match std::env::var(KERNEL_VARIABLE).as_deref() {
+            Ok("none") => None,
+            Ok("avx512-bf16") => has_avx512_bf16().then_some(Bf16Kernel::Avx512Bf16),
+            _ => best,
+        }
+    })
+}
+
+/// Every kernel this CPU can run (the best first): tests compare them all.
+pub fn available() -> Vec<Bf16Kernel> {
+    let mut out = Vec::new();
+    if detect() == Some(Bf16Kernel::Amx) {
+        out.push(Bf16Kernel::Amx);
+    }
+    if has_avx512_bf16() {
+        out.push(Bf16Kernel::Avx512Bf16);
+    }
+    out
+}
+
+/// The best kernel the CPU has (AMX's permission is asked once; asking again is harmless).
+fn detect() -> Option<Bf16Kernel> {
+    static AMX: OnceLock<bool> = OnceLock::new();
+    if *AMX.get_or_init(amx::usable) {
+        Some(Bf16Kernel::Amx)
+    } else if has_avx512_bf16() {
+        Some(Bf16Kernel::Avx512Bf16)
+    } else {
+        None
+    }
+}
+
+fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `x` rounded to the nearest bf16, ties to even (NaN stays a quiet NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of a bf16.
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// The right operand `B (k x n)` packed in bf16 tiles (module docs: Layout).
+#[derive(Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// Blocks of 32 along `k`.
+    kb: usize,
+    data: Vec<u16>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({} x {}, bf16)", self.k, self.n)
+    }
+}
+
+impl PackedB {
+    /// Packs `b`, rounding each element to bf16.
+    pub fn pack(b: Matrix) -> Self {
+        assert!(b.fits(), "PackedB::pack: the view runs past its data");
+        let (k, n) = (b.rows, b.cols);
+        let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
+        let mut data = vec![0u16; nb * kb * TILE];
+        data.par_chunks_mut(kb * TILE)
+            .enumerate()
+            .for_each(|(j, column_block)| {
+                for (q, tile) in column_block.chunks_mut(TILE).enumerate() {
+                    for (index, out) in tile.iter_mut().enumerate() {
+                        let (r, c, p) = (index / 32, (index / 2) % 16, index % 2);
+                        let (row, col) = (q * 32 + 2 * r + p, j * 16 + c);
+                        if row < k && col < n {
+                            *out = to_bf16(b.data[row * b.row_stride + col * b.col_stride]);
+                        }
+                    }
+                }
+            });
+        Self { k, n, kb, data }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// The tiles of column block `j` from row block `q` on.
+    fn tiles(&self, j: usize, q: usize) -> *const u16 {
+        self.data[(j * self.kb + q) * TILE..].as_ptr()
+    }
+}
+
+/// The left operand rounded to bf16 (module docs: Layout).
+struct PackedA {
+    /// Blocks of 32 along `k`.
+    kb: usize,
+    data: Vec<u16>,
+}
+
+impl PackedA {
+    fn pack(a: Matrix) -> Self {
+        assert!(a.fits(), "bf16 matmul: the left view runs past its data");
+        let kb = a.cols.div_ceil(32);
+        let mut data = vec![0u16; a.rows.div_ceil(32) * 32 * kb * 32];
+        // One 16-row block's tiles at a time, each row converted whole first.
+        data.par_chunks_mut(kb * TILE)
+            .take(a.rows.div_ceil(16))
+            .enumerate()
+            .for_each_init(
+                || vec![0u16; kb * 32],
+                |row, (block, tiles)| {
+                    for r in 0..16.min(a.rows - block * 16) {
+                        let start = (block * 16 + r) * a.row_stride;
+                        if a.col_stride == 1 {
+                            convert_row(&a.data[start..start + a.cols], &mut row[..a.cols]);
+                        } else {
+                            for (j, out) in row[..a.cols].iter_mut().enumerate() {
+                                *out = to_bf16(a.data[start + j * a.col_stride]);
+                            }
+                        }
+                        for (q, part) in row.chunks(32).enumerate() {
+                            tiles[q * TILE + r * 32..][..32].copy_from_slice(part);
+                        }
+                    }
+                },
+            );
+        Self { kb, data }
+    }
+
+    /// The tiles of row block `i` from column block `q` on.
+    fn tiles(&self, i: usize, q: usize) -> *const u16 {
+        self.data[(i * self.kb + q) * TILE..].as_ptr()
+    }
+}
+
+/// `out[i] = bf16(x[i])`, 16 at a time with AVX512-BF16 where the CPU has it.
+fn convert_row(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU has the instructions.
+        return unsafe { avx512::convert(x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = to_bf16(v);
+    }
+}
+
+/// A raw output pointer shared by the tasks, which write disjoint blocks.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: every task writes its own rows x columns block.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+/// `C = A B` (or `C += A B` when `accumulate`) with `C` row-major, rows `ldc` apart, on
+/// [`kernel`]. Panics where this CPU has no bf16 kernel: callers check [`kernel`] first.
+pub fn matmul(a: Matrix, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let kernel = kernel().expect("bf16 matmul on a CPU without bf16 instructions");
+    matmul_with(kernel, a, b, c, ldc, accumulate)
+}
+
+/// [`matmul`] on a chosen kernel, which the CPU must have ([`available`]).
+pub fn matmul_with(
+    kernel: Bf16Kernel,
+    a: Matrix,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(available().contains(&kernel), "{kernel:?} is not available");
+    assert_eq!(a.cols, b.k, "bf16 matmul: inner sizes differ");
+    let (m, n) = (a.rows, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() > (m - 1) * ldc + n - 1, "C too small");
+    if b.k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    let a = PackedA::pack(a);
+    let out = Output(c.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(MC))
+        .flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC)))
+        .collect();
+    tasks.into_par_iter().for_each(|(row, col)| {
+        let task = Task {
+            a: &a,
+            b,
+            out,
+            ldc,
+            m,
+            n,
+            accumulate,
+            rows: row..(row + MC).min(m),
+            cols: col..(col + NC).min(n),
+        };
+        // SAFETY: the kernel is available; the task's block is within C and its own.
+        unsafe { task.run(kernel) }
+    });
+}
+
+/// One task: a block of C's rows and columns over all of `k`.
+struct Task<'a> {
+    a: &'a PackedA,
+    b: &'a PackedB,
+    out: Output,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    accumulate: bool,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+/// Where a 32x32 block's accumulators come from and go.
+struct Block {
+    /// The two row blocks' tiles from the chunk's first column block.
+    a: [*const u16; 2],
+    /// The two column blocks' tiles from the chunk's first row block.
+    b: [*const u16; 2],
+    /// Blocks of 32 along `k` in this chunk.
+    kblocks: usize,
+    /// The output (32 rows, `ldc` floats apart) and whether to add to what it holds.
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+}
+
+impl Task<'_> {
+    /// # Safety
+    /// `kernel` must be available, and the task's block of C within the output.
+    unsafe fn run(&self, kernel: Bf16Kernel) {
+        if kernel == Bf16Kernel::Amx {
+            amx::configure();
+        }
+        let mut scratch = [0f32; 32 * 32];
+        for q in (0..self.b.kb).step_by(KC) {
+            let kblocks = KC.min(self.b.kb - q);
+            let load = self.accumulate || q > 0;
+            for col in self.cols.clone().step_by(32) {
+                for row in self.rows.clone().step_by(32) {
+                    let inside = row + 32 <= self.m && col + 32 <= self.n;
+                    let c = self.out.0.add(row * self.ldc + col);
+                    // At the right edge the second column block may not exist: any tiles
+                    // will do there, the columns they make are not copied out.
+                    let second = (col / 16 + 1).min(self.n.div_ceil(16) - 1);
+                    let block = Block {
+                        a: [self.a.tiles(row / 16, q), self.a.tiles(row / 16 + 1, q)],
+                        b: [self.b.tiles(col / 16, q), self.b.tiles(second, q)],
+                        kblocks,
+                        c,
+                        ldc: self.ldc,
+                        load,
+                    };
+                    if inside {
+                        multiply(kernel, &block);
+                    } else {
+                        self.edge_block(kernel, block, (row, col), &mut scratch);
+                    }
+                }
+            }
+        }
+        if kernel == Bf16Kernel::Amx {
+            amx::release();
+        }
+    }
+
+    /// A block over C's edge, through `scratch`.
+    unsafe fn edge_block(
+        &self,
+        kernel: Bf16Kernel,
+        block: Block,
+        (row, col): (usize, usize),
+        scratch: &mut [f32; 32 * 32],
+    ) {
+        let (rows, cols) = ((self.m - row).min(32), (self.n - col).min(32));
+        scratch.fill(0.0);
+        for i in 0..rows {
+            let src = block.c.add(i * self.ldc);
+            if block.load {
+                std::ptr::copy_nonoverlapping(src, scratch[i * 32..].as_mut_ptr(), cols);
+            }
+        }
+        let through = Block {
+            c: scratch.as_mut_ptr(),
+            ldc: 32,
+            load: true,
+            ..block
+        };
+        multiply(kernel, &through);
+        for i in 0..rows {
+            std::ptr::copy_nonoverlapping(
+                scratch[i * 32..].as_ptr(),
+                block.c.add(i * self.ldc),
+                cols,
+            );
+        }
+    }
+}
+
+unsafe fn multiply(kernel: Bf16Kernel, block: &Block) {
+    match kernel {
+        Bf16Kernel::Amx => amx::block(block),
+        Bf16Kernel::Avx512Bf16 => avx512::block(block),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    //! AMX through inline assembly (Rust's AMX intrinsics are not stable): tiles 0-3 hold the
+    //! four 16x16 f32 accumulators, 4-5 the two A tiles, 6-7 the two B tiles.
+    use super::Block;
+    use std::arch::asm;
+
+    /// Whether the CPU has AMX-BF16 and the OS lets this process use the tile state (Linux
+    /// asks each process to request it: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`,
+    /// which also fails where the kernel is older than 5.16).
+    pub(super) fn usable() -> bool {
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a system call with integer arguments; it changes only this process's
+        // permission to use the AMX state.
+        let granted = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        granted == 0
+    }
+
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// Palette 1, eight tiles of 16 rows of 64 bytes.
+    const CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// Loads the tile configuration on this thread.
+    pub(super) unsafe fn configure() {
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    }
+
+    /// Releases the tile state, so the thread's context switches stay cheap.
+    pub(super) unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// One 32x32 block: four accumulators over the chunk's `k`.
+    pub(super) unsafe fn block(b: &Block) {
+        let stride_c = b.ldc * 4;
+        let c1 = b.c.add(16 * b.ldc);
+        if b.load {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c0} + {s}*1 + 64]",
+                "tileloadd tmm2, [{c1} + {s}*1]",
+                "tileloadd tmm3, [{c1} + {s}*1 + 64]",
+                c0 = in(reg) b.c, c1 = in(reg) c1, s = in(reg) stride_c,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem),
+            );
+        }
+        for q in 0..b.kblocks {
+            let at = |p: *const u16| p.add(q * super::TILE);
+            // Each tile is loaded just before its first product, so loads overlap the
+            // products already issued (measured: 15% over four loads, then four products).
+            asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) at(b.a[0]), a1 = in(reg) at(b.a[1]),
+                b0 = in(reg) at(b.b[0]), b1 = in(reg) at(b.b[1]),
+                s = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c0} + {s}*1 + 64], tmm1",
+            "tilestored [{c1} + {s}*1], tmm2",
+            "tilestored [{c1} + {s}*1 + 64], tmm3",
+            c0 = in(reg) b.c, c1 = in(reg) c1, s = in(reg) stride_c,
+            options(nostack),
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX512-BF16: a tile row of B is one register of 16 column pairs; each A pair is
+    //! broadcast and multiplied into it by `vdpbf16ps`, eight rows at a time.
+    use super::Block;
+    use std::arch::x86_64::*;
+
+    /// Rows per pass: 8 rows x 2 column blocks = 16 accumulator registers.
+    const ROWS: usize = 8;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block(b: &Block) {
+        for r0 in (0..32).step_by(ROWS) {
+            rows(b, r0);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn rows(b: &Block, r0: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        for (i, row) in acc.iter_mut().enumerate() {
+            if b.load {
+                let c = b.c.add((r0 + i) * b.ldc);
+                *row = [_mm512_loadu_ps(c), _mm512_loadu_ps(c.add(16))];
+            }
+        }
+        for q in 0..b.kblocks {
+            for pair in 0..16 {
+                let tile_row = q * super::TILE + pair * 32;
+                let w0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.b[0].add(tile_row).cast()));
+                let w1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.b[1].add(tile_row).cast()));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    let a = b.a[r / 16].add(q * super::TILE + (r % 16) * 32 + 2 * pair);
+                    let x: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(a.cast::<i32>().read_unaligned()));
+                    row[0] = _mm512_dpbf16_ps(row[0], x, w0);
+                    row[1] = _mm512_dpbf16_ps(row[1], x, w1);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let c = b.c.add((r0 + i) * b.ldc);
+            _mm512_storeu_ps(c, row[0]);
+            _mm512_storeu_ps(c.add(16), row[1]);
+        }
+    }
+
+    /// f32 to bf16, round to nearest even, 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert(x: &[f32], out: &mut [u16]) {
+        let n = x.len().min(out.len());
+        let whole = n / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let v: __m256bh = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(i).cast(),
+                std::mem::transmute::<__m256bh, __m256i>(v),
+            );
+        }
+        for i in whole..n {
+            out[i] = super::to_bf16(x[i]);
+        }
+    }
+}
+
+/// Elsewhere neither kernel exists ([`kernel`] is `None`, so nothing here is called).
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    pub(super) fn usable() -> bool {
+        false
+    }
+    pub(super) unsafe fn configure() {}
+    pub(super) unsafe fn release() {}
+    pub(super) unsafe fn block(_: &super::Block) {
+        unreachable!("no AMX off x86-64")
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub(super) unsafe fn block(_: &super::Block) {
+        unreachable!("no AVX-512 off x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data::values;
+
+    /// `A B` in f64 from the bf16-rounded inputs: what a bf16 product with exact
+    /// accumulation gives.
+    fn reference(a: Matrix, b: Matrix) -> Vec<f64> {
+        let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+        let mut out = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                out[i * b.cols + j] = (0..a.cols)
+                    .map(|p| {
+                        r(a.data[i * a.row_stride + p * a.col_stride])
+                            * r(b.data[p * b.row_stride + j * b.col_stride])
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to the even 1 + 2^-6.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        let mut out = vec![0u16; 37];
+        let x = values(37, 5, 1.0);
+        convert_row(&x, &mut out);
+        assert!(out.iter().zip(&x).all(|(&o, &v)| o == to_bf16(v)));
+    }
+
+    /// Every kernel this CPU has, on sizes with and without edges, on plain and transposed
+    /// views, with and without accumulation: equal to the bf16 inputs' exact product to f32
+    /// summation error.
+    #[test]
+    fn every_kernel_matches_the_exact_product_of_the_rounded_inputs() {
+        let kernels = available();
+        if kernels.is_empty() {
+            eprintln!("SKIPPED: this CPU has neither AMX-BF16 nor AVX512-BF16");
+            return;
+        }
+        for (m, k, n) in [
+            (1, 3, 5),
+            (32, 32, 32),
+            (45, 70, 33),
+            (300, 600, 290),
+            (64, 1100, 16),
+        ] {
+            let a = values(m * k, 1, 1.0);
+            let bt = values(n * k, 2, 1.0);
+            let (av, bv) = (
+                Matrix::row_major(&a, m, k, k),
+                Matrix::transposed(&bt, k, n, k),
+            );
+            let want = reference(av, bv);
+            let packed = PackedB::pack(bv);
+            for &kernel in &kernels {
+                for accumulate in [false, true] {
+                    let ldc = n + 3;
+                    let mut c = vec![1.5f32; m * ldc];
+                    matmul_with(kernel, av, &packed, &mut c, ldc, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let expect = want[i * n + j] + if accumulate { 1.5 } else { 0.0 };
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - expect).abs() <= 1e-5 * (1.0 + k as f64).sqrt() * 4.0,
+                                "{kernel:?} {m}x{k}x{n} acc={accumulate} ({i},{j}): {got} vs {expect}"
+                            );
+                        }
+                        assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 1.5));
+                    }
+                }
+            }
+        }
+    }
+}
