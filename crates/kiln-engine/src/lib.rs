@@ -74,6 +74,9 @@ pub fn load_cpu_kernels() -> String {
     )
 }
 
+/// The environment variable that narrows the CPU's bf16 kernel (`avx512-bf16`, `none`).
+pub use kiln_kernels::bf16::KERNEL_VARIABLE as BF16_KERNEL_VARIABLE;
+
 /// What runs bf16 products on this CPU (AMX tiles or AVX512-BF16), if anything does.
 pub fn cpu_bf16_kernel() -> Option<&'static str> {
     kiln_kernels::bf16::kernel().map(|k| k.name())

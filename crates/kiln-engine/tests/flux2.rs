@@ -55,6 +55,33 @@ fn klein_matches_diffusers() {
     assert_matches_reference("klein", &p, None);
 }
 
+/// FLUX.2 in bf16 on the CPU (weights and products bf16, f32 sums and activations): every
+/// stage close to the f32 reference, within these stated tolerances (bf16 keeps ~3
+/// significant digits): text embeddings and velocity within 2% of their largest value, final
+/// latents within 2% of theirs, the image within 8 levels of 255.
+#[test]
+fn klein_in_bf16_stays_close_to_the_f32_reference() {
+    if kiln_engine::cpu_bf16_kernel().is_none() {
+        eprintln!("SKIPPED: bf16 on this CPU (it has neither AMX-BF16 nor AVX512-BF16)");
+        return;
+    }
+    let options = kiln_engine::EngineOptions {
+        precision: Some(kiln_engine::Precision::Bf16),
+        ..Default::default()
+    };
+    let dir = fixtures().join("klein-diffusers");
+    let p = Flux2Pipeline::load(&dir, &options, &mut |_| {}).unwrap();
+    assert!(p.describe().contains("BF16"), "{}", p.describe());
+    let r = Reference::load("klein");
+    let e = measure("klein", &p, None);
+    let scale = |name: &str| max_abs_of(r.t(name));
+    eprintln!("klein bf16: {e:?}");
+    assert!(e.embeds <= 0.02 * scale("prompt_embeds_valid"), "{e:?}");
+    assert!(e.velocity <= 0.02 * scale("noise_pred_0"), "{e:?}");
+    assert!(e.final_latents <= 0.02 * scale("final_latents"), "{e:?}");
+    assert!(e.image <= 8, "{e:?}");
+}
+
 /// A folder linking the klein fixture's parts but `except`, which the caller provides.
 fn klein_except(except: &str) -> tempfile::TempDir {
     let src = fixtures().join("klein-diffusers");

@@ -12,7 +12,7 @@
 //! and the keys and values rounded to bf16, as PyTorch's bf16 attention has them); the softmax
 //! is f32 either way and vectorises (AVX-512 or AVX2, chosen at run time).
 
-use crate::bf16::{self, PackedB};
+use crate::bf16::{self, PackedA, PackedB};
 use crate::gemm::{matmul, Matrix};
 use crate::ops::Products;
 use crate::simd::{exp, vectorised, LANES};
@@ -46,17 +46,10 @@ pub(crate) fn attend(
             let qh = &q[(head * sq + q0) * d..(head * sq + q0 + rows) * d];
             let scores = &mut scores[..rows * sk];
             keys.multiply(Matrix::row_major(qh, rows, d, d), scores, sk);
-            scores
-                .par_chunks_mut(sk)
-                .for_each(|row| softmax(row, scale));
             // Row i of the block goes to (bi, q0 + i, hi, :): rows h * d apart.
             let start = ((bi * sq + q0) * h + hi) * d;
             let end = start + (rows - 1) * h * d + d;
-            values.multiply(
-                Matrix::row_major(scores, rows, sk, sk),
-                &mut out[start..end],
-                h * d,
-            );
+            values.weigh(scores, (rows, sk), scale, &mut out[start..end], h * d);
         }
     }
     out
@@ -81,6 +74,30 @@ impl<'a> Operand<'a> {
         match self {
             Operand::F32(b) => matmul(a, *b, c, ldc, false),
             Operand::Bf16(b) => bf16::matmul(a, b, c, ldc, false),
+        }
+    }
+
+    /// `c = softmax(scores * scale) * self` (the values). In bf16 each row's softmax runs as
+    /// the probabilities are packed, while the row is in cache.
+    fn weigh(
+        &self,
+        scores: &mut [f32],
+        (rows, sk): (usize, usize),
+        scale: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        match self {
+            Operand::F32(b) => {
+                scores[..rows * sk]
+                    .par_chunks_mut(sk)
+                    .for_each(|row| softmax(row, scale));
+                matmul(Matrix::row_major(scores, rows, sk, sk), *b, c, ldc, false)
+            }
+            Operand::Bf16(b) => {
+                let p = PackedA::pack_rows_with(scores, (rows, sk), |row| softmax(row, scale));
+                bf16::matmul_packed(&p, b, c, ldc, false)
+            }
         }
     }
 }

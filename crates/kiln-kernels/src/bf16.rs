@@ -145,16 +145,17 @@ impl PackedB {
         let (k, n) = (b.rows, b.cols);
         let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
         let mut data = vec![0u16; nb * kb * TILE];
+        // A column block at a time: each of its columns is walked down `k` once (a weight's
+        // row, contiguous for a linear layer's transpose) and spread over the tiles.
         data.par_chunks_mut(kb * TILE)
             .enumerate()
             .for_each(|(j, column_block)| {
-                for (q, tile) in column_block.chunks_mut(TILE).enumerate() {
-                    for (index, out) in tile.iter_mut().enumerate() {
-                        let (r, c, p) = (index / 32, (index / 2) % 16, index % 2);
-                        let (row, col) = (q * 32 + 2 * r + p, j * 16 + c);
-                        if row < k && col < n {
-                            *out = to_bf16(b.data[row * b.row_stride + col * b.col_stride]);
-                        }
+                for c in 0..16.min(n - j * 16) {
+                    let start = (j * 16 + c) * b.col_stride;
+                    for row in 0..k {
+                        let (q, r, p) = (row / 32, (row % 32) / 2, row % 2);
+                        column_block[q * TILE + r * 32 + 2 * c + p] =
+                            to_bf16(b.data[start + row * b.row_stride]);
                     }
                 }
             });
@@ -181,19 +182,27 @@ impl PackedB {
 }
 
 /// The left operand rounded to bf16 (module docs: Layout).
-struct PackedA {
+pub struct PackedA {
+    rows: usize,
+    cols: usize,
     /// Blocks of 32 along `k`.
     kb: usize,
     data: Vec<u16>,
 }
 
 impl PackedA {
-    fn pack(a: Matrix) -> Self {
+    /// Packs `a`, rounding each element to bf16.
+    pub fn pack(a: Matrix) -> Self {
         assert!(a.fits(), "bf16 matmul: the left view runs past its data");
-        let kb = a.cols.div_ceil(32);
-        let mut data = vec![0u16; a.rows.div_ceil(32) * 32 * kb * 32];
+        let mut packed = Self::zeros(a.rows, a.cols);
+        let kb = packed.kb;
+        if kb == 0 {
+            return packed;
+        }
         // One 16-row block's tiles at a time, each row converted whole first.
-        data.par_chunks_mut(kb * TILE)
+        packed
+            .data
+            .par_chunks_mut(kb * TILE)
             .take(a.rows.div_ceil(16))
             .enumerate()
             .for_each_init(
@@ -208,18 +217,64 @@ impl PackedA {
                                 *out = to_bf16(a.data[start + j * a.col_stride]);
                             }
                         }
-                        for (q, part) in row.chunks(32).enumerate() {
-                            tiles[q * TILE + r * 32..][..32].copy_from_slice(part);
-                        }
+                        scatter_row(row, tiles, r);
                     }
                 },
             );
-        Self { kb, data }
+        packed
+    }
+
+    /// Packs the `rows x cols` row-major `data` (rows `cols` apart), each row first passed to
+    /// `prepare`, which may rewrite it: attention's softmax runs here, on rows still in cache,
+    /// rather than in a pass of its own.
+    pub fn pack_rows_with(
+        data: &mut [f32],
+        (rows, cols): (usize, usize),
+        prepare: impl Fn(&mut [f32]) + Sync,
+    ) -> Self {
+        assert!(data.len() >= rows * cols, "pack_rows_with: too few values");
+        let mut packed = Self::zeros(rows, cols);
+        let kb = packed.kb;
+        if kb == 0 {
+            return packed;
+        }
+        packed
+            .data
+            .par_chunks_mut(kb * TILE)
+            .zip(data[..rows * cols].par_chunks_mut(16 * cols))
+            .for_each_init(
+                || vec![0u16; kb * 32],
+                |row, (tiles, block)| {
+                    for (r, values) in block.chunks_mut(cols).enumerate() {
+                        prepare(values);
+                        convert_row(values, &mut row[..cols]);
+                        scatter_row(row, tiles, r);
+                    }
+                },
+            );
+        packed
+    }
+
+    fn zeros(rows: usize, cols: usize) -> Self {
+        let kb = cols.div_ceil(32);
+        Self {
+            rows,
+            cols,
+            kb,
+            data: vec![0u16; rows.div_ceil(32) * 32 * kb * 32],
+        }
     }
 
     /// The tiles of row block `i` from column block `q` on.
     fn tiles(&self, i: usize, q: usize) -> *const u16 {
         self.data[(i * self.kb + q) * TILE..].as_ptr()
+    }
+}
+
+/// Row `r` of a 16-row block, in bf16 and padded to the tiles' width, into its tiles.
+fn scatter_row(row: &[u16], tiles: &mut [u16], r: usize) {
+    for (q, part) in row.chunks(32).enumerate() {
+        tiles[q * TILE + r * 32..][..32].copy_from_slice(part);
     }
 }
 
@@ -259,6 +314,23 @@ pub fn matmul_with(
     accumulate: bool,
 ) {
     assert!(available().contains(&kernel), "{kernel:?} is not available");
+    multiply_packed(kernel, &PackedA::pack(a), b, c, ldc, accumulate);
+}
+
+/// `C = A B` (or `C += A B`) for an already packed `A`, on [`kernel`].
+pub fn matmul_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let kernel = kernel().expect("bf16 matmul on a CPU without bf16 instructions");
+    multiply_packed(kernel, a, b, c, ldc, accumulate)
+}
+
+fn multiply_packed(
+    kernel: Bf16Kernel,
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert_eq!(a.cols, b.k, "bf16 matmul: inner sizes differ");
     let (m, n) = (a.rows, b.n);
     if m == 0 || n == 0 {
@@ -271,14 +343,13 @@ pub fn matmul_with(
         }
         return;
     }
-    let a = PackedA::pack(a);
     let out = Output(c.as_mut_ptr());
     let tasks: Vec<(usize, usize)> = (0..m.div_ceil(MC))
         .flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC)))
         .collect();
     tasks.into_par_iter().for_each(|(row, col)| {
         let task = Task {
-            a: &a,
+            a,
             b,
             out,
             ldc,

@@ -2,7 +2,7 @@
 //! attention a block of queries at a time, stride-1 convolutions by unfolded blocks of rows,
 //! and the fused pointwise layers of [`crate::pointwise`]. All take f32 tensors on the CPU;
 //! callers keep candle's own ops for other devices and dtypes. A linear layer's weight may be
-//! packed in bf16 ([`linear_bf16`]) and attention's products run in bf16 ([`Products`]): the
+//! packed in bf16 ([`PackedLinear`]) and attention's products run in bf16 ([`Products`]): the
 //! activations stay f32 either way.
 
 use crate::attention::attend;
@@ -46,7 +46,7 @@ fn contiguous3<'a>(
 fn linear_rows(
     x: (&CpuStorage, &Layout),
     (n, k): (usize, usize),
-    b: Option<(&CpuStorage, &Layout)>,
+    b: Option<&[f32]>,
     product: impl FnOnce(Matrix, &mut [f32], bool),
 ) -> Result<(CpuStorage, Shape)> {
     let xs = contiguous(x.0, x.1, "linear")?;
@@ -57,7 +57,7 @@ fn linear_rows(
     let m = xs.len() / k.max(1);
     // The product accumulates onto the bias rows.
     let (mut y, accumulate) = match b {
-        Some((bs, bl)) => (contiguous(bs, bl, "linear")?.repeat(m), true),
+        Some(b) => (b.repeat(m), true),
         None => (vec![0f32; m * n], false),
     };
     product(Matrix::row_major(xs, m, k, k), &mut y, accumulate);
@@ -78,6 +78,7 @@ impl LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let ws = contiguous(w.0, w.1, "linear")?;
         let (n, k) = w.1.shape().dims2()?;
+        let b = b.map(|(s, l)| contiguous(s, l, "linear")).transpose()?;
         linear_rows(x, (n, k), b, |x, y, accumulate| {
             matmul(x, Matrix::transposed(ws, k, n, k), y, n, accumulate)
         })
@@ -125,57 +126,51 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
 }
 
-/// `y = x W^T + b` with `W^T` packed in bf16: f32 in and out, bf16 products, f32 sums.
-struct PackedLinearOp<'a>(&'a PackedB);
+/// A linear layer for f32 activations whose weight is packed in bf16: `x W^T + b` with bf16
+/// products and f32 sums (needs a CPU with a [`bf16::kernel`]).
+#[derive(Debug)]
+pub struct PackedLinear {
+    /// `W^T (in x out)`.
+    weight: PackedB,
+    bias: Option<Vec<f32>>,
+}
 
-impl CustomOp1 for PackedLinearOp<'_> {
+impl PackedLinear {
+    /// Packs an `out x in` row-major `weight`, rounding it to bf16; `bias` has `out` values.
+    pub fn new(weight: &[f32], (out, inputs): (usize, usize), bias: Option<Vec<f32>>) -> Self {
+        assert!(
+            bias.as_ref().is_none_or(|b| b.len() == out),
+            "bias of {out} values"
+        );
+        Self {
+            weight: PackedB::pack(Matrix::transposed(weight, inputs, out, inputs)),
+            bias,
+        }
+    }
+
+    /// `x W^T + b` for f32 `x (..., in)` on the CPU.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if bf16::kernel().is_none() {
+            candle_core::bail!("bf16 linear: this CPU has no bf16 instructions");
+        }
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    /// Bytes held (the bf16 weight and the f32 bias).
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+impl CustomOp1 for PackedLinear {
     fn name(&self) -> &'static str {
         "kiln-linear-bf16"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward((s, l), None)
-    }
-}
-
-impl CustomOp2 for PackedLinearOp<'_> {
-    fn name(&self) -> &'static str {
-        "kiln-linear-bf16"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), Some((s2, l2)))
-    }
-}
-
-impl PackedLinearOp<'_> {
-    fn forward(
-        &self,
-        x: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let weight = self.0;
-        let (n, k) = (weight.cols(), weight.rows());
-        linear_rows(x, (n, k), b, |x, y, accumulate| {
-            bf16::matmul(x, weight, y, n, accumulate)
+        let (n, k) = (self.weight.cols(), self.weight.rows());
+        linear_rows((s, l), (n, k), self.bias.as_deref(), |x, y, accumulate| {
+            bf16::matmul(x, &self.weight, y, n, accumulate)
         })
-    }
-}
-
-/// `x W^T + b` on the CPU for f32 `x` and `b`, with `W^T` packed in bf16 ([`PackedB::pack`] of
-/// the `in x out` transpose); needs a CPU with a [`bf16::kernel`].
-pub fn linear_bf16(x: &Tensor, weight: &PackedB, bias: Option<&Tensor>) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    if bf16::kernel().is_none() {
-        candle_core::bail!("bf16 linear: this CPU has no bf16 instructions");
-    }
-    match bias {
-        Some(b) => x.apply_op2_no_bwd(&b.contiguous()?, &PackedLinearOp(weight)),
-        None => x.apply_op1_no_bwd(&PackedLinearOp(weight)),
     }
 }
 
@@ -520,6 +515,42 @@ impl CustomOp3 for GatedResidualOp {
 pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3_no_bwd(&gate.contiguous()?, &y.contiguous()?, &GatedResidualOp)
+}
+
+struct RopeOp;
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "kiln-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "rope";
+        let (x, cos, sin) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
+        let d = l1.shape().dims().last().copied().unwrap_or(0);
+        let seq = l1.shape().dims().iter().rev().nth(1).copied().unwrap_or(1);
+        if d % 2 != 0 || cos.len() != seq * d || sin.len() != cos.len() {
+            candle_core::bail!("{op}: x {:?}, tables {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        pointwise::rope(x, cos, sin, d, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Rotary position embedding of `x (..., seq, d)` in interleaved pairs, with `cos` and `sin`
+/// tables of `seq x d` (any leading ones), on the CPU in f32: one pass where the composite
+/// (split, negate, concatenate, two products and a sum) makes six.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeOp)
 }
 
 struct GroupNormOp {

@@ -124,6 +124,37 @@ pub(crate) fn gated_residual(
         });
 }
 
+/// Rotary position embedding over rows of `d` (interleaved pairs `(re, im)`): `out[2i] = re
+/// cos[2i] - im sin[2i]`, `out[2i + 1] = im cos[2i + 1] + re sin[2i + 1]`, where row `r`
+/// takes the tables' row `r % positions` (`cos` and `sin` are `positions x d`).
+pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], d: usize, out: &mut [f32]) {
+    let positions = cos.len() / d;
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, (out, x))| {
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (i, (o, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                        let at = (task * ROWS_PER_TASK + i) % positions * d;
+                        let (cos, sin) = (&cos[at..at + d], &sin[at..at + d]);
+                        for (j, ((o, c), s)) in o
+                            .chunks_mut(2)
+                            .zip(cos.chunks(2))
+                            .zip(sin.chunks(2))
+                            .enumerate()
+                        {
+                            let (re, im) = (x[2 * j], x[2 * j + 1]);
+                            o[0] = re * c[0] - im * s[0];
+                            o[1] = im * c[1] + re * s[1];
+                        }
+                    }
+                },
+            )
+        });
+}
+
 /// The shape of a GroupNorm over `(images, channels, pixels)`: `groups` of channels.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Groups {
@@ -191,6 +222,30 @@ pub(crate) fn group_norm(
 mod tests {
     use super::*;
     use crate::test_data::{max_abs_diff, values};
+
+    #[test]
+    fn rope_matches_its_definition() {
+        let (rows, d, positions) = (37, 8, 5);
+        let x = values(rows * d, 1, 2.0);
+        let (cos, sin) = (values(positions * d, 2, 2.0), values(positions * d, 3, 2.0));
+        let mut out = vec![0f32; x.len()];
+        rope(&x, &cos, &sin, d, &mut out);
+        for r in 0..rows {
+            let t = (r % positions) * d;
+            for j in 0..d / 2 {
+                let (re, im) = (x[r * d + 2 * j], x[r * d + 2 * j + 1]);
+                let want = [
+                    re * cos[t + 2 * j] - im * sin[t + 2 * j],
+                    im * cos[t + 2 * j + 1] + re * sin[t + 2 * j + 1],
+                ];
+                assert_eq!(
+                    out[r * d + 2 * j..r * d + 2 * j + 2],
+                    want,
+                    "row {r}, pair {j}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn gelu_matches_its_definition() {

@@ -418,7 +418,11 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let env = Env::prefixed("KILN_").ignore(&["CONFIG"]).split("__");
+        // KILN_CONFIG names the file; KILN_BF16_KERNEL is read by the CPU kernels themselves
+        // (`kiln_engine::BF16_KERNEL_VARIABLE`), before any configuration.
+        let env = Env::prefixed("KILN_")
+            .ignore(&["CONFIG", "BF16_KERNEL"])
+            .split("__");
         // Keys reach maps in their original case; figment lowercases them afterwards anyway.
         let env = env.map(|key| route_table_key(&key.as_str().to_ascii_lowercase()).into());
         figment = figment.merge(env);

@@ -208,6 +208,9 @@ pub(crate) fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Rotates interleaved pairs of `x (batch, heads, seq, d)`, in f32 (diffusers'
 /// `apply_rotary_emb` with `use_real_unbind_dim=-1`).
 pub(crate) fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return kiln_kernels::ops::rope(x, &rope.cos, &rope.sin);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let (b, h, s, d) = xf.dims4()?;

@@ -3,9 +3,7 @@
 pub(crate) mod blocks;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
-use kiln_kernels::bf16::PackedB;
-use kiln_kernels::gemm::Matrix;
-use kiln_kernels::ops::Products;
+use kiln_kernels::ops::{PackedLinear, Products};
 use std::sync::Arc;
 
 /// A linear layer `x W^T + b`, dense, packed in bf16 for the CPU's bf16 products, or
@@ -13,11 +11,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(candle_nn::Linear),
-    /// `W^T` in bf16 tiles (half the memory of f32), for f32 activations on the CPU.
-    PackedBf16 {
-        weight: Arc<PackedB>,
-        bias: Option<Tensor>,
-    },
+    /// The weight in bf16 tiles (half the memory of f32), for f32 activations on the CPU.
+    PackedBf16(Arc<PackedLinear>),
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -35,23 +30,16 @@ impl Linear {
 
     /// A CPU layer whose `(out, in)` weight is packed in bf16 (the f32 `weight` is dropped).
     pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let w = weight
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let packed = PackedB::pack(Matrix::transposed(&w, k, n, k));
-        Ok(Linear::PackedBf16 {
-            weight: Arc::new(packed),
-            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
-        })
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let bias = bias.as_ref().map(f32s).transpose()?;
+        let packed = PackedLinear::new(&f32s(weight)?, weight.dims2()?, bias);
+        Ok(Linear::PackedBf16(Arc::new(packed)))
     }
 
     /// The precision of this layer's products, which the attention beside it shares.
     pub(crate) fn products(&self) -> Products {
         match self {
-            Linear::PackedBf16 { .. } => Products::Bf16,
+            Linear::PackedBf16(_) => Products::Bf16,
             Linear::Dense(_) | Linear::Quantized { .. } => Products::F32,
         }
     }
@@ -62,9 +50,7 @@ impl Linear {
                 kiln_kernels::ops::linear(x, l.weight(), l.bias())
             }
             Linear::Dense(l) => l.forward(x),
-            Linear::PackedBf16 { weight, bias } => {
-                kiln_kernels::ops::linear_bf16(x, weight, bias.as_ref())
-            }
+            Linear::PackedBf16(l) => l.forward(x),
             Linear::Quantized { weight, bias } => {
                 // candle's quantized kernels take f32 activations on every backend; the
                 // product is cast back to the compute dtype.
