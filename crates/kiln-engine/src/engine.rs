@@ -25,8 +25,8 @@ pub struct ModelConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceSpec,
-    /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU with bf16 instructions
-    /// (AMX or AVX512-BF16), f32 on other CPUs.
+    /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU with AMX tiles, f32 on
+    /// other CPUs (bf16 there needs AVX512-BF16, and is refused without it).
     #[serde(default)]
     pub precision: Option<Precision>,
     /// Default steps when a request gives none (else the checkpoint's).

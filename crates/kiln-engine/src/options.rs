@@ -163,11 +163,14 @@ impl Runtime {
 
 impl EngineOptions {
     /// The precision the checkpoint loads in: the configured one, else bf16 on CUDA and on a
-    /// CPU with bf16 instructions (AMX or AVX512-BF16), f32 on other CPUs.
+    /// CPU with AMX tiles, f32 on other CPUs. (On a CPU with AVX512-BF16 but no AMX, bf16 can
+    /// be configured, but kiln's AVX512-BF16 kernel is slower than its f32 products there:
+    /// 162 against 256 GFLOP/s on the development machine, BENCHMARKS.md.)
     pub fn precision(&self) -> Precision {
+        use kiln_kernels::bf16::{kernel, Bf16Kernel};
         self.precision.unwrap_or(match self.device {
             DeviceSpec::Cuda(_) => Precision::Bf16,
-            DeviceSpec::Cpu if kiln_kernels::bf16::kernel().is_some() => Precision::Bf16,
+            DeviceSpec::Cpu if kernel() == Some(Bf16Kernel::Amx) => Precision::Bf16,
             DeviceSpec::Cpu => Precision::F32,
         })
     }

@@ -20,6 +20,9 @@ use rayon::prelude::*;
 
 /// Bytes of scores per block of queries.
 const SCORES_BUDGET: usize = 32 << 20;
+/// The same in bf16, smaller: the scores are reread (softmax and packing) while they are still
+/// in the caches.
+const BF16_SCORES_BUDGET: usize = 4 << 20;
 
 /// `softmax(q k^T * scale) v` for contiguous `q (b, h, sq, d)`, `k, v (b, h, sk, d)`; the
 /// result is `(b, sq, h, d)`.
@@ -32,7 +35,11 @@ pub(crate) fn attend(
     products: Products,
 ) -> Vec<f32> {
     let mut out = vec![0f32; b * sq * h * d];
-    let block = (SCORES_BUDGET / (4 * sk.max(1))).clamp(1, sq.max(1));
+    let budget = match products {
+        Products::F32 => SCORES_BUDGET,
+        Products::Bf16 => BF16_SCORES_BUDGET,
+    };
+    let block = (budget / (4 * sk.max(1))).clamp(1, sq.max(1));
     let mut scores = vec![0f32; block * sk];
     for head in 0..b * h {
         let (bi, hi) = (head / h, head % h);

@@ -344,8 +344,14 @@ fn multiply_packed(
         return;
     }
     let out = Output(c.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(MC))
-        .flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC)))
+    // Smaller tasks where the product is small, so every thread has some (a product of 200
+    // rows by 128 columns would otherwise be one task).
+    let mut mc = MC;
+    while m.div_ceil(mc) * n.div_ceil(NC) < 4 * rayon::current_num_threads() && mc > 32 {
+        mc /= 2;
+    }
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(mc))
+        .flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * mc, j * NC)))
         .collect();
     tasks.into_par_iter().for_each(|(row, col)| {
         let task = Task {
@@ -356,7 +362,7 @@ fn multiply_packed(
             m,
             n,
             accumulate,
-            rows: row..(row + MC).min(m),
+            rows: row..(row + mc).min(m),
             cols: col..(col + NC).min(n),
         };
         // SAFETY: the kernel is available; the task's block is within C and its own.
