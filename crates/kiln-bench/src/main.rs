@@ -495,10 +495,9 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
         });
     }
     let precision = match (args.device, args.options().precision()) {
-        (DeviceSpec::Cpu, Precision::Bf16) => format!(
-            "bf16 (kiln: bf16 weights and products on {}, f32 activations)",
-            kiln_engine::cpu_bf16_kernel().unwrap_or("no bf16 kernel")
-        ),
+        (DeviceSpec::Cpu, Precision::Bf16) => {
+            format!("bf16 (kiln: {})", args.options().runtime()?.describe())
+        }
         (DeviceSpec::Cpu, p) => p.to_string(),
         (DeviceSpec::Cuda(_), p) => format!("{p} on {} (peak: GPU memory in use)", gpu_name()),
     };

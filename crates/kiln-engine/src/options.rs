@@ -134,16 +134,6 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// f32 on the CPU with f32 products: what tests and tools that compare with a reference
-    /// load in.
-    pub fn cpu_f32() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            products: Products::Native,
-        }
-    }
-
     /// `x` on this device in this dtype.
     pub(crate) fn put(&self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         Ok(x.to_device(&self.device)?.to_dtype(self.dtype)?)
@@ -155,7 +145,7 @@ impl Runtime {
             Products::Native => format!("{:?}", self.dtype),
             Products::CpuBf16 => format!(
                 "BF16 weights and products on {}, f32 activations",
-                kiln_kernels::bf16::kernel().map_or("no kernel", |k| k.name())
+                crate::cpu_bf16_kernel().unwrap_or("no kernel")
             ),
         }
     }

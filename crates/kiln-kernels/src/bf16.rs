@@ -21,7 +21,7 @@
 //! tiles (AMX) or registers.
 //! Blocks over the output's edge go through a 32x32 scratch.
 
-use crate::gemm::Matrix;
+use crate::gemm::{Matrix, Output};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -170,11 +170,6 @@ impl PackedB {
         self.n
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 2
-    }
-
     /// The tiles of column block `j` from row block `q` on.
     fn tiles(&self, j: usize, q: usize) -> *const u16 {
         self.data[(j * self.kb + q) * TILE..].as_ptr()
@@ -194,34 +189,20 @@ impl PackedA {
     /// Packs `a`, rounding each element to bf16.
     pub fn pack(a: Matrix) -> Self {
         assert!(a.fits(), "bf16 matmul: the left view runs past its data");
-        let mut packed = Self::zeros(a.rows, a.cols);
-        let kb = packed.kb;
-        if kb == 0 {
-            return packed;
-        }
-        // One 16-row block's tiles at a time, each row converted whole first.
-        packed
-            .data
-            .par_chunks_mut(kb * TILE)
-            .take(a.rows.div_ceil(16))
-            .enumerate()
-            .for_each_init(
-                || vec![0u16; kb * 32],
-                |row, (block, tiles)| {
-                    for r in 0..16.min(a.rows - block * 16) {
-                        let start = (block * 16 + r) * a.row_stride;
-                        if a.col_stride == 1 {
-                            convert_row(&a.data[start..start + a.cols], &mut row[..a.cols]);
-                        } else {
-                            for (j, out) in row[..a.cols].iter_mut().enumerate() {
-                                *out = to_bf16(a.data[start + j * a.col_stride]);
-                            }
-                        }
-                        scatter_row(row, tiles, r);
+        let blocks = (0..a.rows.div_ceil(16)).into_par_iter();
+        Self::build((a.rows, a.cols), blocks, |block, tiles, row| {
+            for r in 0..16.min(a.rows - block * 16) {
+                let start = (block * 16 + r) * a.row_stride;
+                if a.col_stride == 1 {
+                    convert_row(&a.data[start..start + a.cols], &mut row[..a.cols]);
+                } else {
+                    for (j, out) in row[..a.cols].iter_mut().enumerate() {
+                        *out = to_bf16(a.data[start + j * a.col_stride]);
                     }
-                },
-            );
-        packed
+                }
+                scatter_row(row, tiles, r);
+            }
+        })
     }
 
     /// Packs the `rows x cols` row-major `data` (rows `cols` apart), each row first passed to
@@ -233,25 +214,35 @@ impl PackedA {
         prepare: impl Fn(&mut [f32]) + Sync,
     ) -> Self {
         assert!(data.len() >= rows * cols, "pack_rows_with: too few values");
+        let blocks = data[..rows * cols].par_chunks_mut(16 * cols.max(1));
+        Self::build((rows, cols), blocks, |block, tiles, row| {
+            for (r, values) in block.chunks_mut(cols).enumerate() {
+                prepare(values);
+                convert_row(values, &mut row[..cols]);
+                scatter_row(row, tiles, r);
+            }
+        })
+    }
+
+    /// A `rows x cols` operand whose 16-row blocks `fill(source, tiles, row)` writes in
+    /// parallel, one `source` a block, with `row` a scratch row of the tiles' width.
+    fn build<S: Send>(
+        (rows, cols): (usize, usize),
+        sources: impl IndexedParallelIterator<Item = S>,
+        fill: impl Fn(S, &mut [u16], &mut [u16]) + Sync,
+    ) -> Self {
         let mut packed = Self::zeros(rows, cols);
         let kb = packed.kb;
-        if kb == 0 {
-            return packed;
+        if kb > 0 {
+            packed
+                .data
+                .par_chunks_mut(kb * TILE)
+                .zip(sources)
+                .for_each_init(
+                    || vec![0u16; kb * 32],
+                    |row, (tiles, source)| fill(source, tiles, row),
+                );
         }
-        packed
-            .data
-            .par_chunks_mut(kb * TILE)
-            .zip(data[..rows * cols].par_chunks_mut(16 * cols))
-            .for_each_init(
-                || vec![0u16; kb * 32],
-                |row, (tiles, block)| {
-                    for (r, values) in block.chunks_mut(cols).enumerate() {
-                        prepare(values);
-                        convert_row(values, &mut row[..cols]);
-                        scatter_row(row, tiles, r);
-                    }
-                },
-            );
         packed
     }
 
@@ -290,18 +281,10 @@ fn convert_row(x: &[f32], out: &mut [u16]) {
     }
 }
 
-/// A raw output pointer shared by the tasks, which write disjoint blocks.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-// SAFETY: every task writes its own rows x columns block.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
-
 /// `C = A B` (or `C += A B` when `accumulate`) with `C` row-major, rows `ldc` apart, on
 /// [`kernel`]. Panics where this CPU has no bf16 kernel: callers check [`kernel`] first.
 pub fn matmul(a: Matrix, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
-    let kernel = kernel().expect("bf16 matmul on a CPU without bf16 instructions");
-    matmul_with(kernel, a, b, c, ldc, accumulate)
+    matmul_packed(&PackedA::pack(a), b, c, ldc, accumulate)
 }
 
 /// [`matmul`] on a chosen kernel, which the CPU must have ([`available`]).
@@ -411,7 +394,7 @@ impl Task<'_> {
             for col in self.cols.clone().step_by(32) {
                 for row in self.rows.clone().step_by(32) {
                     let inside = row + 32 <= self.m && col + 32 <= self.n;
-                    let c = self.out.0.add(row * self.ldc + col);
+                    let c = self.out.at(row * self.ldc + col);
                     // At the right edge the second column block may not exist: any tiles
                     // will do there, the columns they make are not copied out.
                     let second = (col / 16 + 1).min(self.n.div_ceil(16) - 1);

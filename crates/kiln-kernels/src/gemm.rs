@@ -337,16 +337,16 @@ pub fn matmul_with(
 }
 
 /// The output pointer of a product whose parts run on several threads, each writing its own
-/// block of `C`.
+/// block of `C` (here and in [`crate::bf16`]).
 #[derive(Clone, Copy)]
-struct Output(*mut f32);
+pub(crate) struct Output(pub(crate) *mut f32);
 
 // SAFETY: the parts of a product write disjoint blocks of `C`.
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
 impl Output {
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: offsets stay within the checked output.
         unsafe { self.0.add(offset) }
     }

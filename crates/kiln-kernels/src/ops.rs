@@ -155,11 +155,6 @@ impl PackedLinear {
         }
         x.contiguous()?.apply_op1_no_bwd(self)
     }
-
-    /// Bytes held (the bf16 weight and the f32 bias).
-    pub fn bytes(&self) -> usize {
-        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
-    }
 }
 
 impl CustomOp1 for PackedLinear {
@@ -536,7 +531,7 @@ impl CustomOp3 for RopeOp {
         let (x, cos, sin) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
         let d = l1.shape().dims().last().copied().unwrap_or(0);
         let seq = l1.shape().dims().iter().rev().nth(1).copied().unwrap_or(1);
-        if d % 2 != 0 || cos.len() != seq * d || sin.len() != cos.len() {
+        if d == 0 || d % 2 != 0 || cos.len() != seq * d || sin.len() != cos.len() {
             candle_core::bail!("{op}: x {:?}, tables {:?}", l1.shape(), l2.shape());
         }
         let mut out = vec![0f32; x.len()];

@@ -214,20 +214,16 @@ impl ModelsConfig {
     /// precision must be one this machine can run (bf16 on a CPU without bf16 instructions is
     /// refused here, not at the first generation). An API node's own CPU does not matter.
     fn validate(&self, runs_models: bool) -> Result<(), ConfigError> {
-        let tables = [
-            (
-                "blackforestlabs/flux-1-1-pro/text-to-image",
-                &self.flux11_pro,
-            ),
-            (
-                "blackforestlabs/flux-2/flex/text-to-image",
-                &self.flux2_flex,
-            ),
-        ];
-        for (route, table) in tables {
-            if let Some(config) = table.as_ref().filter(|_| runs_models) {
+        // Each table is named after its text-to-image route.
+        let (pro, flex) = (
+            Route::Flux11ProTextToImage.id(),
+            Route::Flux2FlexTextToImage.id(),
+        );
+        if runs_models {
+            for (table, config) in [(pro, &self.flux11_pro), (flex, &self.flux2_flex)] {
+                let Some(config) = config else { continue };
                 config.check_precision().map_err(|message| {
-                    ConfigError::Invalid(format!("models.\"{route}\".precision: {message}"))
+                    ConfigError::Invalid(format!("models.\"{table}\".precision: {message}"))
                 })?;
             }
         }
@@ -241,18 +237,10 @@ impl ModelsConfig {
             .as_ref()
             .is_some_and(|c| c.prompt_expansion.is_some())
         {
-            return Err(misplaced(
-                "blackforestlabs/flux-1-1-pro/text-to-image",
-                "prompt_expansion",
-                "FLUX.2 [flex]",
-            ));
+            return Err(misplaced(pro, "prompt_expansion", "FLUX.2 [flex]"));
         }
         if self.flux2_flex.as_ref().is_some_and(|c| c.raw.is_some()) {
-            return Err(misplaced(
-                "blackforestlabs/flux-2/flex/text-to-image",
-                "raw",
-                "FLUX 1.1 [pro]",
-            ));
+            return Err(misplaced(flex, "raw", "FLUX 1.1 [pro]"));
         }
         Ok(())
     }
@@ -418,10 +406,11 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        // KILN_CONFIG names the file; KILN_BF16_KERNEL is read by the CPU kernels themselves
-        // (`kiln_engine::BF16_KERNEL_VARIABLE`), before any configuration.
+        // KILN_CONFIG names the file; the bf16 kernel's variable is read by the CPU kernels
+        // themselves, before any configuration.
+        let bf16_kernel = kiln_engine::BF16_KERNEL_VARIABLE.trim_start_matches("KILN_");
         let env = Env::prefixed("KILN_")
-            .ignore(&["CONFIG", "BF16_KERNEL"])
+            .ignore(&["CONFIG", bf16_kernel])
             .split("__");
         // Keys reach maps in their original case; figment lowercases them afterwards anyway.
         let env = env.map(|key| route_table_key(&key.as_str().to_ascii_lowercase()).into());
