@@ -7,6 +7,7 @@
 //! `tools/bench/diffusers_bench.py` for diffusers), so that each peak-memory figure is that
 //! workload's alone: the peak is reset once the weights are loaded and read after the last run.
 
+mod gguf;
 mod http;
 mod previews;
 mod queue;
@@ -90,6 +91,9 @@ enum Mode {
     Streams(streams::StreamsArgs),
     /// What live previews add to a generation of the demo checkpoint (see src/previews.rs).
     Previews(previews::PreviewsArgs),
+    /// kiln's GGUF path against stable-diffusion.cpp on one Q8_0 file of the random
+    /// checkpoint: time per step and peak memory (see src/gguf.rs).
+    Gguf(gguf::GgufArgs),
     /// Run one workload in this process and print its measurement as JSON (used by the
     /// benchmark itself).
     Child {
@@ -126,6 +130,14 @@ enum Workload {
     /// One generation of the demo checkpoint (64x64, its 8 steps, guidance against the empty prompt).
     #[value(name = "demo-generation")]
     DemoGeneration,
+    /// `transformer-512` with the transformer read from the Q8_0 GGUF copy of its weights
+    /// (`kiln-bench gguf` writes it and compares it with stable-diffusion.cpp).
+    #[value(name = "transformer-512-q8")]
+    Transformer512Q8,
+    /// The GGUF transformer's call and the 512x512 decode in one process (`kiln-bench gguf`'s
+    /// peak memory, comparable with a one-step stable-diffusion.cpp run).
+    #[value(name = "generation-512-q8")]
+    Generation512Q8,
 }
 
 const ALL: [Workload; 6] = [
@@ -151,7 +163,13 @@ impl Workload {
     /// Whether both sides compute the same tensor from the same inputs (the matrix product's
     /// operands and the demo's noise come from each side's own generator).
     fn comparable(self) -> bool {
-        !matches!(self, Workload::Matmul4096 | Workload::DemoGeneration)
+        !matches!(self, Workload::Matmul4096 | Workload::DemoGeneration) && self.diffusers_runs()
+    }
+
+    /// Whether `tools/bench/diffusers_bench.py` runs this workload (the GGUF ones have
+    /// stable-diffusion.cpp as their peer, in `kiln-bench gguf`).
+    fn diffusers_runs(self) -> bool {
+        !matches!(self, Workload::Transformer512Q8 | Workload::Generation512Q8)
     }
 }
 
@@ -191,6 +209,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(Mode::Streams(args)) = &cli.command {
         return streams::run(args);
     }
+    if let Some(Mode::Gguf(args)) = &cli.command {
+        return gguf::run(args);
+    }
     // The engine runs as it does in the service.
     kiln::allocator::reuse_freed_memory();
     let matrix_products = kiln_engine::load_cpu_kernels();
@@ -206,7 +227,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
-        Some(Mode::Http(_) | Mode::Queue(_) | Mode::Streams(_) | Mode::Previews(_)) => {
+        Some(
+            Mode::Http(_) | Mode::Queue(_) | Mode::Streams(_) | Mode::Previews(_) | Mode::Gguf(_),
+        ) => {
             unreachable!("handled above")
         }
         None => benchmark(&cli.run, &matrix_products),
@@ -250,9 +273,19 @@ fn child(
             let f = v.flops()?;
             (Box::new(move || Ok(v.run()?)), Some(f))
         }
-        Workload::Generation1024 => {
-            let t = TransformerCall::load(&paths, 1024, &rt)?;
-            let v = VaeDecode::load(&paths, 1024, &rt)?;
+        Workload::Transformer512Q8 => {
+            let t = TransformerCall::load_gguf(&gguf::gguf_file(work), &paths, 512, &rt)?;
+            let f = t.flops();
+            (Box::new(move || Ok(t.run()?)), Some(f))
+        }
+        Workload::Generation1024 | Workload::Generation512Q8 => {
+            let (t, side) = if workload == Workload::Generation1024 {
+                (TransformerCall::load(&paths, 1024, &rt)?, 1024)
+            } else {
+                let file = gguf::gguf_file(work);
+                (TransformerCall::load_gguf(&file, &paths, 512, &rt)?, 512)
+            };
+            let v = VaeDecode::load(&paths, side, &rt)?;
             let f = t.flops() + v.flops()?;
             (Box::new(move || Ok(v.decode_packed(&t.run()?)?)), Some(f))
         }
@@ -321,22 +354,42 @@ fn peak_memory() -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-fn python(args: &RunArgs) -> PathBuf {
-    args.python
-        .clone()
+fn python(given: Option<&Path>) -> PathBuf {
+    given
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("KILN_BENCH_PYTHON").map(PathBuf::from))
         .or_else(|| Some(PathBuf::from("/tmp/venv-ref/bin/python")).filter(|p| p.exists()))
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-/// The peer's script: in the checkout this runs from (a built binary copied to another
-/// machine with the repository), else where it was built.
-fn peer_script() -> PathBuf {
-    let here = Path::new("tools/bench/diffusers_bench.py");
+/// A script of `tools/bench/`: in the checkout this runs from (a built binary copied to
+/// another machine with the repository), else where it was built.
+fn tool_script(name: &str) -> PathBuf {
+    let here = Path::new("tools/bench").join(name);
     if here.is_file() {
-        return here.to_path_buf();
+        return here;
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/diffusers_bench.py")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools/bench")
+        .join(name)
+}
+
+/// This binary's `child` command for one workload.
+fn child_command(
+    w: Workload,
+    runs: usize,
+    work: &Path,
+    device: DeviceSpec,
+    precision: Option<Precision>,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["child", &w.name(), "--runs", &runs.to_string()])
+        .args(["--device", &device.to_string(), "--work"])
+        .arg(work);
+    if let Some(p) = precision {
+        cmd.args(["--precision", p.as_str()]);
+    }
+    Ok(cmd)
 }
 
 /// PyTorch's name for a device.
@@ -421,7 +474,7 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
         args.work.display()
     );
     write_checkpoint(&args.work, &SIDES)?;
-    let python = python(args);
+    let python = python(args.python.as_deref());
     let peer = if args.no_peer {
         None
     } else {
@@ -439,30 +492,16 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
             }
         }
     };
-    let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
     for &w in &workloads {
         eprintln!("{}: kiln", w.name());
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "child",
-            &w.name(),
-            "--runs",
-            &args.runs.to_string(),
-            "--device",
-            &args.device.to_string(),
-            "--work",
-        ])
-        .arg(&args.work);
-        if let Some(p) = args.precision {
-            cmd.args(["--precision", p.as_str()]);
-        }
+        let cmd = child_command(w, args.runs, &args.work, args.device, args.precision)?;
         let kiln = measure_on(cmd, &format!("kiln {}", w.name()), args.device)?;
         let peer = match &peer {
-            Some(py) => {
+            Some(py) if w.diffusers_runs() => {
                 eprintln!("{}: diffusers", w.name());
                 let mut cmd = Command::new(py);
-                cmd.arg(peer_script())
+                cmd.arg(tool_script("diffusers_bench.py"))
                     .args([
                         &w.name(),
                         "--runs",
@@ -481,7 +520,7 @@ fn benchmark(args: &RunArgs, matrix_products: &str) -> anyhow::Result<()> {
                 m.flops = kiln.flops;
                 Some(m)
             }
-            None => None,
+            _ => None,
         };
         let difference = match (&peer, w.comparable()) {
             (Some(_), true) => Some(compare(&args.work, w)?),

@@ -153,14 +153,14 @@ impl Runtime {
 
 impl EngineOptions {
     /// The precision the checkpoint loads in: the configured one, else bf16 on CUDA and on a
-    /// CPU with AMX tiles, f32 on other CPUs. (On a CPU with AVX512-BF16 but no AMX, bf16 can
-    /// be configured, but kiln's AVX512-BF16 kernel is slower than its f32 products there:
-    /// 162 against 256 GFLOP/s on the development machine, BENCHMARKS.md.)
+    /// CPU whose bf16 products beat its f32 ones (AMX tiles; AVX512-BF16 on AMD), f32 on other
+    /// CPUs. (An Intel CPU with AVX512-BF16 but no AMX can be configured for bf16, which halves
+    /// the weights' memory, but runs kiln's AVX512-BF16 kernel slower than its f32 products:
+    /// [`kiln_kernels::bf16::beats_f32`].)
     pub fn precision(&self) -> Precision {
-        use kiln_kernels::bf16::{kernel, Bf16Kernel};
         self.precision.unwrap_or(match self.device {
             DeviceSpec::Cuda(_) => Precision::Bf16,
-            DeviceSpec::Cpu if kernel() == Some(Bf16Kernel::Amx) => Precision::Bf16,
+            DeviceSpec::Cpu if kiln_kernels::bf16::beats_f32() => Precision::Bf16,
             DeviceSpec::Cpu => Precision::F32,
         })
     }

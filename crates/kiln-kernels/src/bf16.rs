@@ -98,6 +98,31 @@ fn detect() -> Option<Bf16Kernel> {
     }
 }
 
+/// Whether [`kernel`]'s bf16 products beat this CPU's f32 ones, so that bf16 should be its
+/// default precision. AMX: always (about 4x). AVX512-BF16: on AMD (Zen 4 and later run
+/// `vdpbf16ps` at the rate of an f32 FMA, with twice its multiply-adds: 391 against f32's 225
+/// GFLOP/s on the Zen 4 development machine), not on Intel (the Sapphire Rapids core, with AMX
+/// ruled out, ran it at half that rate: 162 against 256 GFLOP/s). BENCHMARKS.md has both.
+pub fn beats_f32() -> bool {
+    match kernel() {
+        Some(Bf16Kernel::Amx) => true,
+        Some(Bf16Kernel::Avx512Bf16) => is_amd(),
+        None => false,
+    }
+}
+
+fn is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 0: the vendor's name, which every x86-64 CPU answers.
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -659,6 +684,21 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::test_data::values;
+
+    /// The vendor read by `cpuid` is the one Linux reports, so the default precision follows
+    /// the CPU the machine has.
+    #[test]
+    fn the_vendor_is_the_one_linux_reports() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim());
+        assert_eq!(is_amd(), vendor == Some("AuthenticAMD"), "{vendor:?}");
+        if kernel() == Some(Bf16Kernel::Avx512Bf16) {
+            assert_eq!(beats_f32(), is_amd());
+        }
+    }
 
     /// `A B` in f64 from the bf16-rounded inputs: what a bf16 product with exact
     /// accumulation gives.

@@ -271,6 +271,12 @@ fn transformer_config(files: &CheckpointFiles, w: Weights) -> Result<(Transforme
             return Ok((TransformerConfig::from_diffusers_json(&text, &w)?, w));
         }
     }
+    bfl_transformer(w)
+}
+
+/// The configuration of a transformer stored with BFL's names (a single file or a GGUF), read
+/// from its tensors' shapes, and the weights with the map from kiln's names to BFL's.
+pub(crate) fn bfl_transformer(w: Weights) -> Result<(TransformerConfig, Weights)> {
     let prefix = w.bfl_prefix("FLUX.1")?;
     let cfg = TransformerConfig::infer_bfl(&w, prefix)?;
     let map = NameMap::BflTransformer {
