@@ -19,7 +19,7 @@
 use crate::{child_command, cpu_summary, measure, print_report, python, Measurement, Workload};
 use anyhow::{bail, Context};
 use kiln_engine::bench::{write_checkpoint, TEXT_TOKENS};
-use kiln_engine::DeviceSpec;
+use kiln_engine::{DeviceSpec, EngineOptions};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -218,7 +218,8 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "| kiln, the same weights dense (its default precision) | {:.2} | {} | - |",
+        "| kiln, the same weights dense in {} (its default here) | {:.2} | {} | - |",
+        EngineOptions::default().precision(),
         dense.median(),
         ratio(dense.median())
     );

@@ -25,8 +25,9 @@ pub struct ModelConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceSpec,
-    /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU with AMX tiles, f32 on
-    /// other CPUs (bf16 there needs AVX512-BF16, and is refused without it).
+    /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU whose bf16 products beat
+    /// its f32 ones (AMX tiles; AVX512-BF16 on AMD), f32 on other CPUs (bf16 there needs
+    /// AVX512-BF16, and is refused without it).
     #[serde(default)]
     pub precision: Option<Precision>,
     /// Default steps when a request gives none (else the checkpoint's).
