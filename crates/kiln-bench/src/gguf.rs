@@ -162,7 +162,10 @@ fn sdcpp_sampling(
 /// the kernel's accounting of the reaped child (`wait4`).
 fn run_with_peak(mut cmd: Command) -> anyhow::Result<(String, u64)> {
     let log = tempfile::NamedTempFile::new()?;
-    cmd.stdout(log.reopen()?).stderr(log.reopen()?);
+    // One open file for both streams (a duplicate shares the offset), so neither overwrites
+    // the other's lines.
+    let file = log.reopen()?;
+    cmd.stdout(file.try_clone()?).stderr(file);
     let child = cmd.spawn().context("starting sd-cli")?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
