@@ -163,7 +163,7 @@ impl Workload {
     /// Whether both sides compute the same tensor from the same inputs (the matrix product's
     /// operands and the demo's noise come from each side's own generator).
     fn comparable(self) -> bool {
-        !matches!(self, Workload::Matmul4096 | Workload::DemoGeneration) && self.diffusers_runs()
+        !matches!(self, Workload::Matmul4096 | Workload::DemoGeneration)
     }
 
     /// Whether `tools/bench/diffusers_bench.py` runs this workload (the GGUF ones have

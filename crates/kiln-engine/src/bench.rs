@@ -323,12 +323,7 @@ impl TransformerCall {
         let config = std::fs::read_to_string(paths.transformer.join("config.json"))
             .map_err(|e| Error::io(&paths.transformer, e))?;
         let cfg = TransformerConfig::from_diffusers_json(&config, &w)?;
-        Self::with_model(
-            FluxTransformer::load(cfg, &w, &mut |_| {})?,
-            paths,
-            side,
-            rt,
-        )
+        Self::with_model(cfg, &w, paths, side, rt)
     }
 
     /// The same call with the transformer read from a GGUF file in BFL's names, as the engine
@@ -340,20 +335,17 @@ impl TransformerCall {
         rt: &Runtime,
     ) -> Result<Self> {
         let (cfg, w) = crate::flux1::bfl_transformer(Weights::open_gguf(file, rt)?)?;
-        Self::with_model(
-            FluxTransformer::load(cfg, &w, &mut |_| {})?,
-            paths,
-            side,
-            rt,
-        )
+        Self::with_model(cfg, &w, paths, side, rt)
     }
 
     fn with_model(
-        model: FluxTransformer,
+        cfg: TransformerConfig,
+        w: &Weights,
         paths: &CheckpointPaths,
         side: usize,
         rt: &Runtime,
     ) -> Result<Self> {
+        let model = FluxTransformer::load(cfg, w, &mut |_| {})?;
         let inputs = read_inputs(paths, rt)?;
         let grid = side / 16;
         let rope = model.rope(TEXT_TOKENS, grid, grid, &rt.device)?;

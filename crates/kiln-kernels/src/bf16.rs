@@ -100,7 +100,7 @@ fn detect() -> Option<Bf16Kernel> {
 
 /// Whether [`kernel`]'s bf16 products beat this CPU's f32 ones, so that bf16 should be its
 /// default precision. AMX: always (about 4x). AVX512-BF16: on AMD (Zen 4 and later run
-/// `vdpbf16ps` at the rate of an f32 FMA, with twice its multiply-adds: 391 against f32's 225
+/// `vdpbf16ps` at the rate of an f32 FMA, with twice its multiply-adds: 391-432 against f32's 207
 /// GFLOP/s on the Zen 4 development machine), not on Intel (the Sapphire Rapids core, with AMX
 /// ruled out, ran it at half that rate: 162 against 256 GFLOP/s). BENCHMARKS.md has both.
 pub fn beats_f32() -> bool {
