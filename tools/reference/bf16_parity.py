@@ -11,8 +11,9 @@ their ratio.
     python3 tools/reference/bf16_parity.py --device cpu --kiln target/release/kiln --out DIR
 
 `--store` (CPU only) adds diffusers' bf16 final latents to each fixture's reference as
-`final_latents_bf16_cpu`, which the engine's parity tests hold kiln's CPU bf16 run against
-(the tests cannot run PyTorch).
+`final_latents_bf16_cpu`, and its bf16 VAE's decode of the f32 final latents as
+`image_bf16_cpu`, which the engine's parity tests hold kiln's CPU bf16 run against (the tests
+cannot run PyTorch).
 """
 
 import argparse
@@ -21,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
@@ -44,6 +46,18 @@ def diffusers_latents(config: str, ref: dict, device: str) -> torch.Tensor:
     return out.float().cpu()
 
 
+def diffusers_decode(config: str, ref: dict, final_latents: torch.Tensor) -> torch.Tensor:
+    """diffusers' VAE in bf16 on the CPU decoding the f32 reference's final latents: the image as
+    uint8 (height, width, 3), rounded as the reference's `image` is."""
+    pipe = FluxPipeline.from_pretrained(FIXTURES / f"{config}-diffusers", torch_dtype=torch.bfloat16,
+                                        low_cpu_mem_usage=False)
+    latents = pipe._unpack_latents(final_latents, ref["height"], ref["width"], pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents.to(torch.bfloat16), return_dict=False)[0]
+    image = pipe.image_processor.postprocess(image.float(), output_type="np")[0]
+    return torch.from_numpy((image * 255).round().astype(np.uint8))
+
+
 def kiln_latents(kiln: str, config: str, ref: dict, out: Path, device: str) -> torch.Tensor:
     dump = out / f"{config}-kiln-latents.safetensors"
     cmd = [kiln, "generate", "--model-dir", str(FIXTURES / f"{config}-diffusers"), "--device", device,
@@ -55,6 +69,13 @@ def kiln_latents(kiln: str, config: str, ref: dict, out: Path, device: str) -> t
         cmd += ["--guidance", str(ref["guidance"])]
     subprocess.run(cmd, check=True)
     return load_file(dump)["latents"].float()
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def main():
@@ -73,9 +94,15 @@ def main():
         with torch.inference_mode():
             theirs = diffusers_latents(config, ref, args.device)
         if args.store:
-            add_to_reference(FIXTURES, config, {"final_latents_bf16_cpu": theirs.reshape(want.shape).contiguous()},
-                             {"final_latents_bf16_cpu": f"diffusers {diffusers.__version__}, torch "
-                                                        f"{torch.__version__}, bf16 on the CPU"})
+            with torch.inference_mode():
+                image = diffusers_decode(config, ref, want)
+            # PyTorch's bf16 kernels differ by CPU (oneDNN's AMX ones against AVX512-BF16's), so
+            # the record names it.
+            source = f"diffusers {diffusers.__version__}, torch {torch.__version__}, bf16 on the CPU ({cpu_model()})"
+            add_to_reference(FIXTURES, config, {"final_latents_bf16_cpu": theirs.reshape(want.shape).contiguous(),
+                                                "image_bf16_cpu": image.contiguous()},
+                             {"final_latents_bf16_cpu": source,
+                              "image_bf16_cpu": source + ": the VAE decoding final_latents"})
         if not args.kiln:
             print(json.dumps(dict(fixture=config, diffusers_bf16_error=(theirs.reshape(want.shape) - want)
                                   .abs().max().item())), flush=True)

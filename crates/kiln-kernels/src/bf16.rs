@@ -170,13 +170,18 @@ impl PackedB {
         let (k, n) = (b.rows, b.cols);
         let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
         let mut data = vec![0u16; nb * kb * TILE];
-        // A column block at a time: each of its columns is walked down `k` once (a weight's
-        // row, contiguous for a linear layer's transpose) and spread over the tiles.
         data.par_chunks_mut(kb * TILE)
             .enumerate()
             .for_each(|(j, column_block)| {
-                for c in 0..16.min(n - j * 16) {
-                    let start = (j * 16 + c) * b.col_stride;
+                let (col, cols) = (j * 16, 16.min(n - j * 16));
+                if b.col_stride == 1 {
+                    pack_row_pairs(&b, col, cols, column_block);
+                    return;
+                }
+                // Each column is walked down `k` once (a weight's row, contiguous for a
+                // linear layer's transpose) and spread over the tiles.
+                for c in 0..cols {
+                    let start = (col + c) * b.col_stride;
                     for row in 0..k {
                         let (q, r, p) = (row / 32, (row % 32) / 2, row % 2);
                         column_block[q * TILE + r * 32 + 2 * c + p] =
@@ -185,6 +190,29 @@ impl PackedB {
                 }
             });
         Self { k, n, kb, data }
+    }
+
+    /// A `k x n` operand of zeros, to be written by [`PackedB::row_pairs`].
+    pub(crate) fn zeros(k: usize, n: usize) -> Self {
+        let kb = k.div_ceil(32);
+        Self {
+            k,
+            n,
+            kb,
+            data: vec![0u16; n.div_ceil(16) * kb * TILE],
+        }
+    }
+
+    /// A writer of this operand's rows, two at a time, from several threads.
+    pub(crate) fn row_pairs(&mut self) -> RowPairWriter<'_> {
+        RowPairWriter {
+            data: self.data.as_mut_ptr(),
+            k: self.k,
+            n: self.n,
+            kb: self.kb,
+            fast: has_interleave(),
+            _packed: std::marker::PhantomData,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -198,6 +226,106 @@ impl PackedB {
     /// The tiles of column block `j` from row block `q` on.
     fn tiles(&self, j: usize, q: usize) -> *const u16 {
         self.data[(j * self.kb + q) * TILE..].as_ptr()
+    }
+}
+
+/// Columns `col..col + cols` (at most 16) of a row-major `b` into their column block's tiles,
+/// two rows at a time: a tile row interleaves two consecutive rows' values, so both are read in
+/// order (walking each column down `k` would touch a cache line per value).
+fn pack_row_pairs(b: &Matrix, col: usize, cols: usize, tiles: &mut [u16]) {
+    let row = |i: usize| &b.data[i * b.row_stride + col..][..cols];
+    // The last, unpaired row of an odd `k` is paired with zeros.
+    let zeros = [0f32; 16];
+    for pair in 0..b.rows.div_ceil(2) {
+        let out = &mut tiles[(pair / 16) * TILE + (pair % 16) * 32..][..2 * cols];
+        let odd = if 2 * pair + 1 < b.rows {
+            row(2 * pair + 1)
+        } else {
+            &zeros[..cols]
+        };
+        interleave(row(2 * pair), odd, out);
+    }
+}
+
+/// `out[2c] = bf16(even[c])`, `out[2c + 1] = bf16(odd[c])` for two rows' `n <= 16` values:
+/// (part of) one tile row of a packed right operand.
+fn interleave(even: &[f32], odd: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_interleave() {
+        // SAFETY: the CPU has the instructions; `avx512::interleave` checks the lengths.
+        return unsafe { avx512::interleave(even, odd, out) };
+    }
+    for ((o, &e), &d) in out.chunks_exact_mut(2).zip(even).zip(odd) {
+        o[0] = to_bf16(e);
+        o[1] = to_bf16(d);
+    }
+}
+
+/// Whether [`avx512::interleave`] runs here.
+fn has_interleave() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return has_avx512_bf16() && std::arch::is_x86_feature_detected!("avx512bw");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Writes a [`PackedB`]'s rows from several threads at once, two rows at a time: Winograd's
+/// input transform writes its bf16 operands through it directly, a channel pair per thread,
+/// with no f32 copy in between.
+pub(crate) struct RowPairWriter<'a> {
+    data: *mut u16,
+    k: usize,
+    n: usize,
+    kb: usize,
+    /// Whether AVX512-BF16's conversion (and AVX512-BW's shuffle) interleave the rows.
+    fast: bool,
+    _packed: std::marker::PhantomData<&'a mut PackedB>,
+}
+
+// SAFETY: the writer's users write disjoint rows (`RowPairWriter::write`).
+unsafe impl Send for RowPairWriter<'_> {}
+unsafe impl Sync for RowPairWriter<'_> {}
+
+impl RowPairWriter<'_> {
+    /// Columns `col..col + even.len()` of rows `2 pair` (`even`) and `2 pair + 1` (`odd`,
+    /// as long; zeros where `k` is odd and this is its last pair).
+    ///
+    /// # Safety
+    /// No other thread writes rows `2 pair` and `2 pair + 1` at these columns meanwhile.
+    pub(crate) unsafe fn write(&self, pair: usize, col: usize, even: &[f32], odd: &[f32]) {
+        assert!(2 * pair < self.k && col + even.len() <= self.n && odd.len() == even.len());
+        #[cfg(target_arch = "x86_64")]
+        if self.fast {
+            // SAFETY: the CPU has the instructions; the caller's promise is passed on.
+            return unsafe { avx512::write_row_pairs(self, pair, col, even, odd) };
+        }
+        // SAFETY: as above.
+        unsafe { self.write_pieces(pair, col, even, odd, interleave) }
+    }
+
+    /// [`RowPairWriter::write`] a column block's piece at a time, by `interleave`.
+    #[inline(always)]
+    unsafe fn write_pieces(
+        &self,
+        pair: usize,
+        col: usize,
+        even: &[f32],
+        odd: &[f32],
+        interleave: impl Fn(&[f32], &[f32], &mut [u16]),
+    ) {
+        let end = col + even.len();
+        let (q, r) = (pair / 16, pair % 16);
+        let mut c = col;
+        while c < end {
+            // Up to the end of column block `c / 16`.
+            let stop = ((c / 16 + 1) * 16).min(end);
+            let start = ((c / 16) * self.kb + q) * TILE + r * 32 + 2 * (c % 16);
+            // SAFETY: within the packed data (the caller checked); this pair's alone.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(self.data.add(start), 2 * (stop - c)) };
+            interleave(&even[c - col..stop - col], &odd[c - col..stop - col], out);
+            c = stop;
+        }
     }
 }
 
@@ -642,6 +770,45 @@ mod avx512 {
         }
     }
 
+    /// `out[2c] = bf16(even[c])`, `out[2c + 1] = bf16(odd[c])` for the rows' `n <= 16` values:
+    /// one tile row of a packed right operand.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn write_row_pairs(
+        w: &super::RowPairWriter,
+        pair: usize,
+        col: usize,
+        even: &[f32],
+        odd: &[f32],
+    ) {
+        // SAFETY: the caller's promise; `interleave` is inlined here, with its features.
+        unsafe { w.write_pieces(pair, col, even, odd, |e, o, out| interleave(e, o, out)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    pub(super) unsafe fn interleave(even: &[f32], odd: &[f32], out: &mut [u16]) {
+        let n = even.len();
+        assert!(n <= 16 && odd.len() == n && out.len() == 2 * n);
+        // Lane c of the pair's conversion holds even[c], lane 16 + c odd[c].
+        const ORDER: [u16; 32] = {
+            let mut order = [0u16; 32];
+            let mut c = 0;
+            while c < 16 {
+                order[2 * c] = c as u16;
+                order[2 * c + 1] = 16 + c as u16;
+                c += 1;
+            }
+            order
+        };
+        let mask = ((1u32 << n) - 1) as __mmask16;
+        let e = _mm512_maskz_loadu_ps(mask, even.as_ptr());
+        let o = _mm512_maskz_loadu_ps(mask, odd.as_ptr());
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
+        let pairs = _mm512_permutexvar_epi16(_mm512_loadu_si512(ORDER.as_ptr().cast()), both);
+        let out_mask = ((1u64 << (2 * n)) - 1) as __mmask32;
+        _mm512_mask_storeu_epi16(out.as_mut_ptr().cast(), out_mask, pairs);
+    }
+
     /// f32 to bf16, round to nearest even, 16 at a time.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn convert(x: &[f32], out: &mut [u16]) {
@@ -731,6 +898,61 @@ mod tests {
         let x = values(37, 5, 1.0);
         convert_row(&x, &mut out);
         assert!(out.iter().zip(&x).all(|(&o, &v)| o == to_bf16(v)));
+    }
+
+    /// Packing a row-major `B` two rows at a time lays out the same tiles as walking the
+    /// columns of its transposed copy, odd `k` and partial column blocks included.
+    #[test]
+    fn row_major_and_transposed_views_pack_alike() {
+        for (k, n) in [(1, 1), (3, 17), (64, 32), (77, 50), (33, 16)] {
+            let b = values(k * n, 3, 1.0);
+            let mut bt = vec![0f32; n * k];
+            for (i, row) in b.chunks(n).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    bt[j * k + i] = v;
+                }
+            }
+            let plain = PackedB::pack(Matrix::row_major(&b, k, n, n));
+            let walked = PackedB::pack(Matrix::transposed(&bt, k, n, k));
+            assert_eq!(
+                (plain.k, plain.n, plain.kb),
+                (walked.k, walked.n, walked.kb)
+            );
+            assert!(plain.data == walked.data, "k {k}, n {n}");
+        }
+    }
+
+    /// Rows written a pair at a time, in pieces that cross column blocks, make the same tiles
+    /// as packing the whole matrix.
+    #[test]
+    fn row_pairs_written_in_pieces_pack_alike() {
+        let (k, n) = (37, 45);
+        let b = values(k * n, 4, 1.0);
+        let mut written = PackedB::zeros(k, n);
+        let writer = written.row_pairs();
+        let zeros = vec![0f32; n];
+        for pair in 0..k.div_ceil(2) {
+            let row = |i: usize| {
+                if i < k {
+                    &b[i * n..(i + 1) * n]
+                } else {
+                    &zeros[..]
+                }
+            };
+            for (start, end) in [(0, 7), (7, 40), (40, 45)] {
+                // SAFETY: one thread writes.
+                unsafe {
+                    writer.write(
+                        pair,
+                        start,
+                        &row(2 * pair)[start..end],
+                        &row(2 * pair + 1)[start..end],
+                    )
+                };
+            }
+        }
+        let packed = PackedB::pack(Matrix::row_major(&b, k, n, n));
+        assert!(written.data == packed.data);
     }
 
     /// Every kernel this CPU has, on sizes with and without edges, on plain and transposed

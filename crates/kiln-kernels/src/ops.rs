@@ -286,18 +286,8 @@ impl CustomOp3 for Conv2dOp {
                 if (kh, kw, p) != (3, 3, 1) {
                     candle_core::bail!("conv2d: Winograd F(2x2, 3x3) takes 3x3 kernels, padding 1");
                 }
-                let filters = winograd::transform_filters(w, cout, cin);
-                let shape = winograd::Planes {
-                    cin,
-                    cout,
-                    height: h,
-                    width: wd,
-                };
-                let mut out = vec![0f32; n * cout * h * wd];
-                for (img, dst) in x.chunks(cin * h * wd).zip(out.chunks_mut(cout * h * wd)) {
-                    winograd::conv3x3(img, &filters, bias, shape, budget, dst);
-                }
-                return Ok((CpuStorage::F32(out), Shape::from((n, cout, h, wd))));
+                let filters = winograd::Filters::f32(w, cout, cin);
+                return Ok(winograd_images(x, &filters, bias, (n, cin, h, wd), budget));
             }
         };
         let (ho, wo) = (h + 2 * p + 1 - kh, wd + 2 * p + 1 - kw);
@@ -365,6 +355,84 @@ impl CustomOp3 for Conv2dOp {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+    }
+}
+
+/// Winograd's 3x3 convolution (padding 1) of each of the `n` images of `x (n, cin, h, w)`.
+fn winograd_images(
+    x: &[f32],
+    filters: &winograd::Filters,
+    bias: &[f32],
+    (n, cin, h, w): (usize, usize, usize, usize),
+    budget: usize,
+) -> (CpuStorage, Shape) {
+    let cout = bias.len();
+    let shape = winograd::Planes {
+        cin,
+        cout,
+        height: h,
+        width: w,
+    };
+    let mut out = vec![0f32; n * cout * h * w];
+    for (img, dst) in x.chunks(cin * h * w).zip(out.chunks_mut(cout * h * w)) {
+        winograd::conv3x3(img, filters, bias, shape, budget, dst);
+    }
+    (CpuStorage::F32(out), Shape::from((n, cout, h, w)))
+}
+
+/// A 3x3 convolution with stride 1 and padding 1 (a VAE's) whose products run on the CPU's
+/// bf16 instructions: Winograd's F(2x2, 3x3) with the transformed filters rounded to bf16 and
+/// packed once, at load; inputs, transforms, sums and outputs stay f32.
+pub struct PackedConv3x3 {
+    filters: winograd::Filters,
+    cin: usize,
+    bias: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedConv3x3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedConv3x3({} -> {}, bf16)",
+            self.cin,
+            self.bias.len()
+        )
+    }
+}
+
+impl PackedConv3x3 {
+    /// From a row-major `weight (cout, cin, 3, 3)` and `bias (cout)`.
+    pub fn new(weight: &[f32], (cout, cin): (usize, usize), bias: Vec<f32>) -> Self {
+        assert_eq!(weight.len(), cout * cin * 9, "a (cout, cin, 3, 3) weight");
+        assert_eq!(bias.len(), cout, "bias of {cout} values");
+        Self {
+            filters: winograd::Filters::bf16(weight, cout, cin),
+            cin,
+            bias,
+        }
+    }
+
+    /// The convolution of f32 `x (n, cin, h, w)` on the CPU.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if bf16::kernel().is_none() {
+            candle_core::bail!("bf16 conv2d: this CPU has no bf16 instructions");
+        }
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for PackedConv3x3 {
+    fn name(&self) -> &'static str {
+        "kiln-conv3x3-bf16"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        if dims.1 != self.cin {
+            candle_core::bail!("conv2d: input {:?}, {self:?}", l.shape());
+        }
+        let x = contiguous(s, l, "bf16 conv2d")?;
+        let budget = winograd::BLOCK_BUDGET;
+        Ok(winograd_images(x, &self.filters, &self.bias, dims, budget))
     }
 }
 
@@ -711,5 +779,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bf16 Winograd convolution against candle's f32 one: the transformed filters and
+    /// inputs are rounded to bf16 (relative error 2^-9 each), and the transforms' sums widen
+    /// that by a small factor, so every output lies within a small multiple of bf16's rounding
+    /// of `|b| + sum |w| |x|`; odd sizes, channels over one 32-wide tile, and the same result
+    /// in several blocks as in one.
+    #[test]
+    fn bf16_winograd_stays_within_bf16_rounding_of_the_direct_convolution() {
+        if bf16::kernel().is_none() {
+            eprintln!("SKIPPED: this CPU has neither AMX-BF16 nor AVX512-BF16");
+            return;
+        }
+        let dev = &Device::Cpu;
+        let elements = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut worst = 0f32;
+        for (cin, cout, h, w) in [(3, 5, 9, 7), (40, 33, 13, 18), (64, 70, 1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, dev).unwrap();
+            let conv = PackedConv3x3::new(&elements(&wt), (cout, cin), elements(&b));
+            let got = conv.forward(&x).unwrap();
+            // Two tile rows per block (13 rows: 7 tile rows, the last block holds one): each
+            // tile's sums are the same, in the same order, as in one block.
+            let budget = 2 * 4 * 16 * (cin + cout) * w.div_ceil(2);
+            let (blocked, _) = winograd_images(
+                &elements(&x),
+                &conv.filters,
+                &conv.bias,
+                (2, cin, h, w),
+                budget,
+            );
+            assert!(matches!(&blocked, CpuStorage::F32(v) if *v == elements(&got)));
+            let direct = |x: &Tensor, wt: &Tensor, b: &Tensor| {
+                x.conv2d(wt, 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap()
+            };
+            let want = direct(&x, &wt, &b);
+            assert_eq!(got.dims(), want.dims());
+            let magnitudes = direct(&x.abs().unwrap(), &wt.abs().unwrap(), &b.abs().unwrap());
+            let unit_roundoff = 2f32.powi(-9);
+            for ((got, want), size) in elements(&got)
+                .into_iter()
+                .zip(elements(&want))
+                .zip(elements(&magnitudes))
+            {
+                let ratio = (got - want).abs() / (unit_roundoff * size);
+                worst = worst.max(ratio);
+                assert!(ratio <= 8.0, "{cin} {cout} {h} {w}: {got} against {want}");
+            }
+        }
+        eprintln!("worst error: {worst} x bf16's rounding of the magnitudes");
     }
 }

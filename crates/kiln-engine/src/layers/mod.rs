@@ -3,7 +3,7 @@
 pub(crate) mod blocks;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
-use kiln_kernels::ops::{PackedLinear, Products};
+use kiln_kernels::ops::{PackedConv3x3, PackedLinear, Products};
 use std::sync::Arc;
 
 /// A linear layer `x W^T + b`, dense, packed in bf16 for the CPU's bf16 products, or
@@ -67,9 +67,15 @@ impl Linear {
     }
 }
 
-/// A 2-D convolution: kiln's CPU kernel for stride 1 in f32, candle's otherwise.
+/// A 2-D convolution: kiln's CPU kernel for stride 1 in f32, candle's otherwise, or a 3x3 one
+/// whose products run on the CPU's bf16 instructions.
 #[derive(Debug, Clone)]
-pub(crate) struct Conv2d(candle_nn::Conv2d);
+pub(crate) enum Conv2d {
+    Dense(candle_nn::Conv2d),
+    /// Stride 1, padding 1, 3x3: Winograd's filters packed in bf16 at load (the f32 weight is
+    /// dropped), for f32 activations on the CPU.
+    PackedBf16(Arc<PackedConv3x3>),
+}
 
 impl Conv2d {
     pub(crate) fn new(weight: Tensor, bias: Tensor, padding: usize, stride: usize) -> Self {
@@ -78,16 +84,38 @@ impl Conv2d {
             stride,
             ..Default::default()
         };
-        Self(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+        Conv2d::Dense(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+    }
+
+    /// A convolution for the CPU's bf16 products where its shape has a bf16 kernel (3x3,
+    /// padding 1, stride 1: every one of a VAE's but its 1x1 shortcuts and strided
+    /// downsamplers), else a dense one.
+    pub(crate) fn packed_bf16(
+        weight: Tensor,
+        bias: Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (cout, cin, kh, kw) = weight.dims4()?;
+        if (kh, kw, padding, stride) != (3, 3, 1, 1) {
+            return Ok(Self::new(weight, bias, padding, stride));
+        }
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let packed = PackedConv3x3::new(&f32s(&weight)?, (cout, cin), f32s(&bias)?);
+        Ok(Conv2d::PackedBf16(Arc::new(packed)))
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let cfg = self.0.config();
-        match self.0.bias() {
+        let conv = match self {
+            Conv2d::Dense(conv) => conv,
+            Conv2d::PackedBf16(conv) => return conv.forward(x),
+        };
+        let cfg = conv.config();
+        match conv.bias() {
             Some(b) if cfg.stride == 1 && on_cpu_in_f32(x) => {
-                kiln_kernels::ops::conv2d(x, self.0.weight(), b, cfg.padding)
+                kiln_kernels::ops::conv2d(x, conv.weight(), b, cfg.padding)
             }
-            _ => self.0.forward(x),
+            _ => conv.forward(x),
         }
     }
 }

@@ -5,7 +5,7 @@ pub(crate) mod flux2;
 
 use crate::error::{Error, Result};
 use crate::layers::blocks::count_indexed;
-use crate::layers::{attention, Conv2d, GroupNorm, Linear};
+use crate::layers::{attention_in, Conv2d, GroupNorm, Linear};
 use crate::weights::Weights;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -87,12 +87,7 @@ fn conv(w: &Weights, p: &str, padding: usize) -> Result<Conv2d> {
 }
 
 fn conv_strided(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
-    Ok(Conv2d::new(
-        w.tensor(&format!("{p}.weight"))?,
-        w.tensor(&format!("{p}.bias"))?,
-        padding,
-        stride,
-    ))
+    w.conv2d(p, padding, stride)
 }
 
 fn group_norm(w: &Weights, p: &str, channels: usize, groups: usize) -> Result<GroupNorm> {
@@ -160,10 +155,7 @@ impl PixelAttention {
             let weight = w
                 .tensor(&format!("{p}.{n}.weight"))?
                 .reshape((channels, channels))?;
-            Ok(Linear::dense(
-                weight,
-                Some(w.tensor(&format!("{p}.{n}.bias"))?),
-            ))
+            w.dense_linear(weight, Some(w.tensor(&format!("{p}.{n}.bias"))?))
         };
         Ok(Self {
             norm: group_norm(w, &format!("{p}.group_norm"), channels, groups)?,
@@ -182,7 +174,10 @@ impl PixelAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .unsqueeze(1)?;
-        let a = attention(
+        // The products of the scores and the weighted values run in the projections'
+        // precision, as the transformer's attention does.
+        let a = attention_in(
+            self.q.products(),
             &self.q.forward(&n)?,
             &self.k.forward(&n)?,
             &self.v.forward(&n)?,

@@ -8,7 +8,7 @@
 //! Every tensor is converted straight from the mapped pages into its device storage.
 
 use crate::error::{Error, Result};
-use crate::layers::Linear;
+use crate::layers::{Conv2d, Linear};
 use crate::options::{Products, Runtime};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
@@ -202,11 +202,28 @@ impl Weights {
                 let qt = quantized(q, &raw.bytes, &raw.shape, &self.device)?;
                 Ok(Linear::quantized(QMatMul::from_qtensor(qt)?, bias))
             }
-            Encoding::Dense(_) => match self.products {
-                Products::Native => Ok(Linear::dense(self.tensor(&w_name)?, bias)),
-                Products::CpuBf16 => Ok(Linear::packed_bf16(&self.tensor(&w_name)?, bias)?),
-            },
+            Encoding::Dense(_) => self.dense_linear(self.tensor(&w_name)?, bias),
         }
+    }
+
+    /// A linear layer from a dense `(out, in)` weight read (and reshaped) by the caller,
+    /// packed in bf16 where the products are the CPU's bf16 ones.
+    pub(crate) fn dense_linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(match self.products {
+            Products::Native => Linear::dense(weight, bias),
+            Products::CpuBf16 => Linear::packed_bf16(&weight, bias)?,
+        })
+    }
+
+    /// `{prefix}.weight` and `{prefix}.bias` as a 2-D convolution, whose 3x3 filters are packed
+    /// in bf16 where the products are the CPU's bf16 ones.
+    pub(crate) fn conv2d(&self, prefix: &str, padding: usize, stride: usize) -> Result<Conv2d> {
+        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        let bias = self.tensor(&format!("{prefix}.bias"))?;
+        Ok(match self.products {
+            Products::Native => Conv2d::new(weight, bias, padding, stride),
+            Products::CpuBf16 => Conv2d::packed_bf16(weight, bias, padding, stride)?,
+        })
     }
 
     fn source(&self, name: &str) -> Option<Source> {
