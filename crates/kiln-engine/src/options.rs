@@ -119,8 +119,9 @@ pub enum Products {
     /// Weights in the compute dtype, multiplied in it (by kiln's f32 kernels on the CPU, by
     /// candle's elsewhere).
     Native,
-    /// On the CPU in bf16: weights packed once in bf16 tiles, every linear layer's and the
-    /// transformer attention's products on the CPU's bf16 instructions with f32 sums
+    /// On the CPU in bf16: weights (and the VAE's Winograd-transformed 3x3 filters) packed once
+    /// in bf16 tiles, the products of every linear layer, of the transformer's and the VAE's
+    /// attention and of the VAE's 3x3 convolutions on the CPU's bf16 instructions with f32 sums
     /// (`kiln_kernels::bf16`), while activations, norms, softmax and the sampler stay f32.
     CpuBf16,
 }

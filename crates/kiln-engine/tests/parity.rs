@@ -372,6 +372,13 @@ fn bf16_precision_stays_close_to_f32_reference() {
     assert!(err <= 0.05 * scale, "bf16 velocity error {err}");
 }
 
+/// A fixture's reference and its diffusers-layout checkpoint loaded with `options`.
+fn reference_and_pipeline(config: &str, options: &EngineOptions) -> (Reference, Flux1Pipeline) {
+    let dir = fixtures().join(format!("{config}-diffusers"));
+    let p = Flux1Pipeline::load(&dir, options, &mut |_| {}).unwrap();
+    (Reference::load(config), p)
+}
+
 /// The tolerance of kiln's bf16: over a whole generation from the reference's initial latents,
 /// its error against the f32 reference is at most 1.25x diffusers' own bf16 error on the CPU
 /// (`final_latents_bf16_cpu`, stored by `tools/reference/bf16_parity.py --store`).
@@ -381,9 +388,7 @@ fn bf16_generations_err_no_more_than_diffusers_bf16() {
         return;
     };
     for config in ["dev", "schnell"] {
-        let r = Reference::load(config);
-        let dir = fixtures().join(format!("{config}-diffusers"));
-        let p = Flux1Pipeline::load(&dir, &options, &mut |_| {}).unwrap();
+        let (r, p) = reference_and_pipeline(config, &options);
         let req = PipelineRequest {
             prompt: r.json["prompt"].as_str().unwrap().to_string(),
             width: r.u32("width"),
@@ -427,9 +432,7 @@ fn bf16_decode_errs_no_more_than_diffusers_bf16_vae() {
         return;
     };
     for config in ["dev", "schnell"] {
-        let r = Reference::load(config);
-        let dir = fixtures().join(format!("{config}-diffusers"));
-        let p = Flux1Pipeline::load(&dir, &options, &mut |_| {}).unwrap();
+        let (r, p) = reference_and_pipeline(config, &options);
         let image = p
             .decode(r.t("final_latents"), r.u32("width"), r.u32("height"))
             .unwrap();
