@@ -278,6 +278,7 @@ pub(crate) struct RowPairWriter<'a> {
     n: usize,
     kb: usize,
     /// Whether AVX512-BF16's conversion (and AVX512-BW's shuffle) interleave the rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fast: bool,
     _packed: std::marker::PhantomData<&'a mut PackedB>,
 }
@@ -770,8 +771,8 @@ mod avx512 {
         }
     }
 
-    /// `out[2c] = bf16(even[c])`, `out[2c + 1] = bf16(odd[c])` for the rows' `n <= 16` values:
-    /// one tile row of a packed right operand.
+    /// [`super::RowPairWriter::write`] compiled with the instructions `interleave` needs, so
+    /// that it inlines into the loop over column blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn write_row_pairs(
         w: &super::RowPairWriter,
@@ -784,6 +785,9 @@ mod avx512 {
         unsafe { w.write_pieces(pair, col, even, odd, |e, o, out| interleave(e, o, out)) }
     }
 
+    /// `out[2c] = bf16(even[c])`, `out[2c + 1] = bf16(odd[c])` for the rows' `n <= 16` values:
+    /// (part of) one tile row of a packed right operand, by one two-register conversion and one
+    /// word shuffle.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     pub(super) unsafe fn interleave(even: &[f32], odd: &[f32], out: &mut [u16]) {
@@ -923,13 +927,23 @@ mod tests {
     }
 
     /// Rows written a pair at a time, in pieces that cross column blocks, make the same tiles
-    /// as packing the whole matrix.
+    /// as packing the whole matrix, by the AVX-512 interleave (where the CPU has it) and by the
+    /// portable one.
     #[test]
     fn row_pairs_written_in_pieces_pack_alike() {
         let (k, n) = (37, 45);
         let b = values(k * n, 4, 1.0);
-        let mut written = PackedB::zeros(k, n);
-        let writer = written.row_pairs();
+        let packed = PackedB::pack(Matrix::row_major(&b, k, n, n));
+        for fast in [has_interleave(), false] {
+            let mut written = PackedB::zeros(k, n);
+            let mut writer = written.row_pairs();
+            writer.fast = fast;
+            write_in_pieces(&writer, &b, (k, n));
+            assert!(written.data == packed.data, "fast: {fast}");
+        }
+    }
+
+    fn write_in_pieces(writer: &RowPairWriter, b: &[f32], (k, n): (usize, usize)) {
         let zeros = vec![0f32; n];
         for pair in 0..k.div_ceil(2) {
             let row = |i: usize| {
@@ -951,8 +965,6 @@ mod tests {
                 };
             }
         }
-        let packed = PackedB::pack(Matrix::row_major(&b, k, n, n));
-        assert!(written.data == packed.data);
     }
 
     /// Every kernel this CPU has, on sizes with and without edges, on plain and transposed

@@ -11,6 +11,9 @@
 //!    `[cout][16][cin]`, so that each `U_xi` and `V_xi` is a strided matrix BLAS reads in place;
 //! 3. output transform `Y = A^T M A` plus the bias, written straight into the output planes.
 //!
+//! For bf16 products ([`Filters::Bf16`]) step 1 writes each `V_xi` straight into the packed
+//! bf16 layout the bf16 kernels read, and step 2 runs on them; the transforms stay f32.
+//!
 //! The transforms' entries are 0, +-1 and +-1/2, so the rounding error stays within a small
 //! multiple of the direct convolution's (checked in the tests against candle's).
 
