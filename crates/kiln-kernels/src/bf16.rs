@@ -168,9 +168,11 @@ impl PackedB {
     pub fn pack(b: Matrix) -> Self {
         assert!(b.fits(), "PackedB::pack: the view runs past its data");
         let (k, n) = (b.rows, b.cols);
-        let (kb, nb) = (k.div_ceil(32), n.div_ceil(16));
-        let mut data = vec![0u16; nb * kb * TILE];
-        data.par_chunks_mut(kb * TILE)
+        let mut packed = Self::zeros(k, n);
+        let kb = packed.kb;
+        packed
+            .data
+            .par_chunks_mut(kb * TILE)
             .enumerate()
             .for_each(|(j, column_block)| {
                 let (col, cols) = (j * 16, 16.min(n - j * 16));
@@ -189,7 +191,7 @@ impl PackedB {
                     }
                 }
             });
-        Self { k, n, kb, data }
+        packed
     }
 
     /// A `k x n` operand of zeros, to be written by [`PackedB::row_pairs`].

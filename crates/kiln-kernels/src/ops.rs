@@ -150,10 +150,7 @@ impl PackedLinear {
 
     /// `x W^T + b` for f32 `x (..., in)` on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if bf16::kernel().is_none() {
-            candle_core::bail!("bf16 linear: this CPU has no bf16 instructions");
-        }
-        x.contiguous()?.apply_op1_no_bwd(self)
+        on_bf16_kernel(x, self, "bf16 linear")
     }
 }
 
@@ -167,6 +164,15 @@ impl CustomOp1 for PackedLinear {
             bf16::matmul(x, &self.weight, y, n, accumulate)
         })
     }
+}
+
+/// `op` applied to `x` made contiguous, or an error naming `name` where this CPU has no bf16
+/// kernel (the configuration check refuses bf16 there first; this guards direct callers).
+fn on_bf16_kernel(x: &Tensor, op: &impl CustomOp1, name: &str) -> Result<Tensor> {
+    if bf16::kernel().is_none() {
+        candle_core::bail!("{name}: this CPU has no bf16 instructions");
+    }
+    x.contiguous()?.apply_op1_no_bwd(op)
 }
 
 /// The precision of a CPU op's matrix products.
@@ -414,10 +420,7 @@ impl PackedConv3x3 {
 
     /// The convolution of f32 `x (n, cin, h, w)` on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if bf16::kernel().is_none() {
-            candle_core::bail!("bf16 conv2d: this CPU has no bf16 instructions");
-        }
-        x.contiguous()?.apply_op1_no_bwd(self)
+        on_bf16_kernel(x, self, "bf16 conv2d")
     }
 }
 
@@ -806,8 +809,8 @@ mod tests {
             let b = t(cout, 9, &[cout]);
             let conv = PackedConv3x3::new(&elements(&wt), (cout, cin), elements(&b));
             let got = conv.forward(&x).unwrap();
-            // Two tile rows per block (13 rows: 7 tile rows, the last block holds one): each
-            // tile's sums are the same, in the same order, as in one block.
+            // Two tile rows per block (9 and 13 rows make 5 and 7 tile rows, so the last
+            // block holds one): each tile's sums are the same, in the same order, as in one.
             let budget = 2 * 4 * 16 * (cin + cout) * w.div_ceil(2);
             let (blocked, _) = winograd_images(
                 &elements(&x),

@@ -73,7 +73,7 @@ impl Filters {
         let u = transform_filters(weight, cout, cin);
         Filters::Bf16(
             (0..XI)
-                .map(|xi| PackedA::pack(Matrix::row_major(&u[xi * cin..], cout, cin, XI * cin)))
+                .map(|xi| PackedA::pack(filter_matrix(&u, xi, cout, cin)))
                 .collect(),
         )
     }
@@ -91,6 +91,11 @@ pub(crate) struct Planes {
 /// Bytes of transformed inputs and products one block holds: enough tiles per product for
 /// BLAS to run at full speed, bounded so that memory does not grow with the image.
 pub(crate) const BLOCK_BUDGET: usize = 64 << 20;
+
+/// `U_xi (cout x cin)`, a strided view of the transformed filters `u` (`[cout][16][cin]`).
+fn filter_matrix(u: &[f32], xi: usize, cout: usize, cin: usize) -> Matrix<'_> {
+    Matrix::row_major(&u[xi * cin..], cout, cin, XI * cin)
+}
 
 /// One block of tile rows of one image.
 #[derive(Clone, Copy, Debug)]
@@ -150,7 +155,7 @@ pub(crate) fn conv3x3(
                 transform_inputs(x, block, v);
                 for xi in 0..XI {
                     matmul(
-                        Matrix::row_major(&u[xi * cin..], cout, cin, XI * cin),
+                        filter_matrix(u, xi, cout, cin),
                         Matrix::row_major(&v[xi * tiles..], cin, tiles, XI * tiles),
                         &mut m[xi * tiles..],
                         XI * tiles,

@@ -30,9 +30,8 @@ impl Linear {
 
     /// A CPU layer whose `(out, in)` weight is packed in bf16 (the f32 `weight` is dropped).
     pub(crate) fn packed_bf16(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let bias = bias.as_ref().map(f32s).transpose()?;
-        let packed = PackedLinear::new(&f32s(weight)?, weight.dims2()?, bias);
+        let bias = bias.as_ref().map(f32_values).transpose()?;
+        let packed = PackedLinear::new(&f32_values(weight)?, weight.dims2()?, bias);
         Ok(Linear::PackedBf16(Arc::new(packed)))
     }
 
@@ -100,8 +99,7 @@ impl Conv2d {
         if (kh, kw, padding, stride) != (3, 3, 1, 1) {
             return Ok(Self::new(weight, bias, padding, stride));
         }
-        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let packed = PackedConv3x3::new(&f32s(&weight)?, (cout, cin), f32s(&bias)?);
+        let packed = PackedConv3x3::new(&f32_values(&weight)?, (cout, cin), f32_values(&bias)?);
         Ok(Conv2d::PackedBf16(Arc::new(packed)))
     }
 
@@ -118,6 +116,11 @@ impl Conv2d {
             _ => conv.forward(x),
         }
     }
+}
+
+/// A weight's values in f32, flattened: what kiln's packers read.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// Whether kiln's own CPU kernels take this tensor.
