@@ -40,7 +40,7 @@ use kiln_core::store::{
 use kiln_core::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use kiln_testkit::postgres::TestDatabase;
 use kiln_testkit::ScriptedEngine;
-use kiln_worker::{run_pool, EngineSet, FetchPolicy, WorkerSettings};
+use kiln_worker::{run_pool, EngineSet, FetchPolicy, Slot, WorkerSettings};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -181,10 +181,9 @@ fn new_job(owner: KeyId, seed: u32) -> NewJob {
     }
 }
 
-fn settings(slots: usize, poll_interval: Duration) -> WorkerSettings {
+fn settings(poll_interval: Duration) -> WorkerSettings {
     WorkerSettings {
         name: "bench".into(),
-        slots,
         lease: Duration::from_secs(60),
         max_attempts: 3,
         poll_interval,
@@ -279,8 +278,8 @@ async fn pool_rate(
     let pool = tokio::spawn(run_pool(
         fresh.jobs.clone(),
         fresh.blobs.clone(),
-        no_op_engines(),
-        settings(slots, Duration::from_millis(250)),
+        Slot::new(no_op_engines()).repeat(slots),
+        settings(Duration::from_millis(250)),
         shutdown.clone(),
     ));
     until_succeeded(&fresh.jobs, &mut events, count as u64).await?;
@@ -617,8 +616,8 @@ async fn wake_latency(
     let pool = tokio::spawn(run_pool(
         observed,
         fresh.blobs.clone(),
-        no_op_engines(),
-        settings(1, poll),
+        Slot::new(no_op_engines()).repeat(1),
+        settings(poll),
         shutdown.clone(),
     ));
     // The slot's first claim finds nothing and it idles.

@@ -86,4 +86,14 @@ pub trait Engine: Send + Sync {
         references: &[RgbImage],
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage, EngineError>;
+
+    /// About how many bytes of its device's memory generating `params` (with these decoded
+    /// `references`) may hold at its peak beyond the resident weights: what a worker reserves
+    /// from the device's memory budget before it runs the job, so that jobs sharing a device
+    /// never overcommit it. An upper estimate; `None` where the engine cannot say (its jobs
+    /// then run without a reservation).
+    fn job_memory(&self, params: &GenerationParams, references: &[RgbImage]) -> Option<u64> {
+        let _ = (params, references);
+        None
+    }
 }

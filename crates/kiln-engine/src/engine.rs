@@ -22,9 +22,9 @@ pub struct ModelConfig {
     /// A checkpoint directory in any layout its family reads (see [`crate::CheckpointFiles`]
     /// and the FLUX.2 module).
     pub checkpoint: PathBuf,
-    /// `cpu` (default), `cuda` or `cuda:N`.
-    #[serde(default)]
-    pub device: DeviceSpec,
+    /// `cpu` (the default), `cuda` or `cuda:N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceSpec>,
     /// `f32`, `bf16` or `f16`; by default bf16 on CUDA and on a CPU whose bf16 products beat
     /// its f32 ones (AMX tiles; AVX512-BF16 on AMD), f32 on other CPUs (bf16 there needs
     /// AVX512-BF16, and is refused without it).
@@ -60,7 +60,7 @@ impl ModelConfig {
     pub fn new(checkpoint: impl Into<PathBuf>) -> Self {
         Self {
             checkpoint: checkpoint.into(),
-            device: DeviceSpec::default(),
+            device: None,
             precision: None,
             steps: None,
             guidance: None,
@@ -68,6 +68,19 @@ impl ModelConfig {
             preview_interval: None,
             raw: None,
             prompt_expansion: None,
+        }
+    }
+
+    /// The device the checkpoint runs on.
+    pub fn device(&self) -> DeviceSpec {
+        self.device.unwrap_or_default()
+    }
+
+    /// The same checkpoint and settings, on `device`.
+    pub fn on(self, device: DeviceSpec) -> Self {
+        Self {
+            device: Some(device),
+            ..self
         }
     }
 
@@ -79,7 +92,7 @@ impl ModelConfig {
 
     fn options(&self) -> EngineOptions {
         EngineOptions {
-            device: self.device,
+            device: self.device(),
             precision: self.precision,
         }
     }
@@ -320,5 +333,15 @@ impl<F: Family> Engine for ModelEngine<F> {
         observer: &mut dyn StepObserver,
     ) -> std::result::Result<GeneratedImage, EngineError> {
         Ok(self.generate_inner(params, references, observer)?)
+    }
+
+    /// At the size the request is generated at; raw mode's checkpoint is of the same family and
+    /// loaded for the same device, and sized alike. `None` when the size cannot be had (the
+    /// generation then fails on its own, without a reservation).
+    fn job_memory(&self, params: &GenerationParams, references: &[RgbImage]) -> Option<u64> {
+        let size = self
+            .output_size(params.size, references.first(), &mut Vec::new())
+            .ok()?;
+        Some(self.main.job_memory(size.width, size.height, references))
     }
 }

@@ -11,6 +11,7 @@
 //! - `engine`: [`ModelEngine`] and its [`ModelConfig`]: deployment defaults, route options
 //!   (raw mode, prompt expansion), an edit's output size.
 //! - [`options`]: device, precision, load progress, sampling defaults.
+//! - [`memory`]: the memory a generation holds beyond the weights, for workers' budgets.
 //! - [`checkpoint`]: which layout a directory holds and where each part is; shared loaders.
 //! - `weights`: memory-mapped safetensors/GGUF tensors, the BFL -> diffusers name maps,
 //!   quantized tensors kept quantized.
@@ -35,6 +36,7 @@ pub mod flux1;
 pub mod flux2;
 mod image_io;
 mod layers;
+pub mod memory;
 pub mod options;
 pub mod pipeline;
 pub mod sampling;
@@ -52,7 +54,8 @@ pub use flux1::transformer::TransformerConfig;
 pub use flux1::{Flux1, Flux1Pipeline, PromptEmbeddings, Variant};
 pub use flux2::{Flux2, Flux2Pipeline};
 pub use options::{
-    DeviceSpec, EngineOptions, LoadProgress, Precision, Products, Runtime, SamplingDefaults,
+    free_memory, DeviceSpec, EngineOptions, LoadProgress, Precision, Products, Runtime,
+    SamplingDefaults,
 };
 pub use pipeline::{
     read_latents, write_latents, Expanded, Expansion, Family, Pipeline, PipelineOutput,

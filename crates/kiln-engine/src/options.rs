@@ -209,6 +209,41 @@ impl EngineOptions {
     }
 }
 
+/// The free memory of `device` as its driver reports it now, in bytes: what a worker's memory
+/// budget on a GPU starts from. `None` for the CPU, whose budget is configured or none.
+pub fn free_memory(device: DeviceSpec) -> Result<Option<u64>> {
+    match device {
+        DeviceSpec::Cpu => Ok(None),
+        DeviceSpec::Cuda(ordinal) => cuda_free_memory(ordinal).map(Some),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_free_memory(ordinal: usize) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    let Device::Cuda(cuda) = cuda_device(ordinal)? else {
+        unreachable!("cuda_device opens a CUDA device")
+    };
+    let device_error = |message: String| Error::Device {
+        device: DeviceSpec::Cuda(ordinal).to_string(),
+        message,
+        source: None,
+    };
+    // The driver answers for the context current on this thread.
+    cuda.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| device_error(format!("binding the device's context: {e}")))?;
+    let (free, _total) =
+        mem_get_info().map_err(|e| device_error(format!("reading its free memory: {e}")))?;
+    Ok(free as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_free_memory(ordinal: usize) -> Result<u64> {
+    cuda_device(ordinal).map(|_| 0)
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| Error::Device {

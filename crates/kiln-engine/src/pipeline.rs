@@ -10,6 +10,7 @@
 use crate::checkpoint::{CheckpointSettings, Layout};
 use crate::error::{Error, Result};
 use crate::image_io::{preview, to_rgb};
+use crate::memory::{self, JobSize, MemoryShape};
 use crate::options::{EngineOptions, LoadProgress, SamplingDefaults};
 use crate::sampling;
 use candle_core::{DType, Device, Tensor};
@@ -99,6 +100,8 @@ pub trait Family: Sized + Send + Sync + 'static {
     fn encode_prompt(&self, prompt: &str, max_len: usize) -> Result<Self::Text>;
     /// Pixels per latent pixel.
     fn vae_scale(&self) -> usize;
+    /// The widths that size a generation's working memory ([`crate::memory`]).
+    fn memory_shape(&self) -> MemoryShape;
     /// Channels of a packed latent token (the transformer's input width).
     fn packed_channels(&self) -> usize;
     /// Seeded standard-normal noise, packed `(1, tokens, packed_channels)`, f32 on the CPU.
@@ -320,6 +323,26 @@ impl<F: Family> Pipeline<F> {
             }
             _ => (width, height),
         }
+    }
+
+    /// About the memory a generation of `width x height` with `references` (as the engine
+    /// receives them, already scaled) holds on the device at its peak beyond the weights
+    /// ([`crate::memory`]): at the size it is generated at, with the longest prompt encoding.
+    pub fn job_memory(&self, width: u32, height: u32, references: &[RgbImage]) -> u64 {
+        let (width, height) = self.generation_size(width, height);
+        let patch = self.size_multiple() as u64;
+        let tokens = |w: u32, h: u32| (w as u64).div_ceil(patch) * (h as u64).div_ceil(patch);
+        let reference_tokens: u64 = references.iter().map(|r| tokens(r.width, r.height)).sum();
+        let size = JobSize {
+            pixels: width as u64 * height as u64,
+            tokens: tokens(width, height) + self.model.max_text_tokens() as u64 + reference_tokens,
+            reference_pixels: references
+                .iter()
+                .map(|r| r.width as u64 * r.height as u64)
+                .max()
+                .unwrap_or(0),
+        };
+        memory::job_bytes(&self.model.memory_shape(), &self.rt, size)
     }
 
     /// The size an edit without one is generated at (see [`Family::reference_size`]).

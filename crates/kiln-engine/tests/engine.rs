@@ -111,7 +111,7 @@ fn defaults_steps_previews_and_reproducible_seeds() {
 #[test]
 fn a_cuda_device_without_cuda_is_refused_at_load() {
     let mut cfg = config("schnell-diffusers");
-    cfg.device = kiln_engine::DeviceSpec::Cuda(0);
+    cfg.device = Some(kiln_engine::DeviceSpec::Cuda(0));
     let err = match Flux1Engine::load(cfg, &mut |_| {}) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("loaded on CUDA without CUDA"),
@@ -130,7 +130,7 @@ fn configuration_deserializes_with_defaults() {
         "raw": { "guidance": 2.0 },
     }))
     .unwrap();
-    assert_eq!(cfg.device, kiln_engine::DeviceSpec::Cuda(1));
+    assert_eq!(cfg.device, Some(kiln_engine::DeviceSpec::Cuda(1)));
     // The family's interval (4 for FLUX.1) unless the operator sets one.
     assert_eq!(cfg.preview_interval, None);
     assert_eq!(cfg.raw.unwrap().guidance, Some(2.0));

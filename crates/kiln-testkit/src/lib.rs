@@ -29,6 +29,10 @@ use std::time::Duration;
 /// The image is a solid colour derived from the seed, at the requested size, so tests can check
 /// that the stored file is the one this request produced.
 ///
+/// With `memory_per_pixel` set, it says a job needs that many bytes per output pixel
+/// ([`Engine::job_memory`]), and it counts how many generations ran at once
+/// ([`ScriptedEngine::most_at_once`]), for tests of memory budgets.
+///
 /// Every step hands the observer a preview, as the real engines do every `preview_interval`
 /// steps: [`ScriptedEngine::PREVIEW_SIZE`] (larger than the worker stores, so that its
 /// downscale is exercised) in a solid colour that tells the step ([`ScriptedEngine::preview_color`]).
@@ -36,7 +40,10 @@ pub struct ScriptedEngine {
     pub steps: u32,
     pub fast_step: Duration,
     pub slow_step: Duration,
+    pub memory_per_pixel: Option<u64>,
     runs: AtomicU64,
+    running: AtomicU64,
+    most_at_once: AtomicU64,
 }
 
 impl Default for ScriptedEngine {
@@ -45,7 +52,10 @@ impl Default for ScriptedEngine {
             steps: 4,
             fast_step: Duration::from_millis(5),
             slow_step: Duration::from_millis(250),
+            memory_per_pixel: None,
             runs: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            most_at_once: AtomicU64::new(0),
         }
     }
 }
@@ -54,6 +64,19 @@ impl ScriptedEngine {
     /// How many generations were started (each attempt counts).
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::SeqCst)
+    }
+
+    /// An engine that says each job needs `bytes` per output pixel.
+    pub fn with_memory_per_pixel(bytes: u64) -> Self {
+        Self {
+            memory_per_pixel: Some(bytes),
+            ..Self::default()
+        }
+    }
+
+    /// The most generations that ran at the same time so far.
+    pub fn most_at_once(&self) -> u64 {
+        self.most_at_once.load(Ordering::SeqCst)
     }
 
     /// The size of every preview: 4:3 and longer than the 256 pixels the worker keeps.
@@ -94,6 +117,40 @@ impl Engine for ScriptedEngine {
         observer: &mut dyn StepObserver,
     ) -> Result<GeneratedImage, EngineError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let result = self.run(params, references, observer);
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn job_memory(&self, params: &GenerationParams, references: &[RgbImage]) -> Option<u64> {
+        let (width, height) = output_size(params, references).ok()?;
+        Some(self.memory_per_pixel? * width as u64 * height as u64)
+    }
+}
+
+/// The requested size, or the first reference's.
+fn output_size(
+    params: &GenerationParams,
+    references: &[RgbImage],
+) -> Result<(u32, u32), EngineError> {
+    match (params.size, references.first()) {
+        (OutputSize::Pixels(size), _) => Ok((size.width, size.height)),
+        (OutputSize::FirstReference, Some(first)) => Ok((first.width, first.height)),
+        (OutputSize::FirstReference, None) => {
+            Err(EngineError::InvalidInput("no reference image".into()))
+        }
+    }
+}
+
+impl ScriptedEngine {
+    fn run(
+        &self,
+        params: &GenerationParams,
+        references: &[RgbImage],
+        observer: &mut dyn StepObserver,
+    ) -> Result<GeneratedImage, EngineError> {
         let prompt = params.prompt.as_str();
         if prompt.contains("reject") {
             return Err(EngineError::InvalidInput(
@@ -126,13 +183,7 @@ impl Engine for ScriptedEngine {
                 return Err(EngineError::Interrupted);
             }
         }
-        let (width, height) = match (params.size, references.first()) {
-            (OutputSize::Pixels(size), _) => (size.width, size.height),
-            (OutputSize::FirstReference, Some(first)) => (first.width, first.height),
-            (OutputSize::FirstReference, None) => {
-                return Err(EngineError::InvalidInput("no reference image".into()))
-            }
-        };
+        let (width, height) = output_size(params, references)?;
         let pixels = Self::color_of(params.seed).repeat((width * height) as usize);
         Ok(GeneratedImage {
             image: RgbImage {

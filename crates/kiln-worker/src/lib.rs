@@ -1,11 +1,15 @@
 //! kiln's workers: the loop that turns queued jobs into stored images.
 //!
 //! # Layout
-//! - [`pool`]: [`run_pool`], N worker slots claiming jobs until the shutdown token fires.
+//! - [`pool`]: [`run_pool`], worker slots claiming jobs until the shutdown token fires, each
+//!   with its own placement ([`Slot`]: the engines on its device, that device's budget).
+//! - [`memory`]: a device's [`MemoryBudget`], from which each job reserves what its engine says
+//!   it needs before it runs, so that slots sharing a device never overcommit it.
 //! - `run`: one job from lease to terminal state (stored inline images read back, references
-//!   fetched, engine on a blocking thread within the job's time limit, heartbeats, panics
-//!   caught, image encoded and stored, job finished under its fencing token, stored images
-//!   deleted; a forced cancel honoured at the engine's next step).
+//!   fetched, the job's memory reserved on its device, engine on a blocking thread within the
+//!   job's time limit, heartbeats, panics caught, image encoded and stored, job finished under
+//!   its fencing token, stored images deleted; a forced cancel honoured at the engine's next
+//!   step).
 //! - `preview`: a running job's latest preview, scaled, encoded as JPEG and stored at each
 //!   heartbeat; the replaced one deleted once the store has acknowledged the new one.
 //! - [`address`]: which IP addresses are not public and why (IANA's special-purpose
@@ -29,6 +33,7 @@ pub mod address;
 pub mod allow;
 mod guard;
 pub mod maintenance;
+pub mod memory;
 mod metrics;
 pub mod pool;
 mod preview;
@@ -37,7 +42,8 @@ mod run;
 pub mod webhooks;
 
 pub use allow::{AllowList, AllowListError};
-pub use pool::{run_pool, EngineSet, WorkerSettings};
+pub use memory::MemoryBudget;
+pub use pool::{run_pool, EngineSet, Slot, WorkerSettings};
 pub use preview::encode_preview;
 pub use references::{FetchError, FetchPolicy, Reason, ReferenceFetcher};
 pub use webhooks::{run_dispatcher, WebhookSettings};

@@ -1,5 +1,8 @@
 //! Worker slots: each claims a job, runs it to its end, and claims the next, until shutdown.
+//! Each slot has its own placement ([`Slot`]): the engines loaded on its device and that
+//! device's memory budget, which the slots on one device share.
 
+use crate::memory::MemoryBudget;
 use crate::references::{FetchPolicy, ReferenceFetcher};
 use crate::run::run_job;
 use kiln_core::blob::BlobStore;
@@ -39,12 +42,37 @@ impl EngineSet {
     }
 }
 
+/// Where one slot runs its jobs: the engines loaded on its device, and the memory budget of
+/// that device (shared by every slot on it; `None`: jobs run without reservations).
+#[derive(Clone, Default)]
+pub struct Slot {
+    pub engines: EngineSet,
+    pub memory: Option<Arc<MemoryBudget>>,
+}
+
+impl Slot {
+    pub fn new(engines: EngineSet) -> Self {
+        Self {
+            engines,
+            memory: None,
+        }
+    }
+
+    pub fn with_memory(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.memory = Some(budget);
+        self
+    }
+
+    /// `count` slots alike (one machine's cores, or one device).
+    pub fn repeat(self, count: usize) -> Vec<Slot> {
+        vec![self; count]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Prefix of the slots' worker ids (`{name}-{slot}`), e.g. the host name.
     pub name: String,
-    /// Jobs run at once in this process. One engine saturates a machine's cores, so 1 is usual.
-    pub slots: usize,
     /// How long a claim holds without a heartbeat; a dead worker's job is retaken after this.
     pub lease: Duration,
     /// A job whose workers died this many times is failed instead of retried.
@@ -79,46 +107,44 @@ impl WorkerSettings {
 pub(crate) struct WorkerContext {
     pub jobs: Arc<dyn JobStore>,
     pub blobs: Arc<dyn BlobStore>,
-    pub engines: EngineSet,
     pub settings: WorkerSettings,
     pub fetcher: ReferenceFetcher,
     pub shutdown: CancellationToken,
 }
 
-/// Runs `settings.slots` worker slots until `shutdown` is cancelled and every slot has finished
-/// or released its job.
+/// Runs one worker slot per entry of `slots` until `shutdown` is cancelled and every slot has
+/// finished or released its job.
 pub async fn run_pool(
     jobs: Arc<dyn JobStore>,
     blobs: Arc<dyn BlobStore>,
-    engines: EngineSet,
+    slots: Vec<Slot>,
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) {
     crate::metrics::register();
-    let routes = engines.routes();
-    if routes.is_empty() {
+    if slots.iter().all(|slot| slot.engines.routes().is_empty()) {
         tracing::warn!("no engine is loaded: this worker pool takes no jobs");
     }
     let context = Arc::new(WorkerContext {
         jobs,
         blobs,
-        engines,
         fetcher: ReferenceFetcher::new(settings.fetch.clone()),
         settings,
         shutdown,
     });
-    let mut slots = tokio::task::JoinSet::new();
-    for slot in 0..context.settings.slots {
+    let mut running = tokio::task::JoinSet::new();
+    for (n, slot) in slots.into_iter().enumerate() {
         let context = context.clone();
-        let routes = routes.clone();
-        let id = WorkerId::new(format!("{}-{slot}", context.settings.name));
-        slots.spawn(async move { run_slot(&context, &id, &routes).await });
+        let id = WorkerId::new(format!("{}-{n}", context.settings.name));
+        running.spawn(async move { run_slot(&context, &id, &slot).await });
     }
-    while slots.join_next().await.is_some() {}
+    while running.join_next().await.is_some() {}
 }
 
-async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
-    tracing::info!(worker = %id, ?routes, "worker slot started");
+async fn run_slot(context: &WorkerContext, id: &WorkerId, slot: &Slot) {
+    let routes = &slot.engines.routes();
+    let memory = slot.memory.as_ref().map(|m| m.device());
+    tracing::info!(worker = %id, ?routes, ?memory, "worker slot started");
     // Subscribed for the slot's life, so that a submit made while it runs a job or claims is
     // still heard when it next idles.
     let mut events = context.jobs.subscribe();
@@ -128,7 +154,7 @@ async fn run_slot(context: &WorkerContext, id: &WorkerId, routes: &[Route]) {
             .claim(id, routes, context.settings.claim_policy())
             .await
         {
-            Ok(Some(lease)) => run_job(context, lease).await,
+            Ok(Some(lease)) => run_job(context, slot, lease).await,
             Ok(None) => idle(context, &mut events, routes).await,
             Err(e) => {
                 tracing::error!(worker = %id, error = %Chain(&e), "claiming a job failed; retrying");
@@ -211,7 +237,6 @@ mod tests {
         let blobs = kiln_blob::LocalBlobStore::new(dir.path().join("blobs")).unwrap();
         let settings = WorkerSettings {
             name: "test".into(),
-            slots: 1,
             lease: Duration::from_secs(60),
             max_attempts: 3,
             poll_interval: Duration::from_secs(600),
@@ -222,7 +247,6 @@ mod tests {
         let context = Arc::new(WorkerContext {
             jobs: Arc::new(store.clone()),
             blobs: Arc::new(blobs),
-            engines: EngineSet::new(),
             fetcher: ReferenceFetcher::new(settings.fetch.clone()),
             settings,
             shutdown: CancellationToken::new(),

@@ -7,8 +7,9 @@
 //! fenced off: another one owns the job now). Each heartbeat also stores the engine's latest
 //! preview (`preview.rs`).
 
+use crate::memory::{MemoryBudget, Reservation};
 use crate::metrics::{JOBS_FINISHED, JOB_SECONDS, STEP_SECONDS};
-use crate::pool::WorkerContext;
+use crate::pool::{Slot, WorkerContext};
 use crate::preview::{LatestPreview, Previews};
 use kiln_core::blob::{Blob, BlobStore};
 use kiln_core::engine::{Engine, EngineError, GeneratedImage, StepEvent, StepObserver};
@@ -124,7 +125,7 @@ fn request_stop(stop_reason: &mut Option<StopReason>, reason: StopReason, signal
     signals.stop.store(true, Ordering::Relaxed);
 }
 
-pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
+pub(crate) async fn run_job(context: &WorkerContext, slot: &Slot, lease: Lease) {
     let span = tracing::info_span!(
         "job",
         request_id = %lease.job.id,
@@ -134,7 +135,7 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
     );
     async {
         let started = Instant::now();
-        let outcome = run_to_end(context, &lease).await;
+        let outcome = run_to_end(context, slot, &lease).await;
         if matches!(outcome, "succeeded" | "failed" | "cancelled") {
             delete_stored_images(context, &lease).await;
         }
@@ -154,9 +155,9 @@ pub(crate) async fn run_job(context: &WorkerContext, lease: Lease) {
 }
 
 /// Runs the job and returns the outcome's name (for metrics and logs).
-async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
+async fn run_to_end(context: &WorkerContext, slot: &Slot, lease: &Lease) -> &'static str {
     let job = &lease.job;
-    let Some(engine) = context.engines.get(job.route).cloned() else {
+    let Some(engine) = slot.engines.get(job.route).cloned() else {
         let error = JobError {
             code: JobErrorCode::EngineUnavailable,
             message: format!(
@@ -169,7 +170,13 @@ async fn run_to_end(context: &WorkerContext, lease: &Lease) -> &'static str {
 
     let signals = Arc::new(RunSignals::default());
     let inference_started = Instant::now();
-    let mut generation = Box::pin(generate(context, job, engine.clone(), signals.clone()));
+    let mut generation = Box::pin(generate(
+        context,
+        slot.memory.as_deref(),
+        job,
+        engine.clone(),
+        signals.clone(),
+    ));
 
     let mut heartbeat = tokio::time::interval(context.settings.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,11 +273,13 @@ async fn beat(
     }
 }
 
-/// Reads and fetches the job's reference images, then runs the engine on a blocking thread.
-/// Fetching is part of the run: the lease is beaten meanwhile, and an image that cannot be had
-/// fails the job as the input's fault.
+/// Reads and fetches the job's reference images, reserves the job's memory on the slot's
+/// device, then runs the engine on a blocking thread. Fetching and waiting for memory are part
+/// of the run: the lease is beaten meanwhile, an image that cannot be had fails the job as the
+/// input's fault, and so does a size that needs more memory than the device may give.
 async fn generate(
     context: &WorkerContext,
+    memory: Option<&MemoryBudget>,
     job: &Job,
     engine: Arc<dyn Engine>,
     signals: Arc<RunSignals>,
@@ -284,8 +293,13 @@ async fn generate(
         Ok(images) => images,
         Err(e) => return Ok(Err(EngineError::InvalidInput(e.to_string()))),
     };
+    let reservation = match reserve(memory, engine.as_ref(), &params, &references, &signals).await {
+        Ok(reservation) => reservation,
+        Err(e) => return Ok(Err(e)),
+    };
     let model = job.route.id();
     tokio::task::spawn_blocking(move || {
+        let _reservation = reservation;
         let mut observer = ProgressObserver {
             signals,
             model,
@@ -294,6 +308,44 @@ async fn generate(
         engine.generate(&params, &references, &mut observer)
     })
     .await
+}
+
+/// Waits for the job's memory on the slot's device (nothing to wait for without a budget, or
+/// for an engine that cannot say what it needs). A stop asked for meanwhile (cancel, timeout,
+/// shutdown) ends the wait as the engine's interruption would.
+async fn reserve(
+    memory: Option<&MemoryBudget>,
+    engine: &dyn Engine,
+    params: &kiln_core::params::GenerationParams,
+    references: &[kiln_core::engine::RgbImage],
+    signals: &RunSignals,
+) -> Result<Option<Reservation>, EngineError> {
+    let (Some(budget), Some(need)) = (memory, engine.job_memory(params, references)) else {
+        return Ok(None);
+    };
+    if let Err(too_large) = budget.admits(need) {
+        return Err(EngineError::InvalidInput(too_large.to_string()));
+    }
+    let reservation = budget.reserve(need);
+    tokio::pin!(reservation);
+    let mut waited = false;
+    loop {
+        tokio::select! {
+            granted = &mut reservation => {
+                let reservation = granted.map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+                return Ok(Some(reservation));
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if signals.stop.load(Ordering::Relaxed) {
+                    return Err(EngineError::Interrupted);
+                }
+                if !waited {
+                    waited = true;
+                    tracing::info!(device = budget.device(), need_mib = need >> 20, "waiting for memory on the device: other jobs there hold it");
+                }
+            }
+        }
+    }
 }
 
 /// How a run ended, beside the engine's result.

@@ -14,7 +14,7 @@ use kiln_core::params::{
 use kiln_core::store::{ClaimPolicy, JobStore, QueueLimits};
 use kiln_store::SqliteStore;
 use kiln_testkit::ScriptedEngine;
-use kiln_worker::{run_pool, EngineSet, FetchPolicy, WorkerSettings};
+use kiln_worker::{run_pool, EngineSet, FetchPolicy, MemoryBudget, Slot, WorkerSettings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -32,6 +32,10 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
+        Self::with_engine(ScriptedEngine::default()).await
+    }
+
+    async fn with_engine(engine: ScriptedEngine) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let jobs = Arc::new(
             SqliteStore::open(&dir.path().join("kiln.db"))
@@ -43,7 +47,7 @@ impl Harness {
             _dir: dir,
             jobs,
             blobs,
-            engine: Arc::new(ScriptedEngine::default()),
+            engine: Arc::new(engine),
             owner: KeyId::new(),
         }
     }
@@ -51,7 +55,6 @@ impl Harness {
     fn settings(&self) -> WorkerSettings {
         WorkerSettings {
             name: "test".into(),
-            slots: 1,
             lease: Duration::from_millis(600),
             max_attempts: 3,
             poll_interval: Duration::from_millis(20),
@@ -62,12 +65,24 @@ impl Harness {
     }
 
     fn start(&self, settings: WorkerSettings) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        self.start_slots(settings, self.slot().repeat(1))
+    }
+
+    /// A slot running the harness's engine, without a memory budget.
+    fn slot(&self) -> Slot {
+        Slot::new(EngineSet::new().with(ROUTE, self.engine.clone()))
+    }
+
+    fn start_slots(
+        &self,
+        settings: WorkerSettings,
+        slots: Vec<Slot>,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let shutdown = CancellationToken::new();
-        let engines = EngineSet::new().with(ROUTE, self.engine.clone());
         let pool = tokio::spawn(run_pool(
             self.jobs.clone(),
             self.blobs.clone(),
-            engines,
+            slots,
             settings,
             shutdown.clone(),
         ));
@@ -723,4 +738,112 @@ async fn a_forced_cancel_stops_a_running_job_within_a_step_and_the_slot_goes_on(
         "the slot runs the next job"
     );
     assert_eq!(h.engine.runs(), 2, "the cancelled job is not run again");
+}
+
+/// What the memory tests' engine says a job needs: 1 KiB per pixel, so that the harness's
+/// 64x48 jobs need 3 MiB each.
+const MIB: u64 = 1 << 20;
+
+async fn memory_harness() -> Harness {
+    Harness::with_engine(ScriptedEngine::with_memory_per_pixel(1024)).await
+}
+
+/// Runs three slow jobs on `slots` and returns the most that ran at once.
+async fn most_at_once(h: &Harness, slots: Vec<Slot>) -> u64 {
+    let (shutdown, pool) = h.start_slots(h.settings(), slots);
+    let mut ids = Vec::new();
+    for seed in 0..3 {
+        ids.push(h.submit("slow drawing", seed, OutputFormat::Png).await);
+    }
+    for id in ids {
+        let job = h.wait_terminal(id).await;
+        assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.status);
+    }
+    shutdown.cancel();
+    pool.await.unwrap();
+    h.engine.most_at_once()
+}
+
+/// Two slots on one device whose budget holds one job at a time take turns; with room for
+/// two, or on devices of their own, they run together.
+#[tokio::test]
+async fn slots_sharing_a_device_never_reserve_more_than_its_budget() {
+    let h = memory_harness().await;
+    let device = Arc::new(MemoryBudget::new("cuda:0", 5 * MIB));
+    let slots = h.slot().with_memory(device.clone()).repeat(2);
+    assert_eq!(most_at_once(&h, slots).await, 1, "two 3 MiB jobs in 5 MiB");
+    assert_eq!(device.available_bytes(), 5 * MIB, "a job kept its memory");
+
+    let h = memory_harness().await;
+    let roomy = Arc::new(MemoryBudget::new("cuda:0", 6 * MIB));
+    let slots = h.slot().with_memory(roomy).repeat(2);
+    assert_eq!(most_at_once(&h, slots).await, 2, "two 3 MiB jobs in 6 MiB");
+
+    let h = memory_harness().await;
+    let slots = vec![
+        h.slot()
+            .with_memory(Arc::new(MemoryBudget::new("cuda:0", 5 * MIB))),
+        h.slot()
+            .with_memory(Arc::new(MemoryBudget::new("cuda:1", 5 * MIB))),
+    ];
+    assert_eq!(most_at_once(&h, slots).await, 2, "one job on each device");
+}
+
+/// A job that needs more than the device may give fails at once, as the input's fault, with a
+/// message that says what would fit; the slot goes on to the next job.
+#[tokio::test]
+async fn a_job_larger_than_the_devices_budget_fails_with_a_clear_message() {
+    let h = memory_harness().await;
+    let budget = Arc::new(MemoryBudget::new("cuda:0", 2 * MIB));
+    let (shutdown, pool) = h.start_slots(h.settings(), h.slot().with_memory(budget).repeat(1));
+    let id = h.submit("a red circle", 1, OutputFormat::Png).await;
+    let job = h.wait_terminal(id).await;
+    let JobStatus::Failed { error, .. } = &job.status else {
+        panic!("not failed: {:?}", job.status);
+    };
+    assert_eq!(error.code, JobErrorCode::InvalidInput);
+    assert!(
+        error.message.contains("about 3 MiB")
+            && error.message.contains("may use 2 MiB")
+            && error.message.contains("smaller image size"),
+        "{}",
+        error.message
+    );
+    assert_eq!(h.engine.runs(), 0, "the engine ran a job that cannot fit");
+
+    let mut small = params("a small one", 2, OutputFormat::Png);
+    small.size = OutputSize::Pixels(ImageSize {
+        width: 32,
+        height: 32,
+    });
+    let id = h.enqueue(small).await;
+    let job = h.wait_terminal(id).await;
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.status);
+    shutdown.cancel();
+    pool.await.unwrap();
+}
+
+/// A job waiting for memory is still its owner's to cancel: the wait ends, the job is
+/// cancelled, and the memory it never got stays free.
+#[tokio::test]
+async fn a_job_waiting_for_memory_can_be_cancelled() {
+    let h = memory_harness().await;
+    let budget = Arc::new(MemoryBudget::new("cuda:0", 4 * MIB));
+    let held = budget.reserve(2 * MIB).await.unwrap();
+    let (shutdown, pool) =
+        h.start_slots(h.settings(), h.slot().with_memory(budget.clone()).repeat(1));
+    let id = h.submit("a red circle", 1, OutputFormat::Png).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.jobs.get(h.owner, id).await.unwrap().unwrap().job.state() != JobState::Running {
+        assert!(Instant::now() < deadline, "the job was not claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.jobs.cancel(h.owner, id, CancelMode::Force).await.unwrap();
+    let job = h.wait_terminal(id).await;
+    assert_eq!(job.state(), JobState::Cancelled, "{:?}", job.status);
+    assert_eq!(h.engine.runs(), 0);
+    drop(held);
+    assert_eq!(budget.available_bytes(), 4 * MIB);
+    shutdown.cancel();
+    pool.await.unwrap();
 }

@@ -10,7 +10,7 @@ use kiln_core::catalog::Route;
 use kiln_core::store::{JobStore, KeyStore};
 use kiln_store::{PgStore, SqliteStore};
 use kiln_worker::maintenance::run_sweeper;
-use kiln_worker::{run_dispatcher, run_pool, EngineSet, WebhookSettings, WorkerSettings};
+use kiln_worker::{run_dispatcher, run_pool, Slot, WebhookSettings, WorkerSettings};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -131,7 +131,6 @@ pub fn worker_settings(settings: &Settings) -> WorkerSettings {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "kiln".to_string());
     WorkerSettings {
         name: format!("{host}-{}", std::process::id()),
-        slots: settings.workers.slots,
         lease: Duration::from_secs(settings.workers.lease_secs),
         max_attempts: settings.workers.max_attempts,
         poll_interval: Duration::from_millis(settings.workers.poll_interval_ms),
@@ -254,7 +253,8 @@ pub struct Application {
     served_routes: Vec<Route>,
     state: AppState,
     stores: Stores,
-    engines: EngineSet,
+    /// The in-process worker slots (none on an API node).
+    slots: Vec<Slot>,
     settings: Settings,
     /// What signs file URLs and derives the webhook secrets.
     signing_key: Vec<u8>,
@@ -262,7 +262,7 @@ pub struct Application {
 
 impl Application {
     /// Opens the stores and binds the listener (`bind` port 0 picks a free port).
-    pub async fn build(settings: Settings, engines: EngineSet) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings, slots: Vec<Slot>) -> anyhow::Result<Self> {
         // Before the stores: a start that cannot serve must not create a schema on the way out.
         let signing_key = signing_key(&settings)?;
         let stores = open_stores(&settings).await?;
@@ -287,9 +287,12 @@ impl Application {
         // With in-process workers, what their engines serve (a demo checkpoint that could not
         // be had serves nothing); an API node advertises what its configuration names, served
         // by `kiln worker`s elsewhere.
-        let served_routes = match settings.workers.slots {
-            0 => settings.served_routes(),
-            _ => engines.routes(),
+        let served_routes = match slots.as_slice() {
+            [] => settings.served_routes(),
+            slots => Route::ALL
+                .into_iter()
+                .filter(|route| slots.iter().any(|s| s.engines.get(*route).is_some()))
+                .collect(),
         };
         let limits = &settings.limits;
         let api = ApiSettings {
@@ -333,7 +336,7 @@ impl Application {
             served_routes,
             state,
             stores,
-            engines,
+            slots,
             settings,
             signing_key,
         })
@@ -344,12 +347,20 @@ impl Application {
     fn log_summary(&self) {
         let settings = &self.settings;
         for route in Route::ALL {
-            let served_by = match (self.engines.get(route), settings.workers.slots) {
-                (Some(engine), _) => engine.describe(),
-                (None, 0) if self.served_routes.contains(&route) => {
+            // Each device's engine once (slots on one device share it).
+            let mut engines: Vec<String> = Vec::new();
+            for engine in self.slots.iter().filter_map(|s| s.engines.get(route)) {
+                let described = engine.describe();
+                if !engines.contains(&described) {
+                    engines.push(described);
+                }
+            }
+            let served_by = match (engines.is_empty(), self.slots.is_empty()) {
+                (false, _) => engines.join("; "),
+                (true, true) if self.served_routes.contains(&route) => {
                     "`kiln worker` processes".to_string()
                 }
-                (None, _) => "nothing: submits are refused (400001)".to_string(),
+                (true, _) => "nothing: submits are refused (400001)".to_string(),
             };
             tracing::info!(route = %route, served_by = %served_by, "route");
         }
@@ -390,11 +401,11 @@ impl Application {
             self.signing_key.clone(),
             &shutdown,
         );
-        let workers = (self.settings.workers.slots > 0).then(|| {
+        let workers = (!self.slots.is_empty()).then(|| {
             tokio::spawn(run_pool(
                 jobs,
                 blobs,
-                self.engines.clone(),
+                self.slots.clone(),
                 worker_settings(&self.settings),
                 shutdown.clone(),
             ))

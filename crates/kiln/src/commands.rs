@@ -2,7 +2,7 @@
 
 use crate::app::{open_stores, spawn_sweeper, worker_settings, Application, Stores};
 use crate::config::Settings;
-use crate::engines::{load_engine, load_engines};
+use crate::engines::{load_engine, load_slots};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api::auth::{hash_token, new_token, token_prefix};
@@ -24,25 +24,28 @@ use tokio_util::sync::CancellationToken;
 /// `kiln serve`: the HTTP API with an in-process worker pool.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // An API node (no worker slots) runs no model, so it loads none.
-    let engines = match settings.workers.slots {
-        0 => kiln_worker::EngineSet::new(),
-        _ => load_engines_blocking(&settings).await?,
-    };
-    if engines.routes().is_empty() && settings.workers.slots > 0 {
+    let slots = load_slots_blocking(&settings).await?;
+    if settings.workers.slots > 0 && serves_nothing(&slots) {
         tracing::warn!(
             "no model has a checkpoint configured and serve_demo is off: submits will be refused \
              until one is (see README, \"Models\")"
         );
     }
-    let app = Application::build(settings, engines).await?;
+    let app = Application::build(settings, slots).await?;
     bootstrap_first_key(app.stores()).await?;
     app.run(shutdown).await
 }
 
-/// Loads the engines on a blocking thread: the async threads keep serving signals meanwhile.
-async fn load_engines_blocking(settings: &Settings) -> anyhow::Result<kiln_worker::EngineSet> {
+/// Loads the slots' engines on a blocking thread: the async threads keep serving signals
+/// meanwhile.
+async fn load_slots_blocking(settings: &Settings) -> anyhow::Result<Vec<kiln_worker::Slot>> {
     let settings = settings.clone();
-    Ok(tokio::task::spawn_blocking(move || load_engines(&settings)).await??)
+    Ok(tokio::task::spawn_blocking(move || load_slots(&settings)).await??)
+}
+
+/// Whether no slot has an engine for any route.
+fn serves_nothing(slots: &[kiln_worker::Slot]) -> bool {
+    slots.iter().all(|slot| slot.engines.routes().is_empty())
 }
 
 /// On a first start (no key at all), creates one and shows it once.
@@ -77,9 +80,9 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
         settings.workers.slots > 0,
         "workers.slots is 0: a worker with no slots would do nothing"
     );
-    let engines = load_engines_blocking(&settings).await?;
+    let slots = load_slots_blocking(&settings).await?;
     anyhow::ensure!(
-        !engines.routes().is_empty(),
+        !serves_nothing(&slots),
         "no model has a checkpoint configured and serve_demo is off, so this worker could take no job (see README, \"Models\")"
     );
     let stores = open_stores(&settings).await?;
@@ -101,7 +104,7 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
     run_pool(
         stores.jobs,
         stores.blobs,
-        engines,
+        slots,
         worker_settings(&settings),
         shutdown.clone(),
     )

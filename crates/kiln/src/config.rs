@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use kiln_blob::BlobLocation;
 use kiln_core::catalog::Route;
-use kiln_engine::ModelConfig;
+use kiln_engine::{DeviceSpec, ModelConfig};
 use kiln_worker::{AllowList, FetchPolicy};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -147,11 +147,50 @@ pub struct WorkerConfig {
     /// fails with `timed_out`. Generous by default: FLUX.1 dev at 1024x1024 and 50 steps on a
     /// small CPU takes tens of minutes.
     pub job_timeout_secs: u64,
+    /// The device of each slot, in turn: slot `i` runs on `devices[i % len]`, so
+    /// `["cuda:0", "cuda:1"]` with `slots = 2` gives each GPU one slot, and with `slots = 4` two.
+    /// Each device listed loads its own copy of the served models, which its slots share.
+    /// Empty (the default): every slot runs the models where their tables' `device` puts them.
+    pub devices: Vec<DeviceSpec>,
+    /// What the jobs on one device may hold at once beyond the models' weights, in GiB. Each
+    /// job reserves the memory its engine estimates for its size before it runs, and waits
+    /// while the device's other jobs hold too much, so slots sharing a device never overcommit
+    /// it; a job that needs more than the whole budget fails with a message saying so. Unset:
+    /// on a GPU, its free memory once the models are loaded, less 1 GiB; on the CPU, no budget.
+    pub memory_budget_gib: Option<f64>,
     /// `kiln worker` only: serve its own metrics (step and job durations) at
     /// `http://{metrics_bind}/metrics`, and `/healthz` and `/readyz` (200 while the store and
     /// the blob store answer) for an orchestrator's probes. Unset: no listener at all. (`kiln serve` exports the
     /// same series on its API port, or on `metrics.bind`.)
     pub metrics_bind: Option<SocketAddr>,
+}
+
+impl WorkerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.slots > 0 && self.slots < self.devices.len() {
+            return Err(ConfigError::Invalid(format!(
+                "workers.devices lists {} devices but workers.slots is {}: each device needs at \
+                 least one slot (set workers.slots = {})",
+                self.devices.len(),
+                self.slots,
+                self.devices.len()
+            )));
+        }
+        if let Some(gib) = self.memory_budget_gib {
+            if !(gib.is_finite() && gib > 0.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "workers.memory_budget_gib must be a positive number of GiB, not {gib}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The budget in bytes, where one is configured.
+    pub fn memory_budget_bytes(&self) -> Option<u64> {
+        self.memory_budget_gib
+            .map(|gib| (gib * (1u64 << 30) as f64) as u64)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -210,18 +249,34 @@ pub struct ModelsConfig {
 impl ModelsConfig {
     /// Each table sets only its own route's options: `raw` belongs to FLUX 1.1 [pro] and
     /// `prompt_expansion` to FLUX.2 [flex], and one set on the other route would do nothing.
-    /// Where this process runs the models (`runs_models`: it has worker slots), each table's
-    /// precision must be one this machine can run (bf16 on a CPU without bf16 instructions is
-    /// refused here, not at the first generation). An API node's own CPU does not matter.
-    fn validate(&self, runs_models: bool) -> Result<(), ConfigError> {
+    /// Where this process runs the models (it has worker slots), each table's precision must be
+    /// one this machine can run on each device the table's model runs on (bf16 on a CPU without
+    /// bf16 instructions is refused here, not at the first generation). With `workers.devices`,
+    /// the slots' devices place the models, and a table's own `device` is refused as a
+    /// contradiction.
+    fn validate(&self, workers: &WorkerConfig) -> Result<(), ConfigError> {
         // Each table is named after its text-to-image route.
         let (pro, flex) = (
             Route::Flux11ProTextToImage.id(),
             Route::Flux2FlexTextToImage.id(),
         );
-        if runs_models {
-            for (table, config) in [(pro, &self.flux11_pro), (flex, &self.flux2_flex)] {
-                let Some(config) = config else { continue };
+        for (table, config) in [(pro, &self.flux11_pro), (flex, &self.flux2_flex)] {
+            let Some(config) = config else { continue };
+            if !workers.devices.is_empty() && config.device.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "models.\"{table}\".device: workers.devices places the models on each slot's \
+                     device; leave the models' device unset"
+                )));
+            }
+            // An API node's own CPU does not matter.
+            if workers.slots == 0 {
+                continue;
+            }
+            let placed: Vec<ModelConfig> = match workers.devices.as_slice() {
+                [] => vec![config.clone()],
+                devices => devices.iter().map(|d| config.clone().on(*d)).collect(),
+            };
+            for config in placed {
                 config.check_precision().map_err(|message| {
                     ConfigError::Invalid(format!("models.\"{table}\".precision: {message}"))
                 })?;
@@ -281,6 +336,8 @@ impl Default for Settings {
                 poll_interval_ms: 250,
                 drain_timeout_secs: 30,
                 job_timeout_secs: 3600,
+                devices: Vec::new(),
+                memory_budget_gib: None,
                 metrics_bind: None,
             },
             fetch: FetchConfig {
@@ -473,7 +530,16 @@ impl Settings {
                 "workers.job_timeout_secs must be at least 1".into(),
             ));
         }
-        self.models.validate(self.workers.slots > 0)
+        self.workers.validate()?;
+        self.models.validate(&self.workers)
+    }
+
+    /// The device each worker slot runs on: `None` where the models' own `device`s apply.
+    pub fn slot_devices(&self) -> Vec<Option<DeviceSpec>> {
+        let devices = &self.workers.devices;
+        (0..self.workers.slots)
+            .map(|i| (!devices.is_empty()).then(|| devices[i % devices.len()]))
+            .collect()
     }
 
     /// Every setting in force, as a TOML file would set it, with secrets redacted: what
@@ -618,6 +684,64 @@ mod tests {
                 s.limits.max_queued, 1_000,
                 "a partial file keeps the other defaults"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn slots_take_the_devices_in_turn_and_contradictions_are_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "kiln.toml",
+                "[workers]\nslots = 3\ndevices = [\"cpu\", \"cuda:1\"]\nmemory_budget_gib = 20.5\n",
+            )?;
+            // An API node's flags: the CUDA slots are not loaded here, only placed.
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            let cuda1 = Some(DeviceSpec::Cuda(1));
+            assert_eq!(
+                s.slot_devices(),
+                vec![Some(DeviceSpec::Cpu), cuda1, Some(DeviceSpec::Cpu)]
+            );
+            assert_eq!(s.workers.memory_budget_bytes(), Some(41 << 29));
+            jail.set_env("KILN_WORKERS__DEVICES", "[\"cuda:0\", \"cuda:1\"]");
+            jail.set_env("KILN_WORKERS__SLOTS", "2");
+            let s = Settings::load(None, &FlagOverrides::default()).unwrap();
+            assert_eq!(
+                s.slot_devices(),
+                vec![Some(DeviceSpec::Cuda(0)), cuda1],
+                "set from the environment"
+            );
+
+            jail.clear_env();
+            let refused = |toml: &str| {
+                jail.create_file("bad.toml", toml).unwrap();
+                Settings::load(Some(Path::new("bad.toml")), &FlagOverrides::default())
+                    .unwrap_err()
+                    .to_string()
+            };
+            let err = refused("[workers]\nslots = 1\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
+            assert!(
+                err.contains("workers.devices lists 2 devices but workers.slots is 1")
+                    && err.contains("set workers.slots = 2"),
+                "{err}"
+            );
+            let err = refused("[workers]\nmemory_budget_gib = -4\n");
+            assert!(
+                err.contains("workers.memory_budget_gib must be a positive number of GiB"),
+                "{err}"
+            );
+            let err = refused(
+                "[workers]\ndevices = [\"cpu\"]\n\
+                 [models.\"blackforestlabs/flux-2/flex/text-to-image\"]\n\
+                 checkpoint = \"/m\"\ndevice = \"cpu\"\n",
+            );
+            assert!(
+                err.contains("models.\"blackforestlabs/flux-2/flex/text-to-image\".device")
+                    && err.contains("leave the models' device unset"),
+                "{err}"
+            );
+            let err = refused("[workers]\ndevices = [\"gpu0\"]\n");
+            assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
             Ok(())
         });
     }

@@ -4,35 +4,98 @@
 //! refuses its submits with a clear error, and workers do not claim it. The FLUX.2 [flex] edit
 //! route is served by the FLUX.2 checkpoint of the text-to-image route, and only by it (the demo
 //! checkpoint cannot condition on images).
+//!
+//! Each device the worker slots run on (`workers.devices`) loads its own copy, which the slots
+//! on it share with that device's memory budget (`workers.memory_budget_gib`, or a GPU's free
+//! memory once loaded).
 
 use crate::config::Settings;
 use crate::demo;
 use kiln_core::catalog::Route;
 use kiln_core::engine::Engine;
-use kiln_engine::{Family, Flux1, Flux2, LoadProgress, ModelConfig, ModelEngine};
-use kiln_worker::EngineSet;
+use kiln_engine::{DeviceSpec, Family, Flux1, Flux2, LoadProgress, ModelConfig, ModelEngine};
+use kiln_worker::{EngineSet, MemoryBudget, Slot};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
-#[error("loading the checkpoint for {route}: {source}")]
-pub struct EngineLoadError {
-    route: Route,
-    source: kiln_engine::Error,
+pub enum EngineLoadError {
+    #[error("loading the checkpoint for {route}: {source}")]
+    Checkpoint {
+        route: Route,
+        source: kiln_engine::Error,
+    },
+    #[error("reading the free memory of {device} for workers.memory_budget_gib: {source}")]
+    DeviceMemory {
+        device: DeviceSpec,
+        source: kiln_engine::Error,
+    },
 }
 
-/// Loads the engine of every served route: its configured checkpoint, or the demo checkpoint
-/// (loaded once, shared by the routes it serves). Blocking (reads and maps gigabytes): call it
+/// What a GPU's default budget leaves free beside the jobs: the CUDA libraries' workspaces
+/// (cuBLAS's, the caching allocator's slack) and other processes' small needs.
+const GPU_HEADROOM: u64 = 1 << 30;
+
+/// The worker slots of this process (`workers.slots`), each with the engines of every served
+/// route on its device and that device's memory budget: engines load once per device, and the
+/// slots on one device share them and its budget. Blocking (reads and maps gigabytes): call it
 /// off the async threads. Progress goes to the log, a line per component.
-pub fn load_engines(settings: &Settings) -> Result<EngineSet, EngineLoadError> {
-    let mut loader = Loader::new(settings);
+pub fn load_slots(settings: &Settings) -> Result<Vec<Slot>, EngineLoadError> {
+    let mut loaded: Vec<(Option<DeviceSpec>, Slot)> = Vec::new();
+    let mut slots = Vec::new();
+    for device in settings.slot_devices() {
+        let slot = match loaded.iter().find(|(d, _)| *d == device) {
+            Some((_, slot)) => slot.clone(),
+            None => {
+                let slot = load_slot(settings, device)?;
+                loaded.push((device, slot.clone()));
+                slot
+            }
+        };
+        slots.push(slot);
+    }
+    Ok(slots)
+}
+
+/// The engines on `device` (`None`: where the models' tables put them) and its budget.
+fn load_slot(settings: &Settings, device: Option<DeviceSpec>) -> Result<Slot, EngineLoadError> {
+    let mut loader = Loader::new(settings, device);
     let mut engines = EngineSet::new();
     for route in settings.served_routes() {
         if let Some(engine) = loader.engine_for(route, &mut log_progress(route))? {
             engines = engines.with(route, engine);
         }
     }
-    Ok(engines)
+    let slot = Slot::new(engines);
+    let Some(device) = device.or_else(|| loader.only_device()) else {
+        tracing::warn!(
+            "the models run on different devices and workers.devices is unset: their jobs run \
+             without a memory budget (set workers.devices to give each device one)"
+        );
+        return Ok(slot);
+    };
+    Ok(match memory_budget(settings, device)? {
+        Some(budget) => {
+            tracing::info!(%device, budget_gib = budget.total_bytes() as f64 / (1u64 << 30) as f64, "memory budget for the jobs on the device");
+            slot.with_memory(Arc::new(budget))
+        }
+        None => slot,
+    })
+}
+
+/// The configured budget, or a GPU's free memory (after loading) less [`GPU_HEADROOM`]; none
+/// on the CPU unless configured.
+fn memory_budget(
+    settings: &Settings,
+    device: DeviceSpec,
+) -> Result<Option<MemoryBudget>, EngineLoadError> {
+    let name = device.to_string();
+    if let Some(bytes) = settings.workers.memory_budget_bytes() {
+        return Ok(Some(MemoryBudget::new(name, bytes)));
+    }
+    let free = kiln_engine::free_memory(device)
+        .map_err(|source| EngineLoadError::DeviceMemory { device, source })?;
+    Ok(free.map(|free| MemoryBudget::new(name, free.saturating_sub(GPU_HEADROOM))))
 }
 
 /// Loads only `route`'s engine (what `kiln generate --model` runs), reporting each component's
@@ -45,12 +108,18 @@ pub fn load_engine(
     if !settings.served_routes().contains(&route) {
         return Ok(None);
     }
-    Loader::new(settings).engine_for(route, progress)
+    // On the first slot's device where `workers.devices` places the slots.
+    let device = settings.workers.devices.first().copied();
+    Loader::new(settings, device).engine_for(route, progress)
 }
 
 /// Loads each checkpoint at most once, however many routes it serves.
 struct Loader<'a> {
     settings: &'a Settings,
+    /// Every model on this device (`workers.devices`), or where its table puts it.
+    device: Option<DeviceSpec>,
+    /// The devices of the models loaded so far.
+    devices: Vec<DeviceSpec>,
     /// `None` until first needed; then the demo engine, or `None` inside when it cannot be had.
     demo: Option<Option<Arc<ModelEngine<Flux1>>>>,
     /// The FLUX.2 checkpoint serves both FLUX.2 [flex] routes.
@@ -58,11 +127,33 @@ struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    fn new(settings: &'a Settings) -> Self {
+    fn new(settings: &'a Settings, device: Option<DeviceSpec>) -> Self {
         Self {
             settings,
+            device,
+            devices: Vec::new(),
             demo: None,
             flux2: None,
+        }
+    }
+
+    /// `config` on this loader's device, if it has one; its device noted.
+    fn place(&mut self, config: &ModelConfig) -> ModelConfig {
+        let config = match self.device {
+            Some(device) => config.clone().on(device),
+            None => config.clone(),
+        };
+        if !self.devices.contains(&config.device()) {
+            self.devices.push(config.device());
+        }
+        config
+    }
+
+    /// The one device every model loaded so far runs on, if they share one.
+    fn only_device(&self) -> Option<DeviceSpec> {
+        match self.devices.as_slice() {
+            [device] => Some(*device),
+            _ => None,
         }
     }
 
@@ -71,14 +162,15 @@ impl<'a> Loader<'a> {
         route: Route,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Option<Arc<dyn Engine>>, EngineLoadError> {
-        let models = &self.settings.models;
+        let settings = self.settings;
+        let models = &settings.models;
         let engine: Arc<dyn Engine> = match (route, &models.flux11_pro, &models.flux2_flex) {
             (Route::Flux11ProTextToImage, Some(config), _) => {
-                Arc::new(load::<Flux1>(route, config.clone(), progress)?)
+                Arc::new(load::<Flux1>(route, self.place(config), progress)?)
             }
             (Route::Flux2FlexTextToImage | Route::Flux2FlexEdit, _, Some(config)) => {
                 if self.flux2.is_none() {
-                    let engine = load::<Flux2>(route, config.clone(), progress)?;
+                    let engine = load::<Flux2>(route, self.place(config), progress)?;
                     self.flux2 = Some(Arc::new(engine));
                 }
                 self.flux2.clone().expect("loaded above")
@@ -98,11 +190,10 @@ impl<'a> Loader<'a> {
     ) -> Result<Option<Arc<dyn Engine>>, EngineLoadError> {
         if self.demo.is_none() {
             let loaded = match demo_dir(self.settings) {
-                Some(dir) => Some(Arc::new(load::<Flux1>(
-                    route,
-                    ModelConfig::new(dir),
-                    progress,
-                )?)),
+                Some(dir) => {
+                    let config = self.place(&ModelConfig::new(dir));
+                    Some(Arc::new(load::<Flux1>(route, config, progress)?))
+                }
                 None => None,
             };
             self.demo = Some(loaded);
@@ -157,8 +248,8 @@ fn load<F: Family>(
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<ModelEngine<F>, EngineLoadError> {
     tracing::info!(%route, checkpoint = %config.checkpoint.display(), "loading checkpoint");
-    let engine =
-        ModelEngine::load(config, progress).map_err(|source| EngineLoadError { route, source })?;
+    let engine = ModelEngine::load(config, progress)
+        .map_err(|source| EngineLoadError::Checkpoint { route, source })?;
     log_loaded(route, &engine);
     Ok(engine)
 }

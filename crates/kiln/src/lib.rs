@@ -6,7 +6,8 @@
 //! - [`app`]: [`app::Application`]: opens the stores, binds the listener, runs the HTTP API, the
 //!   in-process worker pool and the maintenance sweeper until its shutdown token fires.
 //! - [`store_url`]: the setting `store.url` (SQLite file or PostgreSQL), parsed.
-//! - [`engines`]: loads the engines the configuration names into a [`kiln_worker::EngineSet`].
+//! - [`engines`]: loads the engines the configuration names, once per device the worker slots
+//!   run on, into [`kiln_worker::Slot`]s with each device's memory budget.
 //! - [`demo`]: the demo checkpoint embedded in the binary, written into the data directory.
 //! - [`commands`]: `serve`, `worker`, `keys`, `generate`, `config`.
 //! - [`telemetry`]: structured logs.

@@ -12,6 +12,7 @@ use crate::checkpoint::{
 };
 use crate::error::{Error, Result};
 use crate::layers::blocks::Rope;
+use crate::memory::MemoryShape;
 use crate::options::{LoadProgress, SamplingDefaults};
 use crate::pipeline::{CheckpointInfo, Family, LatentGrid, Pipeline, Runtime};
 use crate::sampling::{self, ScheduleConfig};
@@ -210,6 +211,15 @@ impl Family for Flux1 {
 
     fn packed_channels(&self) -> usize {
         self.transformer.config().in_channels
+    }
+
+    fn memory_shape(&self) -> MemoryShape {
+        let cfg = self.transformer.config();
+        MemoryShape {
+            hidden: cfg.hidden(),
+            mlp_hidden: cfg.mlp_hidden,
+            vae_channels: self.vae.config().block_out_channels.clone(),
+        }
     }
 
     /// Noise over the latent image's own channels, then 2x2-packed.

@@ -22,6 +22,7 @@ use crate::checkpoint::{
 };
 use crate::error::Result;
 use crate::layers::blocks::Rope;
+use crate::memory::MemoryShape;
 use crate::options::{LoadProgress, SamplingDefaults};
 use crate::pipeline::{CheckpointInfo, Expanded, Expansion, Family, LatentGrid, Pipeline, Runtime};
 use crate::sampling::{noise, ScheduleConfig};
@@ -289,6 +290,15 @@ impl Family for Flux2 {
 
     fn packed_channels(&self) -> usize {
         self.transformer.config().in_channels
+    }
+
+    fn memory_shape(&self) -> MemoryShape {
+        let cfg = self.transformer.config();
+        MemoryShape {
+            hidden: cfg.hidden(),
+            mlp_hidden: cfg.mlp_hidden(),
+            vae_channels: self.vae.config().decoder_channels().to_vec(),
+        }
     }
 
     /// FLUX.2 draws its noise already patchified and packs it channels-last.

@@ -97,7 +97,7 @@ impl Flux2TransformerConfig {
     pub fn hidden(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
     }
-    fn mlp_hidden(&self) -> usize {
+    pub(crate) fn mlp_hidden(&self) -> usize {
         (self.hidden() as f64 * self.mlp_ratio) as usize
     }
 }

@@ -132,7 +132,7 @@ fn on_cpu_in_f32(x: &Tensor) -> bool {
 /// and where one head's scores alone exceed it, a block of query rows at a time (a 1024x1024
 /// FLUX image has 4608 tokens: 2 GB of scores for 24 heads). So no device ever holds the full
 /// score matrix: memory grows with the tokens, not their square, on CUDA as on the CPU.
-const SCORES_BUDGET: usize = 256 << 20;
+pub(crate) const SCORES_BUDGET: usize = 256 << 20;
 
 /// Softmax attention over `(batch, heads, seq, head_dim)` tensors, with an optional additive
 /// bias (`(1 or batch, heads, seq, seq)` or broadcastable) on the scores. The softmax runs in

@@ -47,6 +47,13 @@ impl super::UpBlocks for Flux2VaeConfig {
 }
 
 impl Flux2VaeConfig {
+    /// The decoder's `block_out_channels` (encoder order), where they differ from the encoder's.
+    pub fn decoder_channels(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
+    }
+
     /// The configuration of BFL's FLUX.2 `ae.safetensors`, read from its tensors (the
     /// GroupNorm groups excepted: BFL's are 32).
     pub(crate) fn infer_bfl(w: &Weights, norm_groups: usize) -> Result<Self> {
@@ -89,9 +96,7 @@ impl Flux2Vae {
             ));
         }
         let decoder = Decoder::load(
-            cfg.decoder_block_out_channels
-                .as_deref()
-                .unwrap_or(&cfg.block_out_channels),
+            cfg.decoder_channels(),
             cfg.layers_per_block,
             cfg.norm_num_groups,
             cfg.use_post_quant_conv,

@@ -5,7 +5,7 @@ use kiln::config::Settings;
 use kiln_api::auth::{hash_token, new_token, token_prefix};
 use kiln_core::catalog::Route;
 use kiln_testkit::ScriptedEngine;
-use kiln_worker::EngineSet;
+use kiln_worker::{EngineSet, Slot};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -598,7 +598,8 @@ impl InProcess {
         let engines = EngineSet::new()
             .with(Route::Flux11ProTextToImage, engine.clone())
             .with(Route::Flux2FlexTextToImage, engine.clone());
-        let app = Application::build(settings, engines).await.unwrap();
+        let slots = Slot::new(engines).repeat(settings.workers.slots);
+        let app = Application::build(settings, slots).await.unwrap();
         let base = format!("http://{}", app.address());
         let mut tokens = vec![];
         for name in ["alice", "bob"] {

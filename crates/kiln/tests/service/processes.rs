@@ -754,3 +754,81 @@ async fn metrics_bind_moves_metrics_off_the_api_port_and_the_log_keeps_a_clients
     assert_eq!(line["client_request_id"], "client-trace-7", "{line}");
     assert_eq!(line["status"], 404, "{line}");
 }
+
+/// `workers.devices` places the slots: a GPU this build cannot open stops kiln at start with
+/// the reason (never at the first job). On the CPU, two slots share `memory_budget_gib`: an
+/// image whose estimated need is over it fails with the sizes and what to do, and one within it
+/// is generated.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_are_placed_on_their_devices_within_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 2, "");
+    if !cfg!(feature = "cuda") {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .args(["--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("gpu"))
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .env("KILN_WORKERS__DEVICES", "[\"cpu\", \"cuda:1\"]")
+            .env("KILN_WORKERS__SLOTS", "2")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let out = exits_within(command, Duration::from_secs(120));
+        assert!(!out.status.success(), "kiln started without the GPU");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cuda:1") && stderr.contains("built without CUDA"),
+            "{stderr}"
+        );
+    }
+
+    let serve = |budget: &str| {
+        let env = [
+            ("KILN_WORKERS__DEVICES", "[\"cpu\"]"),
+            ("KILN_WORKERS__SLOTS", "2"),
+            ("KILN_WORKERS__MEMORY_BUDGET_GIB", budget),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let data = dir.path().join(format!("data-{budget}"));
+        KilnProcess::serve_with_env(&config, &data, "127.0.0.1:0", &[], &env)
+    };
+    let small = serve("0.25");
+    let client = Client::new(&small.base, small.first_key.as_deref().unwrap());
+    let failed = client
+        .run(PRO, input("a blue star"), Duration::from_secs(60))
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "invalid_input", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs about")
+            && message.contains("may use 256 MiB (workers.memory_budget_gib)")
+            && message.contains("a smaller image size fits"),
+        "{message}"
+    );
+    drop(small);
+
+    let roomy = serve("1");
+    let client = Client::new(&roomy.base, roomy.first_key.as_deref().unwrap());
+    let done = client
+        .run(PRO, input("a blue star"), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
+/// Waits for `command` to exit, killing it (and failing) if it runs past `limit`.
+fn exits_within(mut command: std::process::Command, limit: Duration) -> std::process::Output {
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
