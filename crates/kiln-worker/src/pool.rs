@@ -67,6 +67,14 @@ impl Slot {
     pub fn repeat(self, count: usize) -> Vec<Slot> {
         vec![self; count]
     }
+
+    /// The routes some slot of `slots` has an engine for (empty: the slots take no job).
+    pub fn served_routes(slots: &[Slot]) -> Vec<Route> {
+        Route::ALL
+            .into_iter()
+            .filter(|route| slots.iter().any(|s| s.engines.get(*route).is_some()))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -122,7 +130,7 @@ pub async fn run_pool(
     shutdown: CancellationToken,
 ) {
     crate::metrics::register();
-    if slots.iter().all(|slot| slot.engines.routes().is_empty()) {
+    if Slot::served_routes(&slots).is_empty() {
         tracing::warn!("no engine is loaded: this worker pool takes no jobs");
     }
     let context = Arc::new(WorkerContext {

@@ -323,9 +323,7 @@ async fn reserve(
     let (Some(budget), Some(need)) = (memory, engine.job_memory(params, references)) else {
         return Ok(None);
     };
-    if let Err(too_large) = budget.admits(need) {
-        return Err(EngineError::InvalidInput(too_large.to_string()));
-    }
+    // A job over the whole budget is refused at the first poll, before any wait.
     let reservation = budget.reserve(need);
     tokio::pin!(reservation);
     let mut waited = false;

@@ -289,10 +289,7 @@ impl Application {
         // by `kiln worker`s elsewhere.
         let served_routes = match slots.as_slice() {
             [] => settings.served_routes(),
-            slots => Route::ALL
-                .into_iter()
-                .filter(|route| slots.iter().any(|s| s.engines.get(*route).is_some()))
-                .collect(),
+            slots => Slot::served_routes(slots),
         };
         let limits = &settings.limits;
         let api = ApiSettings {

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // An API node (no worker slots) runs no model, so it loads none.
     let slots = load_slots_blocking(&settings).await?;
-    if settings.workers.slots > 0 && serves_nothing(&slots) {
+    if settings.workers.slots > 0 && kiln_worker::Slot::served_routes(&slots).is_empty() {
         tracing::warn!(
             "no model has a checkpoint configured and serve_demo is off: submits will be refused \
              until one is (see README, \"Models\")"
@@ -41,11 +41,6 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
 async fn load_slots_blocking(settings: &Settings) -> anyhow::Result<Vec<kiln_worker::Slot>> {
     let settings = settings.clone();
     Ok(tokio::task::spawn_blocking(move || load_slots(&settings)).await??)
-}
-
-/// Whether no slot has an engine for any route.
-fn serves_nothing(slots: &[kiln_worker::Slot]) -> bool {
-    slots.iter().all(|slot| slot.engines.routes().is_empty())
 }
 
 /// On a first start (no key at all), creates one and shows it once.
@@ -82,7 +77,7 @@ pub async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::
     );
     let slots = load_slots_blocking(&settings).await?;
     anyhow::ensure!(
-        !serves_nothing(&slots),
+        !kiln_worker::Slot::served_routes(&slots).is_empty(),
         "no model has a checkpoint configured and serve_demo is off, so this worker could take no job (see README, \"Models\")"
     );
     let stores = open_stores(&settings).await?;
