@@ -108,13 +108,15 @@ pub fn router(state: AppState) -> Router {
     routes.with_state(state).layer(
         ServiceBuilder::new()
             .layer(axum::middleware::from_fn(request_id::assign))
+            // Outside the span: the line carries its own fields, and a JSON line inside the
+            // span would repeat them (the JSON formatter re-reads a span's fields per event).
+            .layer(axum::middleware::from_fn(access_log::record))
             .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request_id::request_id(request);
                 let client_request_id = request_id::client_request_id(request);
                 let client_request_id = client_request_id.as_deref();
                 tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, client_request_id)
             }))
-            .layer(axum::middleware::from_fn(access_log::record))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(axum::middleware::from_fn_with_state(
                 body_timeout,

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln::commands::{self, DirectRequest, GenerateRequest, KeysAction};
 use kiln::config::{FlagOverrides, Settings};
-use kiln::telemetry;
+use kiln::telemetry::{self, Output};
 use kiln_engine::{read_latents, DeviceSpec, EngineOptions, PipelineRequest, Precision};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -158,18 +158,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { .. } | Command::Generate(_) | Command::Config => {}
     }
     let settings = Settings::load(cli.config.as_deref(), &flags)?;
+    // Before the runtime, so that the log writer outlives it: what its tasks log while it
+    // shuts down still reaches stderr.
+    let _log = match cli.command {
+        Command::Serve { .. } | Command::Worker { .. } => {
+            telemetry::init(settings.log_format, "info,sqlx=warn", Output::Background)
+        }
+        Command::Keys { .. } | Command::Generate(_) => {
+            telemetry::init(settings.log_format, "warn", Output::Direct)
+        }
+        Command::Config => telemetry::LogGuard::none(),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Serve { .. } => {
-            telemetry::init(settings.log_format, "info,sqlx=warn");
             runtime.block_on(async { commands::serve(settings, shutdown_on_signal()).await })
         }
         Command::Worker { .. } => {
-            telemetry::init(settings.log_format, "info,sqlx=warn");
             runtime.block_on(async { commands::worker(settings, shutdown_on_signal()).await })
         }
         Command::Keys { action } => {
-            telemetry::init(settings.log_format, "warn");
             let action = match action {
                 KeysCommand::Create { name } => KeysAction::Create { name },
                 KeysCommand::List => KeysAction::List,
@@ -178,10 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(commands::keys(settings, action))
         }
         Command::Config => commands::print_config(&settings),
-        Command::Generate(args) => {
-            telemetry::init(settings.log_format, "warn");
-            generate(settings, args)
-        }
+        Command::Generate(args) => generate(settings, args),
     }
 }
 
