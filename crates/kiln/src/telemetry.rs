@@ -144,8 +144,18 @@ impl Queue {
 
     fn push(&self, line: &[u8]) {
         let mut queued = self.lock();
-        while queued.bytes.len() + line.len() > self.capacity && !queued.bytes.is_empty() {
+        while queued.bytes.len() + line.len() > self.capacity
+            && !queued.bytes.is_empty()
+            && !queued.closed
+        {
             queued = self.changed.wait(queued).unwrap_or_else(|p| p.into_inner());
+        }
+        if queued.closed {
+            // The writer has stopped (the guard is gone): a late line is written directly
+            // rather than queued where nothing would write it.
+            drop(queued);
+            let _ = std::io::stderr().write_all(line);
+            return;
         }
         let was_empty = queued.bytes.is_empty();
         queued.bytes.extend_from_slice(line);
@@ -242,6 +252,16 @@ mod tests {
             next[thread] += 1;
         }
         assert_eq!(next, [2_000; 4]);
+    }
+
+    /// A line logged after the writer stopped is not left in the queue (nor waits for room).
+    #[test]
+    fn a_line_after_closing_is_not_queued() {
+        let queue = Queue::with_capacity(4);
+        queue.push(b"queued\n");
+        queue.close();
+        queue.push(b"late line, over the capacity\n");
+        assert_eq!(queue.lock().bytes, b"queued\n");
     }
 
     /// An idle server's line does not wait for a batch to fill.
