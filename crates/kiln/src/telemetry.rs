@@ -4,9 +4,10 @@
 //! ([`Output::Background`]): an access-log line per request written straight to stderr was one
 //! `write` system call, a contended stderr lock and a wake-up of the reader per request, which
 //! measured as a third of `GET /healthz`'s cost under load (BENCHMARKS.md). The thread writes
-//! whatever has queued up in one go, and at once when the queue runs dry, so an idle server's
-//! lines appear as soon as they are logged. Short commands write directly, so their log lines
-//! keep their order with what they print themselves.
+//! whatever has queued up in one go, then lets the next lines gather for a millisecond; a line
+//! logged while it waits idle is written at once, so an idle server's lines appear as soon as
+//! they are logged. Short commands write directly, so their log lines keep their order with
+//! what they print themselves.
 
 use crate::config::LogFormat;
 use std::io::Write;
