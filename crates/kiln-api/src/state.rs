@@ -112,9 +112,9 @@ impl ApiSettings {
     }
 }
 
-/// The state behind the router: one shared allocation, so that the clones the router and its
-/// middleware make per request cost one reference count (ten before, on cache lines every
-/// core's requests touched).
+/// The state behind the router: one shared allocation, so that each of the clones the router
+/// and its middleware make per request changes one reference count, not one per part (counts
+/// that every core's requests write).
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 

@@ -188,12 +188,23 @@ impl Queue {
     }
 }
 
-/// What the formatter writes each line through. It writes a formatted event with one
-/// `write_all`, which this takes whole, so lines from different threads never interleave.
-#[derive(Clone)]
+/// The formatter's [`MakeWriter`]: it hands out a [`LineWriter`] per event, a borrow of the
+/// queue (no reference count to change per line).
 struct QueueWriter(Arc<Queue>);
 
-impl Write for QueueWriter {
+impl<'w> MakeWriter<'w> for QueueWriter {
+    type Writer = LineWriter<'w>;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        LineWriter(&self.0)
+    }
+}
+
+/// What the formatter writes an event through. It writes a formatted event with one
+/// `write_all`, which this takes whole, so lines from different threads never interleave.
+struct LineWriter<'q>(&'q Queue);
+
+impl Write for LineWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.push(buf);
         Ok(buf.len())
@@ -201,14 +212,6 @@ impl Write for QueueWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for QueueWriter {
-    type Writer = QueueWriter;
-
-    fn make_writer(&'w self) -> Self::Writer {
-        self.clone()
     }
 }
 
@@ -230,8 +233,9 @@ mod tests {
         });
         let loggers: Vec<_> = (0..4)
             .map(|thread| {
-                let mut logger = QueueWriter(queue.clone());
+                let queue = queue.clone();
                 std::thread::spawn(move || {
+                    let mut logger = LineWriter(&queue);
                     for line in 0..2_000 {
                         // As the formatter writes: a whole line per `write`.
                         let line = format!("thread {thread} line {line}\n");
@@ -272,7 +276,7 @@ mod tests {
         let (sent, written) = std::sync::mpsc::channel();
         let writer = queue.clone();
         let thread = std::thread::spawn(move || writer.write_out(&mut Forward(sent)));
-        QueueWriter(queue.clone()).write_all(b"one line\n").unwrap();
+        LineWriter(&queue).write_all(b"one line\n").unwrap();
         let line = written.recv_timeout(Duration::from_secs(10));
         queue.close();
         thread.join().unwrap();
