@@ -16,9 +16,10 @@
 //!   one AVX-512 register of 16 pairs, which is what `vdpbf16ps` multiplies.
 //!
 //! # Blocking
-//! The output is cut into tasks of [`MC`] rows by [`NC`] columns run in parallel; a task walks
-//! `k` in chunks of [`KC`], and each chunk in 32x32 blocks whose four 16x16 accumulators live in
-//! tiles (AMX) or registers.
+//! Both packed operands start on 64-byte boundaries ([`Tiles`]), so a tile row is one cache line.
+//! The output is cut into tasks of [`MC`] ([`AMX_MC`] on AMX) rows by [`NC`] columns run in
+//! parallel; a task walks `k` in chunks of [`KC`], and each chunk in 32x32 blocks whose four
+//! 16x16 accumulators live in tiles (AMX) or registers.
 //! Blocks over the output's edge go through a 32x32 scratch.
 
 use crate::gemm::{Matrix, Output};
@@ -27,6 +28,12 @@ use std::sync::OnceLock;
 
 /// Rows of output per parallel task (a multiple of 32).
 const MC: usize = 256;
+/// The same on AMX, whose tile loads run several times faster from L2 than from L3: a task's
+/// rows of A over a chunk of `k` (128 x 4096 bf16, 1 MiB) then stay in a Sapphire Rapids core's
+/// 2 MiB L2 beside the column panel of B in use (at 256 rows they filled it). Measured on
+/// 4096^3 products, alternating builds on one noisy machine: best runs 1334 against 1041
+/// GFLOP/s (BENCHMARKS.md).
+const AMX_MC: usize = 128;
 /// Columns of output per parallel task (a multiple of 32).
 const NC: usize = 256;
 /// Blocks of 32 along `k` per chunk (4096 of `k`). Measured on a Sapphire Rapids core pair
@@ -147,6 +154,73 @@ pub fn from_bf16(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
+/// Packed bf16 values on 64-byte boundaries, so that each 64-byte row of a tile is one cache
+/// line. A tile load whose rows straddle two lines ran at a third of the speed on the Sapphire
+/// Rapids development machine (about 20 ns a tile against 5-12 aligned; BENCHMARKS.md), and a
+/// `Vec<u16>` of this size comes from `mmap` 16 bytes past a page's start.
+struct Tiles {
+    ptr: std::ptr::NonNull<u16>,
+    len: usize,
+}
+
+// SAFETY: `Tiles` owns its allocation, as a `Vec<u16>` would.
+unsafe impl Send for Tiles {}
+unsafe impl Sync for Tiles {}
+
+impl Tiles {
+    const ALIGN: usize = 64;
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1) * 2, Self::ALIGN).expect("tiles' size")
+    }
+
+    /// `len` zeros (from the allocator's zeroed pages: untouched ones cost nothing).
+    fn zeros(len: usize) -> Self {
+        let layout = Self::layout(len);
+        // SAFETY: the layout's size is not zero.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw.cast::<u16>())
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, len }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeros` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::layout(self.len)) }
+    }
+}
+
+impl Clone for Tiles {
+    fn clone(&self) -> Self {
+        let mut copy = Self::zeros(self.len);
+        copy.copy_from_slice(self);
+        copy
+    }
+}
+
+impl std::ops::Deref for Tiles {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: `len` initialised values, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Tiles {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as in `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl PartialEq for Tiles {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
 /// The right operand `B (k x n)` packed in bf16 tiles (module docs: Layout).
 #[derive(Clone)]
 pub struct PackedB {
@@ -154,7 +228,7 @@ pub struct PackedB {
     n: usize,
     /// Blocks of 32 along `k`.
     kb: usize,
-    data: Vec<u16>,
+    data: Tiles,
 }
 
 impl std::fmt::Debug for PackedB {
@@ -201,7 +275,7 @@ impl PackedB {
             k,
             n,
             kb,
-            data: vec![0u16; n.div_ceil(16) * kb * TILE],
+            data: Tiles::zeros(n.div_ceil(16) * kb * TILE),
         }
     }
 
@@ -338,7 +412,7 @@ pub struct PackedA {
     cols: usize,
     /// Blocks of 32 along `k`.
     kb: usize,
-    data: Vec<u16>,
+    data: Tiles,
 }
 
 impl PackedA {
@@ -408,7 +482,7 @@ impl PackedA {
             rows,
             cols,
             kb,
-            data: vec![0u16; rows.div_ceil(32) * 32 * kb * 32],
+            data: Tiles::zeros(rows.div_ceil(32) * 32 * kb * 32),
         }
     }
 
@@ -485,7 +559,10 @@ fn multiply_packed(
     let out = Output(c.as_mut_ptr());
     // Smaller tasks where the product is small, so every thread has some (a product of 200
     // rows by 128 columns would otherwise be one task).
-    let mut mc = MC;
+    let mut mc = match kernel {
+        Bf16Kernel::Amx => AMX_MC,
+        Bf16Kernel::Avx512Bf16 => MC,
+    };
     while m.div_ceil(mc) * n.div_ceil(NC) < 4 * rayon::current_num_threads() && mc > 32 {
         mc /= 2;
     }
@@ -925,6 +1002,22 @@ mod tests {
                 (walked.k, walked.n, walked.kb)
             );
             assert!(plain.data == walked.data, "k {k}, n {n}");
+        }
+    }
+
+    /// Every packed operand, of any size, starts on a cache line, as do its tiles; clones too.
+    #[test]
+    fn packed_tiles_start_on_cache_lines() {
+        for (rows, cols) in [(1, 1), (3, 70), (40, 33), (300, 129)] {
+            let x = values(rows * cols, 5, 1.0);
+            let a = PackedA::pack(Matrix::row_major(&x, rows, cols, cols));
+            let b = PackedB::pack(Matrix::row_major(&x, rows, cols, cols));
+            let copy = b.clone();
+            for p in [a.data.as_ptr(), b.data.as_ptr(), copy.data.as_ptr()] {
+                assert_eq!(p as usize % 64, 0, "{rows} x {cols}");
+            }
+            assert!(copy.data == b.data);
+            assert_eq!(b.data.len() % TILE, 0);
         }
     }
 
