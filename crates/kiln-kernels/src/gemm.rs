@@ -7,7 +7,10 @@
 //! 2-core AMD EPYC development machines, a 4096^3 product runs at 150-213 GFLOP/s with Debian's
 //! OpenBLAS 0.3.21 and its AVX2 (Haswell) kernels, 290-390 with its AVX-512 (Skylake-X)
 //! kernels where the CPU has AVX-512 (see [`choose_avx512_kernels`]), 95 with the gemm crate
-//! and 140-165 in PyTorch; see BENCHMARKS.md.
+//! and 140-165 in PyTorch; see BENCHMARKS.md. The gemm crate is built with its AVX-512 kernels
+//! (its `x86-v4` feature; it still picks AVX2 ones at run time on CPUs without AVX-512): on the
+//! Intel development machine, with nothing installed, they ran a 4096^3 product 2-3 times as
+//! fast as its AVX2 ones (median 182 against 54 GFLOP/s over alternating runs).
 //!
 //! OpenBLAS runs single-threaded: each product is split over rayon's threads here, so the
 //! machine's threads are one pool shared with kiln's other kernels. (OpenBLAS's own pool spins
