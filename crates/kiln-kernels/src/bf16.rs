@@ -30,9 +30,10 @@ use std::sync::OnceLock;
 const MC: usize = 256;
 /// The same on AMX, whose tile loads run several times faster from L2 than from L3: a task's
 /// rows of A over a chunk of `k` (128 x 4096 bf16, 1 MiB) then stay in a Sapphire Rapids core's
-/// 2 MiB L2 beside the column panel of B in use (at 256 rows they filled it). Measured on
-/// 4096^3 products, alternating builds on one noisy machine: best runs 1334 against 1041
-/// GFLOP/s (BENCHMARKS.md).
+/// 2 MiB L2 beside the column panel of B in use (at 256 rows they filled it). Measured with
+/// aligned tiles, alternating builds on one noisy machine: the best runs favoured 128 rows
+/// (4096^3 products 1334 against 1041 GFLOP/s; a transformer call 1.17 against 1.46 s), the
+/// medians did not differ beyond the noise (BENCHMARKS.md).
 const AMX_MC: usize = 128;
 /// Columns of output per parallel task (a multiple of 32).
 const NC: usize = 256;
@@ -157,7 +158,7 @@ pub fn from_bf16(x: u16) -> f32 {
 /// Packed bf16 values on 64-byte boundaries, so that each 64-byte row of a tile is one cache
 /// line. A tile load whose rows straddle two lines ran at a third of the speed on the Sapphire
 /// Rapids development machine (about 20 ns a tile against 5-12 aligned; BENCHMARKS.md), and a
-/// `Vec<u16>` of this size comes from `mmap` 16 bytes past a page's start.
+/// `Vec<u16>` is only as aligned as malloc makes it (16 bytes).
 struct Tiles {
     ptr: std::ptr::NonNull<u16>,
     len: usize,
