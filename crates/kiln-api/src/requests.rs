@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use kiln_core::ids::{KeyId, MalformedRequestId, RequestId};
-use kiln_core::job::{CancelMode, CancelOutcome, Job, JobStatus, JobView};
+use kiln_core::job::{CancelMode, CancelOutcome, Job, JobStatus, JobView, Stage, StatusView};
 use kiln_core::report::Chain;
 use kiln_core::webhook::WebhookRecord;
 use std::collections::HashMap;
@@ -33,6 +33,19 @@ pub(crate) async fn visible_job(
     state
         .jobs
         .get(owner, id)
+        .await?
+        .ok_or(ApiError::RequestNotFound)
+}
+
+/// What a status poll shows of the job, read without its parameters or output.
+pub(crate) async fn visible_status(
+    state: &AppState,
+    owner: KeyId,
+    id: RequestId,
+) -> Result<StatusView, ApiError> {
+    state
+        .jobs
+        .status(owner, id)
         .await?
         .ok_or(ApiError::RequestNotFound)
 }
@@ -57,31 +70,28 @@ pub(crate) async fn status(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id(path)?;
-    let view = visible_job(&state, caller.id, id).await?;
+    let view = visible_status(&state, caller.id, id).await?;
     Ok(Json(status_response(&state.settings, &view)))
 }
 
 /// The status object, as the status endpoint and every event of its stream carry it.
-pub(crate) fn status_response(settings: &ApiSettings, view: &JobView) -> StatusResponse {
-    let job = &view.job;
-    let id = job.id;
-    let (progress, preview_url) = match &job.status {
-        JobStatus::Running {
-            progress, preview, ..
-        } => (
+pub(crate) fn status_response(settings: &ApiSettings, view: &StatusView) -> StatusResponse {
+    let id = view.id;
+    let (queue_position, progress, preview_url) = match &view.stage {
+        Stage::Queued { position } => (Some(*position), None, None),
+        Stage::Running { progress, preview } => (
+            None,
             progress.map(Into::into),
             preview
                 .as_ref()
-                .map(|preview| file_url(settings, &preview.key, job.expires_at)),
+                .map(|preview| file_url(settings, &preview.key, view.expires_at)),
         ),
-        _ => (None, None),
+        Stage::Succeeded | Stage::Failed | Stage::Cancelled => (None, None, None),
     };
     StatusResponse {
         request_id: id.to_string(),
-        status: job.state().into(),
-        queue_position: view
-            .queue_position
-            .filter(|_| job.status == JobStatus::Queued),
+        status: view.stage.state().into(),
+        queue_position,
         status_url: settings.request_url(id, "status"),
         result_url: settings.request_url(id, "result"),
         progress,
@@ -217,9 +227,11 @@ pub(crate) async fn cancel(
         // Still running until its worker honours the request at a step boundary.
         CancelOutcome::CancellationRequested => RequestStatus::InProgress,
         // Running or finished: read the state now, it may have moved on since.
-        CancelOutcome::NotCancellable => {
-            visible_job(&state, caller.id, id).await?.job.state().into()
-        }
+        CancelOutcome::NotCancellable => visible_status(&state, caller.id, id)
+            .await?
+            .stage
+            .state()
+            .into(),
     };
     Ok((
         StatusCode::ACCEPTED,

@@ -13,7 +13,7 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::live::Watch;
-use crate::requests::{request_id, status_response, visible_job};
+use crate::requests::{request_id, status_response, visible_status};
 use crate::state::AppState;
 use crate::wire::{ErrorBody, RequestStatus, StatusResponse};
 use axum::extract::rejection::PathRejection;
@@ -23,7 +23,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use kiln_core::ids::{KeyId, RequestId};
-use kiln_core::job::JobView;
+use kiln_core::job::StatusView;
 use kiln_core::report::Chain;
 use std::convert::Infallible;
 
@@ -64,7 +64,7 @@ pub(crate) async fn status_stream(
     let id = request_id(path)?;
     // Registered before the first read, so that no change after it goes unseen.
     let watch = state.live.watch(id);
-    let view = visible_job(&state, caller.id, id).await?;
+    let view = visible_status(&state, caller.id, id).await?;
     let next_id = headers
         .get(LAST_EVENT_ID)
         .and_then(|v| v.to_str().ok())
@@ -98,7 +98,7 @@ struct Follower {
     id: RequestId,
     watch: Watch,
     /// The job as the handler read it, for the first event.
-    first: Option<JobView>,
+    first: Option<StatusView>,
     /// The JSON of the last event's data.
     last_sent: Option<String>,
     next_id: u64,
@@ -151,8 +151,8 @@ impl Follower {
 
     /// The job now; `None` (ending the stream) once it is gone (expired) or unreadable: the
     /// client's reconnect tries again, and a failing store is not retried here in a loop.
-    async fn read(&self) -> Option<JobView> {
-        match self.state.jobs.get(self.owner, self.id).await {
+    async fn read(&self) -> Option<StatusView> {
+        match self.state.jobs.status(self.owner, self.id).await {
             Ok(view) => view,
             Err(error) => {
                 tracing::warn!(error = %Chain(&error), request_id = %self.id, "a status stream could not read its job; ending it");

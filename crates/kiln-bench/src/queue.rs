@@ -28,7 +28,7 @@ use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
     CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, OutputMetadata,
-    StepReport, Timings,
+    StatusView, StepReport, Timings,
 };
 use kiln_core::params::{
     GenerationParams, ImageSize, OutputFormat, OutputSize, Prompt, RouteOptions,
@@ -474,6 +474,10 @@ impl JobStore for Observed {
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         self.inner.get(owner, id).await
+    }
+
+    async fn status(&self, owner: KeyId, id: RequestId) -> Result<Option<StatusView>, StoreError> {
+        self.inner.status(owner, id).await
     }
 
     async fn list_jobs(

@@ -240,6 +240,72 @@ pub struct JobView {
     pub queue_position: Option<u64>,
 }
 
+/// What a status poll shows of a job: its state with what that state adds for a poll. None of
+/// the stored parameters or output: polls are the service's most frequent request and never
+/// show them, and decoding them was a measured share of a poll's cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusView {
+    pub id: RequestId,
+    /// Preview URLs are signed to end with the record.
+    pub expires_at: OffsetDateTime,
+    pub stage: Stage,
+}
+
+/// A job's state as a poll sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stage {
+    /// `position` queued jobs are ahead of it (0 = next to be claimed).
+    Queued {
+        position: u64,
+    },
+    Running {
+        progress: Option<Progress>,
+        preview: Option<Preview>,
+    },
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Stage {
+    /// The state's name, without its data.
+    pub fn state(&self) -> JobState {
+        match self {
+            Stage::Queued { .. } => JobState::Queued,
+            Stage::Running { .. } => JobState::Running,
+            Stage::Succeeded => JobState::Succeeded,
+            Stage::Failed => JobState::Failed,
+            Stage::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+impl From<&JobView> for StatusView {
+    fn from(view: &JobView) -> Self {
+        let job = &view.job;
+        let stage = match &job.status {
+            // Every store reads a queued job's position with it.
+            JobStatus::Queued => Stage::Queued {
+                position: view.queue_position.unwrap_or_default(),
+            },
+            JobStatus::Running {
+                progress, preview, ..
+            } => Stage::Running {
+                progress: *progress,
+                preview: preview.clone(),
+            },
+            JobStatus::Succeeded { .. } => Stage::Succeeded,
+            JobStatus::Failed { .. } => Stage::Failed,
+            JobStatus::Cancelled { .. } => Stage::Cancelled,
+        };
+        StatusView {
+            id: job.id,
+            expires_at: job.expires_at,
+            stage,
+        }
+    }
+}
+
 /// What a submit hands the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {

@@ -16,7 +16,7 @@ use crate::catalog::Route;
 use crate::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use crate::job::{
     CancelMode, CancelOutcome, Job, JobError, JobOutput, JobState, JobView, NewJob, Progress,
-    StepReport,
+    StatusView, StepReport,
 };
 use crate::webhook::{AfterAttempt, WebhookAttempt, WebhookDelivery, WebhookRecord};
 use async_trait::async_trait;
@@ -264,6 +264,11 @@ pub trait JobStore: Send + Sync {
 
     /// The job if it exists, belongs to `owner` and has not expired.
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError>;
+
+    /// What a status poll shows of the job [`JobStore::get`] would return: the same visibility,
+    /// without reading the stored parameters or output. Equal to `StatusView::from` of `get`'s
+    /// view at the same instant.
+    async fn status(&self, owner: KeyId, id: RequestId) -> Result<Option<StatusView>, StoreError>;
 
     /// The visible jobs of `owner` (as [`JobStore::get`] sees them: expired ones are not),
     /// newest first, at most `limit`, strictly older than `before` when given.

@@ -61,13 +61,15 @@ use crate::common::{
     TERMINAL,
 };
 use crate::record::{
-    from_millis, millis, DeliveryRow, JobRow, JobViewRow, ListedRow, DELIVERY_COLUMNS, JOB_COLUMNS,
+    from_millis, millis, DeliveryRow, JobRow, JobViewRow, ListedRow, StatusRow, DELIVERY_COLUMNS,
+    JOB_COLUMNS, STATUS_COLUMNS,
 };
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
-    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
+    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StatusView,
+    StepReport,
 };
 use kiln_core::store::{
     ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobPage, JobStore,
@@ -123,14 +125,22 @@ pub(crate) fn duration_millis(d: Duration) -> i64 {
 /// A job's columns and its queue position, by id ($1), owner ($2, or NULL for any) and the
 /// instant it must be visible at ($3, or NULL for the server's now).
 fn view_sql() -> &'static str {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT {JOB_COLUMNS}, {QUEUE_POSITION} FROM jobs \
-             WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND {}",
-            visible(&format!("COALESCE($3, {NOW})"))
-        )
-    });
+    static SQL: LazyLock<String> = LazyLock::new(|| lookup_sql(JOB_COLUMNS));
     SQL.as_str()
+}
+
+/// What a status poll reads, selected as [`view_sql`] selects a job.
+fn status_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| lookup_sql(STATUS_COLUMNS));
+    SQL.as_str()
+}
+
+fn lookup_sql(columns: &str) -> String {
+    format!(
+        "SELECT {columns}, {QUEUE_POSITION} FROM jobs \
+         WHERE id = $1 AND ($2::text IS NULL OR owner = $2) AND {}",
+        visible(&format!("COALESCE($3, {NOW})"))
+    )
 }
 
 /// A claimed job's row and the lease's end, as the claim wrote it.
@@ -298,6 +308,17 @@ impl JobStore for PgStore {
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
         let owner = owner.to_string();
         Self::view(&self.pool, &id.to_string(), Some(&owner), None).await
+    }
+
+    async fn status(&self, owner: KeyId, id: RequestId) -> Result<Option<StatusView>, StoreError> {
+        let row: Option<StatusRow> = sqlx::query_as(status_sql())
+            .bind(id.to_string())
+            .bind(owner.to_string())
+            .bind(None::<i64>)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.map(StatusRow::into_status).transpose()
     }
 
     async fn list_jobs(

@@ -1,5 +1,5 @@
-//! The hot read: one job's view, as every status poll asks for it, read synchronously on the
-//! calling thread.
+//! The hot reads: one job's status, as every status poll asks for it, and its whole view, read
+//! synchronously on the calling thread.
 //!
 //! sqlx runs each SQLite connection on a thread of its own, so every query is two thread
 //! hand-offs on top of a point lookup that takes microseconds; for status polls those hand-offs
@@ -8,7 +8,7 @@
 //! gives up at once with `Busy`, and the caller takes the ordinary sqlx path instead, so no
 //! async thread is ever held for long.
 
-use crate::record::JobRow;
+use crate::record::{JobRow, JobViewRow, StatusRow};
 use kiln_core::store::StoreError;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -46,17 +46,18 @@ impl Readers {
         })
     }
 
-    /// Runs `sql` with `params` on a free connection and maps the one row, if any: a job row's
-    /// columns ([`crate::record::JOB_COLUMNS`]) followed by its queue position.
-    pub(crate) fn job_view_row(
+    /// Runs `sql` with `params` on a free connection and maps its one row, if any, with `map`
+    /// ([`job_view`] or [`status`]).
+    pub(crate) fn one_row<T>(
         &self,
         sql: &str,
         params: impl rusqlite::Params,
-    ) -> Result<Option<(JobRow, Option<i64>)>, ReadError> {
+        map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, ReadError> {
         let conn = self.take();
         let mut statement = conn.prepare_cached(sql).map_err(classify)?;
         statement
-            .query_row(params, |row| Ok((job_row(row)?, row.get(19)?)))
+            .query_row(params, map)
             .optional()
             .map_err(classify)
     }
@@ -73,6 +74,28 @@ impl Readers {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// A job row's columns ([`crate::record::JOB_COLUMNS`]) followed by its queue position.
+pub(crate) fn job_view(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobViewRow> {
+    Ok(JobViewRow {
+        job: job_row(row)?,
+        queue_position: row.get(19)?,
+    })
+}
+
+/// The columns of [`crate::record::STATUS_COLUMNS`] followed by the queue position.
+pub(crate) fn status(row: &rusqlite::Row<'_>) -> rusqlite::Result<StatusRow> {
+    Ok(StatusRow {
+        id: row.get(0)?,
+        state: row.get(1)?,
+        expires_at: row.get(2)?,
+        progress_step: row.get(3)?,
+        progress_total: row.get(4)?,
+        preview_key: row.get(5)?,
+        preview_step: row.get(6)?,
+        queue_position: row.get(7)?,
+    })
 }
 
 /// The columns of [`crate::record::JOB_COLUMNS`], in order.

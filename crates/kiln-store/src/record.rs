@@ -4,7 +4,7 @@
 
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
-use kiln_core::job::{Job, JobState, JobStatus, JobView, Preview, Progress};
+use kiln_core::job::{Job, JobState, JobStatus, JobView, Preview, Progress, Stage, StatusView};
 use kiln_core::params::GenerationParams;
 use kiln_core::store::{ApiKey, Lease, StoreError};
 use kiln_core::webhook::{DeliveryState, WebhookDelivery, WebhookRecord, WebhookUrl};
@@ -129,14 +129,8 @@ impl JobRow {
             JobState::Running => JobStatus::Running {
                 started_at: started_at()?,
                 attempt: u32::try_from(self.attempts).map_err(|e| corrupt("attempts", e))?,
-                progress: match (self.progress_step, self.progress_total) {
-                    (Some(step), Some(total)) => Some(Progress {
-                        step: u32::try_from(step).map_err(|e| corrupt("progress", e))?,
-                        total: u32::try_from(total).map_err(|e| corrupt("progress", e))?,
-                    }),
-                    _ => None,
-                },
-                preview: self.preview()?,
+                progress: progress(self.progress_step, self.progress_total)?,
+                preview: preview(self.preview_key.as_deref(), self.preview_step)?,
                 cancel_requested: self.cancel_requested,
             },
             JobState::Succeeded => JobStatus::Succeeded {
@@ -155,19 +149,72 @@ impl JobRow {
     }
 }
 
-impl JobRow {
-    /// The running job's preview: its key and step are written together, so one without the
-    /// other is a corrupt record.
-    fn preview(&self) -> Result<Option<Preview>, StoreError> {
-        match (&self.preview_key, self.preview_step) {
-            (None, None) => Ok(None),
-            (Some(key), Some(step)) => Ok(Some(Preview {
-                key: BlobKey::try_from(key.clone()).map_err(|e| corrupt("preview_key", e))?,
-                step: u32::try_from(step).map_err(|e| corrupt("preview_step", e))?,
-            })),
-            (Some(_), None) => Err(corrupt("preview_step", "a preview key without its step")),
-            (None, Some(_)) => Err(corrupt("preview_key", "a preview step without its key")),
-        }
+/// A running job's last reported step, once it has reported one.
+fn progress(step: Option<i64>, total: Option<i64>) -> Result<Option<Progress>, StoreError> {
+    let count = |n: i64| u32::try_from(n).map_err(|e| corrupt("progress", e));
+    match (step, total) {
+        (Some(step), Some(total)) => Ok(Some(Progress {
+            step: count(step)?,
+            total: count(total)?,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// A running job's preview: its key and step are written together, so one without the other is
+/// a corrupt record.
+fn preview(key: Option<&str>, step: Option<i64>) -> Result<Option<Preview>, StoreError> {
+    match (key, step) {
+        (None, None) => Ok(None),
+        (Some(key), Some(step)) => Ok(Some(Preview {
+            key: BlobKey::try_from(key.to_owned()).map_err(|e| corrupt("preview_key", e))?,
+            step: u32::try_from(step).map_err(|e| corrupt("preview_step", e))?,
+        })),
+        (Some(_), None) => Err(corrupt("preview_step", "a preview key without its step")),
+        (None, Some(_)) => Err(corrupt("preview_key", "a preview step without its key")),
+    }
+}
+
+/// The columns of `jobs` a status poll reads, as SQL returns them: none of the stored JSON.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StatusRow {
+    pub id: String,
+    pub state: String,
+    pub expires_at: i64,
+    pub progress_step: Option<i64>,
+    pub progress_total: Option<i64>,
+    pub preview_key: Option<String>,
+    pub preview_step: Option<i64>,
+    pub queue_position: Option<i64>,
+}
+
+/// The column list matching [`StatusRow`] but for its queue position, which
+/// [`crate::common::QUEUE_POSITION`] selects after them.
+pub(crate) const STATUS_COLUMNS: &str =
+    "id, state, expires_at, progress_step, progress_total, preview_key, preview_step";
+
+impl StatusRow {
+    pub(crate) fn into_status(self) -> Result<StatusView, StoreError> {
+        let state = JobState::parse(&self.state).ok_or_else(|| corrupt("state", &self.state))?;
+        let stage = match state {
+            JobState::Queued => Stage::Queued {
+                position: required(self.queue_position, "queue_position", state.as_str())?
+                    .try_into()
+                    .map_err(|e| corrupt("queue_position", e))?,
+            },
+            JobState::Running => Stage::Running {
+                progress: progress(self.progress_step, self.progress_total)?,
+                preview: preview(self.preview_key.as_deref(), self.preview_step)?,
+            },
+            JobState::Succeeded => Stage::Succeeded,
+            JobState::Failed => Stage::Failed,
+            JobState::Cancelled => Stage::Cancelled,
+        };
+        Ok(StatusView {
+            id: self.id.parse::<RequestId>().map_err(|e| corrupt("id", e))?,
+            expires_at: from_millis(self.expires_at)?,
+            stage,
+        })
     }
 }
 

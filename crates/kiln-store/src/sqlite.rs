@@ -22,16 +22,17 @@ use crate::common::{
     STATE_COUNTS, TERMINAL,
 };
 use crate::group_commit::{run_committer, PendingEnqueue, WAITING};
-use crate::reader::{ReadError, Readers};
+use crate::reader::{self, ReadError, Readers};
 use crate::record::{
-    from_millis, millis, ApiKeyRow, DeliveryRow, JobRow, JobViewRow, ListedRow, DELIVERY_COLUMNS,
-    JOB_COLUMNS, KEY_COLUMNS,
+    from_millis, millis, ApiKeyRow, DeliveryRow, JobRow, JobViewRow, ListedRow, StatusRow,
+    DELIVERY_COLUMNS, JOB_COLUMNS, KEY_COLUMNS, STATUS_COLUMNS,
 };
 use async_trait::async_trait;
 use kiln_core::catalog::Route;
 use kiln_core::ids::{BlobKey, KeyId, RequestId, WorkerId};
 use kiln_core::job::{
-    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StepReport,
+    CancelMode, CancelOutcome, JobError, JobOutput, JobState, JobView, NewJob, StatusView,
+    StepReport,
 };
 use kiln_core::store::{
     ApiKey, ClaimPolicy, Enqueued, HeartbeatAck, Idempotency, JobCursor, JobEvents, JobPage,
@@ -88,16 +89,25 @@ pub(crate) fn duration_millis(d: Duration) -> i64 {
 }
 
 /// A job's columns and its queue position, by id, owner (or NULL for any) and the instant it
-/// must be visible at. Built once: status polls run it more than anything else.
+/// must be visible at. Built once, like [`status_sql`].
 fn view_sql() -> &'static str {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "SELECT {JOB_COLUMNS}, {QUEUE_POSITION} \
-             FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {}",
-            visible("?")
-        )
-    });
+    static SQL: LazyLock<String> = LazyLock::new(|| lookup_sql(JOB_COLUMNS));
     SQL.as_str()
+}
+
+/// What a status poll reads, selected as [`view_sql`] selects a job. Built once: status polls
+/// run it more than anything else.
+fn status_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| lookup_sql(STATUS_COLUMNS));
+    SQL.as_str()
+}
+
+fn lookup_sql(columns: &str) -> String {
+    format!(
+        "SELECT {columns}, {QUEUE_POSITION} \
+         FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND {}",
+        visible("?")
+    )
 }
 
 impl SqliteStore {
@@ -161,32 +171,34 @@ impl SqliteStore {
 
     /// The job `id` of `owner` with its queue position, if visible at `now`: inline, or
     /// through the pool when the database is locked for a moment.
-    async fn owned_view(
+    /// The row `sql` selects for `id` when `owner`'s and visible at `now`: read inline on a
+    /// read-only connection, or through the pool when that read would wait on a lock.
+    async fn owned_row<T>(
         &self,
-        id: &str,
-        owner: &str,
-        now: i64,
-    ) -> Result<Option<JobView>, StoreError> {
+        sql: &'static str,
+        (id, owner): (RequestId, KeyId),
+        map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        let (id, owner, now) = (id.to_string(), owner.to_string(), now_millis());
         match self
             .readers
-            .job_view_row(view_sql(), rusqlite::params![id, owner, owner, now])
+            .one_row(sql, rusqlite::params![id, owner, owner, now], map)
         {
-            Ok(row) => {
-                return row
-                    .map(|(job, queue_position)| {
-                        JobViewRow {
-                            job,
-                            queue_position,
-                        }
-                        .into_view()
-                    })
-                    .transpose()
-            }
+            Ok(row) => return Ok(row),
             Err(ReadError::Failed(e)) => return Err(e),
             Err(ReadError::Busy) => {}
         }
-        let mut conn = self.pool.acquire().await.map_err(backend)?;
-        Self::view(&mut conn, id, Some(owner), now).await
+        sqlx::query_as(sql)
+            .bind(&id)
+            .bind(&owner)
+            .bind(&owner)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)
     }
 
     /// The job `id` with its queue position, if visible at `now`.
@@ -310,8 +322,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn get(&self, owner: KeyId, id: RequestId) -> Result<Option<JobView>, StoreError> {
-        self.owned_view(&id.to_string(), &owner.to_string(), now_millis())
-            .await
+        let row = self.owned_row(view_sql(), (id, owner), reader::job_view);
+        row.await?.map(JobViewRow::into_view).transpose()
+    }
+
+    async fn status(&self, owner: KeyId, id: RequestId) -> Result<Option<StatusView>, StoreError> {
+        let row = self.owned_row(status_sql(), (id, owner), reader::status);
+        row.await?.map(StatusRow::into_status).transpose()
     }
 
     async fn list_jobs(

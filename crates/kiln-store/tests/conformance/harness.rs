@@ -3,7 +3,7 @@
 
 use kiln_core::catalog::Route;
 use kiln_core::ids::{KeyId, RequestId, WorkerId};
-use kiln_core::job::{JobError, JobErrorCode, JobState, JobView, NewJob};
+use kiln_core::job::{JobError, JobErrorCode, JobState, JobView, NewJob, StatusView};
 use kiln_core::store::{ClaimPolicy, JobStore, KeyStore, Lease, QueueLimits, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -186,13 +186,33 @@ pub async fn claim<S: JobStore + ?Sized>(store: &S, name: &str, policy: ClaimPol
         .unwrap_or_else(|| panic!("{name} found no job to claim"))
 }
 
-/// The job as its owner sees it; it must be visible.
+/// The job as its owner sees it; it must be visible. Every case that reads a job this way also
+/// checks the status read against it, so the two reads agree in every state each case reaches.
 pub async fn view<S: JobStore + ?Sized>(store: &S, owner: KeyId, id: RequestId) -> JobView {
-    store
+    let view = store
         .get(owner, id)
         .await
         .unwrap()
-        .unwrap_or_else(|| panic!("job {id} is not visible to its owner"))
+        .unwrap_or_else(|| panic!("job {id} is not visible to its owner"));
+    let status = store.status(owner, id).await.unwrap();
+    assert_eq!(
+        status,
+        Some(StatusView::from(&view)),
+        "the status read of {id}"
+    );
+    view
+}
+
+/// Whether `id` is hidden from `owner` (unknown, another's or expired), asserting that the
+/// status read agrees with the whole read.
+pub async fn hidden<S: JobStore + ?Sized>(store: &S, owner: KeyId, id: RequestId) -> bool {
+    let whole = store.get(owner, id).await.unwrap().is_none();
+    let status = store.status(owner, id).await.unwrap().is_none();
+    assert_eq!(
+        whole, status,
+        "get and status disagree on whether {id} is visible"
+    );
+    whole
 }
 
 /// Every state's count; each state must be reported exactly once.

@@ -33,7 +33,7 @@ pub async fn a_repeated_key_replays_the_original_and_another_body_conflicts<B: B
     assert_eq!(again.view.job.status, JobStatus::Queued);
     assert_eq!(again.view.queue_position, Some(0));
     assert!(
-        store.get(owner, repeat.id).await.unwrap().is_none(),
+        hidden(&*store, owner, repeat.id).await,
         "a replay stores nothing new"
     );
     let conflicting = new_job(owner, "b");
@@ -43,7 +43,7 @@ pub async fn a_repeated_key_replays_the_original_and_another_body_conflicts<B: B
             .await,
         Err(StoreError::IdempotencyConflict)
     ));
-    assert!(store.get(owner, conflicting.id).await.unwrap().is_none());
+    assert!(hidden(&*store, owner, conflicting.id).await);
     let other_owner = store
         .enqueue(new_job(KeyId::new(), "a"), idem("k1", "fp-a"), ROOMY)
         .await

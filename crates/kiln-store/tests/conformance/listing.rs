@@ -169,7 +169,7 @@ pub async fn expired_jobs_are_not_listed<B: Backend>(b: B) {
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Expired but not yet purged: gone from the listing as from `get`.
-    assert!(store.get(owner, short).await.unwrap().is_none());
+    assert!(hidden(&*store, owner, short).await);
     let listed = page(&*store, owner, None, 1).await;
     assert_eq!(ids(&listed.jobs), [kept]);
     assert_eq!(listed.next, None, "an expired job makes no older page");

@@ -39,7 +39,7 @@ pub async fn a_submitted_job_reads_back_as_submitted<B: Backend>(b: B) {
         std::time::Duration::from_millis(1),
         "expires_at",
     );
-    assert!(store.get(owner, RequestId::new()).await.unwrap().is_none());
+    assert!(hidden(&*store, owner, RequestId::new()).await);
 }
 
 /// Jobs accepted before `RouteOptions` hold the two flags at the top level of their params; an
@@ -154,7 +154,7 @@ pub async fn another_owner_sees_nothing<B: Backend>(b: B) {
     let store = b.store();
     let (alice, bob) = (KeyId::new(), KeyId::new());
     let id = submit(&*store, alice, "mine").await;
-    assert!(store.get(bob, id).await.unwrap().is_none());
+    assert!(hidden(&*store, bob, id).await);
     assert!(store
         .cancel(bob, id, CancelMode::QueuedOnly)
         .await
@@ -184,7 +184,7 @@ pub async fn the_queue_limit_counts_waiting_jobs<B: Backend>(b: B) {
         .unwrap_err();
     assert!(matches!(err, StoreError::QueueFull { depth: 2 }), "{err:?}");
     assert!(
-        store.get(owner, refused.id).await.unwrap().is_none(),
+        hidden(&*store, owner, refused.id).await,
         "a refused job is not stored"
     );
     claim(&*store, "w", LONG_LEASE).await;
