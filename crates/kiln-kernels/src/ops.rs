@@ -6,6 +6,7 @@
 //! activations stay f32 either way.
 
 use crate::attention::attend;
+pub use crate::bf16::Activation;
 use crate::bf16::{self, PackedB};
 use crate::gemm::{matmul, Matrix};
 use crate::pointwise::{self, Groups};
@@ -150,18 +151,40 @@ impl PackedLinear {
 
     /// `x W^T + b` for f32 `x (..., in)` on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        on_bf16_kernel(x, self, "bf16 linear")
+        self.forward_then(x, Activation::Identity)
+    }
+
+    /// `activation(x W^T + b)`, the bias and the activation applied to each block of the
+    /// output as the product finishes it ([`bf16::Epilogue`]).
+    pub fn forward_then(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
+        let op = PackedLinearOp {
+            layer: self,
+            activation,
+        };
+        on_bf16_kernel(x, &op, "bf16 linear")
     }
 }
 
-impl CustomOp1 for PackedLinear {
+/// A [`PackedLinear`] and what follows it, as one op.
+struct PackedLinearOp<'a> {
+    layer: &'a PackedLinear,
+    activation: Activation,
+}
+
+impl CustomOp1 for PackedLinearOp<'_> {
     fn name(&self) -> &'static str {
         "kiln-linear-bf16"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = (self.weight.cols(), self.weight.rows());
-        linear_rows((s, l), (n, k), self.bias.as_deref(), |x, y, accumulate| {
-            bf16::matmul(x, &self.weight, y, n, accumulate)
+        let weight = &self.layer.weight;
+        let (n, k) = (weight.cols(), weight.rows());
+        let epilogue = bf16::Epilogue {
+            bias: self.layer.bias.as_deref(),
+            activation: self.activation,
+        };
+        // The bias is the epilogue's: the product starts from zeros rather than bias rows.
+        linear_rows((s, l), (n, k), None, |x, y, _| {
+            bf16::matmul_then(x, weight, y, n, epilogue)
         })
     }
 }

@@ -22,23 +22,25 @@ fn for_row(v: &[f32], width: usize, row: usize, rows_per_batch: usize) -> &[f32]
     &v[batch * width..(batch + 1) * width]
 }
 
-/// `x = gelu(x)` with PyTorch's tanh approximation,
-/// `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
+/// `x = gelu(x)` with PyTorch's tanh approximation ([`gelu_tanh`]).
 pub(crate) fn gelu_tanh_in_place(x: &mut [f32]) {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     x.par_chunks_mut(1 << 14).for_each(|chunk| {
         vectorised(
             #[inline(always)]
-            || {
-                for v in chunk.iter_mut() {
-                    let u = SQRT_2_OVER_PI * (*v + 0.044_715 * *v * *v * *v);
-                    // tanh(u) = 1 - 2 / (e^(2u) + 1); exp saturates, so |u| large gives +-1.
-                    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
-                    *v = 0.5 * *v * (1.0 + tanh);
-                }
-            },
+            || chunk.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
         )
     });
+}
+
+/// PyTorch's tanh-approximated GELU, `x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`;
+/// inlined into vectorised loops (this pass, and the bf16 products' epilogue).
+#[inline(always)]
+pub(crate) fn gelu_tanh(v: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (v + 0.044_715 * v * v * v);
+    // tanh(u) = 1 - 2 / (e^(2u) + 1); exp saturates, so |u| large gives +-1.
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    0.5 * v * (1.0 + tanh)
 }
 
 /// Mean and `1 / sqrt(variance + eps)` of a row, the variance from the centred values (as

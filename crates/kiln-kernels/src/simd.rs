@@ -54,7 +54,20 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * pow2(n)
+}
+
+/// `2^n` for an integral `n` in `-126..=127`, built in the exponent bits. Not `n as i32`:
+/// Rust's saturating float-to-int cast kept LLVM from vectorising the loops around it (they ran
+/// one value at a time, 3.5 ns a GELU on an AVX-512 core). Adding `1.5 * 2^23` puts the integer
+/// `n + 127` in the low mantissa bits, where an integer subtraction reads it.
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let biased = (n + (127.0 + MAGIC))
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(biased << 23)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::layers::blocks::{
     count_indexed, load_blocks, modulation, single_stream_residual, DoubleStreams, FeedForward,
     FinalLayer, Mlp2, Qkv, Rope, TimeEmbed, IMAGE_QKV, NORM_EPS, TEXT_QKV, TIME_PROJ_DIM,
 };
-use crate::layers::{gelu_of_fresh, modulated_layer_norm, Linear};
+use crate::layers::{modulated_layer_norm, Linear};
 use crate::options::LoadProgress;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
@@ -128,7 +128,7 @@ struct GeluMlp(Mlp2);
 
 impl FeedForward for GeluMlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.l2.forward(&gelu_of_fresh(self.0.l1.forward(x)?)?)
+        self.0.l2.forward(&self.0.l1.forward_gelu(x)?)
     }
 }
 
@@ -247,7 +247,7 @@ impl FluxTransformer {
         for b in &self.single {
             let m = modulation(&b.modulation, &temb_act, 3)?;
             let n = modulated_layer_norm(&x, &m[0], &m[1], NORM_EPS)?;
-            let mlp = gelu_of_fresh(b.proj_mlp.forward(&n)?)?;
+            let mlp = b.proj_mlp.forward_gelu(&n)?;
             let (q, k, v) = b.qkv.forward(&n, heads)?;
             x = single_stream_residual(&x, (&q, &k, &v), mlp, rope, &b.proj_out, &m[2])?;
         }

@@ -3,7 +3,7 @@
 pub(crate) mod blocks;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor, D};
-use kiln_kernels::ops::{PackedConv3x3, PackedLinear, Products};
+use kiln_kernels::ops::{Activation, PackedConv3x3, PackedLinear, Products};
 use std::sync::Arc;
 
 /// A linear layer `x W^T + b`, dense, packed in bf16 for the CPU's bf16 products, or
@@ -40,6 +40,15 @@ impl Linear {
         match self {
             Linear::PackedBf16(_) => Products::Bf16,
             Linear::Dense(_) | Linear::Quantized { .. } => Products::F32,
+        }
+    }
+
+    /// `gelu_tanh(x W^T + b)`: on bf16-packed weights the GELU is applied to each block of
+    /// the product as it is finished, in cache; otherwise [`gelu_of_fresh`] of the output.
+    pub(crate) fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::PackedBf16(l) => l.forward_then(x, Activation::GeluTanh),
+            _ => gelu_of_fresh(self.forward(x)?),
         }
     }
 
