@@ -42,13 +42,12 @@ fn contiguous3<'a>(
     ))
 }
 
-/// `x W^T + b` for `x (..., k)` and an `n x k` weight: `product(x, y, accumulate)` multiplies
-/// the rows of `x` into `y`, which holds the bias rows (then `accumulate`) or nothing yet.
+/// `x W^T + b` for `x (..., k)` and an `n x k` weight: `product(x)` returns the rows of `x`
+/// times the weight, `m x n` for `x`'s `m` rows.
 fn linear_rows(
     x: (&CpuStorage, &Layout),
     (n, k): (usize, usize),
-    b: Option<&[f32]>,
-    product: impl FnOnce(Matrix, &mut [f32], bool),
+    product: impl FnOnce(Matrix) -> Vec<f32>,
 ) -> Result<(CpuStorage, Shape)> {
     let xs = contiguous(x.0, x.1, "linear")?;
     let dims = x.1.shape().dims();
@@ -56,12 +55,8 @@ fn linear_rows(
         candle_core::bail!("linear: input {:?} for a weight of {n} x {k}", dims);
     }
     let m = xs.len() / k.max(1);
-    // The product accumulates onto the bias rows.
-    let (mut y, accumulate) = match b {
-        Some(b) => (b.repeat(m), true),
-        None => (vec![0f32; m * n], false),
-    };
-    product(Matrix::row_major(xs, m, k, k), &mut y, accumulate);
+    let y = product(Matrix::row_major(xs, m, k, k));
+    assert_eq!(y.len(), m * n, "linear: the product's size");
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("checked above") = n;
     Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -80,8 +75,14 @@ impl LinearOp {
         let ws = contiguous(w.0, w.1, "linear")?;
         let (n, k) = w.1.shape().dims2()?;
         let b = b.map(|(s, l)| contiguous(s, l, "linear")).transpose()?;
-        linear_rows(x, (n, k), b, |x, y, accumulate| {
-            matmul(x, Matrix::transposed(ws, k, n, k), y, n, accumulate)
+        linear_rows(x, (n, k), |x| {
+            // The product accumulates onto the bias rows.
+            let (mut y, accumulate) = match b {
+                Some(b) => (b.repeat(x.rows), true),
+                None => (vec![0f32; x.rows * n], false),
+            };
+            matmul(x, Matrix::transposed(ws, k, n, k), &mut y, n, accumulate);
+            y
         })
     }
 }
@@ -182,10 +183,8 @@ impl CustomOp1 for PackedLinearOp<'_> {
             bias: self.layer.bias.as_deref(),
             activation: self.activation,
         };
-        // The bias is the epilogue's: the product starts from zeros rather than bias rows.
-        linear_rows((s, l), (n, k), None, |x, y, _| {
-            bf16::matmul_then(x, weight, y, n, epilogue)
-        })
+        // The bias is the epilogue's: the product starts from nothing rather than bias rows.
+        linear_rows((s, l), (n, k), |x| bf16::matmul_fresh(x, weight, epilogue))
     }
 }
 
