@@ -166,6 +166,53 @@ impl PackedLinear {
     }
 }
 
+impl PackedLinear {
+    /// `[x1 x2 ...] W^T + b` for parts `(..., in_i)` whose widths add up to `in`, without
+    /// joining them ([`bf16::matmul_fresh_joined`]); each part but the last has a multiple of
+    /// 32 values in a row (the packed weight's blocks).
+    pub fn forward_joined(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        if bf16::kernel().is_none() {
+            candle_core::bail!("bf16 linear: this CPU has no bf16 instructions");
+        }
+        let parts: Vec<Tensor> = parts
+            .iter()
+            .map(|p| p.contiguous())
+            .collect::<Result<_>>()?;
+        let Some(first) = parts.first() else {
+            candle_core::bail!("bf16 linear: no parts");
+        };
+        let dims = first.dims().to_vec();
+        let guards: Vec<_> = parts.iter().map(|p| p.storage_and_layout()).collect();
+        let mut views = Vec::with_capacity(parts.len());
+        for (i, (storage, layout)) in guards.iter().enumerate() {
+            let d = layout.shape().dims();
+            let (Some((&width, lead)), Some((_, first_lead))) = (d.split_last(), dims.split_last())
+            else {
+                candle_core::bail!("bf16 linear: a part without dimensions");
+            };
+            let last = i + 1 == guards.len();
+            if lead != first_lead || (!last && width % 32 != 0) {
+                candle_core::bail!("bf16 linear: joined parts {:?} and {:?}", dims, d);
+            }
+            let count = layout.shape().elem_count();
+            let data = cpu_f32(storage, layout, count, "bf16 linear")?;
+            views.push(Matrix::row_major(data, count / width.max(1), width, width));
+        }
+        let (n, k) = (self.weight.cols(), self.weight.rows());
+        if views.iter().map(|v| v.cols).sum::<usize>() != k {
+            candle_core::bail!("bf16 linear: parts of {:?} for a weight of {n} x {k}", dims);
+        }
+        let epilogue = bf16::Epilogue {
+            bias: self.bias.as_deref(),
+            activation: Activation::Identity,
+        };
+        let y = bf16::matmul_fresh_joined(&views, &self.weight, epilogue);
+        let mut shape = dims;
+        *shape.last_mut().expect("a tensor with dimensions") = n;
+        Tensor::from_vec(y, shape, first.device())
+    }
+}
+
 /// A [`PackedLinear`] and what follows it, as one op.
 struct PackedLinearOp<'a> {
     layer: &'a PackedLinear,
@@ -641,6 +688,116 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeOp)
 }
 
+/// Attention's queries, keys or values `(batch, heads, Σ seq, head_dim)` from the projections
+/// of one or more token sequences, joined in order: each part `(batch, seq, heads * head_dim)`
+/// with its last dimension contiguous (a linear layer's output, or columns of one), paired with
+/// the RMS norm weight of its heads where they are normalised; then RoPE where `rope` gives
+/// `cos` and `sin` tables of the joined sequence (`(..., seq, head_dim)`), as [`rope`]. f32 on
+/// the CPU. One parallel pass, where the composite (split, norm, transpose, concatenation,
+/// RoPE) copied and rewrote the operand several times, mostly on one thread.
+pub fn heads(
+    parts: &[(&Tensor, Option<&Tensor>)],
+    heads: usize,
+    eps: f64,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let first = parts
+        .first()
+        .map(|p| p.0)
+        .ok_or_else(|| candle_core::Error::Msg("heads: no parts".into()))?;
+    let (batch, _, width) = first.dims3()?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("heads: {width} values are not {heads} heads");
+    }
+    let d = width / heads;
+    let norms: Vec<Option<Tensor>> = parts
+        .iter()
+        .map(|(_, w)| w.map(|w| w.contiguous()).transpose())
+        .collect::<Result<_>>()?;
+    let tables = match rope {
+        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
+        None => None,
+    };
+    let guards: Vec<_> = parts.iter().map(|(x, _)| x.storage_and_layout()).collect();
+    let norm_guards: Vec<_> = norms
+        .iter()
+        .map(|w| w.as_ref().map(|w| w.storage_and_layout()))
+        .collect();
+    let table_guards = tables
+        .as_ref()
+        .map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+    let mut views = Vec::with_capacity(parts.len());
+    for ((storage, layout), norm) in guards.iter().zip(&norm_guards) {
+        let (b, seq, w) = layout.shape().dims3()?;
+        let [batch_stride, row_stride, unit] = layout.stride()[..] else {
+            unreachable!()
+        };
+        if (b, w, unit) != (batch, width, 1) {
+            candle_core::bail!(
+                "heads: a part of {:?} beside {:?}",
+                layout.shape(),
+                first.shape()
+            );
+        }
+        let norm = match norm {
+            Some((s, l)) => Some(cpu_f32(s, l, d, "heads: norm weight")?),
+            None => None,
+        };
+        let data = cpu_f32(storage, layout, 0, "heads")?;
+        let data = &data[layout.start_offset()..];
+        views.push(pointwise::HeadsPart {
+            data,
+            batch_stride,
+            row_stride,
+            seq,
+            norm,
+        });
+    }
+    let total: usize = views.iter().map(|p| p.seq).sum();
+    let rope = match &table_guards {
+        Some(((cs, cl), (ss, sl))) => Some((
+            cpu_f32(cs, cl, total * d, "heads: cos")?,
+            cpu_f32(ss, sl, total * d, "heads: sin")?,
+        )),
+        None => None,
+    };
+    let len = batch * heads * total * d;
+    let mut out = Vec::with_capacity(len);
+    pointwise::heads(
+        &views,
+        (batch, heads, d),
+        eps as f32,
+        rope,
+        &mut out.spare_capacity_mut()[..len],
+    );
+    // SAFETY: `pointwise::heads` wrote all `len` values.
+    unsafe { out.set_len(len) };
+    Tensor::from_vec(out, (batch, heads, total, d), first.device())
+}
+
+/// The f32 values of a CPU tensor's storage (from its start, for a layout that may stride),
+/// checking that the contiguous ones hold `len` values where `len` is not 0.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    len: usize,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(CpuStorage::F32(v)) = storage else {
+        candle_core::bail!("{what}: f32 on the CPU only");
+    };
+    if len == 0 {
+        return Ok(v);
+    }
+    match layout.contiguous_offsets() {
+        Some((start, end)) if end - start == len => Ok(&v[start..end]),
+        _ => candle_core::bail!(
+            "{what}: {:?}, {len} contiguous values wanted",
+            layout.shape()
+        ),
+    }
+}
+
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -863,5 +1020,58 @@ mod tests {
             }
         }
         eprintln!("worst error: {worst} x bf16's rounding of the magnitudes");
+    }
+
+    /// `heads` against the composite it replaces (reshape, RMS norm, transpose, concatenation,
+    /// RoPE), with a contiguous part and one that is columns of a wider projection, with and
+    /// without norms and tables, over two batches.
+    #[test]
+    fn heads_equal_the_composite() {
+        let dev = &Device::Cpu;
+        let (b, h, d, eps) = (2, 3, 8, 1e-6);
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, dev).unwrap();
+        let text = t(values(b * 5 * h * d, 1, 2.0), &[b, 5, h * d]);
+        let wide = t(values(b * 7 * 3 * h * d, 2, 2.0), &[b, 7, 3 * h * d]);
+        let image = wide.narrow(2, h * d, h * d).unwrap();
+        let (wt, wi) = (t(values(d, 3, 1.0), &[d]), t(values(d, 4, 1.0), &[d]));
+        let (cos, sin) = (
+            t(values(12 * d, 5, 1.0), &[1, 1, 12, d]),
+            t(values(12 * d, 6, 1.0), &[1, 1, 12, d]),
+        );
+        let composite = |x: &Tensor, w: Option<&Tensor>| {
+            let (_, s, _) = x.dims3().unwrap();
+            let x = x.contiguous().unwrap().reshape((b, s, h, d)).unwrap();
+            let x = match w {
+                Some(w) => {
+                    let rms = (x.sqr().unwrap().mean_keepdim(3).unwrap() + eps)
+                        .unwrap()
+                        .sqrt()
+                        .unwrap();
+                    x.broadcast_div(&rms).unwrap().broadcast_mul(w).unwrap()
+                }
+                None => x,
+            };
+            x.transpose(1, 2).unwrap()
+        };
+        for norms in [false, true] {
+            let (nt, ni) = if norms {
+                (Some(&wt), Some(&wi))
+            } else {
+                (None, None)
+            };
+            let joined = Tensor::cat(&[composite(&text, nt), composite(&image, ni)], 2).unwrap();
+            let rotated = rope(&joined, &cos, &sin).unwrap();
+            for (tables, want) in [(None, &joined), (Some((&cos, &sin)), &rotated)] {
+                let got = heads(&[(&text, nt), (&image, ni)], h, eps, tables).unwrap();
+                assert_eq!(got.dims(), &[b, h, 12, d]);
+                let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let err = max_abs_diff(&flat(&got), &flat(want));
+                assert!(
+                    err < 1e-5,
+                    "norms {norms}, rope {}: {err}",
+                    tables.is_some()
+                );
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::simd::{exp, vectorised, LANES};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows handed to one task: enough work to amortise a task, few enough to balance threads.
 const ROWS_PER_TASK: usize = 16;
@@ -155,6 +156,96 @@ pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], d: usize, out: &mut [f32
                 },
             )
         });
+}
+
+/// One sequence's part of [`heads`]' input: `batch x seq` rows of `heads * d` values (at
+/// `batch_stride` and `row_stride` apart in `data`), and the RMS norm weight (`d` values) its
+/// heads are normalised with, if they are.
+pub(crate) struct HeadsPart<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) batch_stride: usize,
+    pub(crate) row_stride: usize,
+    pub(crate) seq: usize,
+    pub(crate) norm: Option<&'a [f32]>,
+}
+
+/// Attention's `(batch, heads, seq, d)` operand from its parts' projections, joined along the
+/// sequence in order: each head's `d` values RMS-normalised (`x / sqrt(mean(x^2) + eps) * w`,
+/// as the composite computes it) where its part has a norm, then rotated in interleaved pairs
+/// as [`rope`] does where `rope` gives tables of `seq x d`. Every value of `out` is written.
+pub(crate) fn heads(
+    parts: &[HeadsPart],
+    (batch, heads, d): (usize, usize, usize),
+    eps: f32,
+    rope: Option<(&[f32], &[f32])>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let total: usize = parts.iter().map(|p| p.seq).sum();
+    assert_eq!(out.len(), batch * heads * total * d, "heads: output size");
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; d],
+            |row, (task, out)| {
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (i, o) in out.chunks_mut(d).enumerate() {
+                            let r = task * ROWS_PER_TASK + i;
+                            let (b, h, t) = (r / (heads * total), r / total % heads, r % total);
+                            head_row(parts, (b, h, t, d), eps, row);
+                            match rope {
+                                Some((cos, sin)) => {
+                                    let (cos, sin) = (&cos[t * d..][..d], &sin[t * d..][..d]);
+                                    for j in (0..d).step_by(2) {
+                                        let (re, im) = (row[j], row[j + 1]);
+                                        o[j] = MaybeUninit::new(re * cos[j] - im * sin[j]);
+                                        o[j + 1] =
+                                            MaybeUninit::new(im * cos[j + 1] + re * sin[j + 1]);
+                                    }
+                                }
+                                None => o.iter_mut().zip(&*row).for_each(|(o, &v)| {
+                                    *o = MaybeUninit::new(v);
+                                }),
+                            }
+                        }
+                    },
+                )
+            },
+        );
+}
+
+/// Head `h` of token `t` (of the joined sequence) in batch `b`, normalised where its part says,
+/// into `row`.
+#[inline(always)]
+fn head_row(
+    parts: &[HeadsPart],
+    (b, h, t, d): (usize, usize, usize, usize),
+    eps: f32,
+    row: &mut [f32],
+) {
+    let mut t = t;
+    let part = parts
+        .iter()
+        .find(|p| {
+            let inside = t < p.seq;
+            if !inside {
+                t -= p.seq;
+            }
+            inside
+        })
+        .expect("a token of some part");
+    let x = &part.data[b * part.batch_stride + t * part.row_stride + h * d..][..d];
+    match part.norm {
+        Some(w) => {
+            let rms = (lane_sum(x.iter().map(|v| v * v)) / d as f32 + eps).sqrt();
+            row.iter_mut()
+                .zip(x)
+                .zip(w)
+                .for_each(|((o, v), w)| *o = v / rms * w);
+        }
+        None => row.copy_from_slice(x),
+    }
 }
 
 /// The shape of a GroupNorm over `(images, channels, pixels)`: `groups` of channels.

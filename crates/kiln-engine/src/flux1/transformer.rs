@@ -248,8 +248,8 @@ impl FluxTransformer {
             let m = modulation(&b.modulation, &temb_act, 3)?;
             let n = modulated_layer_norm(&x, &m[0], &m[1], NORM_EPS)?;
             let mlp = b.proj_mlp.forward_gelu(&n)?;
-            let (q, k, v) = b.qkv.forward(&n, heads)?;
-            x = single_stream_residual(&x, (&q, &k, &v), mlp, rope, &b.proj_out, &m[2])?;
+            let (q, k, v) = b.qkv.forward(&n, heads, rope)?;
+            x = single_stream_residual(&x, (&q, &k, &v), mlp, &b.proj_out, &m[2])?;
         }
         self.out.forward(&x, txt_len, &temb_act)
     }

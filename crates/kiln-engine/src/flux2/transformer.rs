@@ -4,10 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::layers::blocks::{
-    count_indexed, load_blocks, modulation, single_stream_residual, DoubleStreams, FeedForward,
-    FinalLayer, Qkv, Rope, TimeEmbed, IMAGE_QKV, NORM_EPS, QK_NORM_EPS, TEXT_QKV,
+    count_indexed, heads, load_blocks, modulation, single_stream_residual, DoubleStreams,
+    FeedForward, FinalLayer, Qkv, Rope, TimeEmbed, IMAGE_QKV, NORM_EPS, TEXT_QKV,
 };
-use crate::layers::{modulated_layer_norm, rms_norm, Linear};
+use crate::layers::{modulated_layer_norm, Linear};
 use crate::options::LoadProgress;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor, D};
@@ -292,19 +292,15 @@ impl Flux2Transformer {
         sm: &[Tensor],
         rope: &Rope,
     ) -> Result<Tensor> {
-        let (heads, head_dim) = (self.cfg.num_attention_heads, self.cfg.attention_head_dim);
+        let n_heads = self.cfg.num_attention_heads;
         let inner = self.cfg.hidden();
-        let (bsz, seq, _) = x.dims3()?;
         let n = modulated_layer_norm(x, &sm[0], &sm[1], NORM_EPS)?;
         let proj = b.qkv_mlp.forward(&n)?;
-        let split = |i: usize| {
-            proj.narrow(D::Minus1, i * inner, inner)?
-                .reshape((bsz, seq, heads, head_dim))
-        };
-        let q = rms_norm(&split(0)?, &b.norm_q, QK_NORM_EPS)?.transpose(1, 2)?;
-        let k = rms_norm(&split(1)?, &b.norm_k, QK_NORM_EPS)?.transpose(1, 2)?;
-        let v = split(2)?.transpose(1, 2)?;
+        let part = |i: usize| proj.narrow(D::Minus1, i * inner, inner);
+        let q = heads(&[(&part(0)?, Some(&b.norm_q))], n_heads, Some(rope))?;
+        let k = heads(&[(&part(1)?, Some(&b.norm_k))], n_heads, Some(rope))?;
+        let v = heads(&[(&part(2)?, None)], n_heads, None)?;
         let mlp = swiglu(&proj.narrow(D::Minus1, 3 * inner, 2 * self.cfg.mlp_hidden())?)?;
-        single_stream_residual(x, (&q, &k, &v), mlp, rope, &b.out, &sm[2])
+        single_stream_residual(x, (&q, &k, &v), mlp, &b.out, &sm[2])
     }
 }

@@ -3,7 +3,9 @@
 //! projections with RMS norms, rotary position tables, the timestep embedding.
 
 use crate::error::{Error, Result};
-use crate::layers::{attention_in, chunks, gated_residual, modulated_layer_norm, rms_norm, Linear};
+use crate::layers::{
+    attention_in, chunks, gated_residual, modulated_layer_norm, on_cpu_in_f32, rms_norm, Linear,
+};
 use crate::options::LoadProgress;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor, D};
@@ -88,18 +90,54 @@ impl Qkv {
         })
     }
 
-    /// Normalised q, k and v as `(batch, heads, seq, head_dim)`.
+    /// The three projections of `x`, each `(batch, seq, heads * head_dim)`.
+    fn project(&self, x: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        Ok([self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?])
+    }
+
+    /// q and k normalised and rotated, and v, as `(batch, heads, seq, head_dim)`.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
-        heads: usize,
+        n_heads: usize,
+        rope: &Rope,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, hd) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, s, heads, hd / heads));
-        let q = rms_norm(&split(self.q.forward(x)?)?, &self.norm_q, QK_NORM_EPS)?;
-        let k = rms_norm(&split(self.k.forward(x)?)?, &self.norm_k, QK_NORM_EPS)?;
-        let v = split(self.v.forward(x)?)?;
-        Ok((q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?))
+        let [q, k, v] = self.project(x)?;
+        Ok((
+            heads(&[(&q, Some(&self.norm_q))], n_heads, Some(rope))?,
+            heads(&[(&k, Some(&self.norm_k))], n_heads, Some(rope))?,
+            heads(&[(&v, None)], n_heads, None)?,
+        ))
+    }
+}
+
+/// Attention's `(batch, heads, Σ seq, head_dim)` queries, keys or values from the projections
+/// `(batch, seq, heads * head_dim)` of one or more token sequences, joined in order: each
+/// part's heads RMS-normalised with its weight where it has one, then rotated by `rope` where
+/// given. On the CPU in f32 one parallel pass (`kiln_kernels::ops::heads`).
+pub(crate) fn heads(
+    parts: &[(&Tensor, Option<&Tensor>)],
+    n_heads: usize,
+    rope: Option<&Rope>,
+) -> candle_core::Result<Tensor> {
+    if parts.iter().all(|(x, _)| on_cpu_in_f32(x)) {
+        let tables = rope.map(|r| (&r.cos, &r.sin));
+        return kiln_kernels::ops::heads(parts, n_heads, QK_NORM_EPS, tables);
+    }
+    let mut joined = Vec::with_capacity(parts.len());
+    for (x, norm) in parts {
+        let (b, s, width) = x.dims3()?;
+        let x = x.contiguous()?.reshape((b, s, n_heads, width / n_heads))?;
+        let x = match norm {
+            Some(w) => rms_norm(&x, w, QK_NORM_EPS)?,
+            None => x,
+        };
+        joined.push(x.transpose(1, 2)?);
+    }
+    let x = Tensor::cat(&joined, 2)?;
+    match rope {
+        Some(rope) => apply_rope(&x, rope),
+        None => Ok(x),
     }
 }
 
@@ -124,18 +162,27 @@ impl<F: FeedForward> DoubleStreams<F> {
         txt: &Tensor,
         im: &[Tensor],
         tm: &[Tensor],
-        heads: usize,
+        n_heads: usize,
         rope: &Rope,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let txt_len = txt.dim(1)?;
         let img_n = modulated_layer_norm(img, &im[0], &im[1], NORM_EPS)?;
         let txt_n = modulated_layer_norm(txt, &tm[0], &tm[1], NORM_EPS)?;
-        let (iq, ik, iv) = self.img_qkv.forward(&img_n, heads)?;
-        let (tq, tk, tv) = self.txt_qkv.forward(&txt_n, heads)?;
-        let scale = 1.0 / (iq.dim(3)? as f64).sqrt();
-        let q = apply_rope(&Tensor::cat(&[tq, iq], 2)?, rope)?;
-        let k = apply_rope(&Tensor::cat(&[tk, ik], 2)?, rope)?;
-        let v = Tensor::cat(&[tv, iv], 2)?;
+        let [iq, ik, iv] = self.img_qkv.project(&img_n)?;
+        let [tq, tk, tv] = self.txt_qkv.project(&txt_n)?;
+        let (tn, inorm) = (&self.txt_qkv, &self.img_qkv);
+        let q = heads(
+            &[(&tq, Some(&tn.norm_q)), (&iq, Some(&inorm.norm_q))],
+            n_heads,
+            Some(rope),
+        )?;
+        let k = heads(
+            &[(&tk, Some(&tn.norm_k)), (&ik, Some(&inorm.norm_k))],
+            n_heads,
+            Some(rope),
+        )?;
+        let v = heads(&[(&tv, None), (&iv, None)], n_heads, None)?;
+        let scale = 1.0 / (q.dim(3)? as f64).sqrt();
         let a = merge_heads(&attention_in(
             self.img_out.products(),
             &q,
@@ -288,20 +335,19 @@ pub(crate) fn modulation(l: &Linear, temb_act: &Tensor, n: usize) -> Result<Vec<
     Ok(chunks(&l.forward(temb_act)?.unsqueeze(1)?, n)?)
 }
 
-/// A single-stream block's end: attention of the rotated `q`, `k` with `v`, its heads merged
-/// and joined to the block's MLP branch, projected by `out`, added to `x` through `gate`.
+/// A single-stream block's end: attention of `q`, `k` (normalised and rotated: [`heads`]) with
+/// `v`, its heads merged and joined to the block's MLP branch, projected by `out`, added to `x`
+/// through `gate`.
 pub(crate) fn single_stream_residual(
     x: &Tensor,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     mlp: Tensor,
-    rope: &Rope,
     out: &Linear,
     gate: &Tensor,
 ) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-    let (q, k) = (apply_rope(q, rope)?, apply_rope(k, rope)?);
-    let a = attention_in(out.products(), &q, &k, v, scale, None)?;
-    let y = out.forward(&Tensor::cat(&[merge_heads(&a)?, mlp], 2)?)?;
+    let a = attention_in(out.products(), q, k, v, scale, None)?;
+    let y = out.forward_joined(&[&merge_heads(&a)?, &mlp])?;
     Ok(gated_residual(x, gate, &y)?)
 }
 

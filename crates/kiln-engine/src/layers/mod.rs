@@ -52,6 +52,22 @@ impl Linear {
         }
     }
 
+    /// `[x1 x2 ...] W^T + b` for parts joined along their last dimension: on bf16-packed
+    /// weights without joining them (each product adds to the last), where each part but the
+    /// last is a whole number of the packed weight's 32-row blocks; otherwise joined first.
+    pub(crate) fn forward_joined(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        if let Linear::PackedBf16(l) = self {
+            let whole = parts.split_last().map_or(&[][..], |(_, whole)| whole);
+            if whole
+                .iter()
+                .all(|p| p.dims().last().is_some_and(|w| w % 32 == 0))
+            {
+                return l.forward_joined(parts);
+            }
+        }
+        self.forward(&Tensor::cat(parts, D::Minus1)?)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Dense(l) if on_cpu_in_f32(x) => {
