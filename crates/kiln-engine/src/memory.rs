@@ -48,9 +48,9 @@ pub struct JobSize {
 /// set at 12.
 const TRANSFORMER_VALUES: u64 = 12;
 
-/// The attention's scores at once: kiln's CPU kernel works a block of queries of at most 32 MiB
-/// of scores at a time (`kiln_kernels::attention`); other devices a group of heads or query
-/// rows of at most `layers::SCORES_BUDGET`.
+/// The attention's scores at once: kiln's CPU kernel works a head per thread, each on a block of
+/// queries, with at most 32 MiB of scores over all threads (`kiln_kernels::attention`); other
+/// devices a group of heads or query rows of at most `layers::SCORES_BUDGET`.
 const SCORES_CPU: u64 = 32 << 20;
 const SCORES_OFF_CPU: u64 = crate::layers::SCORES_BUDGET as u64;
 

@@ -1,12 +1,15 @@
-//! Softmax attention a block of queries at a time: for each head, the scores of up to
-//! [`SCORES_BUDGET`] bytes of queries against every key are one whole-machine matrix product,
-//! their softmax is computed row-parallel in place, and one more product writes the block's
-//! output straight into its place in the `(batch, seq, heads, head_dim)` result. Memory is
+//! Softmax attention a head per thread, a block of queries at a time: the scores of a block of
+//! queries against every key are one matrix product, their softmax is computed row by row in
+//! place, and one more product writes the block's output into the head's own buffer; the heads'
+//! buffers are then interleaved into the `(batch, seq, heads, head_dim)` result. Memory is
 //! therefore linear in the tokens (a 1024x1024 FLUX image's 4608 tokens would need 2 GB of f32
-//! scores for its 24 heads at once; here at most 32 MB), and both products run on the fastest
-//! matrix kernel the machine has, at sizes where it reaches its full speed. (A fused
-//! FlashAttention-style loop over small tiles was measured first: its small per-tile products
-//! ran at well under half the speed of these.)
+//! scores for its 24 heads at once; here at most [`SCORES_BUDGET`] over all threads), and both
+//! products run on the fastest matrix kernel the machine has. (A fused FlashAttention-style loop
+//! over small tiles was measured first: its small per-tile products ran at well under half the
+//! speed of these.) Heads run in parallel rather than each product over the machine: on the AMX
+//! development machine (2 cores) that took a 1024x1024 bf16 transformer call from 2.98-3.01 to
+//! 2.60-2.77 s, with no synchronisation between the phases of a block and each head's operands
+//! in its core's caches (BENCHMARKS.md).
 //!
 //! The products run in f32 or in bf16 with f32 sums ([`Products`]: the scores' probabilities
 //! and the keys and values rounded to bf16, as PyTorch's bf16 attention has them); the softmax
@@ -18,11 +21,12 @@ use crate::ops::Products;
 use crate::simd::{exp, vectorised, LANES};
 use rayon::prelude::*;
 
-/// Bytes of scores per block of queries.
+/// Bytes of scores at once over all threads (each thread's block of queries gets its share).
 const SCORES_BUDGET: usize = 32 << 20;
-/// The same in bf16, smaller: the scores are reread (softmax and packing) while they are still
-/// in the caches.
-const BF16_SCORES_BUDGET: usize = 4 << 20;
+/// Bytes of scores per thread in bf16, smaller: a thread rereads its block's scores (softmax and
+/// packing) while they are in its core's L2. Measured with heads in parallel (2 threads, AMX):
+/// 1 MiB against 4 MiB, 2.51-2.64 against 2.66-2.76 s for a 1024x1024 transformer call.
+const BF16_SCORES_BUDGET: usize = 1 << 20;
 
 /// `softmax(q k^T * scale) v` for contiguous `q (b, h, sq, d)`, `k, v (b, h, sk, d)`; the
 /// result is `(b, sq, h, d)`.
@@ -34,31 +38,46 @@ pub(crate) fn attend(
     scale: f32,
     products: Products,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; b * sq * h * d];
+    let share = SCORES_BUDGET / rayon::current_num_threads().max(1);
     let budget = match products {
-        Products::F32 => SCORES_BUDGET,
-        Products::Bf16 => BF16_SCORES_BUDGET,
+        Products::F32 => share,
+        Products::Bf16 => BF16_SCORES_BUDGET.min(share),
     };
     let block = (budget / (4 * sk.max(1))).clamp(1, sq.max(1));
-    let mut scores = vec![0f32; block * sk];
-    for head in 0..b * h {
-        let (bi, hi) = (head / h, head % h);
-        let kh = &k[head * sk * d..(head + 1) * sk * d];
-        let vh = &v[head * sk * d..(head + 1) * sk * d];
-        // Packed once per head for every block of queries.
-        let keys = Operand::new(products, Matrix::transposed(kh, d, sk, d));
-        let values = Operand::new(products, Matrix::row_major(vh, sk, d, d));
-        for q0 in (0..sq).step_by(block) {
-            let rows = block.min(sq - q0);
-            let qh = &q[(head * sq + q0) * d..(head * sq + q0 + rows) * d];
-            let scores = &mut scores[..rows * sk];
-            keys.multiply(Matrix::row_major(qh, rows, d, d), scores, sk);
-            // Row i of the block goes to (bi, q0 + i, hi, :): rows h * d apart.
-            let start = ((bi * sq + q0) * h + hi) * d;
-            let end = start + (rows - 1) * h * d + d;
-            values.weigh(scores, (rows, sk), scale, &mut out[start..end], h * d);
-        }
-    }
+    // Heads in parallel, each on one thread (its products' own tasks run there too while the
+    // other threads have heads of their own), each into a `(sq, d)` buffer of its own.
+    let per_head: Vec<Vec<f32>> = (0..b * h)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; block * sk],
+            |scores, head| {
+                let kh = &k[head * sk * d..(head + 1) * sk * d];
+                let vh = &v[head * sk * d..(head + 1) * sk * d];
+                let keys = Operand::new(products, Matrix::transposed(kh, d, sk, d));
+                let values = Operand::new(products, Matrix::row_major(vh, sk, d, d));
+                let mut out = vec![0f32; sq * d];
+                for q0 in (0..sq).step_by(block) {
+                    let rows = block.min(sq - q0);
+                    let qh = &q[(head * sq + q0) * d..(head * sq + q0 + rows) * d];
+                    let scores = &mut scores[..rows * sk];
+                    keys.multiply(Matrix::row_major(qh, rows, d, d), scores, sk);
+                    let o = &mut out[q0 * d..(q0 + rows) * d];
+                    values.weigh(scores, (rows, sk), scale, o, d);
+                }
+                out
+            },
+        )
+        .collect();
+    // Row (bi, s) of the result holds every head's row s side by side.
+    let mut out = vec![0f32; b * sq * h * d];
+    out.par_chunks_mut(h * d.max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (bi, s) = (row / sq.max(1), row % sq.max(1));
+            for (hi, o) in o.chunks_mut(d.max(1)).enumerate() {
+                o.copy_from_slice(&per_head[bi * h + hi][s * d..(s + 1) * d]);
+            }
+        });
     out
 }
 
