@@ -319,7 +319,12 @@ async fn prefer_wait_both_ways_and_a_forced_cancel_of_a_running_request() {
     );
 
     let started = Instant::now();
-    let answer = submit(slow_input("a slow one"), 1).await.unwrap();
+    // Larger than `slow_input`: the forced cancel must reach a running step (at the next
+    // heartbeat, up to a second later) before the last one, and at 512x512 a fast machine's
+    // bf16 products finished all 12 steps in about 2 seconds.
+    let larger =
+        json!({ "prompt": "a slow one", "image_size": "Custom", "width": 1024, "height": 1024 });
+    let answer = submit(larger, 1).await.unwrap();
     assert_eq!(answer.status(), 200);
     let queued: Value = answer.json().await.unwrap();
     assert!(
