@@ -171,10 +171,12 @@ async fn a_status_stream_follows_a_worker_in_another_process() {
     assert_eq!(again[0].1["status"], "completed");
 }
 
-/// Slow enough on the tiny checkpoint (about half a second a step on two cores) that a stream
-/// sees several steps.
+/// Slow enough on the tiny checkpoint that a stream sees several steps (heartbeats, which carry
+/// them, come once a second): 12 steps at 512x512 took about 2 s in bf16 on a 2-core AMX machine
+/// (half a second a step in f32 on older CPUs), too near one heartbeat; 640x640 has 1.6x the
+/// tokens.
 fn slow_input(prompt: &str) -> Value {
-    json!({ "prompt": prompt, "image_size": "Custom", "width": 512, "height": 512 })
+    json!({ "prompt": prompt, "image_size": "Custom", "width": 640, "height": 640 })
 }
 
 /// What a webhook receiver got: each request's headers and body, in order.
