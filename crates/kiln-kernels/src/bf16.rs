@@ -607,23 +607,7 @@ pub fn matmul(a: Matrix, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: boo
 /// product writes every value of it once, so it is not zeroed first (a pass over the output on
 /// one thread: 3% of a transformer call on the Sapphire Rapids development machine).
 pub fn matmul_fresh(a: Matrix, b: &PackedB, epilogue: Epilogue) -> Vec<f32> {
-    let kernel = kernel().expect("bf16 matmul on a CPU without bf16 instructions");
-    let (m, n) = (a.rows, b.n);
-    let mut c = Vec::with_capacity(m * n);
-    let out = (c.as_mut_ptr(), m * n, n);
-    // SAFETY: `out` is `c`'s allocation, in which, `accumulate` being false, the product writes
-    // all `m x n` values (rows `n` apart) before it reads any.
-    unsafe {
-        multiply_raw(
-            kernel,
-            &PackedA::pack(a),
-            (b, 0..b.kb),
-            (out, false),
-            epilogue,
-        );
-        c.set_len(m * n);
-    }
-    c
+    matmul_fresh_joined(std::slice::from_ref(&a), b, epilogue)
 }
 
 /// [`matmul_fresh`] of the matrices `parts` side by side (`[A1 A2 ...] B`, each part's rows
@@ -670,7 +654,7 @@ pub fn matmul_fresh_joined(parts: &[Matrix], b: &PackedB, epilogue: Epilogue) ->
     c
 }
 
-/// [`matmul`] or [`matmul_then`] on a chosen kernel, which the CPU must have ([`available`]):
+/// [`matmul`] or [`matmul_fresh`] on a chosen kernel, which the CPU must have ([`available`]):
 /// `C = epilogue(A B)`, or `epilogue(C + A B)` when `accumulate`.
 pub fn matmul_with(
     kernel: Bf16Kernel,

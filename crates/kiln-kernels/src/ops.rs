@@ -164,9 +164,7 @@ impl PackedLinear {
         };
         on_bf16_kernel(x, &op, "bf16 linear")
     }
-}
 
-impl PackedLinear {
     /// `[x1 x2 ...] W^T + b` for parts `(..., in_i)` whose widths add up to `in`, without
     /// joining them ([`bf16::matmul_fresh_joined`]); each part but the last has a multiple of
     /// 32 values in a row (the packed weight's blocks).
@@ -195,7 +193,7 @@ impl PackedLinear {
                 candle_core::bail!("bf16 linear: joined parts {:?} and {:?}", dims, d);
             }
             let count = layout.shape().elem_count();
-            let data = cpu_f32(storage, layout, count, "bf16 linear")?;
+            let data = contiguous_len(storage, layout, count, "bf16 linear")?;
             views.push(Matrix::row_major(data, count / width.max(1), width, width));
         }
         let (n, k) = (self.weight.cols(), self.weight.rows());
@@ -652,48 +650,12 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         .apply_op3_no_bwd(&gate.contiguous()?, &y.contiguous()?, &GatedResidualOp)
 }
 
-struct RopeOp;
-
-impl CustomOp3 for RopeOp {
-    fn name(&self) -> &'static str {
-        "kiln-rope"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = "rope";
-        let (x, cos, sin) = contiguous3([(s1, l1), (s2, l2), (s3, l3)], op)?;
-        let d = l1.shape().dims().last().copied().unwrap_or(0);
-        let seq = l1.shape().dims().iter().rev().nth(1).copied().unwrap_or(1);
-        if d == 0 || d % 2 != 0 || cos.len() != seq * d || sin.len() != cos.len() {
-            candle_core::bail!("{op}: x {:?}, tables {:?}", l1.shape(), l2.shape());
-        }
-        let mut out = vec![0f32; x.len()];
-        pointwise::rope(x, cos, sin, d, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// Rotary position embedding of `x (..., seq, d)` in interleaved pairs, with `cos` and `sin`
-/// tables of `seq x d` (any leading ones), on the CPU in f32: one pass where the composite
-/// (split, negate, concatenate, two products and a sum) makes six.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeOp)
-}
-
 /// Attention's queries, keys or values `(batch, heads, Σ seq, head_dim)` from the projections
 /// of one or more token sequences, joined in order: each part `(batch, seq, heads * head_dim)`
 /// with its last dimension contiguous (a linear layer's output, or columns of one), paired with
 /// the RMS norm weight of its heads where they are normalised; then RoPE where `rope` gives
-/// `cos` and `sin` tables of the joined sequence (`(..., seq, head_dim)`), as [`rope`]. f32 on
-/// the CPU. One parallel pass, where the composite (split, norm, transpose, concatenation,
+/// `cos` and `sin` tables of the joined sequence (`(..., seq, head_dim)`), in interleaved pairs
+/// (diffusers' `apply_rotary_emb` with `use_real_unbind_dim=-1`). f32 on the CPU. One parallel pass, where the composite (split, norm, transpose, concatenation,
 /// RoPE) copied and rewrote the operand several times, mostly on one thread.
 pub fn heads(
     parts: &[(&Tensor, Option<&Tensor>)],
@@ -740,10 +702,13 @@ pub fn heads(
             );
         }
         let norm = match norm {
-            Some((s, l)) => Some(cpu_f32(s, l, d, "heads: norm weight")?),
+            Some((s, l)) => Some(contiguous_len(s, l, d, "heads: norm weight")?),
             None => None,
         };
-        let data = cpu_f32(storage, layout, 0, "heads")?;
+        // A part may be strided (columns of a wider projection): its values from its start.
+        let CpuStorage::F32(data) = cpu_storage(storage, "heads")? else {
+            candle_core::bail!("heads: f32 only");
+        };
         let data = &data[layout.start_offset()..];
         views.push(pointwise::HeadsPart {
             data,
@@ -756,8 +721,8 @@ pub fn heads(
     let total: usize = views.iter().map(|p| p.seq).sum();
     let rope = match &table_guards {
         Some(((cs, cl), (ss, sl))) => Some((
-            cpu_f32(cs, cl, total * d, "heads: cos")?,
-            cpu_f32(ss, sl, total * d, "heads: sin")?,
+            contiguous_len(cs, cl, total * d, "heads: cos")?,
+            contiguous_len(ss, sl, total * d, "heads: sin")?,
         )),
         None => None,
     };
@@ -775,27 +740,26 @@ pub fn heads(
     Tensor::from_vec(out, (batch, heads, total, d), first.device())
 }
 
-/// The f32 values of a CPU tensor's storage (from its start, for a layout that may stride),
-/// checking that the contiguous ones hold `len` values where `len` is not 0.
-fn cpu_f32<'a>(
+/// A tensor's storage on the CPU (ops outside candle's `CustomOp`s read it directly).
+fn cpu_storage<'a>(storage: &'a candle_core::Storage, what: &str) -> Result<&'a CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(s) => Ok(s),
+        _ => candle_core::bail!("{what}: on the CPU only"),
+    }
+}
+
+/// [`contiguous`] of a CPU tensor's storage, which must hold `len` values.
+fn contiguous_len<'a>(
     storage: &'a candle_core::Storage,
     layout: &Layout,
     len: usize,
     what: &str,
 ) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(CpuStorage::F32(v)) = storage else {
-        candle_core::bail!("{what}: f32 on the CPU only");
-    };
-    if len == 0 {
-        return Ok(v);
+    let values = contiguous(cpu_storage(storage, what)?, layout, what)?;
+    if values.len() != len {
+        candle_core::bail!("{what}: {:?}, {len} values wanted", layout.shape());
     }
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end - start == len => Ok(&v[start..end]),
-        _ => candle_core::bail!(
-            "{what}: {:?}, {len} contiguous values wanted",
-            layout.shape()
-        ),
-    }
+    Ok(values)
 }
 
 struct GroupNormOp {
@@ -1060,7 +1024,17 @@ mod tests {
                 (None, None)
             };
             let joined = Tensor::cat(&[composite(&text, nt), composite(&image, ni)], 2).unwrap();
-            let rotated = rope(&joined, &cos, &sin).unwrap();
+            // diffusers' rotation of interleaved pairs: (re, im) -> (re c - im s, im c + re s).
+            let pairs = joined.reshape((b, h, 12, d / 2, 2)).unwrap();
+            let (re, im) = (
+                pairs.narrow(4, 0, 1).unwrap(),
+                pairs.narrow(4, 1, 1).unwrap(),
+            );
+            let turned = Tensor::cat(&[&im.neg().unwrap(), &re], 4).unwrap();
+            let turned = turned.reshape((b, h, 12, d)).unwrap();
+            let rotated = (joined.broadcast_mul(&cos).unwrap()
+                + turned.broadcast_mul(&sin).unwrap())
+            .unwrap();
             for (tables, want) in [(None, &joined), (Some((&cos, &sin)), &rotated)] {
                 let got = heads(&[(&text, nt), (&image, ni)], h, eps, tables).unwrap();
                 assert_eq!(got.dims(), &[b, h, 12, d]);

@@ -127,35 +127,12 @@ pub(crate) fn gated_residual(
         });
 }
 
-/// Rotary position embedding over rows of `d` (interleaved pairs `(re, im)`): `out[2i] = re
-/// cos[2i] - im sin[2i]`, `out[2i + 1] = im cos[2i + 1] + re sin[2i + 1]`, where row `r`
-/// takes the tables' row `r % positions` (`cos` and `sin` are `positions x d`).
-pub(crate) fn rope(x: &[f32], cos: &[f32], sin: &[f32], d: usize, out: &mut [f32]) {
-    let positions = cos.len() / d;
-    out.par_chunks_mut(d * ROWS_PER_TASK)
-        .zip(x.par_chunks(d * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (out, x))| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (i, (o, x)) in out.chunks_mut(d).zip(x.chunks(d)).enumerate() {
-                        let at = (task * ROWS_PER_TASK + i) % positions * d;
-                        let (cos, sin) = (&cos[at..at + d], &sin[at..at + d]);
-                        for (j, ((o, c), s)) in o
-                            .chunks_mut(2)
-                            .zip(cos.chunks(2))
-                            .zip(sin.chunks(2))
-                            .enumerate()
-                        {
-                            let (re, im) = (x[2 * j], x[2 * j + 1]);
-                            o[0] = re * c[0] - im * s[0];
-                            o[1] = im * c[1] + re * s[1];
-                        }
-                    }
-                },
-            )
-        });
+/// One interleaved pair `x = (re, im)` rotated by its tables' entries: `(re cos[0] - im sin[0],
+/// im cos[1] + re sin[1])`, diffusers' rotation.
+#[inline(always)]
+fn rotate_pair(x: &[f32], cos: &[f32], sin: &[f32]) -> [f32; 2] {
+    let (re, im) = (x[0], x[1]);
+    [re * cos[0] - im * sin[0], im * cos[1] + re * sin[1]]
 }
 
 /// One sequence's part of [`heads`]' input: `batch x seq` rows of `heads * d` values (at
@@ -172,7 +149,7 @@ pub(crate) struct HeadsPart<'a> {
 /// Attention's `(batch, heads, seq, d)` operand from its parts' projections, joined along the
 /// sequence in order: each head's `d` values RMS-normalised (`x / sqrt(mean(x^2) + eps) * w`,
 /// as the composite computes it) where its part has a norm, then rotated in interleaved pairs
-/// as [`rope`] does where `rope` gives tables of `seq x d`. Every value of `out` is written.
+/// ([`rotate_pair`]) where `rope` gives tables of `seq x d`. Every value of `out` is written.
 pub(crate) fn heads(
     parts: &[HeadsPart],
     (batch, heads, d): (usize, usize, usize),
@@ -197,11 +174,13 @@ pub(crate) fn heads(
                             match rope {
                                 Some((cos, sin)) => {
                                     let (cos, sin) = (&cos[t * d..][..d], &sin[t * d..][..d]);
-                                    for j in (0..d).step_by(2) {
-                                        let (re, im) = (row[j], row[j + 1]);
-                                        o[j] = MaybeUninit::new(re * cos[j] - im * sin[j]);
-                                        o[j + 1] =
-                                            MaybeUninit::new(im * cos[j + 1] + re * sin[j + 1]);
+                                    let pairs = o.chunks_mut(2).zip(row.chunks(2));
+                                    for ((o, x), (c, s)) in
+                                        pairs.zip(cos.chunks(2).zip(sin.chunks(2)))
+                                    {
+                                        let [re, im] = rotate_pair(x, c, s);
+                                        o[0] = MaybeUninit::new(re);
+                                        o[1] = MaybeUninit::new(im);
                                     }
                                 }
                                 None => o.iter_mut().zip(&*row).for_each(|(o, &v)| {
@@ -224,17 +203,15 @@ fn head_row(
     eps: f32,
     row: &mut [f32],
 ) {
-    let mut t = t;
-    let part = parts
-        .iter()
-        .find(|p| {
-            let inside = t < p.seq;
-            if !inside {
-                t -= p.seq;
-            }
-            inside
-        })
-        .expect("a token of some part");
+    // The part holding token `t`, and `t` within it.
+    let (mut t, mut rest) = (t, parts.iter());
+    let part = loop {
+        let part = rest.next().expect("a token of some part");
+        if t < part.seq {
+            break part;
+        }
+        t -= part.seq;
+    };
     let x = &part.data[b * part.batch_stride + t * part.row_stride + h * d..][..d];
     match part.norm {
         Some(w) => {
@@ -315,30 +292,6 @@ pub(crate) fn group_norm(
 mod tests {
     use super::*;
     use crate::test_data::{max_abs_diff, values};
-
-    #[test]
-    fn rope_matches_its_definition() {
-        let (rows, d, positions) = (37, 8, 5);
-        let x = values(rows * d, 1, 2.0);
-        let (cos, sin) = (values(positions * d, 2, 2.0), values(positions * d, 3, 2.0));
-        let mut out = vec![0f32; x.len()];
-        rope(&x, &cos, &sin, d, &mut out);
-        for r in 0..rows {
-            let t = (r % positions) * d;
-            for j in 0..d / 2 {
-                let (re, im) = (x[r * d + 2 * j], x[r * d + 2 * j + 1]);
-                let want = [
-                    re * cos[t + 2 * j] - im * sin[t + 2 * j],
-                    im * cos[t + 2 * j + 1] + re * sin[t + 2 * j + 1],
-                ];
-                assert_eq!(
-                    out[r * d + 2 * j..r * d + 2 * j + 2],
-                    want,
-                    "row {r}, pair {j}"
-                );
-            }
-        }
-    }
 
     #[test]
     fn gelu_matches_its_definition() {

@@ -102,13 +102,34 @@ impl Qkv {
         n_heads: usize,
         rope: &Rope,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let [q, k, v] = self.project(x)?;
-        Ok((
-            heads(&[(&q, Some(&self.norm_q))], n_heads, Some(rope))?,
-            heads(&[(&k, Some(&self.norm_k))], n_heads, Some(rope))?,
-            heads(&[(&v, None)], n_heads, None)?,
-        ))
+        joint_qkv(&[(self, x)], n_heads, rope)
     }
+}
+
+/// q and k normalised and rotated, and v, as `(batch, heads, Σ seq, head_dim)`, over token
+/// streams joined in order, each with its own projections and norms (a double block's text and
+/// image).
+fn joint_qkv(
+    streams: &[(&Qkv, &Tensor)],
+    n_heads: usize,
+    rope: &Rope,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let projected = streams
+        .iter()
+        .map(|(s, x)| s.project(x))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // Projection `i` of every stream, with the norm of its heads (none for v).
+    let parts = |i: usize| -> Vec<(&Tensor, Option<&Tensor>)> {
+        let norms = streams
+            .iter()
+            .map(|(s, _)| [Some(&s.norm_q), Some(&s.norm_k), None][i]);
+        projected.iter().map(|p| &p[i]).zip(norms).collect()
+    };
+    Ok((
+        heads(&parts(0), n_heads, Some(rope))?,
+        heads(&parts(1), n_heads, Some(rope))?,
+        heads(&parts(2), n_heads, None)?,
+    ))
 }
 
 /// Attention's `(batch, heads, Σ seq, head_dim)` queries, keys or values from the projections
@@ -168,20 +189,8 @@ impl<F: FeedForward> DoubleStreams<F> {
         let txt_len = txt.dim(1)?;
         let img_n = modulated_layer_norm(img, &im[0], &im[1], NORM_EPS)?;
         let txt_n = modulated_layer_norm(txt, &tm[0], &tm[1], NORM_EPS)?;
-        let [iq, ik, iv] = self.img_qkv.project(&img_n)?;
-        let [tq, tk, tv] = self.txt_qkv.project(&txt_n)?;
-        let (tn, inorm) = (&self.txt_qkv, &self.img_qkv);
-        let q = heads(
-            &[(&tq, Some(&tn.norm_q)), (&iq, Some(&inorm.norm_q))],
-            n_heads,
-            Some(rope),
-        )?;
-        let k = heads(
-            &[(&tk, Some(&tn.norm_k)), (&ik, Some(&inorm.norm_k))],
-            n_heads,
-            Some(rope),
-        )?;
-        let v = heads(&[(&tv, None), (&iv, None)], n_heads, None)?;
+        let streams = [(&self.txt_qkv, &txt_n), (&self.img_qkv, &img_n)];
+        let (q, k, v) = joint_qkv(&streams, n_heads, rope)?;
         let scale = 1.0 / (q.dim(3)? as f64).sqrt();
         let a = merge_heads(&attention_in(
             self.img_out.products(),
@@ -254,10 +263,8 @@ pub(crate) fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Rotates interleaved pairs of `x (batch, heads, seq, d)`, in f32 (diffusers'
 /// `apply_rotary_emb` with `use_real_unbind_dim=-1`).
+/// On the CPU in f32 [`heads`] rotates in its own pass instead.
 pub(crate) fn apply_rope(x: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return kiln_kernels::ops::rope(x, &rope.cos, &rope.sin);
-    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let (b, h, s, d) = xf.dims4()?;
